@@ -1,0 +1,14 @@
+"""ray_convrfm: convolutional Recursive Feature Machines on Ray.
+
+ConvRFM learns a patch metric M from the average gradient outer product (AGOP) of a kernel
+predictor with respect to image patches, then refits with M inside a convolutional NTK
+(Beaglehole et al., "Mechanism of feature learning in convolutional neural networks",
+arXiv 2309.00570).
+"""
+
+from .kernel import conv_ntk
+from .options import ComputeOptions
+
+__version__ = "0.1.0"
+
+__all__ = ["ComputeOptions", "conv_ntk", "__version__"]
