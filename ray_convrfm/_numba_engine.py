@@ -6,7 +6,7 @@ are spread over threads, and arccos is a branch-free polynomial so the position 
 Both engines are checked against the float64 reference in the tests.
 
 Inputs per image side (see ``kernel.prepare_side``): ``left`` holds M-transformed patches
-(n, P1, d), ``right`` raw patches (m, P1, d) so that s1(x, z) = left_x . right_z / C; ``sq``/``rsq``
+(n, d, P1), ``right`` raw patches (m, d, P1) so that s1(x, z) = left_x . right_z / C; ``sq``/``rsq``
 hold sqrt and safe 1/sqrt of the per-layer diagonal covariances s_l(x, x), concatenated over
 layers (n, P_total). ``heights``/``widths`` give each layer's position grid.
 """
@@ -17,6 +17,10 @@ import math
 
 import numba as nb
 import numpy as np
+
+#: Consecutive training images whose derivative rows are buffered before being written, so the
+#: (j, p, i)-ordered output is written 16 floats (one 64-byte cache line) at a time.
+WRITE_BLOCK = 16
 
 # Cephes asinf polynomial: about 1 ulp in float32 over [0, 0.5].
 _ASIN_COEFFS = (4.2163199048e-2, 2.4181311049e-2, 4.5470025998e-2, 7.4953002686e-2, 1.6666752422e-1)
@@ -67,67 +71,138 @@ def _make_engine(ft):
             c = -ONE
         return c
 
-    @nb.njit(inline="always", fastmath=True)
-    def _window_inplace(a, h, w, q):
-        """VALID q x q window sum, written over the front of ``a`` (row-major order is safe)."""
-        ho = h - q + 1
-        wo = w - q + 1
-        for y in range(ho):
-            for x in range(wo):
-                acc = ZERO
-                for u in range(q):
-                    base = (y + u) * w + x
-                    for v in range(q):
-                        acc += a[base + v]
-                a[y * wo + x] = acc
+    # Index arithmetic below is kept to loop variables over 1-D views: numba checks negative
+    # indices (wrap-around) for computed indices, and those checks stop LLVM from vectorising.
 
     @nb.njit(inline="always", fastmath=True)
-    def _window_adjoint(g, ho, wo, q, out):
-        """Adjoint of the window sum: spread each output's gradient over its q x q inputs."""
-        w = wo + q - 1
-        h = ho + q - 1
-        for k in range(h * w):
-            out[k] = ZERO
-        for y in range(ho):
+    def _window(src, h, w, q, tmp, dst):
+        """VALID q x q window sum of ``src`` (h, w) into ``dst``: rows, then columns.
+
+        Separate buffers (no aliasing) let the inner loops vectorise; 2(q-1) adds per output.
+        """
+        ho = h - q + 1
+        wo = w - q + 1
+        for y in range(h):
+            s_row = src[y * w : y * w + w]
+            t_row = tmp[y * wo : y * wo + wo]
             for x in range(wo):
-                v = g[y * wo + x]
-                for u in range(q):
-                    base = (y + u) * w + x
-                    for t in range(q):
-                        out[base + t] += v
+                t_row[x] = s_row[x]
+            for v in range(1, q):
+                for x in range(wo):
+                    t_row[x] += s_row[x + v]
+        for y in range(ho):
+            d_row = dst[y * wo : y * wo + wo]
+            for x in range(wo):
+                d_row[x] = tmp[y * wo + x]
+            for u in range(1, q):
+                t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
+                for x in range(wo):
+                    d_row[x] += t_row[x]
+
+    @nb.njit(inline="always", fastmath=True)
+    def _window_adjoint(g, ho, wo, q, tmp, out):
+        """Adjoint of ``_window``: spread each output's gradient over its q x q inputs.
+
+        Columns first, then rows (the reverse of ``_window``), each a vectorisable 1-D full sum.
+        """
+        h = ho + q - 1
+        w = wo + q - 1
+        tmp[: h * wo] = ZERO
+        for y in range(ho):
+            g_row = g[y * wo : y * wo + wo]
+            for u in range(q):
+                t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
+                for x in range(wo):
+                    t_row[x] += g_row[x]
+        out[: h * w] = ZERO
+        for y in range(h):
+            t_row = tmp[y * wo : y * wo + wo]
+            for v in range(q):
+                o_row = out[y * w + v : y * w + v + wo]
+                for x in range(wo):
+                    o_row[x] += t_row[x]
+
+    @nb.njit(inline="always", fastmath=True)
+    def _relu(S, T, ax, rx, az, rz, L, snap):
+        """The sqrt(2)-ReLU step of spec section 2 on L positions of one pair, in place."""
+        for p in range(L):
+            c = _cosine(S[p], rx[p], rz[p], snap)
+            k0 = ONE - acos(c) * _INV_PI
+            sn = math.sqrt(max(ONE - c * c, ZERO))
+            T[p] *= k0
+            S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+
+    @nb.njit(inline="always", fastmath=True)
+    def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
+        """``_relu`` that also records the cosine and the incoming theta for the adjoint.
+
+        Recomputing kappa0/kappa1 from the cosine in the adjoint is cheaper than storing them.
+        """
+        for p in range(L):
+            c = _cosine(S[p], rx[p], rz[p], snap)
+            k0 = ONE - acos(c) * _INV_PI
+            sn = math.sqrt(max(ONE - c * c, ZERO))
+            cs[p] = c
+            ts[p] = T[p]
+            T[p] *= k0
+            S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+
+    @nb.njit(inline="always", fastmath=True)
+    def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge):
+        """Pull gradients of (S', T') back to (S, T) and accumulate dK/ds(z, z) into gZ.
+
+        With ``merge`` the S gradient also takes T's (T_l = W(T') + S_l below a window).
+        """
+        for p in range(L):
+            c = cs[p]
+            k0 = ONE - acos(c) * _INV_PI
+            sn = math.sqrt(max(ONE - c * c, ZERO))
+            k1 = (sn + _PI * k0 * c) * _INV_PI
+            # d kappa0 / dc = 1 / (pi sqrt(1 - c^2)); 0 at the kink |c| = 1
+            dk0 = _INV_PI / sn if sn > ZERO else ZERO
+            ab = ax[p] * az[p]
+            rz2 = rz[p] * rz[p]
+            gc = gS[p] * ab * k0 + gT[p] * ts[p] * dk0
+            gZ[p] += HALF * rz2 * (gS[p] * k1 * ab - gc * c)
+            gt = gT[p] * k0
+            gT[p] = gt
+            gS[p] = gc * rx[p] * rz[p] + (gt if merge else ZERO)
 
     @nb.njit(inline="always", fastmath=True)
     def _first_layer(left, right, i, j, inv_c, S, T):
-        P1 = left.shape[1]
-        d = left.shape[2]
+        """s_1(x_i, z_j) at every position; patches are laid out (n, d, P1) so p is contiguous."""
+        d = left.shape[1]
+        P1 = left.shape[2]
+        li = left[i]
+        rj = right[j]
         for p in range(P1):
-            acc = ZERO
-            for e in range(d):
-                acc += left[i, p, e] * right[j, p, e]
-            S[p] = acc * inv_c
-            T[p] = acc * inv_c
+            S[p] = li[0, p] * rj[0, p]
+        for e in range(1, d):
+            le = li[e]
+            re = rj[e]
+            for p in range(P1):
+                S[p] += le[p] * re[p]
+        for p in range(P1):
+            S[p] *= inv_c
+            T[p] = S[p]
 
     @nb.njit(inline="always", fastmath=True)
     def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-                      i, j, S, T):
+                      i, j, S, T, S2, T2, tmp):
         _first_layer(left, right, i, j, inv_c, S, T)
         depth = heights.shape[0]
         off = 0
         for layer in range(depth):
             L = heights[layer] * widths[layer]
-            for p in range(L):
-                k = off + p
-                c = _cosine(S[p], rsqx[i, k], rsqz[j, k], snap)
-                k0 = ONE - acos(c) * _INV_PI
-                sn = math.sqrt(max(ONE - c * c, ZERO))
-                T[p] *= k0
-                S[p] = sqx[i, k] * sqz[j, k] * (sn + _PI * k0 * c) * _INV_PI
+            _relu(S, T, sqx[i, off : off + L], rsqx[i, off : off + L], sqz[j, off : off + L],
+                  rsqz[j, off : off + L], L, snap)
             if layer < depth - 1:
-                _window_inplace(S, heights[layer], widths[layer], q)
-                _window_inplace(T, heights[layer], widths[layer], q)
+                _window(S, heights[layer], widths[layer], q, tmp, S2)
+                _window(T, heights[layer], widths[layer], q, tmp, T2)
                 Lo = heights[layer + 1] * widths[layer + 1]
                 for p in range(Lo):
-                    T[p] += S[p]
+                    S[p] = S2[p]
+                    T[p] = T2[p] + S2[p]
             off += L
         L = heights[depth - 1] * widths[depth - 1]
         acc = ZERO
@@ -141,14 +216,17 @@ def _make_engine(ft):
         """K for every pair into ``out`` (n, m); with ``symmetric`` only j >= i is computed."""
         n = left.shape[0]
         m = right.shape[0]
-        P1 = left.shape[1]
+        P1 = left.shape[2]
         for i in nb.prange(n):
             S = np.empty(P1, dtype=left.dtype)
             T = np.empty(P1, dtype=left.dtype)
+            S2 = np.empty(P1, dtype=left.dtype)
+            T2 = np.empty(P1, dtype=left.dtype)
+            tmp = np.empty(P1, dtype=left.dtype)
             j0 = i if symmetric else 0
             for j in range(j0, m):
                 out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                          inv_c, snap, i, j, S, T)
+                                          inv_c, snap, i, j, S, T, S2, T2, tmp)
         if symmetric:
             for i in range(n):
                 for j in range(i):
@@ -157,18 +235,20 @@ def _make_engine(ft):
     @nb.njit(parallel=True, fastmath=True)
     def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
                 kout, dcross, dself):
-        """K and its derivatives w.r.t. the first-layer covariances of the right-hand image.
+        """K and its derivatives w.r.t. the first-layer patch products of the right-hand image.
 
-        ``dcross[i, j, p]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and ``dself[i, j, p]`` =
+        ``dcross[j, p, i]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and ``dself[j, p, i]`` =
         dK(x_i, z_j) / d(z_jp^T M z_jp), the raw (not /C) patch products, so the patch gradient is
         M (dcross x_ip + 2 dself z_jp). The derivative of sqrt at a zero covariance is taken as 0.
+        The (j, p, i) layout makes ``dcross[:, p, :]`` a plain strided matrix for the batched
+        matrix product that contracts it with the coefficients, and lets each thread own one z_j.
         """
         n = left.shape[0]
         m = right.shape[0]
-        P1 = left.shape[1]
+        P1 = left.shape[2]
         depth = heights.shape[0]
         Ptot = sqx.shape[1]
-        for i in nb.prange(n):
+        for j in nb.prange(m):
             S = np.empty(P1, dtype=left.dtype)
             T = np.empty(P1, dtype=left.dtype)
             cs = np.empty(Ptot, dtype=left.dtype)
@@ -179,27 +259,26 @@ def _make_engine(ft):
             hS = np.empty(P1, dtype=left.dtype)
             hT = np.empty(P1, dtype=left.dtype)
             hZ = np.empty(P1, dtype=left.dtype)
-            for j in range(m):
-                # forward, recording the cosine and the incoming theta of every layer
+            tmp = np.empty(P1, dtype=left.dtype)
+            # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
+            bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
+            bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
+            for i in range(n):
+                # forward, recording cosine, kappa0 and incoming theta of every layer
                 _first_layer(left, right, i, j, inv_c, S, T)
                 off = 0
                 for layer in range(depth):
                     L = heights[layer] * widths[layer]
-                    for p in range(L):
-                        k = off + p
-                        c = _cosine(S[p], rsqx[i, k], rsqz[j, k], snap)
-                        cs[k] = c
-                        ts[k] = T[p]
-                        k0 = ONE - acos(c) * _INV_PI
-                        sn = math.sqrt(max(ONE - c * c, ZERO))
-                        T[p] *= k0
-                        S[p] = sqx[i, k] * sqz[j, k] * (sn + _PI * k0 * c) * _INV_PI
+                    e = off + L
+                    _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
+                                 rsqz[j, off:e], L, snap, cs[off:e], ts[off:e])
                     if layer < depth - 1:
-                        _window_inplace(S, heights[layer], widths[layer], q)
-                        _window_inplace(T, heights[layer], widths[layer], q)
+                        _window(S, heights[layer], widths[layer], q, tmp, hS)
+                        _window(T, heights[layer], widths[layer], q, tmp, hT)
                         Lo = heights[layer + 1] * widths[layer + 1]
                         for p in range(Lo):
-                            T[p] += S[p]
+                            S[p] = hS[p]
+                            T[p] = hT[p] + hS[p]
                     off += L
                 L = heights[depth - 1] * widths[depth - 1]
                 acc = ZERO
@@ -208,45 +287,37 @@ def _make_engine(ft):
                 kout[i, j] = acc / ft(L)
                 # backward
                 inv_l = ONE / ft(L)
-                for p in range(L):
-                    gS[p] = inv_l
-                    gT[p] = inv_l
-                    gZ[p] = ZERO
+                gS[:L] = inv_l
+                gT[:L] = inv_l
+                gZ[:L] = ZERO
                 off = Ptot
                 for layer in range(depth - 1, -1, -1):
                     L = heights[layer] * widths[layer]
+                    e = off
                     off -= L
-                    for p in range(L):
-                        k = off + p
-                        c = cs[k]
-                        k0 = ONE - acos(c) * _INV_PI
-                        sn = math.sqrt(max(ONE - c * c, ZERO))
-                        k1 = (sn + _PI * k0 * c) * _INV_PI
-                        dk0 = _INV_PI / sn if abs(c) < ONE else ZERO
-                        ab = sqx[i, k] * sqz[j, k]
-                        rr = rsqx[i, k] * rsqz[j, k]
-                        rz2 = rsqz[j, k] * rsqz[j, k]
-                        gc = gS[p] * ab * k0 + gT[p] * ts[k] * dk0
-                        gZ[p] += HALF * rz2 * (gS[p] * k1 * ab - gc * c)
-                        gS[p] = gc * rr
-                        gT[p] = gT[p] * k0
+                    _relu_adjoint(gS, gT, gZ, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
+                                  rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0)
                     if layer > 0:
-                        # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z)
-                        for p in range(L):
-                            gS[p] += gT[p]
+                        # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z): pull back through W
                         ho = heights[layer]
                         wo = widths[layer]
-                        _window_adjoint(gS, ho, wo, q, hS)
-                        _window_adjoint(gT, ho, wo, q, hT)
-                        _window_adjoint(gZ, ho, wo, q, hZ)
+                        _window_adjoint(gS, ho, wo, q, tmp, hS)
+                        _window_adjoint(gT, ho, wo, q, tmp, hT)
+                        _window_adjoint(gZ, ho, wo, q, tmp, hZ)
                         Li = heights[layer - 1] * widths[layer - 1]
-                        for p in range(Li):
-                            gS[p] = hS[p]
-                            gT[p] = hT[p]
-                            gZ[p] = hZ[p]
+                        gS[:Li] = hS[:Li]
+                        gT[:Li] = hT[:Li]
+                        gZ[:Li] = hZ[:Li]
+                t = i % WRITE_BLOCK
                 for p in range(P1):
-                    dcross[i, j, p] = (gS[p] + gT[p]) * inv_c
-                    dself[i, j, p] = gZ[p] * inv_c
+                    bc[t, p] = (gS[p] + gT[p]) * inv_c
+                    bs[t, p] = gZ[p] * inv_c
+                if t == WRITE_BLOCK - 1 or i == n - 1:
+                    i0 = i - t
+                    for p in range(P1):
+                        for u in range(t + 1):
+                            dcross[j, p, i0 + u] = bc[u, p]
+                            dself[j, p, i0 + u] = bs[u, p]
 
     return forward, adjoint
 

@@ -119,10 +119,17 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams) -> Kern
     """Patches, M-transformed patches and per-layer diagonal covariances of a batch of images."""
     n, C, H, W = X.shape
     grids = params.grids(H, W)
+    return side_from_patches(extract_patches(X, params.patch_size, params.padding), M, params,
+                             grids, C)
+
+
+def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams, grids,
+                      channels: int) -> KernelSide:
+    """``prepare_side`` from patches (n, P1, d): every patch is its own variable (spec section 4)."""
+    n = right.shape[0]
     q = params.patch_size
-    right = extract_patches(X, q, params.padding)
     left = right @ M
-    diag = (left * right).sum(-1) / C  # s_1(x, x), (n, P1)
+    diag = (left * right).sum(-1) / channels  # s_1(x, x), (n, P1)
     h, w = grids[0]
     layer = diag.reshape(n, h, w)
     per_layer = [diag]
@@ -130,7 +137,7 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams) -> Kern
         layer = window_sum(layer, q)
         per_layer.append(layer.reshape(n, -1))
     diag = torch.cat(per_layer, dim=1).clamp_min(0)
-    return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), C)
+    return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels)
 
 
 def snap_width(dtype: torch.dtype) -> float:
@@ -206,7 +213,7 @@ def _torch_backward(xs, zs, saved, offsets, q, inv_c):
             gS = _window_adjoint((gS + gT).reshape(n, m, h, w), q).reshape(n, m, -1)
             gT = _window_adjoint(gT.reshape(n, m, h, w), q).reshape(n, m, -1)
             gZ = _window_adjoint(gZ.reshape(n, m, h, w), q).reshape(n, m, -1)
-    return (gS + gT) * inv_c, gZ * inv_c
+    return ((gS + gT) * inv_c).permute(1, 2, 0), (gZ * inv_c).permute(1, 2, 0)
 
 
 def _patch_size_of(side: KernelSide) -> int:
@@ -222,7 +229,9 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
     heights = np.array([h for h, _ in xs.grids], dtype=np.int64)
     widths = np.array([w for _, w in xs.grids], dtype=np.int64)
     q = _patch_size_of(xs)
-    args = (xs.left.numpy(), zs.right.numpy(), xs.sq.numpy(), xs.rsq.numpy(), zs.sq.numpy(),
+    left = xs.left.transpose(1, 2).contiguous().numpy()
+    right = zs.right.transpose(1, 2).contiguous().numpy()
+    args = (left, right, xs.sq.numpy(), xs.rsq.numpy(), zs.sq.numpy(),
             zs.rsq.numpy(), heights, widths, q, ft(1.0 / xs.channels),
             ft(snap_width(xs.left.dtype)))
     n, m = len(xs), len(zs)
@@ -231,8 +240,8 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
         forward(*args, symmetric, K)
         return torch.from_numpy(K)
     P1 = xs.left.shape[1]
-    dcross = np.empty((n, m, P1), dtype=ft)
-    dself = np.empty((n, m, P1), dtype=ft)
+    dcross = np.empty((m, P1, n), dtype=ft)
+    dself = np.empty((m, P1, n), dtype=ft)
     adjoint_fn(*args, K, dcross, dself)
     return torch.from_numpy(K), (torch.from_numpy(dcross), torch.from_numpy(dself))
 
@@ -248,9 +257,10 @@ def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
 def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, engine: str = "torch"):
     """K for a block and dK w.r.t. the right images' raw first-layer patch products.
 
-    Returns ``K`` (n, m) and ``(dcross, dself)``, each (n, m, P1): the derivatives of K(x_i, z_j)
-    with respect to x_ip^T M z_jp and z_jp^T M z_jp. By the chain rule the gradient of K(x_i, z_j)
-    with respect to the patch z_jp is M (dcross[i, j, p] x_ip + 2 dself[i, j, p] z_jp).
+    Returns ``K`` (n, m) and ``(dcross, dself)``, each indexed [j, p, i] (shape (m, P1, n)): the
+    derivatives of K(x_i, z_j) with respect to x_ip^T M z_jp and z_jp^T M z_jp. By the chain rule
+    the gradient of K(x_i, z_j) with respect to the patch z_jp is
+    M (dcross[j, p, i] x_ip + 2 dself[j, p, i] z_jp).
     """
     if engine == "numba":
         return _numba_call(xs, zs, adjoint=True)

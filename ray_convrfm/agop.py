@@ -1,0 +1,74 @@
+"""Patch AGOP of a kernel predictor (spec section 4): the feature-learning step of ConvRFM.
+
+For f(z) = sum_i coef_i K(x_i, z) (coef: (n, c), one column per class), the gradient with respect
+to the raw patch z_p is, by the chain rule through the first-layer patch products,
+
+    grad_{z_p} f_k = M ( sum_i coef_ik dcross_ip x_ip + 2 z_p sum_i coef_ik dself_ip )
+
+where dcross/dself come from the kernel's adjoint (``kernel.kernel_block_adjoint``). Since f is
+linear in coef, the training set is processed in chunks whose gradients are summed; the AGOP is a
+sum over sample images, so it can be split over sample shards and reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .kernel import KernelSide, block_rows, kernel_block_adjoint
+
+def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
+                    engine: str, budget_mb: int, bar: tqdm | None = None) -> torch.Tensor:
+    """Patch gradients of every class output before the final M, shape (P1, s, c, d).
+
+    Entry [p, z, k] is r = sum_i coef_ik dcross x_ip + 2 z_p sum_i coef_ik dself, so that
+    grad_{z_p} f_k = M r.
+    """
+    n, c = coef.shape
+    s, P1, d = sample.right.shape
+    R = torch.zeros(P1, s, c, d, dtype=coef.dtype, device=coef.device)
+    V = torch.zeros(P1, s, c, dtype=coef.dtype, device=coef.device)
+    rows = min(n, block_rows(s, train.grids, engine, coef.element_size(), budget_mb, adjoint=True))
+    for r in range(0, n, rows):
+        xs = train.rows(r, r + rows)
+        cb = coef[r : r + rows]
+        _, (dcross, dself) = kernel_block_adjoint(xs, sample, engine)
+        dcross = dcross.to(coef.device).transpose(0, 1)  # (P1, s, nb), strided, no copy
+        dself = dself.to(coef.device).transpose(0, 1)
+        # weighted patches (nb, P1, c*d): coef_ik x_ip
+        weighted = (cb[:, None, :, None] * xs.right[:, :, None, :]).reshape(len(xs), P1, c * d)
+        R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
+        V.baddbmm_(dself, cb.expand(P1, *cb.shape))
+        if bar is not None:
+            bar.update(len(xs) * s)
+    return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V[..., None], value=2.0)
+
+
+def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor, *,
+               engine: str = "torch", budget_mb: int = 512, progress: bool = False,
+               average: bool = True) -> torch.Tensor:
+    """AGOP (d, d) = (1/s) sum_z sum_p sum_k grad_{z_p} f_k grad_{z_p} f_k^T (spec section 4).
+
+    Parameters
+    ----------
+    train : prepared training images (the predictor's centres), M inside
+    coef : (n, c) coefficients of the predictor, already divided by any kernel normaliser
+    sample : prepared sample images at which gradients are taken
+    M : (d, d) the metric inside the kernel (the chain rule goes through it)
+    average : divide by s (False returns the plain sum, for reductions over shards)
+    """
+    d = M.shape[0]
+    G = torch.zeros(d, d, dtype=coef.dtype, device=coef.device)
+    s = len(sample)
+    c = coef.shape[1]
+    P1 = sample.right.shape[1]
+    # the (P1, chunk, c, d) gradient buffer takes at most a quarter of the budget
+    chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * c * d * coef.element_size()))))
+    with tqdm(total=len(train) * s, desc="AGOP", disable=not progress, leave=False,
+              unit="pair") as bar:
+        for start in range(0, s, chunk):
+            part = sample.rows(start, start + chunk)
+            r = patch_gradients(train, coef, part, engine, budget_mb, bar).reshape(-1, d)
+            G += r.T @ r
+    G = M @ G @ M
+    return G / s if average else G
