@@ -7,8 +7,9 @@ arXiv 2309.00570).
 """
 
 from .kernel import conv_ntk
+from .models import ConvRFM
 from .options import ComputeOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["ComputeOptions", "conv_ntk", "__version__"]
+__all__ = ["ComputeOptions", "ConvRFM", "conv_ntk", "__version__"]

@@ -72,3 +72,19 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
             G += r.T @ r
     G = M @ G @ M
     return G / s if average else G
+
+
+def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """M = G^power / ||G^power||_F (spec section 5), negative eigenvalues clipped to 0.
+
+    The kernel is positively homogeneous in M, so only M's direction matters; the Frobenius
+    normalisation keeps its scale fixed from one iteration to the next.
+    """
+    if power <= 0:
+        raise ValueError(f"agop_power must be positive; found {power}")
+    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
+    P = (vecs * vals.clamp_min(0) ** power) @ vecs.T
+    norm = torch.linalg.matrix_norm(P)
+    if not norm > 0:
+        raise ValueError("the AGOP is zero: the predictor does not depend on its input")
+    return (P / norm).to(G.dtype)

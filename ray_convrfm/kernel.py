@@ -94,8 +94,15 @@ class KernelSide:
         return self.left.shape[0]
 
     def rows(self, start: int, stop: int) -> KernelSide:
+        """Images start..stop-1 (views, no copy)."""
         return KernelSide(self.left[start:stop], self.right[start:stop], self.sq[start:stop],
                           self.rsq[start:stop], self.grids, self.channels)
+
+    def take(self, index) -> KernelSide:
+        """Images at the given indices (e.g. the AGOP sample)."""
+        t = torch.as_tensor(index, device=self.left.device)
+        return KernelSide(self.left[t], self.right[t], self.sq[t], self.rsq[t], self.grids,
+                          self.channels)
 
 
 def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:

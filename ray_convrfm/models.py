@@ -1,0 +1,350 @@
+"""ConvRFM estimator (spec section 5), scikit-learn style.
+
+Reference: Beaglehole, Radhakrishnan, Pandit, Belkin, "Mechanism of feature learning in
+convolutional neural networks", arXiv 2309.00570 (2023).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.validation import check_is_fitted
+
+from .agop import metric_from_agop, patch_agop
+from .devices import resolve_device, resolve_dtype, resolve_engine
+from .kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
+from .options import ComputeOptions
+from .solvers import SingularKernelError, kernel_scale, solve_ridge
+from .validation import as_images, as_labels
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the saved layout changes; ``load`` refuses other versions.
+FORMAT_VERSION = 1
+_CONFIG = "config.json"
+_TENSORS = "model.safetensors"
+
+
+def _accuracy(scores: torch.Tensor, target: np.ndarray) -> float:
+    return float((scores.argmax(1).cpu().numpy() == target).mean())
+
+
+class ConvRFM(ClassifierMixin, BaseEstimator):
+    """Convolutional Recursive Feature Machine: a convolutional NTK that learns its patch metric.
+
+    Iterates: kernel ridge regression with the kernel K_M (spec section 2), then
+    M <- AGOP^power of that predictor w.r.t. image patches (section 4), and keeps the M and ridge
+    with the best accuracy on validation data carved from the training set (section 5).
+
+    Parameters
+    ----------
+    depth, patch_size, padding : the convolutional network whose NTK is the kernel
+    iters : number of kernels fitted (M_0 = I, the fixed CNTK, then iters-1 learned metrics)
+    ridges : ridge values tried at every iteration, on the kernel divided by its largest entry
+    agop_samples : training images at which the AGOP is taken (the reference used 20)
+    agop_power : M = AGOP^power (1 by default; 1/2 matches W^T W of a network, spec section 7)
+    val_fraction : share of the training data held out for choosing ridge and iteration when no
+        validation set is passed to ``fit``
+    device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
+    random_state : seed of the validation split and the AGOP sample (a local generator)
+    verbose : show progress bars and log one line per iteration
+
+    Attributes
+    ----------
+    M_ : (d, d) the chosen metric, d = C * patch_size**2
+    alpha_ : (n_fit, n_classes) coefficients on the normalised kernel
+    ridge_, best_iter_, kernel_scale_ : the chosen ridge, iteration and kernel normaliser
+    history_ : one dict per iteration (validation accuracy per ridge, train MSE, seconds spent)
+    classes_ : the class labels
+    X_fit_ : the training images the predictor is built on (the validation part excluded)
+
+    Examples
+    --------
+    >>> from ray_convrfm import ConvRFM
+    >>> from ray_convrfm.datasets import load_digits
+    >>> ds = load_digits()
+    >>> model = ConvRFM(depth=2, iters=2).fit(ds.X_train[:300], ds.y_train[:300])
+    >>> round(model.score(ds.X_test, ds.y_test), 2) > 0.8
+    True
+    """
+
+    def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
+                 iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
+                 agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
+                 device: str = "auto", dtype: str = "float32", engine: str = "auto",
+                 memory_budget_mb: int = 512, random_state: int | None = 0,
+                 verbose: bool = False):
+        self.depth = depth
+        self.patch_size = patch_size
+        self.padding = padding
+        self.iters = iters
+        self.ridges = ridges
+        self.agop_samples = agop_samples
+        self.agop_power = agop_power
+        self.val_fraction = val_fraction
+        self.device = device
+        self.dtype = dtype
+        self.engine = engine
+        self.memory_budget_mb = memory_budget_mb
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ helpers
+    def _options(self) -> ComputeOptions:
+        return ComputeOptions(dtype=self.dtype, device=self.device, engine=self.engine,
+                              memory_budget_mb=self.memory_budget_mb)
+
+    def _context(self):
+        opts = self._options()
+        dev = resolve_device(opts.device)
+        return (dev, resolve_dtype(opts.dtype), resolve_engine(opts.engine, dev),
+                opts.memory_budget_mb)
+
+    def _check_params(self) -> KernelParams:
+        params = KernelParams(self.depth, self.patch_size, self.padding)
+        if not isinstance(self.iters, int) or self.iters < 1:
+            raise ValueError(f"iters must be a positive integer; found {self.iters!r}")
+        ridges = tuple(float(r) for r in np.atleast_1d(self.ridges))
+        if not ridges or min(ridges) < 0:
+            raise ValueError(f"ridges must be a non-empty list of values >= 0; found {self.ridges}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1); found {self.val_fraction}")
+        if not isinstance(self.agop_samples, int) or self.agop_samples < 1:
+            raise ValueError(f"agop_samples must be a positive integer; found "
+                             f"{self.agop_samples!r}")
+        if self.agop_power <= 0:
+            raise ValueError(f"agop_power must be positive; found {self.agop_power}")
+        return params
+
+    def _split(self, X, y, X_val, y_val, rng: np.random.Generator):
+        if (X_val is None) != (y_val is None):
+            raise ValueError("pass both X_val and y_val, or neither")
+        if X_val is not None:
+            return X, y, X_val, y_val
+        idx = np.arange(len(y))
+        _, counts = np.unique(y, return_counts=True)
+        n_val = max(1, int(round(self.val_fraction * len(y))))
+        stratify = y if counts.min() >= 2 and n_val >= len(counts) else None
+        fit_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=stratify,
+                                            random_state=int(rng.integers(2**31 - 1)))
+        return X[fit_idx], y[fit_idx], X[val_idx], y[val_idx]
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, X_val=None, y_val=None, monitor=None) -> ConvRFM:
+        """Fit the kernel machine and learn M.
+
+        Parameters
+        ----------
+        X : (n, C, H, W) training images;  y : (n,) labels (at least two classes)
+        X_val, y_val : optional validation data for choosing ridge and iteration; by default
+            ``val_fraction`` of (X, y) is held out (stratified, seeded by ``random_state``)
+        monitor : optional (X, y) evaluated at every iteration for reporting only (recorded as
+            ``monitor_acc`` in ``history_``); it never influences any choice
+
+        Returns
+        -------
+        self
+        """
+        params = self._check_params()
+        ridges = tuple(float(r) for r in np.atleast_1d(self.ridges))
+        X = as_images(X, "X")
+        y = as_labels(y, X.shape[0], "y")
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"y must contain at least 2 classes; found {len(self.classes_)}")
+        params.grids(X.shape[2], X.shape[3])  # image large enough for patch and depth
+        rng = np.random.default_rng(self.random_state)
+        if X_val is not None:
+            X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
+            y_val = self._encode(as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
+        X_fit, y_fit, X_val, y_val = self._split(X, y_idx, X_val, y_val, rng)
+        if monitor is not None:
+            X_mon = as_images(monitor[0], "monitor X", channels=X.shape[1],
+                              image_size=X.shape[2:])
+            y_mon = self._encode(as_labels(monitor[1], X_mon.shape[0], "monitor y"), "monitor y")
+
+        dev, dt, eng, budget = self._context()
+        Xf = as_tensor(X_fit, dt, dev)
+        Xv = as_tensor(X_val, dt, dev)
+        Xm = as_tensor(X_mon, dt, dev) if monitor is not None else None
+        n, c = len(y_fit), len(self.classes_)
+        Y = torch.zeros(n, c, dtype=torch.float64, device=dev)
+        Y[torch.arange(n), torch.as_tensor(y_fit, device=dev)] = 1.0
+        sample_idx = np.sort(rng.choice(n, size=min(self.agop_samples, n), replace=False))
+        d = X.shape[1] * self.patch_size**2
+        M = torch.eye(d, dtype=dt, device=dev)
+        self.n_features_in_ = d
+        self.image_shape_ = tuple(int(s) for s in X.shape[1:])
+        self.history_ = []
+        best = None
+        for it in range(self.iters):
+            t0 = time.perf_counter()
+            xs = prepare_side(Xf, M, params)
+            K = kernel_matrix(xs, xs, eng, budget, symmetric=True, progress=self.verbose,
+                              desc=f"iter {it}: train kernel")
+            scale = kernel_scale(K)
+            K /= scale
+            Kv = kernel_matrix(prepare_side(Xv, M, params), xs, eng, budget,
+                               progress=self.verbose, desc=f"iter {it}: val kernel") / scale
+            Kmon = None
+            if Xm is not None:
+                Kmon = kernel_matrix(prepare_side(Xm, M, params), xs, eng, budget,
+                                     progress=self.verbose, desc=f"iter {it}: monitor kernel")
+                Kmon /= scale
+            t_kernel = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            record = {"iter": it, "val_acc_by_ridge": {}, "failed_ridges": []}
+            chosen = None
+            for ridge in ridges:
+                try:
+                    alpha = solve_ridge(K, Y, ridge)
+                except SingularKernelError as err:
+                    record["failed_ridges"].append(ridge)
+                    log.info("iteration %d: %s", it, err)
+                    continue
+                val_acc = _accuracy(Kv.to(torch.float64) @ alpha, y_val)
+                record["val_acc_by_ridge"][repr(ridge)] = val_acc
+                if chosen is None or val_acc > chosen[1]:
+                    chosen = (ridge, val_acc, alpha)
+            if chosen is None:
+                raise SingularKernelError(
+                    f"iteration {it}: every ridge in {ridges} failed; pass larger ridges"
+                )
+            ridge, val_acc, alpha = chosen
+            train_mse = float(((K.to(torch.float64) @ alpha - Y) ** 2).mean())
+            t_solve = time.perf_counter() - t0
+            record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
+                          seconds_kernel=t_kernel, seconds_solve=t_solve)
+            if Kmon is not None:
+                record["monitor_acc"] = _accuracy(Kmon.to(torch.float64) @ alpha, y_mon)
+            if best is None or val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "iter": it, "M": M.clone(), "alpha": alpha,
+                        "ridge": ridge, "scale": scale}
+
+            t0 = time.perf_counter()
+            if it < self.iters - 1:
+                coef = (alpha / scale).to(dt)
+                G = patch_agop(xs, coef, xs.take(sample_idx), M,
+                               engine=eng, budget_mb=budget, progress=self.verbose)
+                M = metric_from_agop(G, self.agop_power)
+            record["seconds_agop"] = time.perf_counter() - t0
+            self.history_.append(record)
+            if self.verbose:
+                mon = record.get("monitor_acc")
+                log.info("iter %d  ridge %g  val acc %.4f%s  train mse %.3g  kernel %.1fs  "
+                         "solve %.1fs  AGOP %.1fs", it, ridge, val_acc,
+                         "" if mon is None else f"  monitor acc {mon:.4f}", train_mse, t_kernel,
+                         t_solve, record["seconds_agop"])
+
+        self.M_ = best["M"].cpu()
+        self.alpha_ = best["alpha"].cpu()
+        self.ridge_ = best["ridge"]
+        self.kernel_scale_ = best["scale"]
+        self.best_iter_ = best["iter"]
+        self.X_fit_ = Xf.cpu()
+        return self
+
+    def _encode(self, y: np.ndarray, name: str) -> np.ndarray:
+        pos = np.searchsorted(self.classes_, y)
+        pos = np.clip(pos, 0, len(self.classes_) - 1)
+        unknown = self.classes_[pos] != y
+        if unknown.any():
+            raise ValueError(f"{name} has labels not seen in y: {np.unique(y[unknown])[:10]}")
+        return pos
+
+    # ------------------------------------------------------------------ predict
+    def decision_function(self, X) -> np.ndarray:
+        """Class scores f(x) = sum_i alpha_i K_M(x_i, x) / scale, shape (m, n_classes)."""
+        check_is_fitted(self, "alpha_")
+        X = as_images(X, "X", channels=self.image_shape_[0], image_size=self.image_shape_[1:])
+        dev, dt, eng, budget = self._context()
+        params = KernelParams(self.depth, self.patch_size, self.padding)
+        M = self.M_.to(dev, dt)
+        xs = prepare_side(self.X_fit_.to(dev, dt), M, params)
+        zs = prepare_side(as_tensor(X, dt, dev), M, params)
+        K = kernel_matrix(zs, xs, eng, budget, progress=self.verbose, desc="predict kernel")
+        scores = (K.to(torch.float64) / self.kernel_scale_) @ self.alpha_.to(dev)
+        return scores.cpu().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Predicted class labels, shape (m,)."""
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle)."""
+        from safetensors.torch import save_file
+
+        check_is_fitted(self, "alpha_")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "model": type(self).__name__,
+            "params": _jsonable(self.get_params()),
+            "classes": _jsonable(self.classes_.tolist()),
+            "classes_dtype": str(self.classes_.dtype),
+            "ridge": self.ridge_,
+            "kernel_scale": self.kernel_scale_,
+            "best_iter": self.best_iter_,
+            "image_shape": list(self.image_shape_),
+            "history": _jsonable(self.history_),
+        }
+        tensors = {"M": self.M_.contiguous(), "alpha": self.alpha_.contiguous(),
+                   "X_fit": self.X_fit_.contiguous()}
+        save_file(tensors, str(path / _TENSORS))
+        (path / _CONFIG).write_text(json.dumps(config, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ConvRFM:
+        """Read a model written by ``save``; refuses other format versions and model types."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        config = _read_config(path, cls.__name__)
+        model = cls(**config["params"])
+        tensors = load_file(str(path / _TENSORS))
+        model.M_, model.alpha_, model.X_fit_ = tensors["M"], tensors["alpha"], tensors["X_fit"]
+        model.classes_ = np.asarray(config["classes"], dtype=config["classes_dtype"])
+        model.ridge_ = config["ridge"]
+        model.kernel_scale_ = config["kernel_scale"]
+        model.best_iter_ = config["best_iter"]
+        model.image_shape_ = tuple(config["image_shape"])
+        model.n_features_in_ = model.M_.shape[0]
+        model.history_ = config["history"]
+        return model
+
+
+def _read_config(path: Path, expected_model: str) -> dict:
+    cfg_file = path / _CONFIG
+    if not cfg_file.exists() or not (path / _TENSORS).exists():
+        raise FileNotFoundError(f"{path} is not a saved model: expected {_CONFIG} and {_TENSORS}")
+    config = json.loads(cfg_file.read_text())
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} was saved in model format version {version}; this version of "
+                         f"ray_convrfm reads format {FORMAT_VERSION} only")
+    if config.get("model") != expected_model:
+        raise ValueError(f"{path} holds a {config.get('model')} model, not a {expected_model}")
+    return config
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
