@@ -62,6 +62,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     alpha_ : (n_fit, n_classes) coefficients on the normalised kernel
     ridge_, best_iter_, kernel_scale_ : the chosen ridge, iteration and kernel normaliser
     history_ : one dict per iteration (validation accuracy per ridge, train MSE, seconds spent)
+    M_path_ : the metric used at every iteration (M_path_[0] is the identity)
     classes_ : the class labels
     X_fit_ : the training images the predictor is built on (the validation part excluded)
 
@@ -183,8 +184,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = d
         self.image_shape_ = tuple(int(s) for s in X.shape[1:])
         self.history_ = []
+        self.M_path_ = []
         best = None
         for it in range(self.iters):
+            self.M_path_.append(M.cpu().clone())
             t0 = time.perf_counter()
             xs = prepare_side(Xf, M, params)
             K = kernel_matrix(xs, xs, eng, budget, symmetric=True, progress=self.verbose,
@@ -276,6 +279,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels, shape (m,)."""
+        check_is_fitted(self, "alpha_")
         return self.classes_[self.decision_function(X).argmax(1)]
 
     # ------------------------------------------------------------------ persistence
@@ -300,6 +304,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         }
         tensors = {"M": self.M_.contiguous(), "alpha": self.alpha_.contiguous(),
                    "X_fit": self.X_fit_.contiguous()}
+        tensors.update({f"M_path.{t}": M.contiguous() for t, M in enumerate(self.M_path_)})
         save_file(tensors, str(path / _TENSORS))
         (path / _CONFIG).write_text(json.dumps(config, indent=2))
         return path
@@ -311,7 +316,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
         path = Path(path)
         config = _read_config(path, cls.__name__)
-        model = cls(**config["params"])
+        params = dict(config["params"])
+        params["ridges"] = tuple(params["ridges"])
+        model = cls(**params)
         tensors = load_file(str(path / _TENSORS))
         model.M_, model.alpha_, model.X_fit_ = tensors["M"], tensors["alpha"], tensors["X_fit"]
         model.classes_ = np.asarray(config["classes"], dtype=config["classes_dtype"])
@@ -321,6 +328,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model.image_shape_ = tuple(config["image_shape"])
         model.n_features_in_ = model.M_.shape[0]
         model.history_ = config["history"]
+        model.M_path_ = [tensors[f"M_path.{t}"] for t in range(len(model.history_))]
         return model
 
 

@@ -1,0 +1,69 @@
+"""Throughput of the kernel and the AGOP on a standard shape (``ray-convrfm bench``)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from .agop import patch_agop
+from .devices import resolve_device, resolve_dtype, resolve_engine
+from .kernel import KernelParams, kernel_block, prepare_side
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: JIT compilation and allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3,
+                               patch_size: int = 3, n_train: int = 256, n_sample: int = 64,
+                               classes: int = 10, dtype: str = "float32", device: str = "auto",
+                               engine: str = "auto", repeats: int = 5, seed: int = 0) -> dict:
+    """Time one kernel block K(train, sample) and the AGOP that differentiates it.
+
+    Returns entries per second of the kernel, image pairs per second of the AGOP and the ratio
+    AGOP seconds / kernel seconds for the same block (medians over ``repeats``).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    eng = resolve_engine(engine, dev)
+    rng = np.random.default_rng(seed)
+    params = KernelParams(depth, patch_size, False)
+    X = torch.from_numpy(rng.random((n_train, channels, size, size), dtype=np.float32)).to(dev, dt)
+    Z = torch.from_numpy(rng.random((n_sample, channels, size, size), dtype=np.float32)).to(dev, dt)
+    d = channels * patch_size**2
+    A = torch.from_numpy(rng.standard_normal((d, d))).to(dev, dt)
+    M = A @ A.T / d
+    xs, zs = prepare_side(X, M, params), prepare_side(Z, M, params)
+    coef = torch.from_numpy(rng.standard_normal((n_train, classes))).to(dev, dt)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run_kernel():
+        kernel_block(xs, zs, eng)
+        sync()
+
+    def run_agop():
+        patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024)
+        sync()
+
+    t_kernel = _median_seconds(run_kernel, repeats)
+    t_agop = _median_seconds(run_agop, repeats)
+    pairs = n_train * n_sample
+    return {
+        "shape": f"{channels}x{size}x{size}", "depth": depth, "patch_size": patch_size,
+        "dtype": dtype, "device": str(dev), "engine": eng, "threads": torch.get_num_threads(),
+        "pairs": pairs, "classes": classes,
+        "kernel_seconds": t_kernel, "kernel_entries_per_s": pairs / t_kernel,
+        "agop_seconds": t_agop, "agop_pairs_per_s": pairs / t_agop,
+        "agop_over_kernel": t_agop / t_kernel,
+    }

@@ -1,0 +1,198 @@
+"""The ``ray-convrfm`` command: ``fit`` a ConvRFM end to end, ``bench`` the kernel and AGOP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ray_convrfm.cli")
+
+
+def _ridges(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--ridges takes comma-separated numbers: {err}") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-convrfm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit ConvRFM on a dataset and report accuracy per iteration")
+    f.add_argument("--dataset", default="digits",
+                   help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH")
+    f.add_argument("--data-root", default=None, help="directory holding the dataset files")
+    f.add_argument("--download", action="store_true",
+                   help="download Fashion-MNIST if it is not found locally")
+    f.add_argument("--n-train", type=int, default=None, help="first N training images")
+    f.add_argument("--n-test", type=int, default=None, help="first N test images")
+    f.add_argument("--noise-frame", type=int, default=None,
+                   help="paste each image at a random place in an F x F Gaussian noise frame "
+                        "(the local-signal task)")
+    f.add_argument("--noise-std", type=float, default=0.5)
+    f.add_argument("--depth", type=int, default=None,
+                   help="kernel depth (default 3; 2 for images under 10 pixels)")
+    f.add_argument("--patch-size", type=int, default=3)
+    f.add_argument("--padding", action="store_true")
+    f.add_argument("--iters", type=int, default=None, help="default 5 (3 for the digits demo)")
+    f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
+    f.add_argument("--agop-samples", type=int, default=256)
+    f.add_argument("--agop-power", type=float, default=1.0)
+    f.add_argument("--val-fraction", type=float, default=0.1)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    f.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    f.add_argument("--memory-budget-mb", type=int, default=512)
+    f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape")
+    b.add_argument("--size", type=int, default=42)
+    b.add_argument("--channels", type=int, default=1)
+    b.add_argument("--depth", type=int, default=3)
+    b.add_argument("--patch-size", type=int, default=3)
+    b.add_argument("--n-train", type=int, default=256)
+    b.add_argument("--n-sample", type=int, default=64)
+    b.add_argument("--classes", type=int, default=10)
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    b.add_argument("--device", default="auto")
+    b.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import numba
+        import torch
+
+        torch.set_num_threads(threads)
+        numba.set_num_threads(threads)
+
+
+def _format_table(rows: list[dict]) -> str:
+    head = f"{'iter':>4} {'ridge':>8} {'val acc':>8} {'test acc':>8} {'train mse':>10} " \
+           f"{'kernel s':>9} {'solve s':>8} {'AGOP s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        test = r.get("monitor_acc")
+        lines.append(
+            f"{r['iter']:>4} {r['ridge']:>8.0e} {100 * r['val_acc']:>7.2f}% "
+            f"{'' if test is None else f'{100 * test:.2f}%':>8} {r['train_mse']:>10.3g} "
+            f"{r['seconds_kernel']:>9.1f} {r['seconds_solve']:>8.2f} {r['seconds_agop']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .datasets import load_dataset, with_noise_frame
+    from .models import ConvRFM
+    from .viz import plot_filters, plot_history
+
+    _set_threads(args.threads)
+    ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    ds = ds.subset(args.n_train, args.n_test)
+    if args.noise_frame:
+        ds = with_noise_frame(ds, frame=args.noise_frame, noise_std=args.noise_std,
+                              random_state=args.seed)
+    small = min(ds.X_train.shape[2:]) < 10
+    depth = args.depth if args.depth is not None else (2 if small else 3)
+    iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
+    out = Path(args.out or Path("runs") / ds.name)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of shape "
+          f"{ds.X_train.shape[1:]}, depth {depth}, {iters} iterations -> {out}", flush=True)
+
+    model = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
+                    ridges=args.ridges, agop_samples=args.agop_samples,
+                    agop_power=args.agop_power, val_fraction=args.val_fraction,
+                    device=args.device, dtype=args.dtype, engine=args.engine,
+                    memory_budget_mb=args.memory_budget_mb, random_state=args.seed,
+                    verbose=not args.quiet)
+    t0 = time.perf_counter()
+    monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
+    model.fit(ds.X_train, ds.y_train, monitor=monitor)
+    seconds = time.perf_counter() - t0
+    hist = model.history_
+    print(_format_table(hist))
+    test_acc = hist[model.best_iter_].get("monitor_acc")
+    fixed = hist[0].get("monitor_acc")
+    summary = {
+        "dataset": ds.name, "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)),
+        "depth": depth, "iters": iters, "best_iter": model.best_iter_, "ridge": model.ridge_,
+        "val_acc": hist[model.best_iter_]["val_acc"], "test_acc": test_acc,
+        "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
+    }
+    if test_acc is not None:
+        print(f"chosen on validation: iteration {model.best_iter_}, ridge {model.ridge_:g}; "
+              f"test accuracy {100 * test_acc:.2f}% (fixed kernel {100 * fixed:.2f}%, "
+              f"{100 * (test_acc - fixed):+.2f} points)")
+    model.save(out / "model")
+    table = pa.table({
+        "iter": [h["iter"] for h in hist],
+        "ridge": [h["ridge"] for h in hist],
+        "val_acc": [h["val_acc"] for h in hist],
+        "test_acc": [h.get("monitor_acc") for h in hist],
+        "train_mse": [h["train_mse"] for h in hist],
+        "seconds_kernel": [h["seconds_kernel"] for h in hist],
+        "seconds_solve": [h["seconds_solve"] for h in hist],
+        "seconds_agop": [h["seconds_agop"] for h in hist],
+        "chosen": [h["iter"] == model.best_iter_ for h in hist],
+    })
+    pq.write_table(table, out / "metrics.parquet")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    C = ds.X_train.shape[1]
+    plot_filters(model.M_.numpy(), C, args.patch_size, out / "filters.png",
+                 title=f"{ds.name}: top eigenvectors of M (iteration {model.best_iter_})")
+    plot_history(hist, out / "accuracy.png", title=ds.name)
+    print(f"wrote {out}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import kernel_and_agop_throughput
+
+    _set_threads(args.threads)
+    r = kernel_and_agop_throughput(size=args.size, channels=args.channels, depth=args.depth,
+                                   patch_size=args.patch_size, n_train=args.n_train,
+                                   n_sample=args.n_sample, classes=args.classes,
+                                   dtype=args.dtype, device=args.device, engine=args.engine,
+                                   repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"shape {r['shape']}, depth {r['depth']}, patch {r['patch_size']}, {r['dtype']}, "
+          f"{r['device']} ({r['engine']} engine, {r['threads']} threads); "
+          f"medians of {args.repeats} runs")
+    print(f"kernel: {r['kernel_entries_per_s']:,.0f} entries/s "
+          f"({r['pairs']} pairs in {r['kernel_seconds']:.3f} s)")
+    print(f"AGOP ({r['classes']} classes): {r['agop_pairs_per_s']:,.0f} image pairs/s "
+          f"({r['agop_seconds']:.3f} s), {r['agop_over_kernel']:.2f} x the kernel block")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    np.set_printoptions(precision=4)
+    if args.command == "fit":
+        return cmd_fit(args)
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

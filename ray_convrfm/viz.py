@@ -1,0 +1,82 @@
+"""Pictures of what ConvRFM learned: eigenvectors of M as filters, accuracy per iteration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def top_filters(M, channels: int, patch_size: int, count: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` leading eigenvectors of M as (count, C, q, q) filters, and their eigenvalues.
+
+    The sign of an eigenvector is arbitrary; it is fixed so that the largest-magnitude entry is
+    positive, which makes pictures comparable across runs.
+    """
+    M = np.asarray(M, dtype=np.float64)
+    d = channels * patch_size**2
+    if M.shape != (d, d):
+        raise ValueError(f"M must have shape ({d}, {d}); found {M.shape}")
+    vals, vecs = np.linalg.eigh(0.5 * (M + M.T))
+    order = np.argsort(vals)[::-1][: min(count, d)]
+    vecs = vecs[:, order].T
+    signs = np.sign(vecs[np.arange(len(vecs)), np.abs(vecs).argmax(1)])
+    vecs = vecs * signs[:, None]
+    return vecs.reshape(-1, channels, patch_size, patch_size), vals[order]
+
+
+def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int = 8,
+                 title: str = "Top eigenvectors of M") -> Path:
+    """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3)."""
+    plt = _pyplot()
+    filters, vals = top_filters(M, channels, patch_size, count)
+    k = len(filters)
+    fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 2.0), squeeze=False)
+    for ax, f, v in zip(axes[0], filters, vals, strict=True):
+        if channels == 3:
+            img = f.transpose(1, 2, 0)
+            span = np.abs(img).max() or 1.0
+            ax.imshow(0.5 + 0.5 * img / span, interpolation="nearest")
+        else:
+            img = f.mean(0) if channels != 1 else f[0]
+            span = np.abs(img).max() or 1.0
+            ax.imshow(img, cmap="RdBu_r", vmin=-span, vmax=span, interpolation="nearest")
+        ax.set_title(f"{v:.2g}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "ConvRFM") -> Path:
+    """Validation (and monitored test) accuracy per iteration; iteration 0 is the fixed kernel."""
+    plt = _pyplot()
+    its = [h["iter"] for h in history]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(its, [100 * h["val_acc"] for h in history], "o-", label="validation")
+    if all("monitor_acc" in h for h in history):
+        ax.plot(its, [100 * h["monitor_acc"] for h in history], "s--", label="test")
+    ax.set_xlabel("iteration (0 = fixed kernel, M = I)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(its)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
