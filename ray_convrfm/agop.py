@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .kernel import KernelSide, block_rows, kernel_block_adjoint
 
+
 def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
                     engine: str, budget_mb: int, bar: tqdm | None = None) -> torch.Tensor:
     """Patch gradients of every class output before the final M, shape (P1, s, c, d).

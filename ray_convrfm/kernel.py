@@ -132,7 +132,7 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams) -> Kern
 
 def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams, grids,
                       channels: int) -> KernelSide:
-    """``prepare_side`` from patches (n, P1, d): every patch is its own variable (spec section 4)."""
+    """``prepare_side`` from patches (n, P1, d); each patch is its own variable (spec section 4)."""
     n = right.shape[0]
     q = params.patch_size
     left = right @ M
@@ -255,7 +255,7 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
 
 def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
                  symmetric: bool = False) -> torch.Tensor:
-    """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same images."""
+    """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same."""
     if engine == "numba":
         return _numba_call(xs, zs, adjoint=False, symmetric=symmetric)
     return _torch_forward(xs, zs)

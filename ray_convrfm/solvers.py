@@ -43,5 +43,7 @@ def solve_ridge(K: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
         )
     alpha = torch.cholesky_solve(Y.to(torch.float64), L)
     if not torch.isfinite(alpha).all():
-        raise SingularKernelError(f"ridge={ridge:g} gives non-finite coefficients; use a larger ridge")
+        raise SingularKernelError(
+            f"ridge={ridge:g} gives non-finite coefficients; use a larger ridge"
+        )
     return alpha

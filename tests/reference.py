@@ -13,7 +13,7 @@ mpmath.mp.dps = 40
 
 
 def patches(x, q, padding):
-    """(P, d) patches of one (C, H, W) image, ordered (channel, row, column), row-major positions."""
+    """(P, d) patches of a (C, H, W) image in (channel, row, column) order, positions row-major."""
     C, H, W = x.shape
     if padding:
         p = q // 2
@@ -32,7 +32,8 @@ def relu_step(sxz, sxx, szz, theta):
         return mpmath.mpf(0), theta / 2
     c = min(mpmath.mpf(1), max(mpmath.mpf(-1), sxz / norm))
     t = mpmath.acos(c)
-    return norm * (mpmath.sin(t) + (mpmath.pi - t) * c) / mpmath.pi, theta * (mpmath.pi - t) / mpmath.pi
+    pi = mpmath.pi
+    return norm * (mpmath.sin(t) + (pi - t) * c) / pi, theta * (pi - t) / pi
 
 
 def window(a, q):

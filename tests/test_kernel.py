@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+import reference
 import torch
 from conftest import random_psd, rel_err
 
-import reference
 from ray_convrfm import conv_ntk
 from ray_convrfm.kernel import KernelParams
 

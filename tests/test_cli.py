@@ -1,0 +1,61 @@
+"""The ray-convrfm command end to end, on a small .npz data set made here."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ray_convrfm.cli import main
+from ray_convrfm.datasets import load_digits
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    ds = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits_small.npz"
+    np.savez(path, X_train=ds.X_train[:150], y_train=ds.y_train[:150], X_test=ds.X_test[:40],
+             y_test=ds.y_test[:40])
+    return path
+
+
+def test_fit_writes_model_metrics_and_pictures(tmp_path, small_npz, capsys):
+    out = tmp_path / "run"
+    rc = main(["fit", "--dataset", f"npz:{small_npz}", "--iters", "2", "--agop-samples", "20",
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "val acc" in text and "test accuracy" in text
+    table = pq.read_table(out / "metrics.parquet").to_pydict()
+    assert table["iter"] == [0, 1]
+    assert sum(table["chosen"]) == 1
+    assert all(0 <= a <= 1 for a in table["test_acc"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 150 and summary["n_test"] == 40
+    for name in ("filters.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / "model" / "config.json").exists()
+
+
+def test_fit_noise_frame_variant(tmp_path, small_npz, capsys):
+    out = tmp_path / "noise"
+    rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "60", "--n-test", "20",
+               "--noise-frame", "12", "--depth", "2", "--iters", "1", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    assert "(1, 12, 12)" in capsys.readouterr().out
+
+
+def test_bench_reports_throughput(capsys):
+    rc = main(["bench", "--size", "12", "--n-train", "8", "--n-sample", "4", "--repeats", "1",
+               "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kernel_entries_per_s"] > 0 and r["agop_over_kernel"] > 0
+    assert r["pairs"] == 32
+
+
+def test_bad_arguments_exit_with_message(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--ridges", "a,b"])
+    assert "comma-separated" in capsys.readouterr().err
