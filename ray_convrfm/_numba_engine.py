@@ -17,319 +17,343 @@ import math
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 #: Consecutive training images whose derivative rows are buffered before being written, so the
 #: (j, p, i)-ordered output is written 16 floats (one 64-byte cache line) at a time.
 WRITE_BLOCK = 16
 
-# Cephes asinf polynomial: about 1 ulp in float32 over [0, 0.5].
-_ASIN_COEFFS = (4.2163199048e-2, 2.4181311049e-2, 4.5470025998e-2, 7.4953002686e-2, 1.6666752422e-1)
+
+# The functions below are module-level (not built in a factory) so numba can cache their machine
+# code on disk: a closure's cache key changes from process to process. They serve float32 and
+# float64 alike; ``_const`` gives every constant the working type so float32 work is never
+# promoted to float64, and ``_acos`` picks its implementation by type at compile time.
 
 
-def _make_engine(ft):
-    """Build (forward, adjoint) kernels for one float type ``ft`` (np.float32 or np.float64).
+def _const(like, value):  # pragma: no cover - replaced by the overload in compiled code
+    return value
 
-    Every constant is of type ``ft`` so that float32 work is not promoted to float64.
-    """
-    _PI = ft(math.pi)
-    _INV_PI = ft(1.0 / math.pi)
-    _HALF_PI = ft(0.5 * math.pi)
-    ZERO, HALF, ONE, TWO = ft(0.0), ft(0.5), ft(1.0), ft(2.0)
-    _P0, _P1, _P2, _P3, _P4 = (ft(c) for c in _ASIN_COEFFS)
 
-    if ft is np.float32:
+@overload(_const, inline="always")
+def _const_typed(like, value):
+    if isinstance(like, types.Float) and like.bitwidth == 32:
+        return lambda like, value: np.float32(value)
+    return lambda like, value: np.float64(value)
 
-        @nb.njit(inline="always", fastmath=True)
-        def acos(x):
-            """arccos without branches (so loops vectorise), float32-accurate on [-1, 1]."""
+
+def _acos(x):  # pragma: no cover - replaced by the overload in compiled code
+    return math.acos(x)
+
+
+@overload(_acos, inline="always", fastmath=True)
+def _acos_typed(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def acos_f32(x):
+            """arccos without branches (so loops vectorise); Cephes asinf polynomial, ~1 ulp."""
+            half = np.float32(0.5)
+            one = np.float32(1.0)
             ax = abs(x)
-            big = ax > HALF
-            z = HALF * (ONE - ax) if big else x * x
+            big = ax > half
+            z = half * (one - ax) if big else x * x
             s = math.sqrt(z) if big else ax
-            p = ((((_P0 * z + _P1) * z + _P2) * z + _P3) * z + _P4) * z
+            p = ((((np.float32(4.2163199048e-2) * z + np.float32(2.4181311049e-2)) * z
+                   + np.float32(4.5470025998e-2)) * z + np.float32(7.4953002686e-2)) * z
+                 + np.float32(1.6666752422e-1)) * z
             r = s + s * p  # asin(s)
             if big:
-                a = TWO * r
-                return _PI - a if x < ZERO else a
-            return _HALF_PI - (r if x >= ZERO else -r)
+                a = np.float32(2.0) * r
+                return np.float32(math.pi) - a if x < np.float32(0.0) else a
+            return np.float32(0.5 * math.pi) - (r if x >= np.float32(0.0) else -r)
 
-    else:
+        return acos_f32
+    return lambda x: math.acos(x)
 
-        @nb.njit(inline="always")
-        def acos(x):
-            return math.acos(x)
 
-    @nb.njit(inline="always", fastmath=True)
-    def _cosine(s, r1, r2, snap):
-        c = s * r1 * r2
-        c = min(ONE, max(-ONE, c))
-        # Within a few ulps of +-1 the cosine carries no information in this precision; snapping
-        # makes exact duplicates give angle 0 (and a zero derivative at the kink) reproducibly.
-        if c > ONE - snap:
-            c = ONE
-        if c < -ONE + snap:
-            c = -ONE
-        return c
 
-    # Index arithmetic below is kept to loop variables over 1-D views: numba checks negative
-    # indices (wrap-around) for computed indices, and those checks stop LLVM from vectorising.
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _cosine(s, r1, r2, snap):
+    ONE = _const(snap, 1.0)
+    c = s * r1 * r2
+    c = min(ONE, max(-ONE, c))
+    # Within a few ulps of +-1 the cosine carries no information in this precision; snapping
+    # makes exact duplicates give angle 0 (and a zero derivative at the kink) reproducibly.
+    if c > ONE - snap:
+        c = ONE
+    if c < -ONE + snap:
+        c = -ONE
+    return c
 
-    @nb.njit(inline="always", fastmath=True)
-    def _window(src, h, w, q, tmp, dst):
-        """VALID q x q window sum of ``src`` (h, w) into ``dst``: rows, then columns.
+# Index arithmetic below is kept to loop variables over 1-D views: numba checks negative
+# indices (wrap-around) for computed indices, and those checks stop LLVM from vectorising.
 
-        Separate buffers (no aliasing) let the inner loops vectorise; 2(q-1) adds per output.
-        """
-        ho = h - q + 1
-        wo = w - q + 1
-        for y in range(h):
-            s_row = src[y * w : y * w + w]
-            t_row = tmp[y * wo : y * wo + wo]
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _window(src, h, w, q, tmp, dst):
+    """VALID q x q window sum of ``src`` (h, w) into ``dst``: rows, then columns.
+
+    Separate buffers (no aliasing) let the inner loops vectorise; 2(q-1) adds per output.
+    """
+    ho = h - q + 1
+    wo = w - q + 1
+    for y in range(h):
+        s_row = src[y * w : y * w + w]
+        t_row = tmp[y * wo : y * wo + wo]
+        for x in range(wo):
+            t_row[x] = s_row[x]
+        for v in range(1, q):
             for x in range(wo):
-                t_row[x] = s_row[x]
-            for v in range(1, q):
-                for x in range(wo):
-                    t_row[x] += s_row[x + v]
-        for y in range(ho):
-            d_row = dst[y * wo : y * wo + wo]
+                t_row[x] += s_row[x + v]
+    for y in range(ho):
+        d_row = dst[y * wo : y * wo + wo]
+        for x in range(wo):
+            d_row[x] = tmp[y * wo + x]
+        for u in range(1, q):
+            t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
             for x in range(wo):
-                d_row[x] = tmp[y * wo + x]
-            for u in range(1, q):
-                t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
-                for x in range(wo):
-                    d_row[x] += t_row[x]
+                d_row[x] += t_row[x]
 
-    @nb.njit(inline="always", fastmath=True)
-    def _window_adjoint(g, ho, wo, q, tmp, out):
-        """Adjoint of ``_window``: spread each output's gradient over its q x q inputs.
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _window_adjoint(g, ho, wo, q, tmp, out):
+    """Adjoint of ``_window``: spread each output's gradient over its q x q inputs.
 
-        Columns first, then rows (the reverse of ``_window``), each a vectorisable 1-D full sum.
-        """
-        h = ho + q - 1
-        w = wo + q - 1
-        tmp[: h * wo] = ZERO
-        for y in range(ho):
-            g_row = g[y * wo : y * wo + wo]
-            for u in range(q):
-                t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
-                for x in range(wo):
-                    t_row[x] += g_row[x]
-        out[: h * w] = ZERO
-        for y in range(h):
-            t_row = tmp[y * wo : y * wo + wo]
-            for v in range(q):
-                o_row = out[y * w + v : y * w + v + wo]
-                for x in range(wo):
-                    o_row[x] += t_row[x]
+    Columns first, then rows (the reverse of ``_window``), each a vectorisable 1-D full sum.
+    """
+    h = ho + q - 1
+    w = wo + q - 1
+    tmp[: h * wo] = 0
+    for y in range(ho):
+        g_row = g[y * wo : y * wo + wo]
+        for u in range(q):
+            t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
+            for x in range(wo):
+                t_row[x] += g_row[x]
+    out[: h * w] = 0
+    for y in range(h):
+        t_row = tmp[y * wo : y * wo + wo]
+        for v in range(q):
+            o_row = out[y * w + v : y * w + v + wo]
+            for x in range(wo):
+                o_row[x] += t_row[x]
 
-    @nb.njit(inline="always", fastmath=True)
-    def _relu(S, T, ax, rx, az, rz, L, snap):
-        """The sqrt(2)-ReLU step of spec section 2 on L positions of one pair, in place."""
-        for p in range(L):
-            c = _cosine(S[p], rx[p], rz[p], snap)
-            k0 = ONE - acos(c) * _INV_PI
-            sn = math.sqrt(max(ONE - c * c, ZERO))
-            T[p] *= k0
-            S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _relu(S, T, ax, rx, az, rz, L, snap):
+    """The sqrt(2)-ReLU step of spec section 2 on L positions of one pair, in place."""
+    ZERO = _const(snap, 0.0)
+    ONE = _const(snap, 1.0)
+    _PI = _const(snap, math.pi)
+    _INV_PI = _const(snap, 1.0 / math.pi)
+    for p in range(L):
+        c = _cosine(S[p], rx[p], rz[p], snap)
+        k0 = ONE - _acos(c) * _INV_PI
+        sn = math.sqrt(max(ONE - c * c, ZERO))
+        T[p] *= k0
+        S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
 
-    @nb.njit(inline="always", fastmath=True)
-    def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
-        """``_relu`` that also records the cosine and the incoming theta for the adjoint.
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
+    """``_relu`` that also records the cosine and the incoming theta for the adjoint.
 
-        Recomputing kappa0/kappa1 from the cosine in the adjoint is cheaper than storing them.
-        """
-        for p in range(L):
-            c = _cosine(S[p], rx[p], rz[p], snap)
-            k0 = ONE - acos(c) * _INV_PI
-            sn = math.sqrt(max(ONE - c * c, ZERO))
-            cs[p] = c
-            ts[p] = T[p]
-            T[p] *= k0
-            S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+    Recomputing kappa0/kappa1 from the cosine in the adjoint is cheaper than storing them.
+    """
+    ZERO = _const(snap, 0.0)
+    ONE = _const(snap, 1.0)
+    _PI = _const(snap, math.pi)
+    _INV_PI = _const(snap, 1.0 / math.pi)
+    for p in range(L):
+        c = _cosine(S[p], rx[p], rz[p], snap)
+        k0 = ONE - _acos(c) * _INV_PI
+        sn = math.sqrt(max(ONE - c * c, ZERO))
+        cs[p] = c
+        ts[p] = T[p]
+        T[p] *= k0
+        S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
 
-    @nb.njit(inline="always", fastmath=True)
-    def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge):
-        """Pull gradients of (S', T') back to (S, T) and accumulate dK/ds(z, z) into gZ.
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge, inv_c):
+    """Pull gradients of (S', T') back to (S, T) and accumulate dK/ds(z, z) into gZ.
 
-        With ``merge`` the S gradient also takes T's (T_l = W(T') + S_l below a window).
-        """
-        for p in range(L):
-            c = cs[p]
-            k0 = ONE - acos(c) * _INV_PI
-            sn = math.sqrt(max(ONE - c * c, ZERO))
-            k1 = (sn + _PI * k0 * c) * _INV_PI
-            # d kappa0 / dc = 1 / (pi sqrt(1 - c^2)); 0 at the kink |c| = 1
-            dk0 = _INV_PI / sn if sn > ZERO else ZERO
-            ab = ax[p] * az[p]
-            rz2 = rz[p] * rz[p]
-            gc = gS[p] * ab * k0 + gT[p] * ts[p] * dk0
-            gZ[p] += HALF * rz2 * (gS[p] * k1 * ab - gc * c)
-            gt = gT[p] * k0
-            gT[p] = gt
-            gS[p] = gc * rx[p] * rz[p] + (gt if merge else ZERO)
+    With ``merge`` the S gradient also takes T's (T_l = W(T') + S_l below a window).
+    """
+    ZERO = _const(inv_c, 0.0)
+    HALF = _const(inv_c, 0.5)
+    ONE = _const(inv_c, 1.0)
+    _PI = _const(inv_c, math.pi)
+    _INV_PI = _const(inv_c, 1.0 / math.pi)
+    for p in range(L):
+        c = cs[p]
+        k0 = ONE - _acos(c) * _INV_PI
+        sn = math.sqrt(max(ONE - c * c, ZERO))
+        k1 = (sn + _PI * k0 * c) * _INV_PI
+        # d kappa0 / dc = 1 / (pi sqrt(1 - c^2)); 0 at the kink |c| = 1
+        dk0 = _INV_PI / sn if sn > ZERO else ZERO
+        ab = ax[p] * az[p]
+        rz2 = rz[p] * rz[p]
+        gc = gS[p] * ab * k0 + gT[p] * ts[p] * dk0
+        gZ[p] += HALF * rz2 * (gS[p] * k1 * ab - gc * c)
+        gt = gT[p] * k0
+        gT[p] = gt
+        gS[p] = gc * rx[p] * rz[p] + (gt if merge else ZERO)
 
-    @nb.njit(inline="always", fastmath=True)
-    def _first_layer(left, right, i, j, inv_c, S, T):
-        """s_1(x_i, z_j) at every position; patches are laid out (n, d, P1) so p is contiguous."""
-        d = left.shape[1]
-        P1 = left.shape[2]
-        li = left[i]
-        rj = right[j]
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _first_layer(left, right, i, j, inv_c, S, T):
+    """s_1(x_i, z_j) at every position; patches are laid out (n, d, P1) so p is contiguous."""
+    d = left.shape[1]
+    P1 = left.shape[2]
+    li = left[i]
+    rj = right[j]
+    for p in range(P1):
+        S[p] = li[0, p] * rj[0, p]
+    for e in range(1, d):
+        le = li[e]
+        re = rj[e]
         for p in range(P1):
-            S[p] = li[0, p] * rj[0, p]
-        for e in range(1, d):
-            le = li[e]
-            re = rj[e]
+            S[p] += le[p] * re[p]
+    for p in range(P1):
+        S[p] *= inv_c
+        T[p] = S[p]
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
+                  i, j, S, T, S2, T2, tmp):
+    ZERO = _const(snap, 0.0)
+    _first_layer(left, right, i, j, inv_c, S, T)
+    depth = heights.shape[0]
+    off = 0
+    for layer in range(depth):
+        L = heights[layer] * widths[layer]
+        _relu(S, T, sqx[i, off : off + L], rsqx[i, off : off + L], sqz[j, off : off + L],
+              rsqz[j, off : off + L], L, snap)
+        if layer < depth - 1:
+            _window(S, heights[layer], widths[layer], q, tmp, S2)
+            _window(T, heights[layer], widths[layer], q, tmp, T2)
+            Lo = heights[layer + 1] * widths[layer + 1]
+            for p in range(Lo):
+                S[p] = S2[p]
+                T[p] = T2[p] + S2[p]
+        off += L
+    L = heights[depth - 1] * widths[depth - 1]
+    acc = ZERO
+    for p in range(L):
+        acc += S[p] + T[p]
+    return acc / L
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, symmetric,
+            out):
+    """K for every pair into ``out`` (n, m); with ``symmetric`` only j >= i is computed."""
+    n = left.shape[0]
+    m = right.shape[0]
+    P1 = left.shape[2]
+    for i in nb.prange(n):
+        S = np.empty(P1, dtype=left.dtype)
+        T = np.empty(P1, dtype=left.dtype)
+        S2 = np.empty(P1, dtype=left.dtype)
+        T2 = np.empty(P1, dtype=left.dtype)
+        tmp = np.empty(P1, dtype=left.dtype)
+        j0 = i if symmetric else 0
+        for j in range(j0, m):
+            out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
+                                      inv_c, snap, i, j, S, T, S2, T2, tmp)
+    if symmetric:
+        for i in range(n):
+            for j in range(i):
+                out[i, j] = out[j, i]
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
+            kout, dcross, dself):
+    """K and its derivatives w.r.t. the first-layer patch products of the right-hand image.
+
+    ``dcross[j, p, i]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and ``dself[j, p, i]`` =
+    dK(x_i, z_j) / d(z_jp^T M z_jp), the raw (not /C) patch products, so the patch gradient is
+    M (dcross x_ip + 2 dself z_jp). The derivative of sqrt at a zero covariance is taken as 0.
+    The (j, p, i) layout makes ``dcross[:, p, :]`` a plain strided matrix for the batched
+    matrix product that contracts it with the coefficients, and lets each thread own one z_j.
+    """
+    ZERO = _const(snap, 0.0)
+    ONE = _const(snap, 1.0)
+    n = left.shape[0]
+    m = right.shape[0]
+    P1 = left.shape[2]
+    depth = heights.shape[0]
+    Ptot = sqx.shape[1]
+    for j in nb.prange(m):
+        S = np.empty(P1, dtype=left.dtype)
+        T = np.empty(P1, dtype=left.dtype)
+        cs = np.empty(Ptot, dtype=left.dtype)
+        ts = np.empty(Ptot, dtype=left.dtype)
+        gS = np.empty(P1, dtype=left.dtype)
+        gT = np.empty(P1, dtype=left.dtype)
+        gZ = np.empty(P1, dtype=left.dtype)
+        hS = np.empty(P1, dtype=left.dtype)
+        hT = np.empty(P1, dtype=left.dtype)
+        hZ = np.empty(P1, dtype=left.dtype)
+        tmp = np.empty(P1, dtype=left.dtype)
+        # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
+        bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
+        bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
+        for i in range(n):
+            # forward, recording cosine, kappa0 and incoming theta of every layer
+            _first_layer(left, right, i, j, inv_c, S, T)
+            off = 0
+            for layer in range(depth):
+                L = heights[layer] * widths[layer]
+                e = off + L
+                _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
+                             rsqz[j, off:e], L, snap, cs[off:e], ts[off:e])
+                if layer < depth - 1:
+                    _window(S, heights[layer], widths[layer], q, tmp, hS)
+                    _window(T, heights[layer], widths[layer], q, tmp, hT)
+                    Lo = heights[layer + 1] * widths[layer + 1]
+                    for p in range(Lo):
+                        S[p] = hS[p]
+                        T[p] = hT[p] + hS[p]
+                off += L
+            L = heights[depth - 1] * widths[depth - 1]
+            acc = ZERO
+            for p in range(L):
+                acc += S[p] + T[p]
+            kout[i, j] = acc / L
+            # backward
+            inv_l = ONE / L
+            gS[:L] = inv_l
+            gT[:L] = inv_l
+            gZ[:L] = ZERO
+            off = Ptot
+            for layer in range(depth - 1, -1, -1):
+                L = heights[layer] * widths[layer]
+                e = off
+                off -= L
+                _relu_adjoint(gS, gT, gZ, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
+                              rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0,
+                          inv_c)
+                if layer > 0:
+                    # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z): pull back through W
+                    ho = heights[layer]
+                    wo = widths[layer]
+                    _window_adjoint(gS, ho, wo, q, tmp, hS)
+                    _window_adjoint(gT, ho, wo, q, tmp, hT)
+                    _window_adjoint(gZ, ho, wo, q, tmp, hZ)
+                    Li = heights[layer - 1] * widths[layer - 1]
+                    gS[:Li] = hS[:Li]
+                    gT[:Li] = hT[:Li]
+                    gZ[:Li] = hZ[:Li]
+            t = i % WRITE_BLOCK
             for p in range(P1):
-                S[p] += le[p] * re[p]
-        for p in range(P1):
-            S[p] *= inv_c
-            T[p] = S[p]
-
-    @nb.njit(inline="always", fastmath=True)
-    def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-                      i, j, S, T, S2, T2, tmp):
-        _first_layer(left, right, i, j, inv_c, S, T)
-        depth = heights.shape[0]
-        off = 0
-        for layer in range(depth):
-            L = heights[layer] * widths[layer]
-            _relu(S, T, sqx[i, off : off + L], rsqx[i, off : off + L], sqz[j, off : off + L],
-                  rsqz[j, off : off + L], L, snap)
-            if layer < depth - 1:
-                _window(S, heights[layer], widths[layer], q, tmp, S2)
-                _window(T, heights[layer], widths[layer], q, tmp, T2)
-                Lo = heights[layer + 1] * widths[layer + 1]
-                for p in range(Lo):
-                    S[p] = S2[p]
-                    T[p] = T2[p] + S2[p]
-            off += L
-        L = heights[depth - 1] * widths[depth - 1]
-        acc = ZERO
-        for p in range(L):
-            acc += S[p] + T[p]
-        return acc / ft(L)
-
-    @nb.njit(parallel=True, fastmath=True)
-    def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, symmetric,
-                out):
-        """K for every pair into ``out`` (n, m); with ``symmetric`` only j >= i is computed."""
-        n = left.shape[0]
-        m = right.shape[0]
-        P1 = left.shape[2]
-        for i in nb.prange(n):
-            S = np.empty(P1, dtype=left.dtype)
-            T = np.empty(P1, dtype=left.dtype)
-            S2 = np.empty(P1, dtype=left.dtype)
-            T2 = np.empty(P1, dtype=left.dtype)
-            tmp = np.empty(P1, dtype=left.dtype)
-            j0 = i if symmetric else 0
-            for j in range(j0, m):
-                out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                          inv_c, snap, i, j, S, T, S2, T2, tmp)
-        if symmetric:
-            for i in range(n):
-                for j in range(i):
-                    out[i, j] = out[j, i]
-
-    @nb.njit(parallel=True, fastmath=True)
-    def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-                kout, dcross, dself):
-        """K and its derivatives w.r.t. the first-layer patch products of the right-hand image.
-
-        ``dcross[j, p, i]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and ``dself[j, p, i]`` =
-        dK(x_i, z_j) / d(z_jp^T M z_jp), the raw (not /C) patch products, so the patch gradient is
-        M (dcross x_ip + 2 dself z_jp). The derivative of sqrt at a zero covariance is taken as 0.
-        The (j, p, i) layout makes ``dcross[:, p, :]`` a plain strided matrix for the batched
-        matrix product that contracts it with the coefficients, and lets each thread own one z_j.
-        """
-        n = left.shape[0]
-        m = right.shape[0]
-        P1 = left.shape[2]
-        depth = heights.shape[0]
-        Ptot = sqx.shape[1]
-        for j in nb.prange(m):
-            S = np.empty(P1, dtype=left.dtype)
-            T = np.empty(P1, dtype=left.dtype)
-            cs = np.empty(Ptot, dtype=left.dtype)
-            ts = np.empty(Ptot, dtype=left.dtype)
-            gS = np.empty(P1, dtype=left.dtype)
-            gT = np.empty(P1, dtype=left.dtype)
-            gZ = np.empty(P1, dtype=left.dtype)
-            hS = np.empty(P1, dtype=left.dtype)
-            hT = np.empty(P1, dtype=left.dtype)
-            hZ = np.empty(P1, dtype=left.dtype)
-            tmp = np.empty(P1, dtype=left.dtype)
-            # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
-            bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
-            bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
-            for i in range(n):
-                # forward, recording cosine, kappa0 and incoming theta of every layer
-                _first_layer(left, right, i, j, inv_c, S, T)
-                off = 0
-                for layer in range(depth):
-                    L = heights[layer] * widths[layer]
-                    e = off + L
-                    _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
-                                 rsqz[j, off:e], L, snap, cs[off:e], ts[off:e])
-                    if layer < depth - 1:
-                        _window(S, heights[layer], widths[layer], q, tmp, hS)
-                        _window(T, heights[layer], widths[layer], q, tmp, hT)
-                        Lo = heights[layer + 1] * widths[layer + 1]
-                        for p in range(Lo):
-                            S[p] = hS[p]
-                            T[p] = hT[p] + hS[p]
-                    off += L
-                L = heights[depth - 1] * widths[depth - 1]
-                acc = ZERO
-                for p in range(L):
-                    acc += S[p] + T[p]
-                kout[i, j] = acc / ft(L)
-                # backward
-                inv_l = ONE / ft(L)
-                gS[:L] = inv_l
-                gT[:L] = inv_l
-                gZ[:L] = ZERO
-                off = Ptot
-                for layer in range(depth - 1, -1, -1):
-                    L = heights[layer] * widths[layer]
-                    e = off
-                    off -= L
-                    _relu_adjoint(gS, gT, gZ, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
-                                  rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0)
-                    if layer > 0:
-                        # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z): pull back through W
-                        ho = heights[layer]
-                        wo = widths[layer]
-                        _window_adjoint(gS, ho, wo, q, tmp, hS)
-                        _window_adjoint(gT, ho, wo, q, tmp, hT)
-                        _window_adjoint(gZ, ho, wo, q, tmp, hZ)
-                        Li = heights[layer - 1] * widths[layer - 1]
-                        gS[:Li] = hS[:Li]
-                        gT[:Li] = hT[:Li]
-                        gZ[:Li] = hZ[:Li]
-                t = i % WRITE_BLOCK
+                bc[t, p] = (gS[p] + gT[p]) * inv_c
+                bs[t, p] = gZ[p] * inv_c
+            if t == WRITE_BLOCK - 1 or i == n - 1:
+                i0 = i - t
                 for p in range(P1):
-                    bc[t, p] = (gS[p] + gT[p]) * inv_c
-                    bs[t, p] = gZ[p] * inv_c
-                if t == WRITE_BLOCK - 1 or i == n - 1:
-                    i0 = i - t
-                    for p in range(P1):
-                        for u in range(t + 1):
-                            dcross[j, p, i0 + u] = bc[u, p]
-                            dself[j, p, i0 + u] = bs[u, p]
+                    for u in range(t + 1):
+                        dcross[j, p, i0 + u] = bc[u, p]
+                        dself[j, p, i0 + u] = bs[u, p]
 
-    return forward, adjoint
-
-
-_ENGINES: dict[str, tuple] = {}
 
 
 def get_engine(dtype: np.dtype) -> tuple:
-    """(forward, adjoint) compiled for float32 (polynomial arccos) or float64 (libm arccos)."""
-    key = np.dtype(dtype).name
-    if key not in _ENGINES:
-        if key not in ("float32", "float64"):
-            raise ValueError(f"numba engine supports float32 and float64; found {key}")
-        _ENGINES[key] = _make_engine(np.float32 if key == "float32" else np.float64)
-    return _ENGINES[key]
+    """(forward, adjoint), compiled on first use for the array dtype (float32 or float64)."""
+    if np.dtype(dtype).name not in ("float32", "float64"):
+        raise ValueError(f"numba engine supports float32 and float64; found {np.dtype(dtype)}")
+    return forward, adjoint
