@@ -46,26 +46,25 @@ def _acos(x):  # pragma: no cover - replaced by the overload in compiled code
     return math.acos(x)
 
 
-@overload(_acos, inline="always", fastmath=True)
+@overload(_acos, fastmath=True)
 def _acos_typed(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
 
         def acos_f32(x):
             """arccos without branches (so loops vectorise); Cephes asinf polynomial, ~1 ulp."""
             half = np.float32(0.5)
-            one = np.float32(1.0)
             ax = abs(x)
             big = ax > half
-            z = half * (one - ax) if big else x * x
+            z = half * (np.float32(1.0) - ax) if big else x * x
             s = math.sqrt(z) if big else ax
             p = ((((np.float32(4.2163199048e-2) * z + np.float32(2.4181311049e-2)) * z
                    + np.float32(4.5470025998e-2)) * z + np.float32(7.4953002686e-2)) * z
                  + np.float32(1.6666752422e-1)) * z
             r = s + s * p  # asin(s)
-            if big:
-                a = np.float32(2.0) * r
-                return np.float32(math.pi) - a if x < np.float32(0.0) else a
-            return np.float32(0.5 * math.pi) - (r if x >= np.float32(0.0) else -r)
+            a = np.float32(2.0) * r
+            near_one = np.float32(math.pi) - a if x < np.float32(0.0) else a
+            near_zero = np.float32(0.5 * math.pi) - (r if x >= np.float32(0.0) else -r)
+            return near_one if big else near_zero
 
         return acos_f32
     return lambda x: math.acos(x)
@@ -87,6 +86,7 @@ def _cosine(s, r1, r2, snap):
 
 # Index arithmetic below is kept to loop variables over 1-D views: numba checks negative
 # indices (wrap-around) for computed indices, and those checks stop LLVM from vectorising.
+
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _window(src, h, w, q, tmp, dst):
@@ -113,6 +113,7 @@ def _window(src, h, w, q, tmp, dst):
             for x in range(wo):
                 d_row[x] += t_row[x]
 
+
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _window_adjoint(g, ho, wo, q, tmp, out):
     """Adjoint of ``_window``: spread each output's gradient over its q x q inputs.
@@ -136,6 +137,7 @@ def _window_adjoint(g, ho, wo, q, tmp, out):
             for x in range(wo):
                 o_row[x] += t_row[x]
 
+
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _relu(S, T, ax, rx, az, rz, L, snap):
     """The sqrt(2)-ReLU step of spec section 2 on L positions of one pair, in place."""
@@ -149,6 +151,7 @@ def _relu(S, T, ax, rx, az, rz, L, snap):
         sn = math.sqrt(max(ONE - c * c, ZERO))
         T[p] *= k0
         S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
@@ -168,6 +171,7 @@ def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
         ts[p] = T[p]
         T[p] *= k0
         S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
+
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge, inv_c):
@@ -195,6 +199,7 @@ def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge, inv_c):
         gT[p] = gt
         gS[p] = gc * rx[p] * rz[p] + (gt if merge else ZERO)
 
+
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _first_layer(left, right, i, j, inv_c, S, T):
     """s_1(x_i, z_j) at every position; patches are laid out (n, d, P1) so p is contiguous."""
@@ -212,6 +217,7 @@ def _first_layer(left, right, i, j, inv_c, S, T):
     for p in range(P1):
         S[p] *= inv_c
         T[p] = S[p]
+
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
@@ -238,6 +244,7 @@ def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, 
         acc += S[p] + T[p]
     return acc / L
 
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, symmetric,
             out):
@@ -259,6 +266,7 @@ def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, 
         for i in range(n):
             for j in range(i):
                 out[i, j] = out[j, i]
+
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
@@ -326,8 +334,7 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
                 e = off
                 off -= L
                 _relu_adjoint(gS, gT, gZ, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
-                              rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0,
-                          inv_c)
+                              rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0, inv_c)
                 if layer > 0:
                     # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z): pull back through W
                     ho = heights[layer]
@@ -349,7 +356,6 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
                     for u in range(t + 1):
                         dcross[j, p, i0 + u] = bc[u, p]
                         dself[j, p, i0 + u] = bs[u, p]
-
 
 
 def get_engine(dtype: np.dtype) -> tuple:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .kernel import KernelSide, block_rows, kernel_block_adjoint
+from .kernel import KernelSide, bytes_per_pair, kernel_block_adjoint
 
 
 def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
@@ -29,7 +29,12 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     s, P1, d = sample.right.shape
     R = torch.zeros(P1, s, c, d, dtype=coef.dtype, device=coef.device)
     V = torch.zeros(P1, s, c, dtype=coef.dtype, device=coef.device)
-    rows = min(n, block_rows(s, train.grids, engine, coef.element_size(), budget_mb, adjoint=True))
+    itemsize = coef.element_size()
+    # per training image: s derivative pairs plus its (P1, c, d) weighted patches
+    per_row = s * bytes_per_pair(train.grids, engine, itemsize, adjoint=True) + P1 * c * d * itemsize
+    rows = max(1, min(n, int(budget_mb * 2**20 // per_row)))
+    # one buffer for the weighted patches, reused by every block (no fresh pages per block)
+    buffer = torch.empty(rows, P1, c, d, dtype=coef.dtype, device=coef.device)
     for r in range(0, n, rows):
         xs = train.rows(r, r + rows)
         cb = coef[r : r + rows]
@@ -37,7 +42,8 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
         dcross = dcross.to(coef.device).transpose(0, 1)  # (P1, s, nb), strided, no copy
         dself = dself.to(coef.device).transpose(0, 1)
         # weighted patches (nb, P1, c*d): coef_ik x_ip
-        weighted = (cb[:, None, :, None] * xs.right[:, :, None, :]).reshape(len(xs), P1, c * d)
+        weighted = torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=buffer[: len(xs)])
+        weighted = weighted.view(len(xs), P1, c * d)
         R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
         V.baddbmm_(dself, cb.expand(P1, *cb.shape))
         if bar is not None:

@@ -12,14 +12,17 @@ from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, kernel_block, prepare_side
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: JIT compilation and allocator
-    times = []
+def _interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, run in turns so they share the machine's conditions."""
+    for fn in fns:
+        fn()  # warm-up: JIT compilation (or loading it from the cache) and allocator
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
 
 
 def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3,
@@ -29,7 +32,8 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
     """Time one kernel block K(train, sample) and the AGOP that differentiates it.
 
     Returns entries per second of the kernel, image pairs per second of the AGOP and the ratio
-    AGOP seconds / kernel seconds for the same block (medians over ``repeats``).
+    AGOP seconds / kernel seconds for the same block (medians over ``repeats``, the two timed
+    in turns so both see the same load).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype)
@@ -56,8 +60,7 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
         patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024)
         sync()
 
-    t_kernel = _median_seconds(run_kernel, repeats)
-    t_agop = _median_seconds(run_agop, repeats)
+    t_kernel, t_agop = _interleaved_medians([run_kernel, run_agop], repeats)
     pairs = n_train * n_sample
     return {
         "shape": f"{channels}x{size}x{size}", "depth": depth, "patch_size": patch_size,
