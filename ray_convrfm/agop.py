@@ -31,7 +31,8 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     V = torch.zeros(P1, s, c, dtype=coef.dtype, device=coef.device)
     itemsize = coef.element_size()
     # per training image: s derivative pairs plus its (P1, c, d) weighted patches
-    per_row = s * bytes_per_pair(train.grids, engine, itemsize, adjoint=True) + P1 * c * d * itemsize
+    pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
+    per_row = s * pair_bytes + P1 * c * d * itemsize
     rows = max(1, min(n, int(budget_mb * 2**20 // per_row)))
     # one buffer for the weighted patches, reused by every block (no fresh pages per block)
     buffer = torch.empty(rows, P1, c, d, dtype=coef.dtype, device=coef.device)
