@@ -97,3 +97,18 @@ def test_metric_from_agop():
         metric_from_agop(torch.zeros(3, 3), 1.0)
     with pytest.raises(ValueError, match="positive"):
         metric_from_agop(G, 0.0)
+
+
+@pytest.mark.gpu
+def test_cuda_agop_matches_cpu():
+    rng = np.random.default_rng(3)
+    params = KernelParams(3, 3, False)
+    X = torch.from_numpy(rng.random((20, 1, 14, 14), dtype=np.float32))
+    M = torch.from_numpy(random_psd(rng, 9).astype(np.float32))
+    coef = torch.from_numpy(rng.standard_normal((20, 10)).astype(np.float32))
+    xs = prepare_side(X, M, params)
+    cpu = patch_agop(xs, coef, xs.take(range(5)), M, engine="numba")
+    dev = torch.device("cuda")
+    xg = prepare_side(X.to(dev), M.to(dev), params)
+    gpu = patch_agop(xg, coef.to(dev), xg.take(range(5)), M.to(dev), engine="torch")
+    assert rel_err(gpu.cpu().numpy(), cpu.numpy()) < 1e-4

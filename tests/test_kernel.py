@@ -133,3 +133,14 @@ def test_kernel_params_grids():
     assert KernelParams(3, 3, False).grids(42, 42) == [(40, 40), (38, 38), (36, 36)]
     assert KernelParams(2, 3, True).grids(28, 28) == [(28, 28), (26, 26)]
     assert KernelParams(1, 5, True).grids(7, 9) == [(7, 9)]
+
+
+@pytest.mark.gpu
+def test_cuda_torch_engine_matches_cpu(rng):
+    X = rng.random((13, 3, 12, 12), dtype=np.float32)
+    Z = rng.random((7, 3, 12, 12), dtype=np.float32)
+    M = random_psd(rng, 27)
+    cpu = conv_ntk(X, Z, M, engine="numba", device="cpu")
+    gpu = conv_ntk(torch.from_numpy(X).cuda(), torch.from_numpy(Z).cuda(), M, device="cuda")
+    assert gpu.device.type == "cuda"
+    assert rel_err(gpu.cpu().numpy(), cpu) < 1e-5
