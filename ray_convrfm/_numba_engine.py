@@ -221,15 +221,20 @@ def _first_layer(left, right, i, j, inv_c, S, T):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-                  i, j, S, T, S2, T2, tmp):
+                  i, j, S, T, S2, T2, tmp, record, cs, ts):
+    """K(x_i, z_j); with ``record`` also the per-layer cosines and incoming thetas (adjoint)."""
     ZERO = _const(snap, 0.0)
     _first_layer(left, right, i, j, inv_c, S, T)
     depth = heights.shape[0]
     off = 0
     for layer in range(depth):
         L = heights[layer] * widths[layer]
-        _relu(S, T, sqx[i, off : off + L], rsqx[i, off : off + L], sqz[j, off : off + L],
-              rsqz[j, off : off + L], L, snap)
+        e = off + L
+        if record:
+            _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e], rsqz[j, off:e], L,
+                         snap, cs[off:e], ts[off:e])
+        else:
+            _relu(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e], rsqz[j, off:e], L, snap)
         if layer < depth - 1:
             _window(S, heights[layer], widths[layer], q, tmp, S2)
             _window(T, heights[layer], widths[layer], q, tmp, T2)
@@ -237,7 +242,7 @@ def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, 
             for p in range(Lo):
                 S[p] = S2[p]
                 T[p] = T2[p] + S2[p]
-        off += L
+        off = e
     L = heights[depth - 1] * widths[depth - 1]
     acc = ZERO
     for p in range(L):
@@ -258,10 +263,12 @@ def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, 
         S2 = np.empty(P1, dtype=left.dtype)
         T2 = np.empty(P1, dtype=left.dtype)
         tmp = np.empty(P1, dtype=left.dtype)
+        unused = np.empty(0, dtype=left.dtype)
         j0 = i if symmetric else 0
         for j in range(j0, m):
             out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                      inv_c, snap, i, j, S, T, S2, T2, tmp)
+                                      inv_c, snap, i, j, S, T, S2, T2, tmp, False, unused,
+                                      unused)
     if symmetric:
         for i in range(n):
             for j in range(i):
@@ -302,27 +309,9 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
         bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
         bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
         for i in range(n):
-            # forward, recording cosine, kappa0 and incoming theta of every layer
-            _first_layer(left, right, i, j, inv_c, S, T)
-            off = 0
-            for layer in range(depth):
-                L = heights[layer] * widths[layer]
-                e = off + L
-                _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
-                             rsqz[j, off:e], L, snap, cs[off:e], ts[off:e])
-                if layer < depth - 1:
-                    _window(S, heights[layer], widths[layer], q, tmp, hS)
-                    _window(T, heights[layer], widths[layer], q, tmp, hT)
-                    Lo = heights[layer + 1] * widths[layer + 1]
-                    for p in range(Lo):
-                        S[p] = hS[p]
-                        T[p] = hT[p] + hS[p]
-                off += L
+            kout[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
+                                       inv_c, snap, i, j, S, T, hS, hT, tmp, True, cs, ts)
             L = heights[depth - 1] * widths[depth - 1]
-            acc = ZERO
-            for p in range(L):
-                acc += S[p] + T[p]
-            kout[i, j] = acc / L
             # backward
             inv_l = ONE / L
             gS[:L] = inv_l
