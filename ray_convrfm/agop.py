@@ -12,14 +12,35 @@ sum over sample images, so it can be split over sample shards and reduced.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
 
 from .kernel import KernelSide, bytes_per_pair, kernel_block_adjoint
 
 
+class Workspace:
+    """Scratch buffers kept between blocks and calls: fresh multi-MB allocations are page-faulted
+    and zeroed by the OS every time, which costs as much as a fifth of an AGOP block."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` (uninitialised), backed by a reused buffer."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
 def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
-                    engine: str, budget_mb: int, bar: tqdm | None = None) -> torch.Tensor:
+                    engine: str, budget_mb: int, bar: tqdm | None = None,
+                    workspace: Workspace | None = None) -> torch.Tensor:
     """Patch gradients of every class output before the final M, shape (P1, s, c, d).
 
     Entry [p, z, k] is r = sum_i coef_ik dcross x_ip + 2 z_p sum_i coef_ik dself, so that
@@ -27,34 +48,40 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     """
     n, c = coef.shape
     s, P1, d = sample.right.shape
-    R = torch.zeros(P1, s, c, d, dtype=coef.dtype, device=coef.device)
-    V = torch.zeros(P1, s, c, dtype=coef.dtype, device=coef.device)
+    ws = workspace or Workspace()
+    dt, dev = coef.dtype, coef.device
+    R = ws.get("R", (P1, s, c, d), dt, dev).zero_()
+    V = ws.get("V", (P1, s, c), dt, dev).zero_()
     itemsize = coef.element_size()
     # per training image: s derivative pairs plus its (P1, c, d) weighted patches
     pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
     per_row = s * pair_bytes + P1 * c * d * itemsize
     rows = max(1, min(n, int(budget_mb * 2**20 // per_row)))
-    # one buffer for the weighted patches, reused by every block (no fresh pages per block)
-    buffer = torch.empty(rows, P1, c, d, dtype=coef.dtype, device=coef.device)
     for r in range(0, n, rows):
         xs = train.rows(r, r + rows)
+        nb = len(xs)
         cb = coef[r : r + rows]
-        _, (dcross, dself) = kernel_block_adjoint(xs, sample, engine)
+        out = None
+        if engine == "numba":
+            out = (ws.get("dcross", (s, P1, nb), xs.left.dtype, xs.left.device),
+                   ws.get("dself", (s, P1, nb), xs.left.dtype, xs.left.device))
+        _, (dcross, dself) = kernel_block_adjoint(xs, sample, engine, out=out)
         dcross = dcross.to(coef.device).transpose(0, 1)  # (P1, s, nb), strided, no copy
         dself = dself.to(coef.device).transpose(0, 1)
         # weighted patches (nb, P1, c*d): coef_ik x_ip
-        weighted = torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=buffer[: len(xs)])
-        weighted = weighted.view(len(xs), P1, c * d)
+        weighted = ws.get("weighted", (nb, P1, c, d), dt, dev)
+        torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=weighted)
+        weighted = weighted.view(nb, P1, c * d)
         R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
         V.baddbmm_(dself, cb.expand(P1, *cb.shape))
         if bar is not None:
-            bar.update(len(xs) * s)
+            bar.update(nb * s)
     return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V[..., None], value=2.0)
 
 
 def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor, *,
                engine: str = "torch", budget_mb: int = 512, progress: bool = False,
-               average: bool = True) -> torch.Tensor:
+               average: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
     """AGOP (d, d) = (1/s) sum_z sum_p sum_k grad_{z_p} f_k grad_{z_p} f_k^T (spec section 4).
 
     Parameters
@@ -64,7 +91,9 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
     sample : prepared sample images at which gradients are taken
     M : (d, d) the metric inside the kernel (the chain rule goes through it)
     average : divide by s (False returns the plain sum, for reductions over shards)
+    workspace : scratch buffers to reuse across calls (e.g. the iterations of one fit)
     """
+    workspace = workspace or Workspace()
     d = M.shape[0]
     G = torch.zeros(d, d, dtype=coef.dtype, device=coef.device)
     s = len(sample)
@@ -76,7 +105,8 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
               unit="pair") as bar:
         for start in range(0, s, chunk):
             part = sample.rows(start, start + chunk)
-            r = patch_gradients(train, coef, part, engine, budget_mb, bar).reshape(-1, d)
+            r = patch_gradients(train, coef, part, engine, budget_mb, bar, workspace)
+            r = r.reshape(-1, d)
             G += r.T @ r
     G = M @ G @ M
     return G / s if average else G

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from .agop import patch_agop
+from .agop import Workspace, patch_agop
 from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, kernel_block, prepare_side
 
@@ -56,8 +56,10 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
         kernel_block(xs, zs, eng)
         sync()
 
+    workspace = Workspace()  # as in a fit: scratch buffers persist across AGOP calls
+
     def run_agop():
-        patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024)
+        patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024, workspace=workspace)
         sync()
 
     t_kernel, t_agop = _interleaved_medians([run_kernel, run_agop], repeats)

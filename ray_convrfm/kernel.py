@@ -228,7 +228,8 @@ def _patch_size_of(side: KernelSide) -> int:
     return math.isqrt(d // side.channels)
 
 
-def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False):
+def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None):
     from ._numba_engine import get_engine
 
     ft = np.float32 if xs.left.dtype == torch.float32 else np.float64
@@ -247,10 +248,10 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
         forward(*args, symmetric, K)
         return torch.from_numpy(K)
     P1 = xs.left.shape[1]
-    dcross = np.empty((m, P1, n), dtype=ft)
-    dself = np.empty((m, P1, n), dtype=ft)
-    adjoint_fn(*args, K, dcross, dself)
-    return torch.from_numpy(K), (torch.from_numpy(dcross), torch.from_numpy(dself))
+    if out is None:
+        out = tuple(torch.empty(m, P1, n, dtype=xs.left.dtype) for _ in range(2))
+    adjoint_fn(*args, K, out[0].numpy(), out[1].numpy())
+    return torch.from_numpy(K), out
 
 
 def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
@@ -261,16 +262,17 @@ def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
     return _torch_forward(xs, zs)
 
 
-def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, engine: str = "torch"):
+def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, engine: str = "torch", out=None):
     """K for a block and dK w.r.t. the right images' raw first-layer patch products.
 
     Returns ``K`` (n, m) and ``(dcross, dself)``, each indexed [j, p, i] (shape (m, P1, n)): the
     derivatives of K(x_i, z_j) with respect to x_ip^T M z_jp and z_jp^T M z_jp. By the chain rule
     the gradient of K(x_i, z_j) with respect to the patch z_jp is
-    M (dcross[j, p, i] x_ip + 2 dself[j, p, i] z_jp).
+    M (dcross[j, p, i] x_ip + 2 dself[j, p, i] z_jp). ``out``: two contiguous (m, P1, n) CPU
+    tensors the numba engine fills instead of allocating (reused across blocks).
     """
     if engine == "numba":
-        return _numba_call(xs, zs, adjoint=True)
+        return _numba_call(xs, zs, adjoint=True, out=out)
     return _torch_forward(xs, zs, adjoint=True)
 
 

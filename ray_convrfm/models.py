@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 
-from .agop import metric_from_agop, patch_agop
+from .agop import Workspace, metric_from_agop, patch_agop
 from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
 from .options import ComputeOptions
@@ -186,6 +186,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.history_ = []
         self.M_path_ = []
         best = None
+        workspace = Workspace()
         for it in range(self.iters):
             self.M_path_.append(M.cpu().clone())
             t0 = time.perf_counter()
@@ -235,8 +236,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             t0 = time.perf_counter()
             if it < self.iters - 1:
                 coef = (alpha / scale).to(dt)
-                G = patch_agop(xs, coef, xs.take(sample_idx), M,
-                               engine=eng, budget_mb=budget, progress=self.verbose)
+                G = patch_agop(xs, coef, xs.take(sample_idx), M, engine=eng, budget_mb=budget,
+                               progress=self.verbose, workspace=workspace)
                 M = metric_from_agop(G, self.agop_power)
             record["seconds_agop"] = time.perf_counter() - t0
             self.history_.append(record)
