@@ -89,15 +89,16 @@ def _cosine(s, r1, r2, snap):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _window(src, h, w, q, tmp, dst):
-    """VALID q x q window sum of ``src`` (h, w) into ``dst``: rows, then columns.
+def _window(a, h, w, q, tmp):
+    """VALID q x q window sum of ``a`` (h, w), in place: rows into ``tmp``, then columns back.
 
-    Separate buffers (no aliasing) let the inner loops vectorise; 2(q-1) adds per output.
+    ``a`` is fully read into ``tmp`` before it is overwritten, so no copy is needed; separate
+    buffers in each stage let the inner loops vectorise; 2(q-1) adds per output.
     """
     ho = h - q + 1
     wo = w - q + 1
     for y in range(h):
-        s_row = src[y * w : y * w + w]
+        s_row = a[y * w : y * w + w]
         t_row = tmp[y * wo : y * wo + wo]
         for x in range(wo):
             t_row[x] = s_row[x]
@@ -105,7 +106,7 @@ def _window(src, h, w, q, tmp, dst):
             for x in range(wo):
                 t_row[x] += s_row[x + v]
     for y in range(ho):
-        d_row = dst[y * wo : y * wo + wo]
+        d_row = a[y * wo : y * wo + wo]
         for x in range(wo):
             d_row[x] = tmp[y * wo + x]
         for u in range(1, q):
@@ -115,10 +116,10 @@ def _window(src, h, w, q, tmp, dst):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _window_adjoint(g, ho, wo, q, tmp, out):
-    """Adjoint of ``_window``: spread each output's gradient over its q x q inputs.
+def _window_adjoint(g, ho, wo, q, tmp):
+    """Adjoint of ``_window``, in place: spread each output's gradient over its q x q inputs.
 
-    Columns first, then rows (the reverse of ``_window``), each a vectorisable 1-D full sum.
+    Columns into ``tmp`` first, then rows back into ``g`` (the reverse of ``_window``).
     """
     h = ho + q - 1
     w = wo + q - 1
@@ -129,11 +130,11 @@ def _window_adjoint(g, ho, wo, q, tmp, out):
             t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
             for x in range(wo):
                 t_row[x] += g_row[x]
-    out[: h * w] = 0
+    g[: h * w] = 0
     for y in range(h):
         t_row = tmp[y * wo : y * wo + wo]
         for v in range(q):
-            o_row = out[y * w + v : y * w + v + wo]
+            o_row = g[y * w + v : y * w + v + wo]
             for x in range(wo):
                 o_row[x] += t_row[x]
 
@@ -154,7 +155,7 @@ def _relu(S, T, ax, rx, az, rz, L, snap):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
+def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ks, ts):
     """``_relu`` that also records the cosine and the incoming theta for the adjoint.
 
     Recomputing kappa0/kappa1 from the cosine in the adjoint is cheaper than storing them.
@@ -168,13 +169,14 @@ def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ts):
         k0 = ONE - _acos(c) * _INV_PI
         sn = math.sqrt(max(ONE - c * c, ZERO))
         cs[p] = c
+        ks[p] = k0
         ts[p] = T[p]
         T[p] *= k0
         S[p] = ax[p] * az[p] * (sn + _PI * k0 * c) * _INV_PI
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge, inv_c):
+def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ks, ts, merge, inv_c):
     """Pull gradients of (S', T') back to (S, T) and accumulate dK/ds(z, z) into gZ.
 
     With ``merge`` the S gradient also takes T's (T_l = W(T') + S_l below a window).
@@ -186,7 +188,7 @@ def _relu_adjoint(gS, gT, gZ, ax, rx, az, rz, L, cs, ts, merge, inv_c):
     _INV_PI = _const(inv_c, 1.0 / math.pi)
     for p in range(L):
         c = cs[p]
-        k0 = ONE - _acos(c) * _INV_PI
+        k0 = ks[p]
         sn = math.sqrt(max(ONE - c * c, ZERO))
         k1 = (sn + _PI * k0 * c) * _INV_PI
         # d kappa0 / dc = 1 / (pi sqrt(1 - c^2)); 0 at the kink |c| = 1
@@ -221,7 +223,7 @@ def _first_layer(left, right, i, j, inv_c, S, T):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-                  i, j, S, T, S2, T2, tmp, record, cs, ts):
+                  i, j, S, T, tmp, record, cs, ks, ts):
     """K(x_i, z_j); with ``record`` also the per-layer cosines and incoming thetas (adjoint)."""
     ZERO = _const(snap, 0.0)
     _first_layer(left, right, i, j, inv_c, S, T)
@@ -232,16 +234,15 @@ def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, 
         e = off + L
         if record:
             _relu_record(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e], rsqz[j, off:e], L,
-                         snap, cs[off:e], ts[off:e])
+                         snap, cs[off:e], ks[off:e], ts[off:e])
         else:
             _relu(S, T, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e], rsqz[j, off:e], L, snap)
         if layer < depth - 1:
-            _window(S, heights[layer], widths[layer], q, tmp, S2)
-            _window(T, heights[layer], widths[layer], q, tmp, T2)
+            _window(S, heights[layer], widths[layer], q, tmp)
+            _window(T, heights[layer], widths[layer], q, tmp)
             Lo = heights[layer + 1] * widths[layer + 1]
             for p in range(Lo):
-                S[p] = S2[p]
-                T[p] = T2[p] + S2[p]
+                T[p] += S[p]
         off = e
     L = heights[depth - 1] * widths[depth - 1]
     acc = ZERO
@@ -260,15 +261,13 @@ def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, 
     for i in nb.prange(n):
         S = np.empty(P1, dtype=left.dtype)
         T = np.empty(P1, dtype=left.dtype)
-        S2 = np.empty(P1, dtype=left.dtype)
-        T2 = np.empty(P1, dtype=left.dtype)
         tmp = np.empty(P1, dtype=left.dtype)
         unused = np.empty(0, dtype=left.dtype)
         j0 = i if symmetric else 0
         for j in range(j0, m):
             out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                      inv_c, snap, i, j, S, T, S2, T2, tmp, False, unused,
-                                      unused)
+                                      inv_c, snap, i, j, S, T, tmp, False, unused,
+                                      unused, unused)
     if symmetric:
         for i in range(n):
             for j in range(i):
@@ -297,20 +296,18 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
         S = np.empty(P1, dtype=left.dtype)
         T = np.empty(P1, dtype=left.dtype)
         cs = np.empty(Ptot, dtype=left.dtype)
+        ks = np.empty(Ptot, dtype=left.dtype)
         ts = np.empty(Ptot, dtype=left.dtype)
         gS = np.empty(P1, dtype=left.dtype)
         gT = np.empty(P1, dtype=left.dtype)
         gZ = np.empty(P1, dtype=left.dtype)
-        hS = np.empty(P1, dtype=left.dtype)
-        hT = np.empty(P1, dtype=left.dtype)
-        hZ = np.empty(P1, dtype=left.dtype)
         tmp = np.empty(P1, dtype=left.dtype)
         # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
         bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
         bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
         for i in range(n):
             kout[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                       inv_c, snap, i, j, S, T, hS, hT, tmp, True, cs, ts)
+                                       inv_c, snap, i, j, S, T, tmp, True, cs, ks, ts)
             L = heights[depth - 1] * widths[depth - 1]
             # backward
             inv_l = ONE / L
@@ -323,18 +320,15 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
                 e = off
                 off -= L
                 _relu_adjoint(gS, gT, gZ, sqx[i, off:e], rsqx[i, off:e], sqz[j, off:e],
-                              rsqz[j, off:e], L, cs[off:e], ts[off:e], layer > 0, inv_c)
+                              rsqz[j, off:e], L, cs[off:e], ks[off:e], ts[off:e], layer > 0,
+                              inv_c)
                 if layer > 0:
                     # S_l = W(S'), T_l = W(T') + S_l, Z_l = W(Z): pull back through W
                     ho = heights[layer]
                     wo = widths[layer]
-                    _window_adjoint(gS, ho, wo, q, tmp, hS)
-                    _window_adjoint(gT, ho, wo, q, tmp, hT)
-                    _window_adjoint(gZ, ho, wo, q, tmp, hZ)
-                    Li = heights[layer - 1] * widths[layer - 1]
-                    gS[:Li] = hS[:Li]
-                    gT[:Li] = hT[:Li]
-                    gZ[:Li] = hZ[:Li]
+                    _window_adjoint(gS, ho, wo, q, tmp)
+                    _window_adjoint(gT, ho, wo, q, tmp)
+                    _window_adjoint(gZ, ho, wo, q, tmp)
             t = i % WRITE_BLOCK
             for p in range(P1):
                 bc[t, p] = (gS[p] + gT[p]) * inv_c
