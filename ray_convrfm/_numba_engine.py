@@ -276,12 +276,14 @@ def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
-            kout, dcross, dself):
+            kout, dcross, coef, vself):
     """K and its derivatives w.r.t. the first-layer patch products of the right-hand image.
 
-    ``dcross[j, p, i]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and ``dself[j, p, i]`` =
-    dK(x_i, z_j) / d(z_jp^T M z_jp), the raw (not /C) patch products, so the patch gradient is
-    M (dcross x_ip + 2 dself z_jp). The derivative of sqrt at a zero covariance is taken as 0.
+    ``dcross[j, p, i]`` = dK(x_i, z_j) / d(x_ip^T M z_jp) and, with dself[j, p, i] =
+    dK(x_i, z_j) / d(z_jp^T M z_jp), ``vself[j, p, k]`` = sum_i coef[i, k] dself[j, p, i]
+    (contracted here, it never needs its own (m, P1, n) array). Products are raw (not /C), so
+    the gradient of sum_i coef_ik K(x_i, z_j) w.r.t. z_jp is
+    M (sum_i coef_ik dcross x_ip + 2 vself z_jp). The derivative of sqrt at 0 is taken as 0.
     The (j, p, i) layout makes ``dcross[:, p, :]`` a plain strided matrix for the batched
     matrix product that contracts it with the coefficients, and lets each thread own one z_j.
     """
@@ -304,7 +306,8 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
         tmp = np.empty(P1, dtype=left.dtype)
         # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
         bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
-        bs = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
+        vj = vself[j]
+        vj[:, :] = 0
         for i in range(n):
             kout[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
                                        inv_c, snap, i, j, S, T, tmp, True, cs, ks, ts)
@@ -330,15 +333,18 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
                     _window_adjoint(gT, ho, wo, q, tmp)
                     _window_adjoint(gZ, ho, wo, q, tmp)
             t = i % WRITE_BLOCK
+            ci = coef[i]
             for p in range(P1):
                 bc[t, p] = (gS[p] + gT[p]) * inv_c
-                bs[t, p] = gZ[p] * inv_c
+                g = gZ[p] * inv_c
+                vp = vj[p]
+                for k in range(ci.shape[0]):
+                    vp[k] += g * ci[k]
             if t == WRITE_BLOCK - 1 or i == n - 1:
                 i0 = i - t
                 for p in range(P1):
                     for u in range(t + 1):
                         dcross[j, p, i0 + u] = bc[u, p]
-                        dself[j, p, i0 + u] = bs[u, p]
 
 
 def get_engine(dtype: np.dtype) -> tuple:

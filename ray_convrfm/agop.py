@@ -5,7 +5,8 @@ to the raw patch z_p is, by the chain rule through the first-layer patch product
 
     grad_{z_p} f_k = M ( sum_i coef_ik dcross_ip x_ip + 2 z_p sum_i coef_ik dself_ip )
 
-where dcross/dself come from the kernel's adjoint (``kernel.kernel_block_adjoint``). Since f is
+where dcross/dself, the derivatives of K w.r.t. the patch products x_p^T M z_p and z_p^T M z_p,
+come from the kernel's adjoint (``kernel.kernel_block_adjoint``). Since f is
 linear in coef, the training set is processed in chunks whose gradients are summed; the AGOP is a
 sum over sample images, so it can be split over sample shards and reduced.
 """
@@ -51,7 +52,7 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     ws = workspace or Workspace()
     dt, dev = coef.dtype, coef.device
     R = ws.get("R", (P1, s, c, d), dt, dev).zero_()
-    V = ws.get("V", (P1, s, c), dt, dev).zero_()
+    V = ws.get("V", (s, P1, c), dt, dev).zero_()
     itemsize = coef.element_size()
     # per training image: s derivative pairs plus its (P1, c, d) weighted patches
     pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
@@ -63,20 +64,19 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
         cb = coef[r : r + rows]
         out = None
         if engine == "numba":
-            out = (ws.get("dcross", (s, P1, nb), xs.left.dtype, xs.left.device),
-                   ws.get("dself", (s, P1, nb), xs.left.dtype, xs.left.device))
-        _, (dcross, dself) = kernel_block_adjoint(xs, sample, engine, out=out)
-        dcross = dcross.to(coef.device).transpose(0, 1)  # (P1, s, nb), strided, no copy
-        dself = dself.to(coef.device).transpose(0, 1)
+            out = ws.get("dcross", (s, P1, nb), xs.left.dtype, xs.left.device)
+        _, dcross, vself = kernel_block_adjoint(xs, sample, cb, engine, out=out)
+        dcross = dcross.to(dev).transpose(0, 1)  # (P1, s, nb), strided, no copy
         # weighted patches (nb, P1, c*d): coef_ik x_ip
         weighted = ws.get("weighted", (nb, P1, c, d), dt, dev)
         torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=weighted)
         weighted = weighted.view(nb, P1, c * d)
         R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
-        V.baddbmm_(dself, cb.expand(P1, *cb.shape))
+        V += vself.to(dev)
         if bar is not None:
             bar.update(nb * s)
-    return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V[..., None], value=2.0)
+    return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V.transpose(0, 1)[..., None],
+                      value=2.0)
 
 
 def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor, *,

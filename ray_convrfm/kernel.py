@@ -220,7 +220,7 @@ def _torch_backward(xs, zs, saved, offsets, q, inv_c):
             gS = _window_adjoint((gS + gT).reshape(n, m, h, w), q).reshape(n, m, -1)
             gT = _window_adjoint(gT.reshape(n, m, h, w), q).reshape(n, m, -1)
             gZ = _window_adjoint(gZ.reshape(n, m, h, w), q).reshape(n, m, -1)
-    return ((gS + gT) * inv_c).permute(1, 2, 0), (gZ * inv_c).permute(1, 2, 0)
+    return ((gS + gT) * inv_c).permute(1, 2, 0), (gZ * inv_c).permute(1, 2, 0)  # (m, P1, n)
 
 
 def _patch_size_of(side: KernelSide) -> int:
@@ -229,7 +229,7 @@ def _patch_size_of(side: KernelSide) -> int:
 
 
 def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
-                out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                coef: torch.Tensor | None = None, out: torch.Tensor | None = None):
     from ._numba_engine import get_engine
 
     ft = np.float32 if xs.left.dtype == torch.float32 else np.float64
@@ -248,10 +248,11 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
         forward(*args, symmetric, K)
         return torch.from_numpy(K)
     P1 = xs.left.shape[1]
-    if out is None:
-        out = tuple(torch.empty(m, P1, n, dtype=xs.left.dtype) for _ in range(2))
-    adjoint_fn(*args, K, out[0].numpy(), out[1].numpy())
-    return torch.from_numpy(K), out
+    dcross = torch.empty(m, P1, n, dtype=xs.left.dtype) if out is None else out
+    coef = coef.to(xs.left.dtype).contiguous()
+    vself = torch.empty(m, P1, coef.shape[1], dtype=xs.left.dtype)
+    adjoint_fn(*args, K, dcross.numpy(), coef.numpy(), vself.numpy())
+    return torch.from_numpy(K), dcross, vself
 
 
 def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
@@ -262,26 +263,29 @@ def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
     return _torch_forward(xs, zs)
 
 
-def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, engine: str = "torch", out=None):
-    """K for a block and dK w.r.t. the right images' raw first-layer patch products.
+def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, coef: torch.Tensor,
+                         engine: str = "torch", out: torch.Tensor | None = None):
+    """K for a block and what the patch gradients of f = coef^T K(xs, .) at zs need.
 
-    Returns ``K`` (n, m) and ``(dcross, dself)``, each indexed [j, p, i] (shape (m, P1, n)): the
-    derivatives of K(x_i, z_j) with respect to x_ip^T M z_jp and z_jp^T M z_jp. By the chain rule
-    the gradient of K(x_i, z_j) with respect to the patch z_jp is
-    M (dcross[j, p, i] x_ip + 2 dself[j, p, i] z_jp). ``out``: two contiguous (m, P1, n) CPU
-    tensors the numba engine fills instead of allocating (reused across blocks).
+    Returns ``K`` (n, m), ``dcross`` (m, P1, n) and ``vself`` (m, P1, c): with the raw (not /C)
+    first-layer patch products x_ip^T M z_jp and z_jp^T M z_jp, ``dcross[j, p, i]`` is
+    dK(x_i, z_j)/d(x_ip^T M z_jp) and ``vself[j, p, k]`` is sum_i coef_ik dK(x_i, z_j)/d(z_jp^T M
+    z_jp). By the chain rule the gradient of f_k w.r.t. the patch z_jp is
+    M (sum_i coef_ik dcross[j, p, i] x_ip + 2 vself[j, p, k] z_jp). ``out``: a contiguous
+    (m, P1, n) CPU tensor the numba engine fills with dcross instead of allocating one.
     """
     if engine == "numba":
-        return _numba_call(xs, zs, adjoint=True, out=out)
-    return _torch_forward(xs, zs, adjoint=True)
+        return _numba_call(xs, zs, adjoint=True, coef=coef, out=out)
+    K, (dcross, dself) = _torch_forward(xs, zs, adjoint=True)
+    return K, dcross, dself @ coef.to(dself.dtype)
 
 
 def bytes_per_pair(grids, engine: str, itemsize: int, adjoint: bool = False) -> int:
     """Working memory per image pair, so block sizes follow the memory budget, not n."""
     p1 = grids[0][0] * grids[0][1]
     if engine == "numba":
-        # one output entry (+ the two (P1) derivative rows when differentiating)
-        return itemsize * (1 + (2 * p1 if adjoint else 0))
+        # one output entry (+ the (P1) derivative row when differentiating)
+        return itemsize * (1 + (p1 if adjoint else 0))
     ptot = sum(h * w for h, w in grids)
     # about eight live (pairs x positions) temporaries, plus two saved per layer for the adjoint
     return itemsize * (8 * p1 + (2 * ptot + 6 * p1 if adjoint else 0))
