@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .devices import resolve_device, resolve_dtype, resolve_engine
 from .options import ComputeOptions
 from .patches import extract_patches, grid_shape
+from .validation import as_images
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,14 @@ class KernelSide:
 
     Attributes
     ----------
-    left : (n, P1, d) patches multiplied by M (used when the batch is the left argument).
-    right : (n, P1, d) raw patches (used when the batch is the right argument).
+    left : (n, P1, r) patches multiplied by M (used when the batch is the left argument).
+    right : (n, P1, r) raw patches (used when the batch is the right argument); r = d = C*q*q,
+        or fewer coordinates in an orthonormal basis of the patches' span (``prepare_side``).
     sq, rsq : (n, P_total) sqrt and safe 1/sqrt of the diagonal covariances s_l(x, x) of every
         layer, concatenated over layers (1/sqrt(0) is taken as 0).
     grids : position grid (H_l, W_l) of every layer.
     channels : C, the number of input channels (the first-layer covariances are divided by it).
+    patch_size : q, the window of the kernel's later layers.
     """
 
     left: torch.Tensor
@@ -89,6 +92,7 @@ class KernelSide:
     rsq: torch.Tensor
     grids: tuple[tuple[int, int], ...]
     channels: int
+    patch_size: int
 
     def __len__(self) -> int:
         return self.left.shape[0]
@@ -96,13 +100,13 @@ class KernelSide:
     def rows(self, start: int, stop: int) -> KernelSide:
         """Images start..stop-1 (views, no copy)."""
         return KernelSide(self.left[start:stop], self.right[start:stop], self.sq[start:stop],
-                          self.rsq[start:stop], self.grids, self.channels)
+                          self.rsq[start:stop], self.grids, self.channels, self.patch_size)
 
     def take(self, index) -> KernelSide:
         """Images at the given indices (e.g. the AGOP sample)."""
         t = torch.as_tensor(index, device=self.left.device)
         return KernelSide(self.left[t], self.right[t], self.sq[t], self.rsq[t], self.grids,
-                          self.channels)
+                          self.channels, self.patch_size)
 
 
 def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
@@ -122,12 +126,28 @@ def window_sum(x: torch.Tensor, q: int) -> torch.Tensor:
     return out
 
 
-def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams) -> KernelSide:
-    """Patches, M-transformed patches and per-layer diagonal covariances of a batch of images."""
+#: Images unfolded at once when patches are projected onto a basis (bounds the (b, P, d) temp).
+UNFOLD_BATCH = 256
+
+
+def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
+                 basis: torch.Tensor | None = None) -> KernelSide:
+    """Patches, M-transformed patches and per-layer diagonal covariances of a batch of images.
+
+    With ``basis`` (d, r), orthonormal columns spanning the patches, each patch is kept as its r
+    coordinates Q^T x_p and ``M`` is the (r, r) metric in those coordinates; x^T (Q M Q^T) z =
+    (Q^T x)^T M (Q^T z), so the kernel is unchanged for patches in the span (see
+    ``patches.patch_span``). Images are then unfolded in batches, never all (n, P, d) at once.
+    """
     n, C, H, W = X.shape
     grids = params.grids(H, W)
-    return side_from_patches(extract_patches(X, params.patch_size, params.padding), M, params,
-                             grids, C)
+    q, pad = params.patch_size, params.padding
+    if basis is None:
+        right = extract_patches(X, q, pad)
+    else:
+        right = torch.cat([extract_patches(X[b : b + UNFOLD_BATCH], q, pad) @ basis
+                           for b in range(0, n, UNFOLD_BATCH)])
+    return side_from_patches(right, M, params, grids, C)
 
 
 def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams, grids,
@@ -144,7 +164,7 @@ def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams
         layer = window_sum(layer, q)
         per_layer.append(layer.reshape(n, -1))
     diag = torch.cat(per_layer, dim=1).clamp_min(0)
-    return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels)
+    return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels, q)
 
 
 def snap_width(dtype: torch.dtype) -> float:
@@ -160,7 +180,7 @@ def _relu_cosine(S: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, snap: floa
 def _torch_forward(xs: KernelSide, zs: KernelSide, adjoint: bool = False):
     """Vectorised kernel (and optionally adjoint) on any torch device, layout (n, m, H, W)."""
     n, m = len(xs), len(zs)
-    q = _patch_size_of(xs)
+    q = xs.patch_size
     inv_c = 1.0 / xs.channels
     snap = snap_width(xs.left.dtype)
     S = torch.einsum("ipd,jpd->ijp", xs.left, zs.right) * inv_c
@@ -223,11 +243,6 @@ def _torch_backward(xs, zs, saved, offsets, q, inv_c):
     return ((gS + gT) * inv_c).permute(1, 2, 0), (gZ * inv_c).permute(1, 2, 0)  # (m, P1, n)
 
 
-def _patch_size_of(side: KernelSide) -> int:
-    d = side.left.shape[2]
-    return math.isqrt(d // side.channels)
-
-
 def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
                 coef: torch.Tensor | None = None, out: torch.Tensor | None = None):
     from ._numba_engine import get_engine
@@ -236,7 +251,7 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
     forward, adjoint_fn = get_engine(ft)
     heights = np.array([h for h, _ in xs.grids], dtype=np.int64)
     widths = np.array([w for _, w in xs.grids], dtype=np.int64)
-    q = _patch_size_of(xs)
+    q = xs.patch_size
     left = xs.left.transpose(1, 2).contiguous().numpy()
     right = zs.right.transpose(1, 2).contiguous().numpy()
     args = (left, right, xs.sq.numpy(), xs.rsq.numpy(), zs.sq.numpy(),
@@ -319,20 +334,6 @@ def resolve_M(M, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return 0.5 * (M + M.T)
 
 
-def check_images(X, name: str = "X", channels: int | None = None) -> None:
-    """Rank, channel count and finiteness of an image batch, with messages that say what to fix."""
-    shape = tuple(X.shape)
-    if len(shape) != 4:
-        raise ValueError(f"{name} must have shape (n, C, H, W); found {shape}")
-    if shape[0] == 0:
-        raise ValueError(f"{name} has no images (shape {shape})")
-    if channels is not None and shape[1] != channels:
-        raise ValueError(f"{name} has {shape[1]} channels; the model was fitted on {channels}")
-    finite = np.isfinite(X).all() if isinstance(X, np.ndarray) else bool(torch.isfinite(X).all())
-    if not finite:
-        raise ValueError(f"{name} contains NaN or inf pixels")
-
-
 def conv_ntk(X, Z=None, M=None, *, depth: int = 3, patch_size: int = 3, padding: bool = False,
              dtype: str | None = None, device: str | None = None, engine: str = "auto",
              memory_budget_mb: int | None = None, options: ComputeOptions | None = None,
@@ -367,10 +368,10 @@ def conv_ntk(X, Z=None, M=None, *, depth: int = 3, patch_size: int = 3, padding:
     eng = resolve_engine(engine if engine != "auto" else opts.engine, dev)
     budget = memory_budget_mb or opts.memory_budget_mb
     params = KernelParams(depth, patch_size, padding)
-    numpy_out = isinstance(X, np.ndarray)
-    check_images(X, "X")
+    numpy_out = not isinstance(X, torch.Tensor)
+    X = as_images(X, "X")
     if Z is not None:
-        check_images(Z, "Z", channels=X.shape[1])
+        Z = as_images(Z, "Z", channels=X.shape[1])
         if tuple(Z.shape[2:]) != tuple(X.shape[2:]):
             raise ValueError(f"X and Z must have the same image size; found {tuple(X.shape[2:])} "
                              f"and {tuple(Z.shape[2:])}")

@@ -21,6 +21,7 @@ from .agop import Workspace, metric_from_agop, patch_agop
 from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
 from .options import ComputeOptions
+from .patches import patch_span
 from .solvers import SingularKernelError, kernel_scale, solve_ridge
 from .validation import as_images, as_labels
 
@@ -52,6 +53,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     agop_power : M = AGOP^power (1 by default; 1/2 matches W^T W of a network, spec section 7)
     val_fraction : share of the training data held out for choosing ridge and iteration when no
         validation set is passed to ``fit``
+    patch_basis : "auto" works in an orthonormal basis of the training patches' span when they
+        span fewer than d dimensions (features of a linear conv layer do; raw images do not), which
+        is exact for inputs in that span and far cheaper; "full" always uses all d coordinates
     device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
     random_state : seed of the validation split and the AGOP sample (a local generator)
     verbose : show progress bars and log one line per iteration
@@ -65,6 +69,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     M_path_ : the metric used at every iteration (M_path_[0] is the identity)
     classes_ : the class labels
     X_fit_ : the training images the predictor is built on (the validation part excluded)
+    patch_basis_ : (d, r) orthonormal basis the patches are expressed in, or None (all of R^d)
 
     Examples
     --------
@@ -79,7 +84,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
-                 device: str = "auto", dtype: str = "float32", engine: str = "auto",
+                 patch_basis: str = "auto", device: str = "auto", dtype: str = "float32",
+                 engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int | None = 0,
                  verbose: bool = False):
         self.depth = depth
@@ -90,6 +96,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.agop_samples = agop_samples
         self.agop_power = agop_power
         self.val_fraction = val_fraction
+        self.patch_basis = patch_basis
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -122,6 +129,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                              f"{self.agop_samples!r}")
         if self.agop_power <= 0:
             raise ValueError(f"agop_power must be positive; found {self.agop_power}")
+        if self.patch_basis not in ("auto", "full"):
+            raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         return params
 
     def _split(self, X, y, X_val, y_val, rng: np.random.Generator):
@@ -180,7 +189,11 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         Y[torch.arange(n), torch.as_tensor(y_fit, device=dev)] = 1.0
         sample_idx = np.sort(rng.choice(n, size=min(self.agop_samples, n), replace=False))
         d = X.shape[1] * self.patch_size**2
-        M = torch.eye(d, dtype=dt, device=dev)
+        Q = patch_span(Xf, self.patch_size, self.padding) if self.patch_basis == "auto" else None
+        if Q is not None:
+            log.info("training patches span %d of %d dimensions: working in that basis",
+                     Q.shape[1], d)
+        M = torch.eye(d if Q is None else Q.shape[1], dtype=dt, device=dev)  # Q^T I Q = I_r
         self.n_features_in_ = d
         self.image_shape_ = tuple(int(s) for s in X.shape[1:])
         self.history_ = []
@@ -188,18 +201,18 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         best = None
         workspace = Workspace()
         for it in range(self.iters):
-            self.M_path_.append(M.cpu().clone())
+            self.M_path_.append(_full_metric(M, Q).cpu())
             t0 = time.perf_counter()
-            xs = prepare_side(Xf, M, params)
+            xs = prepare_side(Xf, M, params, Q)
             K = kernel_matrix(xs, xs, eng, budget, symmetric=True, progress=self.verbose,
                               desc=f"iter {it}: train kernel")
             scale = kernel_scale(K)
             K /= scale
-            Kv = kernel_matrix(prepare_side(Xv, M, params), xs, eng, budget,
+            Kv = kernel_matrix(prepare_side(Xv, M, params, Q), xs, eng, budget,
                                progress=self.verbose, desc=f"iter {it}: val kernel") / scale
             Kmon = None
             if Xm is not None:
-                Kmon = kernel_matrix(prepare_side(Xm, M, params), xs, eng, budget,
+                Kmon = kernel_matrix(prepare_side(Xm, M, params, Q), xs, eng, budget,
                                      progress=self.verbose, desc=f"iter {it}: monitor kernel")
                 Kmon /= scale
             t_kernel = time.perf_counter() - t0
@@ -248,7 +261,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                          "" if mon is None else f"  monitor acc {mon:.4f}", train_mse, t_kernel,
                          t_solve, record["seconds_agop"])
 
-        self.M_ = best["M"].cpu()
+        self.M_ = _full_metric(best["M"], Q).cpu()
+        self.patch_basis_ = None if Q is None else Q.cpu()
         self.alpha_ = best["alpha"].cpu()
         self.ridge_ = best["ridge"]
         self.kernel_scale_ = best["scale"]
@@ -271,9 +285,12 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         X = as_images(X, "X", channels=self.image_shape_[0], image_size=self.image_shape_[1:])
         dev, dt, eng, budget = self._context()
         params = KernelParams(self.depth, self.patch_size, self.padding)
+        Q = None if self.patch_basis_ is None else self.patch_basis_.to(dev, dt)
         M = self.M_.to(dev, dt)
-        xs = prepare_side(self.X_fit_.to(dev, dt), M, params)
-        zs = prepare_side(as_tensor(X, dt, dev), M, params)
+        if Q is not None:
+            M = Q.T @ M @ Q
+        xs = prepare_side(self.X_fit_.to(dev, dt), M, params, Q)
+        zs = prepare_side(as_tensor(X, dt, dev), M, params, Q)
         K = kernel_matrix(zs, xs, eng, budget, progress=self.verbose, desc="predict kernel")
         scores = (K.to(torch.float64) / self.kernel_scale_) @ self.alpha_.to(dev)
         return scores.cpu().numpy()
@@ -306,6 +323,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         tensors = {"M": self.M_.contiguous(), "alpha": self.alpha_.contiguous(),
                    "X_fit": self.X_fit_.contiguous()}
         tensors.update({f"M_path.{t}": M.contiguous() for t, M in enumerate(self.M_path_)})
+        if self.patch_basis_ is not None:
+            tensors["patch_basis"] = self.patch_basis_.contiguous()
         save_file(tensors, str(path / _TENSORS))
         (path / _CONFIG).write_text(json.dumps(config, indent=2))
         return path
@@ -322,6 +341,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model = cls(**params)
         tensors = load_file(str(path / _TENSORS))
         model.M_, model.alpha_, model.X_fit_ = tensors["M"], tensors["alpha"], tensors["X_fit"]
+        model.patch_basis_ = tensors.get("patch_basis")
         model.classes_ = np.asarray(config["classes"], dtype=config["classes_dtype"])
         model.ridge_ = config["ridge"]
         model.kernel_scale_ = config["kernel_scale"]
@@ -331,6 +351,11 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model.history_ = config["history"]
         model.M_path_ = [tensors[f"M_path.{t}"] for t in range(len(model.history_))]
         return model
+
+
+def _full_metric(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """The (d, d) metric Q M Q^T of a metric M given in the patch-span coordinates."""
+    return M.clone() if Q is None else Q @ M @ Q.T
 
 
 def _read_config(path: Path, expected_model: str) -> dict:

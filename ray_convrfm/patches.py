@@ -20,3 +20,26 @@ def extract_patches(X: torch.Tensor, patch_size: int, padding: bool) -> torch.Te
     """
     pad = patch_size // 2 if padding else 0
     return F.unfold(X, patch_size, padding=pad).transpose(1, 2).contiguous()
+
+
+def patch_span(X: torch.Tensor, patch_size: int, padding: bool, rtol: float = 1e-6,
+               batch_size: int = 256) -> torch.Tensor | None:
+    """Orthonormal basis (d, r) of the span of all patches of X, or None when r = d.
+
+    Patches of features made by a linear convolution (Deep ConvRFM's inputs) span far fewer than
+    d = C*q*q dimensions: 64 feature maps of a 3 x 3 filter bank over 1-channel images give
+    patches of d = 576 that all lie in a space of at most 25. The kernel and the AGOP only see
+    x^T M z with M in that span, so working in r coordinates is exact and r/d as costly.
+    Directions whose Gram eigenvalue is below ``rtol`` x the largest are dropped.
+    """
+    d = X.shape[1] * patch_size**2
+    gram = torch.zeros(d, d, dtype=torch.float64, device=X.device)
+    for b in range(0, X.shape[0], batch_size):
+        p = extract_patches(X[b : b + batch_size], patch_size, padding).reshape(-1, d)
+        p = p.to(torch.float64)
+        gram += p.T @ p
+    vals, vecs = torch.linalg.eigh(gram)
+    keep = vals > rtol * vals.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if bool(keep.all()):
+        return None
+    return vecs[:, keep].flip(1).to(X.dtype)
