@@ -112,6 +112,12 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
     return G / s if average else G
 
 
+def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
+    """G^power (float64) through a symmetric eigendecomposition, negative eigenvalues clipped."""
+    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
+    return (vecs * vals.clamp_min(0) ** power) @ vecs.T
+
+
 def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     """M = G^power / ||G^power||_F (spec section 5), negative eigenvalues clipped to 0.
 
@@ -120,8 +126,7 @@ def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     """
     if power <= 0:
         raise ValueError(f"agop_power must be positive; found {power}")
-    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
-    P = (vecs * vals.clamp_min(0) ** power) @ vecs.T
+    P = psd_power(G, power)
     norm = torch.linalg.matrix_norm(P)
     if not norm > 0:
         raise ValueError("the AGOP is zero: the predictor does not depend on its input")

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .agop import psd_power
+
 log = logging.getLogger(__name__)
 
 
@@ -45,12 +47,6 @@ def pearson(A: torch.Tensor, B: torch.Tensor) -> float:
     b = b - b.mean()
     denom = a.norm() * b.norm()
     return float(a @ b / denom) if denom > 0 else float("nan")
-
-
-def matrix_power_psd(G: torch.Tensor, power: float) -> torch.Tensor:
-    """G^power through a symmetric eigendecomposition, negative eigenvalues clipped to 0."""
-    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
-    return (vecs * vals.clamp_min(0) ** power) @ vecs.T
 
 
 def layer_patch_agops(model: nn.Module, images: torch.Tensor, layers=None, *,
@@ -169,13 +165,13 @@ def measure_cnfa(model: nn.Module, images: torch.Tensor, initial_model: nn.Modul
         if init is not None:
             iw = filter_covariance(init_convs[name])
             extra = {"init_corr_power_1": pearson(iw, init[name]),
-                     "init_corr_power_half": pearson(iw, matrix_power_psd(init[name], 0.5))}
+                     "init_corr_power_half": pearson(iw, psd_power(init[name], 0.5))}
         rows.append(CNFARow(
             layer=name, filters=conv.out_channels, d=wtw.shape[0],
             kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
             padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             dilation=tuple(conv.dilation),
-            corr_power_1=pearson(wtw, G), corr_power_half=pearson(wtw, matrix_power_psd(G, 0.5)),
+            corr_power_1=pearson(wtw, G), corr_power_half=pearson(wtw, psd_power(G, 0.5)),
             **extra))
     return rows
 

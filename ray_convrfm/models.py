@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -133,19 +134,6 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         return params
 
-    def _split(self, X, y, X_val, y_val, rng: np.random.Generator):
-        if (X_val is None) != (y_val is None):
-            raise ValueError("pass both X_val and y_val, or neither")
-        if X_val is not None:
-            return X, y, X_val, y_val
-        idx = np.arange(len(y))
-        _, counts = np.unique(y, return_counts=True)
-        n_val = max(1, int(round(self.val_fraction * len(y))))
-        stratify = y if counts.min() >= 2 and n_val >= len(counts) else None
-        fit_idx, val_idx = train_test_split(idx, test_size=n_val, stratify=stratify,
-                                            random_state=int(rng.integers(2**31 - 1)))
-        return X[fit_idx], y[fit_idx], X[val_idx], y[val_idx]
-
     # ------------------------------------------------------------------ fit
     def fit(self, X, y, X_val=None, y_val=None, monitor=None) -> ConvRFM:
         """Fit the kernel machine and learn M.
@@ -164,26 +152,16 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         """
         params = self._check_params()
         ridges = tuple(float(r) for r in np.atleast_1d(self.ridges))
-        X = as_images(X, "X")
-        y = as_labels(y, X.shape[0], "y")
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y must contain at least 2 classes; found {len(self.classes_)}")
-        params.grids(X.shape[2], X.shape[3])  # image large enough for patch and depth
         rng = np.random.default_rng(self.random_state)
-        if X_val is not None:
-            X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
-            y_val = self._encode(as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
-        X_fit, y_fit, X_val, y_val = self._split(X, y_idx, X_val, y_val, rng)
-        if monitor is not None:
-            X_mon = as_images(monitor[0], "monitor X", channels=X.shape[1],
-                              image_size=X.shape[2:])
-            y_mon = self._encode(as_labels(monitor[1], X_mon.shape[0], "monitor y"), "monitor y")
+        data = prepare_fit_inputs(self, X, y, X_val, y_val, monitor, rng)
+        X, X_fit, y_fit, X_val, y_val = data.X, data.X_fit, data.y_fit, data.X_val, data.y_val
+        X_mon, y_mon = data.X_mon, data.y_mon
+        params.grids(X.shape[2], X.shape[3])  # image large enough for patch and depth
 
         dev, dt, eng, budget = self._context()
         Xf = as_tensor(X_fit, dt, dev)
         Xv = as_tensor(X_val, dt, dev)
-        Xm = as_tensor(X_mon, dt, dev) if monitor is not None else None
+        Xm = as_tensor(X_mon, dt, dev) if X_mon is not None else None
         n, c = len(y_fit), len(self.classes_)
         Y = torch.zeros(n, c, dtype=torch.float64, device=dev)
         Y[torch.arange(n), torch.as_tensor(y_fit, device=dev)] = 1.0
@@ -270,14 +248,6 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.X_fit_ = Xf.cpu()
         return self
 
-    def _encode(self, y: np.ndarray, name: str) -> np.ndarray:
-        pos = np.searchsorted(self.classes_, y)
-        pos = np.clip(pos, 0, len(self.classes_) - 1)
-        unknown = self.classes_[pos] != y
-        if unknown.any():
-            raise ValueError(f"{name} has labels not seen in y: {np.unique(y[unknown])[:10]}")
-        return pos
-
     # ------------------------------------------------------------------ predict
     def decision_function(self, X) -> np.ndarray:
         """Class scores f(x) = sum_i alpha_i K_M(x_i, x) / scale, shape (m, n_classes)."""
@@ -351,6 +321,60 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model.history_ = config["history"]
         model.M_path_ = [tensors[f"M_path.{t}"] for t in range(len(model.history_))]
         return model
+
+
+class FitInputs(NamedTuple):
+    """Checked training data: labels as indices into ``classes_``; X_mon is None without monitor."""
+
+    X: np.ndarray | torch.Tensor
+    X_fit: np.ndarray | torch.Tensor
+    y_fit: np.ndarray
+    X_val: np.ndarray | torch.Tensor
+    y_val: np.ndarray
+    X_mon: np.ndarray | torch.Tensor | None
+    y_mon: np.ndarray | None
+
+
+def prepare_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generator) -> FitInputs:
+    """Check inputs, set ``est.classes_`` and carve the validation split (shared by estimators).
+
+    Without X_val, ``est.val_fraction`` of (X, y) is held out, stratified when every class has
+    at least two images; the split is drawn from ``rng``.
+    """
+    X = as_images(X, "X")
+    y = as_labels(y, X.shape[0], "y")
+    est.classes_, y_idx = np.unique(y, return_inverse=True)
+    if len(est.classes_) < 2:
+        raise ValueError(f"y must contain at least 2 classes; found {len(est.classes_)}")
+    if (X_val is None) != (y_val is None):
+        raise ValueError("pass both X_val and y_val, or neither")
+    if X_val is not None:
+        X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
+        y_val = encode_labels(est.classes_, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
+        X_fit, y_fit = X, y_idx
+    else:
+        _, counts = np.unique(y_idx, return_counts=True)
+        n_val = max(1, int(round(est.val_fraction * len(y_idx))))
+        stratify = y_idx if counts.min() >= 2 and n_val >= len(counts) else None
+        fit_idx, val_idx = train_test_split(np.arange(len(y_idx)), test_size=n_val,
+                                            stratify=stratify,
+                                            random_state=int(rng.integers(2**31 - 1)))
+        X_fit, y_fit, X_val, y_val = X[fit_idx], y_idx[fit_idx], X[val_idx], y_idx[val_idx]
+    X_mon = y_mon = None
+    if monitor is not None:
+        X_mon = as_images(monitor[0], "monitor X", channels=X.shape[1], image_size=X.shape[2:])
+        y_mon = encode_labels(est.classes_, as_labels(monitor[1], X_mon.shape[0], "monitor y"),
+                              "monitor y")
+    return FitInputs(X, X_fit, y_fit, X_val, y_val, X_mon, y_mon)
+
+
+def encode_labels(classes: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    """Indices of ``y`` in ``classes``; labels never seen in training are an error."""
+    pos = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+    unknown = classes[pos] != y
+    if unknown.any():
+        raise ValueError(f"{name} has labels not seen in y: {np.unique(y[unknown])[:10]}")
+    return pos
 
 
 def _full_metric(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:

@@ -43,3 +43,17 @@ def patch_span(X: torch.Tensor, patch_size: int, padding: bool, rtol: float = 1e
     if bool(keep.all()):
         return None
     return vecs[:, keep].flip(1).to(X.dtype)
+
+
+def featurise(X: torch.Tensor, filters: torch.Tensor, padding: bool,
+              batch_size: int = 256) -> torch.Tensor:
+    """Bias-free q x q convolution of every image with ``filters`` (k, C, q, q), in batches.
+
+    This is Deep ConvRFM's feature map (spec section 6): with filters G M^(1/2) the next layer's
+    patches carry the metric M learned at this layer. Output dtype and device follow X.
+    """
+    q = filters.shape[-1]
+    pad = q // 2 if padding else 0
+    filters = filters.to(device=X.device, dtype=X.dtype)
+    return torch.cat([F.conv2d(X[b : b + batch_size], filters, padding=pad)
+                      for b in range(0, X.shape[0], batch_size)])
