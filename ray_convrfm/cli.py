@@ -1,4 +1,4 @@
-"""The ``ray-convrfm`` command: ``fit`` a ConvRFM end to end, ``bench`` the kernel and AGOP."""
+"""The ``ray-convrfm`` command: ``fit`` a ConvRFM, measure the ``cnfa`` of a CNN, ``bench``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,25 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("cnfa", help="train a small CNN, then measure the CNFA per conv layer")
+    c.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist (default) | digits | idx:DIR | npz:PATH")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--download", action="store_true")
+    c.add_argument("--n-train", type=int, default=10000, help="first N training images")
+    c.add_argument("--n-test", type=int, default=2000)
+    c.add_argument("--width", type=int, default=64)
+    c.add_argument("--conv-layers", type=int, default=4)
+    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--cnfa-images", type=int, default=256,
+                   help="training images the patch AGOPs are averaged over")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="output directory (default runs/cnfa-<dataset>)")
+    c.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape")
     b.add_argument("--size", type=int, default=42)
@@ -163,6 +182,50 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cnfa(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    import torch
+
+    from .cnfa import initial_copy, measure_cnfa, plot_cnfa, to_table
+    from .datasets import load_dataset
+    from .networks import SmallCNN, accuracy, train_classifier
+
+    _set_threads(args.threads)
+    ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    ds = ds.subset(min(args.n_train, len(ds.y_train)), min(args.n_test, len(ds.y_test)))
+    out = Path(args.out or Path("runs") / f"cnfa-{ds.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = SmallCNN(ds.X_train.shape[1], ds.n_classes, args.width, args.conv_layers)
+    init = initial_copy(model)
+    print(f"{ds.name}: training a {args.conv_layers}-layer CNN of width {args.width} on "
+          f"{len(ds.y_train)} images for {args.epochs} epochs -> {out}", flush=True)
+    history = train_classifier(model, ds.X_train, ds.y_train, epochs=args.epochs,
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               progress=not args.quiet)
+    test_acc = accuracy(model, ds.X_test, ds.y_test) if len(ds.y_test) else None
+    images = torch.as_tensor(ds.X_train[: args.cnfa_images], dtype=torch.float32)
+    rows = measure_cnfa(model, images, initial_model=init)
+    head = f"{'layer':<14} {'d':>4} {'stride':>7} {'trained ^1':>10} {'trained ^1/2':>12} " \
+           f"{'init ^1':>8} {'init ^1/2':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.layer:<14} {r.d:>4} {str(r.stride):>7} {r.corr_power_1:>10.3f} "
+              f"{r.corr_power_half:>12.3f} {r.init_corr_power_1:>8.3f} "
+              f"{r.init_corr_power_half:>9.3f}")
+    if test_acc is not None:
+        print(f"CNN test accuracy {100 * test_acc:.2f}% after {args.epochs} epochs")
+    pq.write_table(to_table(rows), out / "cnfa.parquet")
+    plot_cnfa(rows, out / "cnfa.png", title=f"CNFA, {ds.name}: W^T W vs patch AGOP")
+    (out / "summary.json").write_text(json.dumps(
+        {"dataset": ds.name, "n_train": int(len(ds.y_train)), "test_acc": test_acc,
+         "epochs": history, "cnfa_images": int(len(images)),
+         "layers": [r.__dict__ for r in rows]}, indent=2, default=str))
+    print(f"wrote {out}/cnfa.parquet, cnfa.png, summary.json")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import kernel_and_agop_throughput
 
@@ -189,9 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     np.set_printoptions(precision=4)
-    if args.command == "fit":
-        return cmd_fit(args)
-    return cmd_bench(args)
+    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -147,31 +147,29 @@ def measure_cnfa(model: nn.Module, images: torch.Tensor, initial_model: nn.Modul
     """Correlation of W^T W with AGOP^1 and AGOP^(1/2) for every conv layer (spec section 7).
 
     ``initial_model`` (same architecture, e.g. a copy taken before training) gives the baseline:
-    the same correlations for the initial weights, each against its own network's AGOP.
+    the initial weights' W_0^T W_0 against the same (trained network's) AGOP, i.e. how much of
+    the agreement was there before any feature learning. (Against its own network's AGOP,
+    W_0^T S W_0, a random W_0 always correlates well, so that comparison says nothing.)
     """
     model = model.eval()
     trained = layer_patch_agops(model, images, class_chunk=class_chunk, batch_size=batch_size)
-    init = None
-    if initial_model is not None:
-        initial_model = initial_model.eval()
-        init = layer_patch_agops(initial_model, images, class_chunk=class_chunk,
-                                 batch_size=batch_size)
-        init_convs = dict(conv_layers(initial_model))
+    init_convs = None if initial_model is None else dict(conv_layers(initial_model))
     rows = []
     for name, conv in conv_layers(model):
         G = trained[name]
         wtw = filter_covariance(conv)
+        G_half = psd_power(G, 0.5)
         extra = {}
-        if init is not None:
+        if init_convs is not None:
             iw = filter_covariance(init_convs[name])
-            extra = {"init_corr_power_1": pearson(iw, init[name]),
-                     "init_corr_power_half": pearson(iw, psd_power(init[name], 0.5))}
+            extra = {"init_corr_power_1": pearson(iw, G),
+                     "init_corr_power_half": pearson(iw, G_half)}
         rows.append(CNFARow(
             layer=name, filters=conv.out_channels, d=wtw.shape[0],
             kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
             padding=conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
             dilation=tuple(conv.dilation),
-            corr_power_1=pearson(wtw, G), corr_power_half=pearson(wtw, psd_power(G, 0.5)),
+            corr_power_1=pearson(wtw, G), corr_power_half=pearson(wtw, G_half),
             **extra))
     return rows
 

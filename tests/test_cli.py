@@ -46,6 +46,18 @@ def test_fit_noise_frame_variant(tmp_path, small_npz, capsys):
     assert "(1, 12, 12)" in capsys.readouterr().out
 
 
+def test_cnfa_trains_a_cnn_and_reports_every_layer(tmp_path, small_npz, capsys):
+    out = tmp_path / "cnfa"
+    rc = main(["cnfa", "--dataset", f"npz:{small_npz}", "--width", "8", "--conv-layers", "2",
+               "--epochs", "1", "--cnfa-images", "16", "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert "CNN test accuracy" in capsys.readouterr().out
+    table = pq.read_table(out / "cnfa.parquet").to_pydict()
+    assert table["layer"] == ["features.0", "features.2"]
+    assert all(-1 <= v <= 1 for v in table["corr_power_half"] + table["init_corr_power_half"])
+    assert (out / "cnfa.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_bench_reports_throughput(capsys):
     rc = main(["bench", "--size", "12", "--n-train", "8", "--n-sample", "4", "--repeats", "1",
                "--json"])
