@@ -55,7 +55,7 @@ def train_classifier(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             correct += int((out.argmax(1) == yt[idx]).sum())
             seen += len(idx)
         rec = {"epoch": epoch, "loss": total / seen, "train_acc": correct / seen,
