@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, default=None,
                    help="kernel depth (default 3; 2 for images under 10 pixels)")
     f.add_argument("--patch-size", type=int, default=3)
+    f.add_argument("--layers", type=int, default=1,
+                   help="ConvRFM layers; more than 1 fits a Deep ConvRFM (spec section 6)")
+    f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--padding", action="store_true")
     f.add_argument("--iters", type=int, default=None, help="default 5 (3 for the digits demo)")
     f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
@@ -119,6 +122,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from .datasets import load_dataset, with_noise_frame
+    from .deep import DeepConvRFM
     from .models import ConvRFM
     from .viz import plot_filters, plot_history
 
@@ -133,51 +137,70 @@ def cmd_fit(args: argparse.Namespace) -> int:
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
     out = Path(args.out or Path("runs") / ds.name)
     out.mkdir(parents=True, exist_ok=True)
+    common = dict(patch_size=args.patch_size, padding=args.padding, iters=iters,
+                  ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
+                  val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
+                  engine=args.engine, memory_budget_mb=args.memory_budget_mb,
+                  random_state=args.seed, verbose=not args.quiet)
+    if args.layers > 1:
+        # the last layer gets --depth: total_depth = depth + layers - 1
+        model = DeepConvRFM(layers=args.layers, width=args.width,
+                            total_depth=depth + args.layers - 1, **common)
+        what = f"Deep ConvRFM, {args.layers} layers of width {args.width}, last depth {depth}"
+    else:
+        model = ConvRFM(depth=depth, **common)
+        what = f"ConvRFM, depth {depth}"
     print(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of shape "
-          f"{ds.X_train.shape[1:]}, depth {depth}, {iters} iterations -> {out}", flush=True)
-
-    model = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
-                    ridges=args.ridges, agop_samples=args.agop_samples,
-                    agop_power=args.agop_power, val_fraction=args.val_fraction,
-                    device=args.device, dtype=args.dtype, engine=args.engine,
-                    memory_budget_mb=args.memory_budget_mb, random_state=args.seed,
-                    verbose=not args.quiet)
+          f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {out}", flush=True)
     t0 = time.perf_counter()
     monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
     model.fit(ds.X_train, ds.y_train, monitor=monitor)
     seconds = time.perf_counter() - t0
-    hist = model.history_
-    print(_format_table(hist))
-    test_acc = hist[model.best_iter_].get("monitor_acc")
-    fixed = hist[0].get("monitor_acc")
+
+    layers = model.layers_ if args.layers > 1 else [
+        {"history": model.history_, "best_iter": model.best_iter_, "ridge": model.ridge_,
+         "M": model.M_, "depth": depth}]
+    for i, layer in enumerate(layers):
+        if len(layers) > 1:
+            print(f"layer {i} (kernel depth {layer['depth']}):")
+        print(_format_table(layer["history"]))
+    last, first = layers[-1], layers[0]
+    test_acc = last["history"][last["best_iter"]].get("monitor_acc")
+    fixed = first["history"][0].get("monitor_acc")
     summary = {
         "dataset": ds.name, "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)),
-        "depth": depth, "iters": iters, "best_iter": model.best_iter_, "ridge": model.ridge_,
-        "val_acc": hist[model.best_iter_]["val_acc"], "test_acc": test_acc,
+        "model": type(model).__name__, "layers": len(layers), "depth": depth, "iters": iters,
+        "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
+        "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
         "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
     }
     if test_acc is not None:
-        print(f"chosen on validation: iteration {model.best_iter_}, ridge {model.ridge_:g}; "
-              f"test accuracy {100 * test_acc:.2f}% (fixed kernel {100 * fixed:.2f}%, "
+        print(f"chosen on validation: iteration {last['best_iter']}, ridge {last['ridge']:g}"
+              f"{' at the last layer' if len(layers) > 1 else ''}; test accuracy "
+              f"{100 * test_acc:.2f}% (fixed kernel {100 * fixed:.2f}%, "
               f"{100 * (test_acc - fixed):+.2f} points)")
     model.save(out / "model")
+    rows = [(i, h, h["iter"] == la["best_iter"]) for i, la in enumerate(layers)
+            for h in la["history"]]
     table = pa.table({
-        "iter": [h["iter"] for h in hist],
-        "ridge": [h["ridge"] for h in hist],
-        "val_acc": [h["val_acc"] for h in hist],
-        "test_acc": [h.get("monitor_acc") for h in hist],
-        "train_mse": [h["train_mse"] for h in hist],
-        "seconds_kernel": [h["seconds_kernel"] for h in hist],
-        "seconds_solve": [h["seconds_solve"] for h in hist],
-        "seconds_agop": [h["seconds_agop"] for h in hist],
-        "chosen": [h["iter"] == model.best_iter_ for h in hist],
+        "layer": [i for i, _, _ in rows],
+        "iter": [h["iter"] for _, h, _ in rows],
+        "ridge": [h["ridge"] for _, h, _ in rows],
+        "val_acc": [h["val_acc"] for _, h, _ in rows],
+        "test_acc": [h.get("monitor_acc") for _, h, _ in rows],
+        "train_mse": [h["train_mse"] for _, h, _ in rows],
+        "seconds_kernel": [h["seconds_kernel"] for _, h, _ in rows],
+        "seconds_solve": [h["seconds_solve"] for _, h, _ in rows],
+        "seconds_agop": [h["seconds_agop"] for _, h, _ in rows],
+        "chosen": [c for _, _, c in rows],
     })
     pq.write_table(table, out / "metrics.parquet")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     C = ds.X_train.shape[1]
-    plot_filters(model.M_.numpy(), C, args.patch_size, out / "filters.png",
-                 title=f"{ds.name}: top eigenvectors of M (iteration {model.best_iter_})")
-    plot_history(hist, out / "accuracy.png", title=ds.name)
+    plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
+                 title=f"{ds.name}: top eigenvectors of the first layer's M "
+                       f"(iteration {first['best_iter']})")
+    plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
     print(f"wrote {out}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
     return 0
 

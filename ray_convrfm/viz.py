@@ -61,17 +61,33 @@ def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int
     return path
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "ConvRFM") -> Path:
-    """Validation (and monitored test) accuracy per iteration; iteration 0 is the fixed kernel."""
+def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
+    """Validation (and monitored test) accuracy per iteration, one panel section per layer.
+
+    ``history`` is one ConvRFM history (a list of dicts) or a list of them, one per Deep ConvRFM
+    layer; iteration 0 of the first layer is the fixed kernel.
+    """
     plt = _pyplot()
-    its = [h["iter"] for h in history]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(its, [100 * h["val_acc"] for h in history], "o-", label="validation")
-    if all("monitor_acc" in h for h in history):
-        ax.plot(its, [100 * h["monitor_acc"] for h in history], "s--", label="test")
-    ax.set_xlabel("iteration (0 = fixed kernel, M = I)")
+    layers = [history] if history and isinstance(history[0], dict) else list(history)
+    fig, ax = plt.subplots(figsize=(4.5 + 1.5 * (len(layers) - 1), 3.2))
+    x0 = 0
+    ticks, labels = [], []
+    for i, hist in enumerate(layers):
+        xs = [x0 + h["iter"] for h in hist]
+        ax.plot(xs, [100 * h["val_acc"] for h in hist], "o-", color="C0",
+                label="validation" if i == 0 else None)
+        if all("monitor_acc" in h for h in hist):
+            ax.plot(xs, [100 * h["monitor_acc"] for h in hist], "s--", color="C1",
+                    label="test" if i == 0 else None)
+        ticks += xs
+        labels += [f"{h['iter']}" if len(layers) == 1 else f"L{i}.{h['iter']}" for h in hist]
+        if i:
+            ax.axvline(x0 - 0.5, color="grey", lw=0.8, ls=":")
+        x0 = xs[-1] + 1
+    ax.set_xlabel("iteration (0 = fixed kernel, M = I)" if len(layers) == 1
+                  else "layer.iteration (L0.0 = fixed kernel)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_xticks(its)
+    ax.set_xticks(ticks, labels, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

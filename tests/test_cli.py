@@ -58,6 +58,19 @@ def test_cnfa_trains_a_cnn_and_reports_every_layer(tmp_path, small_npz, capsys):
     assert (out / "cnfa.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_fit_deep_writes_one_row_per_layer_and_iteration(tmp_path, small_npz, capsys):
+    out = tmp_path / "deep"
+    rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--n-test", "20",
+               "--noise-frame", "12", "--layers", "2", "--width", "4", "--depth", "2",
+               "--iters", "2", "--agop-samples", "10", "--out", str(out), "--quiet"])
+    assert rc == 0
+    assert "layer 1 (kernel depth 2)" in capsys.readouterr().out
+    table = pq.read_table(out / "metrics.parquet").to_pydict()
+    assert table["layer"] == [0, 0, 1, 1] and table["iter"] == [0, 1, 0, 1]
+    assert sum(table["chosen"]) == 2
+    assert (out / "model" / "final" / "config.json").exists()
+
+
 def test_bench_reports_throughput(capsys):
     rc = main(["bench", "--size", "12", "--n-train", "8", "--n-sample", "4", "--repeats", "1",
                "--json"])

@@ -26,3 +26,4 @@ def test_plots_are_written(tmp_path, channels):
     hist = [{"iter": 0, "val_acc": 0.5, "monitor_acc": 0.4},
             {"iter": 1, "val_acc": 0.6, "monitor_acc": 0.5}]
     assert plot_history(hist, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_history([hist, hist], tmp_path / "h2.png").read_bytes()[:4] == b"\x89PNG"
