@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(the local-signal task)")
     f.add_argument("--noise-std", type=float, default=0.5)
     f.add_argument("--depth", type=int, default=None,
-                   help="kernel depth (default 3; 2 for images under 10 pixels)")
+                   help="kernel depth (default 3; 2 for images under 10 pixels); with --layers, "
+                        "the total number of convolutions (layer l has depth - l)")
     f.add_argument("--patch-size", type=int, default=3)
     f.add_argument("--layers", type=int, default=1,
                    help="ConvRFM layers; more than 1 fits a Deep ConvRFM (spec section 6)")
@@ -143,10 +144,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   engine=args.engine, memory_budget_mb=args.memory_budget_mb,
                   random_state=args.seed, verbose=not args.quiet)
     if args.layers > 1:
-        # the last layer gets --depth: total_depth = depth + layers - 1
-        model = DeepConvRFM(layers=args.layers, width=args.width,
-                            total_depth=depth + args.layers - 1, **common)
-        what = f"Deep ConvRFM, {args.layers} layers of width {args.width}, last depth {depth}"
+        # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
+        model = DeepConvRFM(layers=args.layers, width=args.width, total_depth=depth, **common)
+        what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
+                f"{', '.join(str(depth - i) for i in range(args.layers))}")
     else:
         model = ConvRFM(depth=depth, **common)
         what = f"ConvRFM, depth {depth}"

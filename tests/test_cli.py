@@ -61,7 +61,7 @@ def test_cnfa_trains_a_cnn_and_reports_every_layer(tmp_path, small_npz, capsys):
 def test_fit_deep_writes_one_row_per_layer_and_iteration(tmp_path, small_npz, capsys):
     out = tmp_path / "deep"
     rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--n-test", "20",
-               "--noise-frame", "12", "--layers", "2", "--width", "4", "--depth", "2",
+               "--noise-frame", "12", "--layers", "2", "--width", "4", "--depth", "3",
                "--iters", "2", "--agop-samples", "10", "--out", str(out), "--quiet"])
     assert rc == 0
     assert "layer 1 (kernel depth 2)" in capsys.readouterr().out
