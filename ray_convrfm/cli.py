@@ -125,7 +125,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .datasets import load_dataset, with_noise_frame
     from .deep import DeepConvRFM
     from .models import ConvRFM
-    from .viz import plot_filters, plot_history
+    from .viz import plot_deep_filters, plot_filters, plot_history
 
     _set_threads(args.threads)
     ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
@@ -198,9 +198,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     pq.write_table(table, out / "metrics.parquet")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     C = ds.X_train.shape[1]
-    plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
-                 title=f"{ds.name}: top eigenvectors of the first layer's M "
-                       f"(iteration {first['best_iter']})")
+    if len(layers) > 1:
+        plot_deep_filters(layers, C, out / "filters.png",
+                          title=f"{ds.name}: top eigenvectors of each layer's M, in pixels")
+    else:
+        plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
+                     title=f"{ds.name}: top eigenvectors of M (iteration {first['best_iter']})")
     plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
     print(f"wrote {out}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
     return 0

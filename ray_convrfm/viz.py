@@ -34,6 +34,21 @@ def top_filters(M, channels: int, patch_size: int, count: int = 8) -> tuple[np.n
     return vecs.reshape(-1, channels, patch_size, patch_size), vals[order]
 
 
+def _draw_filter(ax, f: np.ndarray, label: str) -> None:
+    """One (C, h, w) filter: RGB for C = 3 (0.5 = zero), else a diverging map of the mean."""
+    if f.shape[0] == 3:
+        img = f.transpose(1, 2, 0)
+        span = np.abs(img).max() or 1.0
+        ax.imshow(0.5 + 0.5 * img / span, interpolation="nearest")
+    else:
+        img = f.mean(0)
+        span = np.abs(img).max() or 1.0
+        ax.imshow(img, cmap="RdBu_r", vmin=-span, vmax=span, interpolation="nearest")
+    ax.set_title(label, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int = 8,
                  title: str = "Top eigenvectors of M") -> Path:
     """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3)."""
@@ -42,17 +57,7 @@ def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int
     k = len(filters)
     fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 2.0), squeeze=False)
     for ax, f, v in zip(axes[0], filters, vals, strict=True):
-        if channels == 3:
-            img = f.transpose(1, 2, 0)
-            span = np.abs(img).max() or 1.0
-            ax.imshow(0.5 + 0.5 * img / span, interpolation="nearest")
-        else:
-            img = f.mean(0) if channels != 1 else f[0]
-            span = np.abs(img).max() or 1.0
-            ax.imshow(img, cmap="RdBu_r", vmin=-span, vmax=span, interpolation="nearest")
-        ax.set_title(f"{v:.2g}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _draw_filter(ax, f, f"{v:.2g}")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -91,6 +96,51 @@ def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def effective_filters(layers: list[dict], layer: int, count: int = 8):
+    """Top eigenvectors of layer ``layer``'s M seen in pixel space, and their eigenvalues.
+
+    Deep ConvRFM's layer l works on linear features of the image; an eigenvector v of its M
+    (width, q, q) composed with the filter banks below it is one pixel-space filter over the
+    layer's receptive field: E = conv_transpose(v, W_{l-1}) ... composed down to the image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if layer == 0:
+        raise ValueError("layer 0 works on pixels already: use top_filters")
+    below = layers[layer - 1]["filters"]  # (width, C, q, q)
+    filters, vals = top_filters(layers[layer]["M"], below.shape[0], below.shape[-1], count)
+    E = torch.from_numpy(filters)
+    for below in range(layer - 1, -1, -1):
+        E = F.conv_transpose2d(E, layers[below]["filters"].to(torch.float64))
+    return E.numpy(), vals
+
+
+def plot_deep_filters(layers: list[dict], image_channels: int, path: str | Path, count: int = 8,
+                      title: str = "Deep ConvRFM: top eigenvectors of each layer's M") -> Path:
+    """One row per layer: the leading eigenvectors of its M as pixel-space filters."""
+    plt = _pyplot()
+    q = int(round((layers[0]["M"].shape[0] / image_channels) ** 0.5))
+    fig, axes = plt.subplots(len(layers), count, figsize=(1.5 * count, 1.7 * len(layers)),
+                             squeeze=False)
+    for row, ax_row in enumerate(axes):
+        if row == 0:
+            filt, vals = top_filters(layers[0]["M"], image_channels, q, count)
+        else:
+            filt, vals = effective_filters(layers, row, count)
+        for k, ax in enumerate(ax_row):
+            if k < len(filt):
+                _draw_filter(ax, filt[k], f"L{row}: {vals[k]:.2g}")
+            else:
+                ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

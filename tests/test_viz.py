@@ -27,3 +27,23 @@ def test_plots_are_written(tmp_path, channels):
             {"iter": 1, "val_acc": 0.6, "monitor_acc": 0.5}]
     assert plot_history(hist, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_history([hist, hist], tmp_path / "h2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_effective_filters_compose_the_banks(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from ray_convrfm.viz import effective_filters, plot_deep_filters
+
+    rng = np.random.default_rng(1)
+    W0 = torch.from_numpy(rng.standard_normal((4, 1, 3, 3)))
+    A = rng.standard_normal((36, 36))
+    layers = [{"M": torch.eye(9), "filters": W0}, {"M": torch.from_numpy(A @ A.T), "filters": None}]
+    E, vals = effective_filters(layers, 1, count=2)
+    assert E.shape == (2, 1, 5, 5)
+    # applying the effective filter to an image equals applying v to the layer-0 features
+    x = torch.from_numpy(rng.standard_normal((1, 1, 9, 9)))
+    v, _ = top_filters(layers[1]["M"], 4, 3, count=2)
+    direct = F.conv2d(F.conv2d(x, W0), torch.from_numpy(v))
+    torch.testing.assert_close(F.conv2d(x, torch.from_numpy(E)), direct)
+    assert plot_deep_filters(layers, 1, tmp_path / "d.png", count=3).read_bytes()[:4] == b"\x89PNG"
