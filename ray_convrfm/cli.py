@@ -83,13 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--channels", type=int, default=1)
     b.add_argument("--depth", type=int, default=3)
     b.add_argument("--patch-size", type=int, default=3)
-    b.add_argument("--n-train", type=int, default=256)
-    b.add_argument("--n-sample", type=int, default=64)
+    # a fit-sized block: the default agop_samples=256 against a 1,024-image training chunk
+    b.add_argument("--n-train", type=int, default=1024)
+    b.add_argument("--n-sample", type=int, default=256)
     b.add_argument("--classes", type=int, default=10)
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--device", default="auto")
     b.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     return p
