@@ -127,3 +127,30 @@ def test_agop_is_the_sum_over_images():
     whole = layer_patch_agops(model, X, batch_size=6)["conv2"]
     parts = layer_patch_agops(model, X, batch_size=4)["conv2"]
     np.testing.assert_allclose(parts.numpy(), whole.numpy(), rtol=1e-10)
+
+
+class AlexNetShaped(nn.Module):
+    """AlexNet's layout at a small scale: stride-4 first conv, max pools, dropout, many classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(8, 12, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(12, 16, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(64, 300))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def test_many_classes_in_chunks_match_one_class_at_a_time():
+    torch.manual_seed(4)
+    model = AlexNetShaped().double().eval()
+    X = torch.randn(3, 3, 67, 67, dtype=torch.float64)
+    chunked = layer_patch_agops(model, X, class_chunk=128)
+    single = layer_patch_agops(model, X, class_chunk=1)
+    assert [G.shape for G in chunked.values()] == [(363, 363), (200, 200), (108, 108)]
+    for name in chunked:
+        assert rel_err(chunked[name], single[name]) < 1e-10
