@@ -154,3 +154,20 @@ def test_many_classes_in_chunks_match_one_class_at_a_time():
     assert [G.shape for G in chunked.values()] == [(363, 363), (200, 200), (108, 108)]
     for name in chunked:
         assert rel_err(chunked[name], single[name]) < 1e-10
+
+
+def test_square_root_through_the_small_eigenproblem():
+    from ray_convrfm.agop import psd_power
+    from ray_convrfm.cnfa import agop_and_root
+
+    rng = np.random.default_rng(5)
+    W = torch.from_numpy(rng.standard_normal((6, 20)))  # F = 6 filters, d = 20
+    A = torch.from_numpy(rng.standard_normal((6, 6)))
+    S = A @ A.T
+    G, root = agop_and_root(W, S, 3)
+    torch.testing.assert_close(G, W.T @ S @ W / 3)
+    torch.testing.assert_close(root @ root, G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(root, root.T)
+    # eigh of the rank-6 G itself is less accurate: its 14 zero eigenvalues come out as +-1e-15
+    # and their square roots as 3e-8
+    torch.testing.assert_close(root, psd_power(G, 0.5), rtol=1e-6, atol=1e-6)
