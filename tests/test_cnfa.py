@@ -171,3 +171,23 @@ def test_square_root_through_the_small_eigenproblem():
     # eigh of the rank-6 G itself is less accurate: its 14 zero eigenvalues come out as +-1e-15
     # and their square roots as 3e-8
     torch.testing.assert_close(root, psd_power(G, 0.5), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "resnet18"])
+def test_torchvision_architectures(name):
+    torchvision = pytest.importorskip("torchvision")  # optional extra: pip install '.[vision]'
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(name, weights=None).eval()
+
+    class FirstOutputs(nn.Module):  # 20 of the 1000 classes keep the test quick
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)[:, :20]
+
+    rows = measure_cnfa(FirstOutputs(), torch.randn(2, 3, 112, 112), class_chunk=10,
+                        batch_size=2)
+    assert [r.layer for r in rows] == ["net." + n for n, _ in conv_layers(net)]
+    assert all(np.isfinite(r.corr_power_half) for r in rows)
