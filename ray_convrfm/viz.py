@@ -128,7 +128,7 @@ def plot_deep_filters(layers: list[dict], image_channels: int, path: str | Path,
     """One row per layer: the leading eigenvectors of its M as pixel-space filters."""
     plt = _pyplot()
     q = int(round((layers[0]["M"].shape[0] / image_channels) ** 0.5))
-    fig, axes = plt.subplots(len(layers), count, figsize=(1.5 * count, 1.7 * len(layers)),
+    fig, axes = plt.subplots(len(layers), count, figsize=(1.5 * count, 2.0 * len(layers) + 0.3),
                              squeeze=False)
     for row, ax_row in enumerate(axes):
         if row == 0:
