@@ -68,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n-test", type=int, default=2000)
     c.add_argument("--width", type=int, default=64)
     c.add_argument("--conv-layers", type=int, default=4)
-    c.add_argument("--epochs", type=int, default=3)
+    c.add_argument("--epochs", type=int, default=6)
     c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--lr", type=float, default=3e-3)
     c.add_argument("--cnfa-images", type=int, default=256,
                    help="training images the patch AGOPs are averaged over")
     c.add_argument("--threads", type=int, default=None)

@@ -233,7 +233,7 @@ def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Pat
         series += [("initial, AGOP^1/2", [r.init_corr_power_half for r in rows]),
                    ("initial, AGOP^1", [r.init_corr_power_1 for r in rows])]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 3.5), 3.4))
     for i, (label, vals) in enumerate(series):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label)
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
@@ -241,7 +241,7 @@ def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Pat
     ax.set_ylim(min(0.0, *(min(v) for _, v in series)) - 0.05, 1.0)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
