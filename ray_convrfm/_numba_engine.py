@@ -156,9 +156,9 @@ def _relu(S, T, ax, rx, az, rz, L, snap):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _relu_record(S, T, ax, rx, az, rz, L, snap, cs, ks, ts):
-    """``_relu`` that also records the cosine and the incoming theta for the adjoint.
+    """``_relu`` that also records the cosine, kappa0 and the incoming theta for the adjoint.
 
-    Recomputing kappa0/kappa1 from the cosine in the adjoint is cheaper than storing them.
+    A separate copy rather than a flag inside ``_relu``'s loop, which must stay branch-free.
     """
     ZERO = _const(snap, 0.0)
     ONE = _const(snap, 1.0)

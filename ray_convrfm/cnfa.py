@@ -219,12 +219,11 @@ def to_table(rows: list[CNFARow]):
 
 def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Path:
     """Bar chart of the correlations per layer, trained against initial weights."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    from .viz import pyplot, save_figure
+
+    plt = pyplot()
     names = [r.layer for r in rows]
     x = np.arange(len(rows))
     series = [("trained, AGOP^1/2", [r.corr_power_half for r in rows]),
@@ -242,11 +241,7 @@ def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Pat
     ax.axhline(0, color="k", lw=0.5)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def initial_copy(model: nn.Module) -> nn.Module:

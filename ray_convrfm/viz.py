@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +35,16 @@ def top_filters(M, channels: int, patch_size: int, count: int = 8) -> tuple[np.n
     return vecs.reshape(-1, channels, patch_size, patch_size), vals[order]
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write a PNG and free the figure."""
+    plt = pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _draw_filter(ax, f: np.ndarray, label: str) -> None:
     """One (C, h, w) filter: RGB for C = 3 (0.5 = zero), else a diverging map of the mean."""
     if f.shape[0] == 3:
@@ -52,18 +63,14 @@ def _draw_filter(ax, f: np.ndarray, label: str) -> None:
 def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int = 8,
                  title: str = "Top eigenvectors of M") -> Path:
     """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3)."""
-    plt = _pyplot()
+    plt = pyplot()
     filters, vals = top_filters(M, channels, patch_size, count)
     k = len(filters)
     fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 2.0), squeeze=False)
     for ax, f, v in zip(axes[0], filters, vals, strict=True):
         _draw_filter(ax, f, f"{v:.2g}")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
@@ -72,7 +79,7 @@ def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
     ``history`` is one ConvRFM history (a list of dicts) or a list of them, one per Deep ConvRFM
     layer; iteration 0 of the first layer is the fixed kernel.
     """
-    plt = _pyplot()
+    plt = pyplot()
     layers = [history] if history and isinstance(history[0], dict) else list(history)
     fig, ax = plt.subplots(figsize=(4.5 + 1.5 * (len(layers) - 1), 3.2))
     x0 = 0
@@ -96,11 +103,7 @@ def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def effective_filters(layers: list[dict], layer: int, count: int = 8):
@@ -126,7 +129,7 @@ def effective_filters(layers: list[dict], layer: int, count: int = 8):
 def plot_deep_filters(layers: list[dict], image_channels: int, path: str | Path, count: int = 8,
                       title: str = "Deep ConvRFM: top eigenvectors of each layer's M") -> Path:
     """One row per layer: the leading eigenvectors of its M as pixel-space filters."""
-    plt = _pyplot()
+    plt = pyplot()
     q = int(round((layers[0]["M"].shape[0] / image_channels) ** 0.5))
     fig, axes = plt.subplots(len(layers), count, figsize=(1.5 * count, 2.0 * len(layers) + 0.3),
                              squeeze=False)
@@ -141,8 +144,4 @@ def plot_deep_filters(layers: list[dict], image_channels: int, path: str | Path,
             else:
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
