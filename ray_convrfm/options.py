@@ -24,15 +24,12 @@ class ComputeOptions:
         vectorised path that runs on any torch device. "auto" takes numba on CPU, torch on GPU.
     memory_budget_mb : int
         Working memory one block may use; block sizes are derived from it, never from n.
-    num_threads : int or None
-        CPU threads for the numba and torch engines (None: leave the libraries' defaults).
     """
 
     dtype: str = "float32"
     device: str = "auto"
     engine: str = "auto"
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
-    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "float64"):
