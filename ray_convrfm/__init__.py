@@ -6,11 +6,11 @@ predictor with respect to image patches, then refits with M inside a convolution
 arXiv 2309.00570).
 """
 
-from .deep import DeepConvRFM
-from .kernel import conv_ntk
-from .models import ConvRFM
-from .options import ComputeOptions
-
 __version__ = "0.1.0"
+
+from .deep import DeepConvRFM  # noqa: E402
+from .kernel import conv_ntk  # noqa: E402
+from .models import ConvRFM  # noqa: E402
+from .options import ComputeOptions  # noqa: E402
 
 __all__ = ["ComputeOptions", "ConvRFM", "DeepConvRFM", "conv_ntk", "__version__"]
