@@ -47,3 +47,43 @@ def solve_ridge(K: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
             f"ridge={ridge:g} gives non-finite coefficients; use a larger ridge"
         )
     return alpha
+
+
+def normal_equations(K_block: torch.Tensor,
+                     Y_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's share of the Nystrom system: (K^T K, K^T Y) for its rows K_block (n_s, m).
+
+    Sums over shards give K_nm^T K_nm and K_nm^T Y (spec section 9); float64 so that sums over
+    many shards keep their precision.
+    """
+    K = K_block.to(torch.float64)
+    return K.T @ K, K.T @ Y_block.to(torch.float64)
+
+
+def solve_nystrom(KtK: torch.Tensor, KtY: torch.Tensor, K_mm: torch.Tensor,
+                  ridge: float) -> torch.Tensor:
+    """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y (spec section 9), by Cholesky.
+
+    Only m x m matrices: the n x n kernel is never needed. With the centres equal to the
+    training set (m = n) and K invertible this equals ``solve_ridge``.
+
+    Raises
+    ------
+    SingularKernelError
+        When the system has no Cholesky factor for this ridge.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0; found {ridge}")
+    m = K_mm.shape[0]
+    if KtK.shape != (m, m) or K_mm.shape != (m, m) or KtY.shape[0] != m:
+        raise ValueError(f"K_nm^T K_nm and K_mm must be (m, m) and K_nm^T Y (m, c); found "
+                         f"{tuple(KtK.shape)}, {tuple(K_mm.shape)} and {tuple(KtY.shape)}")
+    A = KtK.to(torch.float64) + ridge * K_mm.to(torch.float64)
+    A = 0.5 * (A + A.T)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0:
+        raise SingularKernelError(
+            f"K_nm^T K_nm + ridge*K_mm is not positive definite for ridge={ridge:g} (Cholesky "
+            f"failed at column {int(info)} of {m}); use a larger ridge or fewer centres"
+        )
+    return torch.cholesky_solve(KtY.to(torch.float64), L)
