@@ -1,0 +1,74 @@
+"""The driver: starts or joins Ray, spreads image shards over workers, reduces small results."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .workers import ShardWorker
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(workers: int, address: str | None = None) -> None:
+    """Join ``address`` ("auto", "ray://...") or start an embedded local Ray for ``workers``.
+
+    The embedded instance binds to loopback with the dashboard off; Ray's token authentication
+    is left as Ray configures it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(num_cpus=max(1, workers), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+class ShardedImages:
+    """Images split into contiguous shards, one per Ray actor, each shard ``ray.put`` once.
+
+    Parameters
+    ----------
+    X : (n, C, H, W) images
+    workers : number of actors (shards)
+    threads : CPU threads per actor (None: the libraries' defaults)
+    """
+
+    def __init__(self, X: np.ndarray, workers: int, threads: int | None = None,
+                 max_restarts: int = 3):
+        import ray
+
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1; found {workers}")
+        X = np.asarray(X)
+        self.n = len(X)
+        bounds = np.linspace(0, self.n, workers + 1).astype(int)
+        self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        actor = ray.remote(num_cpus=threads or 1, max_restarts=max_restarts,
+                           max_task_retries=max_restarts)(ShardWorker)
+        self.actors = [actor.remote(ray.put(X[a:b]), a, threads) for a, b in self.bounds]
+
+    def kernel(self, cols: np.ndarray, M: np.ndarray, params: dict, **kw) -> np.ndarray:
+        """K(all shards, cols): each actor computes its rows; ``cols`` is put once for all."""
+        import ray
+
+        ref = ray.put(np.asarray(cols))
+        rows = ray.get([a.kernel_rows.remote(ref, M, params, **kw) for a in self.actors])
+        return np.concatenate(rows, axis=0)
+
+    def agop(self, train: np.ndarray, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
+             params: dict, **kw) -> np.ndarray:
+        """Patch AGOP averaged over ``sample_idx`` (global rows): per-shard sums, reduced here."""
+        import ray
+
+        train_ref, coef_ref = ray.put(np.asarray(train)), ray.put(np.asarray(coef))
+        sample_idx = np.asarray(sample_idx)
+        parts = []
+        for actor, (a, b) in zip(self.actors, self.bounds, strict=True):
+            local = sample_idx[(sample_idx >= a) & (sample_idx < b)] - a
+            parts.append(actor.agop_part.remote(train_ref, coef_ref, local, M, params, **kw))
+        return sum(ray.get(parts)) / len(sample_idx)

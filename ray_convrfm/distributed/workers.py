@@ -1,0 +1,66 @@
+"""Ray actors owning shards of the images (spec section 9).
+
+A worker keeps its shard where it runs and calls the single-machine core (``kernel``, ``agop``):
+kernel rows of its images against columns that reach it once through Ray's object store, and
+the unaveraged patch AGOP over the sample images it owns, against the whole training set.
+Every method is a pure function of its arguments and the shard, so a retried task (after a
+worker restart) gives the same answer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..agop import patch_agop
+from ..kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
+
+
+class ShardWorker:
+    """Holds rows ``start..stop`` of the images; constructed by ``ray.remote(ShardWorker)``."""
+
+    def __init__(self, images: np.ndarray, start: int, threads: int | None = None):
+        if threads:
+            import numba
+
+            torch.set_num_threads(threads)
+            numba.set_num_threads(threads)
+        self.images = np.ascontiguousarray(images)
+        self.start = start
+
+    def size(self) -> int:
+        return len(self.images)
+
+    def _side(self, X: np.ndarray, M: np.ndarray, params: dict, dtype: str,
+              basis: np.ndarray | None):
+        dt = torch.float32 if dtype == "float32" else torch.float64
+        dev = torch.device("cpu")
+        Q = None if basis is None else as_tensor(basis, dt, dev)
+        return prepare_side(as_tensor(X, dt, dev), as_tensor(M, dt, dev), KernelParams(**params),
+                            Q)
+
+    def kernel_rows(self, cols: np.ndarray, M: np.ndarray, params: dict, dtype: str = "float32",
+                    engine: str = "numba", budget_mb: int = 512,
+                    basis: np.ndarray | None = None) -> np.ndarray:
+        """K(shard, cols), shape (shard size, len(cols)); ``cols`` arrives as an object ref."""
+        xs = self._side(self.images, M, params, dtype, basis)
+        zs = self._side(cols, M, params, dtype, basis)
+        return kernel_matrix(xs, zs, engine, budget_mb).numpy()
+
+    def agop_part(self, train: np.ndarray, coef: np.ndarray, sample_rows: np.ndarray,
+                  M: np.ndarray, params: dict, dtype: str = "float32", engine: str = "numba",
+                  budget_mb: int = 512, basis: np.ndarray | None = None) -> np.ndarray:
+        """Unaveraged patch AGOP over this shard's sample images (local row indices).
+
+        The predictor involves every training image, so ``train`` and ``coef`` come whole
+        (once, through the object store); the result is a small (d, d) sum to be reduced.
+        """
+        d = M.shape[0]
+        if len(sample_rows) == 0:
+            return np.zeros((d, d))
+        xs = self._side(train, M, params, dtype, basis)
+        zs = self._side(self.images[np.asarray(sample_rows)], M, params, dtype, basis)
+        dt = xs.left.dtype
+        G = patch_agop(xs, torch.as_tensor(coef, dtype=dt), zs, torch.as_tensor(M, dtype=dt),
+                       engine=engine, budget_mb=budget_mb, average=False)
+        return G.to(torch.float64).numpy()
