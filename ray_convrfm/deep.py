@@ -44,7 +44,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     total_depth : kernel depth of the first layer; layer l uses total_depth - l, so the number
         of convolutions stays constant (default ``layers + 2``: the last layer has depth 3)
     patch_size, padding, iters, ridges, agop_samples, agop_power, val_fraction, patch_basis,
-    device, dtype, engine, memory_budget_mb, verbose : as in ``ConvRFM`` (for every layer)
+    workers, address, device, dtype, engine, memory_budget_mb, verbose : as in ``ConvRFM``
+        (for every layer; featurisation runs in this process for now)
     random_state : seeds the validation split, layer l's ConvRFM (``random_state + l``) and its
         filters (``numpy.random.default_rng([random_state, l])``)
 
@@ -61,7 +62,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                  patch_size: int = 3, padding: bool = False, iters: int = 3,
                  ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3), agop_samples: int = 256,
                  agop_power: float = 1.0, val_fraction: float = 0.1, patch_basis: str = "auto",
-                 device: str = "auto", dtype: str = "float32", engine: str = "auto",
+                 workers: int = 0, address: str | None = None, device: str = "auto",
+                 dtype: str = "float32", engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int = 0, verbose: bool = False):
         self.layers = layers
         self.width = width
@@ -74,6 +76,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.agop_power = agop_power
         self.val_fraction = val_fraction
         self.patch_basis = patch_basis
+        self.workers = workers
+        self.address = address
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -99,7 +103,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         return ConvRFM(depth=depth, patch_size=self.patch_size, padding=self.padding,
                        iters=self.iters, ridges=self.ridges, agop_samples=self.agop_samples,
                        agop_power=self.agop_power, val_fraction=self.val_fraction,
-                       patch_basis=self.patch_basis, device=self.device, dtype=self.dtype,
+                       patch_basis=self.patch_basis, workers=self.workers,
+                       address=self.address, device=self.device, dtype=self.dtype,
                        engine=self.engine, memory_budget_mb=self.memory_budget_mb,
                        random_state=int(self.random_state) + layer, verbose=self.verbose)
 

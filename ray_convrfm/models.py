@@ -18,9 +18,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 
-from .agop import Workspace, metric_from_agop, patch_agop
+from .agop import metric_from_agop
+from .backends import LocalKernels, RayKernels
 from .devices import resolve_device, resolve_dtype, resolve_engine
-from .kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
+from .kernel import KernelParams, as_tensor
 from .options import ComputeOptions
 from .patches import patch_span
 from .solvers import SingularKernelError, kernel_scale, solve_ridge
@@ -57,6 +58,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     patch_basis : "auto" works in an orthonormal basis of the training patches' span when they
         span fewer than d dimensions (features of a linear conv layer do; raw images do not), which
         is exact for inputs in that span and far cheaper; "full" always uses all d coordinates
+    workers : 0 computes in this process; N > 0 spreads the training images over N Ray actors
+        (same kernel and AGOP code, spec section 9)
+    address : None starts an embedded local Ray sized to ``workers``; "auto" or "ray://..."
+        joins that cluster
     device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
     random_state : seed of the validation split and the AGOP sample (a local generator)
     verbose : show progress bars and log one line per iteration
@@ -85,8 +90,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
-                 patch_basis: str = "auto", device: str = "auto", dtype: str = "float32",
-                 engine: str = "auto",
+                 patch_basis: str = "auto", workers: int = 0, address: str | None = None,
+                 device: str = "auto", dtype: str = "float32", engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int | None = 0,
                  verbose: bool = False):
         self.depth = depth
@@ -98,6 +103,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.agop_power = agop_power
         self.val_fraction = val_fraction
         self.patch_basis = patch_basis
+        self.workers = workers
+        self.address = address
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -130,6 +137,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                              f"{self.agop_samples!r}")
         if self.agop_power <= 0:
             raise ValueError(f"agop_power must be positive; found {self.agop_power}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0; found {self.workers!r}")
         if self.patch_basis not in ("auto", "full"):
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         return params
@@ -176,23 +185,32 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.image_shape_ = tuple(int(s) for s in X.shape[1:])
         self.history_ = []
         self.M_path_ = []
+        if self.workers:
+            kernels = RayKernels(Xf, params, Q, eng, budget, self.workers, self.address)
+        else:
+            kernels = LocalKernels(Xf, params, Q, eng, budget, self.verbose)
+        try:
+            self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, ridges, dt)
+        finally:
+            kernels.close()
+        self.X_fit_ = Xf.cpu()
+        self.patch_basis_ = None if Q is None else Q.cpu()
+        return self
+
+    def _iterate(self, kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, ridges, dt) -> None:
+        """The ConvRFM loop of spec section 5 on a kernel backend (local or Ray)."""
         best = None
-        workspace = Workspace()
         for it in range(self.iters):
             self.M_path_.append(_full_metric(M, Q).cpu())
             t0 = time.perf_counter()
-            xs = prepare_side(Xf, M, params, Q)
-            K = kernel_matrix(xs, xs, eng, budget, symmetric=True, progress=self.verbose,
-                              desc=f"iter {it}: train kernel")
+            kernels.set_metric(M)
+            K = kernels.train_kernel(desc=f"iter {it}: train kernel")
             scale = kernel_scale(K)
             K /= scale
-            Kv = kernel_matrix(prepare_side(Xv, M, params, Q), xs, eng, budget,
-                               progress=self.verbose, desc=f"iter {it}: val kernel") / scale
+            Kv = kernels.cross_kernel(Xv, desc=f"iter {it}: val kernel") / scale
             Kmon = None
             if Xm is not None:
-                Kmon = kernel_matrix(prepare_side(Xm, M, params, Q), xs, eng, budget,
-                                     progress=self.verbose, desc=f"iter {it}: monitor kernel")
-                Kmon /= scale
+                Kmon = kernels.cross_kernel(Xm, desc=f"iter {it}: monitor kernel") / scale
             t_kernel = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -226,9 +244,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
             t0 = time.perf_counter()
             if it < self.iters - 1:
-                coef = (alpha / scale).to(dt)
-                G = patch_agop(xs, coef, xs.take(sample_idx), M, engine=eng, budget_mb=budget,
-                               progress=self.verbose, workspace=workspace)
+                G = kernels.agop((alpha / scale).to(dt), sample_idx)
                 M = metric_from_agop(G, self.agop_power)
             record["seconds_agop"] = time.perf_counter() - t0
             self.history_.append(record)
@@ -240,13 +256,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                          t_solve, record["seconds_agop"])
 
         self.M_ = _full_metric(best["M"], Q).cpu()
-        self.patch_basis_ = None if Q is None else Q.cpu()
         self.alpha_ = best["alpha"].cpu()
         self.ridge_ = best["ridge"]
         self.kernel_scale_ = best["scale"]
         self.best_iter_ = best["iter"]
-        self.X_fit_ = Xf.cpu()
-        return self
 
     # ------------------------------------------------------------------ predict
     def decision_function(self, X) -> np.ndarray:
@@ -259,9 +272,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         M = self.M_.to(dev, dt)
         if Q is not None:
             M = Q.T @ M @ Q
-        xs = prepare_side(self.X_fit_.to(dev, dt), M, params, Q)
-        zs = prepare_side(as_tensor(X, dt, dev), M, params, Q)
-        K = kernel_matrix(zs, xs, eng, budget, progress=self.verbose, desc="predict kernel")
+        kernels = LocalKernels(self.X_fit_.to(dev, dt), params, Q, eng, budget, self.verbose)
+        kernels.set_metric(M)
+        K = kernels.cross_kernel(as_tensor(X, dt, dev), desc="predict kernel")
         scores = (K.to(torch.float64) / self.kernel_scale_) @ self.alpha_.to(dev)
         return scores.cpu().numpy()
 

@@ -72,3 +72,11 @@ class ShardedImages:
             local = sample_idx[(sample_idx >= a) & (sample_idx < b)] - a
             parts.append(actor.agop_part.remote(train_ref, coef_ref, local, M, params, **kw))
         return sum(ray.get(parts)) / len(sample_idx)
+
+    def close(self) -> None:
+        """Stop the actors (their shards go with them)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,90 @@
+"""Where ConvRFM's kernels and AGOPs are computed: in this process, or by Ray shard workers.
+
+Both backends run the same core functions (``kernel``, ``agop``); the estimator calls one
+interface, so a laptop fit and a cluster fit differ only in ``workers`` / ``address``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .agop import Workspace, patch_agop
+from .kernel import KernelParams, kernel_matrix, prepare_side
+
+
+class LocalKernels:
+    """The single-machine core: one prepared side of the training images per metric."""
+
+    def __init__(self, X_fit: torch.Tensor, params: KernelParams, basis: torch.Tensor | None,
+                 engine: str, budget_mb: int, progress: bool = False):
+        self.X, self.params, self.basis = X_fit, params, basis
+        self.engine, self.budget, self.progress = engine, budget_mb, progress
+        self.workspace = Workspace()
+
+    def set_metric(self, M: torch.Tensor) -> None:
+        self.M = M
+        self.xs = prepare_side(self.X, M, self.params, self.basis)
+
+    def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
+        return kernel_matrix(self.xs, self.xs, self.engine, self.budget, symmetric=True,
+                             progress=self.progress, desc=desc)
+
+    def cross_kernel(self, Z: torch.Tensor, desc: str = "kernel") -> torch.Tensor:
+        """K(Z, training images), shape (len(Z), n)."""
+        zs = prepare_side(Z, self.M, self.params, self.basis)
+        return kernel_matrix(zs, self.xs, self.engine, self.budget, progress=self.progress,
+                             desc=desc)
+
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray) -> torch.Tensor:
+        return patch_agop(self.xs, coef, self.xs.take(sample_idx), self.M, engine=self.engine,
+                          budget_mb=self.budget, progress=self.progress,
+                          workspace=self.workspace)
+
+    def close(self) -> None:
+        pass
+
+
+class RayKernels:
+    """Shard workers on Ray hold the training images; the driver only reduces small results.
+
+    ``workers`` actors (one CPU each) on an embedded local Ray, or on the cluster at
+    ``address``. Kernel rows come back to the driver in this first version (the zarr store of
+    ``store.py`` is where they are headed).
+    """
+
+    def __init__(self, X_fit: torch.Tensor, params: KernelParams, basis: torch.Tensor | None,
+                 engine: str, budget_mb: int, workers: int, address: str | None = None):
+        from .distributed import ShardedImages, start_ray
+
+        start_ray(workers, address)
+        self.X = X_fit.cpu().numpy()
+        self.dtype = "float32" if X_fit.dtype == torch.float32 else "float64"
+        self.params = {"depth": params.depth, "patch_size": params.patch_size,
+                       "padding": params.padding}
+        self.kw = {"dtype": self.dtype, "engine": "numba" if engine == "numba" else engine,
+                   "budget_mb": budget_mb,
+                   "basis": None if basis is None else basis.cpu().numpy()}
+        self.shards = ShardedImages(self.X, workers, threads=1)
+        self.device = X_fit.device
+
+    def set_metric(self, M: torch.Tensor) -> None:
+        self.M = M.cpu().numpy()
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
+        return self._tensor(self.shards.kernel(self.X, self.M, self.params, **self.kw))
+
+    def cross_kernel(self, Z: torch.Tensor, desc: str = "kernel") -> torch.Tensor:
+        K = self.shards.kernel(Z.cpu().numpy(), self.M, self.params, **self.kw)
+        return self._tensor(K.T)
+
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray) -> torch.Tensor:
+        G = self.shards.agop(self.X, coef.cpu().numpy(), sample_idx, self.M, self.params,
+                             **self.kw)
+        return self._tensor(G).to(coef.dtype)
+
+    def close(self) -> None:
+        self.shards.close()
