@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
     f.add_argument("--memory-budget-mb", type=int, default=512)
     f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    f.add_argument("--workers", type=int, default=0,
+                   help="Ray shard workers (0: compute in this process)")
+    f.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, ray://...); default: an embedded local Ray")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -143,7 +147,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
                   val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
                   engine=args.engine, memory_budget_mb=args.memory_budget_mb,
-                  random_state=args.seed, verbose=not args.quiet)
+                  workers=args.workers, address=args.address, random_state=args.seed,
+                  verbose=not args.quiet)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
         model = DeepConvRFM(layers=args.layers, width=args.width, total_depth=depth, **common)
