@@ -50,7 +50,10 @@ class ShardedImages:
         self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         actor = ray.remote(num_cpus=threads or 1, max_restarts=max_restarts,
                            max_task_retries=max_restarts)(ShardWorker)
-        self.actors = [actor.remote(ray.put(X[a:b]), a, threads) for a, b in self.bounds]
+        # the refs stay referenced here: a restarted actor is rebuilt from them
+        self.shard_refs = [ray.put(X[a:b]) for a, b in self.bounds]
+        self.actors = [actor.remote(ref, a, threads)
+                       for ref, (a, b) in zip(self.shard_refs, self.bounds, strict=True)]
 
     def kernel(self, cols: np.ndarray, M: np.ndarray, params: dict, **kw) -> np.ndarray:
         """K(all shards, cols): each actor computes its rows; ``cols`` is put once for all."""
@@ -80,3 +83,4 @@ class ShardedImages:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        self.shard_refs = []
