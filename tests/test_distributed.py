@@ -42,3 +42,34 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
     G = shards.agop(X, coef, sample, M, params)
     local = patch_agop(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
     assert rel_err(G, local.numpy()) < 1e-5
+
+
+def test_convrfm_with_two_workers_equals_in_process(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:120], ds.y_train[:120], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=3)
+    local = ConvRFM(**kw).fit(X, y)
+    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    assert remote.best_iter_ == local.best_iter_ and remote.ridge_ == local.ridge_
+    torch.testing.assert_close(remote.M_path_[1], local.M_path_[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(remote.predict(Xt), local.predict(Xt))
+
+
+def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
+    from ray_convrfm import DeepConvRFM
+    from ray_convrfm.datasets import load_digits
+
+    ds = load_digits()
+    pad = ((0, 0), (0, 0), (2, 2), (2, 2))
+    X, y = np.pad(ds.X_train[:100], pad), ds.y_train[:100]
+    Xt = np.pad(ds.X_test[:20], pad)
+    kw = dict(layers=2, width=4, iters=2, agop_samples=15, random_state=2)
+    local = DeepConvRFM(**kw).fit(X, y)
+    remote = DeepConvRFM(workers=2, **kw).fit(X, y)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
