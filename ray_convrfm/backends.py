@@ -12,6 +12,9 @@ import torch
 from .agop import Workspace, patch_agop
 from .kernel import KernelParams, kernel_matrix, prepare_side
 
+#: Rows and columns per stored kernel block (one zarr chunk, one task's unit of work).
+DEFAULT_BLOCK = 256
+
 
 class LocalKernels:
     """The single-machine core: one prepared side of the training images per metric."""
@@ -49,24 +52,33 @@ class RayKernels:
     """Shard workers on Ray hold the training images; the driver only reduces small results.
 
     ``workers`` actors (one CPU each) on an embedded local Ray, or on the cluster at
-    ``address``. Kernel rows come back to the driver in this first version (the zarr store of
-    ``store.py`` is where they are headed).
+    ``address``. With ``store`` (a path or fsspec URL) every kernel goes through a zarr store:
+    workers write the blocks of their rows, a rerun computes only missing blocks, and the
+    driver reads the finished kernel back (the exact solver needs it whole).
     """
 
     def __init__(self, X_fit: torch.Tensor, params: KernelParams, basis: torch.Tensor | None,
-                 engine: str, budget_mb: int, workers: int, address: str | None = None):
+                 engine: str, budget_mb: int, workers: int, address: str | None = None,
+                 store: str | None = None, block: int = DEFAULT_BLOCK):
         from .distributed import ShardedImages, start_ray
 
         start_ray(workers, address)
         self.X = X_fit.cpu().numpy()
+        self.store, self.block = store, block
+        self.blocks_computed = 0
         self.dtype = "float32" if X_fit.dtype == torch.float32 else "float64"
         self.params = {"depth": params.depth, "patch_size": params.patch_size,
                        "padding": params.padding}
         self.kw = {"dtype": self.dtype, "engine": "numba" if engine == "numba" else engine,
                    "budget_mb": budget_mb,
                    "basis": None if basis is None else basis.cpu().numpy()}
-        self.shards = ShardedImages(self.X, workers, threads=1)
+        self.shards = ShardedImages(self.X, workers, threads=1, block=block if store else None)
         self.device = X_fit.device
+        if store:
+            from .store import fingerprint, open_run_store
+
+            self.rows_fp = fingerprint(self.X)
+            open_run_store(store, self.rows_fp, self.params, self.dtype, block)
 
     def set_metric(self, M: torch.Tensor) -> None:
         self.M = M.cpu().numpy()
@@ -74,12 +86,29 @@ class RayKernels:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
+    def _rows_against(self, cols: np.ndarray) -> np.ndarray:
+        """K(training images, cols): from the workers, through the store when there is one."""
+        if not self.store:
+            return self.shards.kernel(cols, self.M, self.params, **self.kw)
+        from .store import StoreSpec, fingerprint, kernel_url
+
+        basis = self.kw["basis"]
+        spec = StoreSpec(rows_fingerprint=self.rows_fp, cols_fingerprint=fingerprint(cols),
+                         metric_fingerprint=fingerprint(self.M, *([] if basis is None
+                                                                  else [basis])),
+                         depth=self.params["depth"], patch_size=self.params["patch_size"],
+                         padding=self.params["padding"], dtype=self.dtype, block=self.block)
+        K, computed = self.shards.kernel_via_store(cols, self.M, self.params,
+                                                   kernel_url(self.store, spec), spec, "K",
+                                                   **self.kw)
+        self.blocks_computed += computed
+        return K
+
     def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
-        return self._tensor(self.shards.kernel(self.X, self.M, self.params, **self.kw))
+        return self._tensor(self._rows_against(self.X))
 
     def cross_kernel(self, Z: torch.Tensor, desc: str = "kernel") -> torch.Tensor:
-        K = self.shards.kernel(Z.cpu().numpy(), self.M, self.params, **self.kw)
-        return self._tensor(K.T)
+        return self._tensor(self._rows_against(Z.cpu().numpy()).T)
 
     def agop(self, coef: torch.Tensor, sample_idx: np.ndarray) -> torch.Tensor:
         G = self.shards.agop(self.X, coef.cpu().numpy(), sample_idx, self.M, self.params,

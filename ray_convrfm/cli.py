@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray shard workers (0: compute in this process)")
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://...); default: an embedded local Ray")
+    f.add_argument("--store", default=None,
+                   help="zarr store (path or fsspec URL) for kernel blocks; needs --workers; "
+                        "a rerun computes only missing blocks")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -147,7 +150,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
                   val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
                   engine=args.engine, memory_budget_mb=args.memory_budget_mb,
-                  workers=args.workers, address=args.address, random_state=args.seed,
+                  workers=args.workers, address=args.address, store=args.store,
+                  random_state=args.seed,
                   verbose=not args.quiet)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l

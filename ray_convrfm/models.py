@@ -62,6 +62,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         (same kernel and AGOP code, spec section 9)
     address : None starts an embedded local Ray sized to ``workers``; "auto" or "ray://..."
         joins that cluster
+    store : path or fsspec URL of a zarr store for the kernel blocks (needs workers >= 1); a
+        rerun with the same inputs computes only the blocks not yet stored
     device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
     random_state : seed of the validation split and the AGOP sample (a local generator)
     verbose : show progress bars and log one line per iteration
@@ -91,7 +93,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", workers: int = 0, address: str | None = None,
-                 device: str = "auto", dtype: str = "float32", engine: str = "auto",
+                 store: str | None = None, device: str = "auto", dtype: str = "float32",
+                 engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int | None = 0,
                  verbose: bool = False):
         self.depth = depth
@@ -105,6 +108,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.patch_basis = patch_basis
         self.workers = workers
         self.address = address
+        self.store = store
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -139,6 +143,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"agop_power must be positive; found {self.agop_power}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an integer >= 0; found {self.workers!r}")
+        if self.store and not self.workers:
+            raise ValueError("store= needs workers >= 1: the workers write the kernel blocks")
         if self.patch_basis not in ("auto", "full"):
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         return params
@@ -186,7 +192,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.history_ = []
         self.M_path_ = []
         if self.workers:
-            kernels = RayKernels(Xf, params, Q, eng, budget, self.workers, self.address)
+            kernels = RayKernels(Xf, params, Q, eng, budget, self.workers, self.address,
+                                 store=self.store)
         else:
             kernels = LocalKernels(Xf, params, Q, eng, budget, self.verbose)
         try:
@@ -203,6 +210,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         for it in range(self.iters):
             self.M_path_.append(_full_metric(M, Q).cpu())
             t0 = time.perf_counter()
+            blocks_before = getattr(kernels, "blocks_computed", 0)
             kernels.set_metric(M)
             K = kernels.train_kernel(desc=f"iter {it}: train kernel")
             scale = kernel_scale(K)
@@ -236,6 +244,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             t_solve = time.perf_counter() - t0
             record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
                           seconds_kernel=t_kernel, seconds_solve=t_solve)
+            if self.store:
+                record["stored_blocks_computed"] = kernels.blocks_computed - blocks_before
             if Kmon is not None:
                 record["monitor_acc"] = _accuracy(Kmon.to(torch.float64) @ alpha, y_mon)
             if best is None or val_acc > best["val_acc"]:

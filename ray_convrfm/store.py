@@ -141,3 +141,30 @@ class KernelStore:
 
 def _grid(shape: tuple[int, int], block: int) -> tuple[int, int]:
     return (-(-shape[0] // block), -(-shape[1] // block))
+
+
+def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
+                   block: int) -> zarr.Group:
+    """The root group of a run's kernel store; refuses a store made for another run.
+
+    A run is its training images, kernel parameters, dtype and block size. Each kernel of the
+    run (training images against some columns, with some M) lives in its own sub-store named by
+    the fingerprint of those columns and M (``kernel_url``).
+    """
+    run = {"rows_fingerprint": rows_fingerprint, "params": params, "dtype": dtype,
+           "block": block, "format": STORE_FORMAT}
+    root = zarr.open_group(str(url), mode="a")
+    recorded = root.attrs.get("run")
+    if recorded is None:
+        root.attrs["run"] = run
+    elif recorded != json.loads(json.dumps(run)):
+        diff = {k: (recorded.get(k), v) for k, v in run.items() if recorded.get(k) != v}
+        raise StoreMismatchError(f"{url} is the kernel store of another run; differing "
+                                 f"(store, now): {diff}. Use another --store path.")
+    return root
+
+
+def kernel_url(root_url: str, spec: StoreSpec) -> str:
+    """Sub-store of one kernel: named by its columns' and metric's fingerprints."""
+    key = fingerprint(extra=[spec.cols_fingerprint, spec.metric_fingerprint])[:20]
+    return f"{str(root_url).rstrip('/')}/K-{key}"

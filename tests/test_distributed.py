@@ -73,3 +73,27 @@ def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
     remote = DeepConvRFM(workers=2, **kw).fit(X, y)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.datasets import load_digits
+    from ray_convrfm.store import StoreMismatchError
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=4, workers=2,
+              store=str(tmp_path / "kernels.zarr"))
+    first = ConvRFM(**kw).fit(X, y)
+    computed = [h["stored_blocks_computed"] for h in first.history_]
+    assert all(c > 0 for c in computed)
+    again = ConvRFM(**kw).fit(X, y)  # same inputs: every block is already stored
+    assert [h["stored_blocks_computed"] for h in again.history_] == [0, 0]
+    np.testing.assert_array_equal(again.decision_function(Xt), first.decision_function(Xt))
+    in_process = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=4).fit(X, y)
+    np.testing.assert_allclose(first.decision_function(Xt), in_process.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+    with pytest.raises(StoreMismatchError, match="another run"):
+        ConvRFM(**kw).fit(X[:140], y[:140])
+    with pytest.raises(ValueError, match="needs workers"):
+        ConvRFM(store=str(tmp_path / "k2.zarr")).fit(X, y)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -36,10 +37,12 @@ class ShardedImages:
     X : (n, C, H, W) images
     workers : number of actors (shards)
     threads : CPU threads per actor (None: the libraries' defaults)
+    block : when given, shard boundaries fall on multiples of it, so that every block of a
+        stored kernel belongs to exactly one worker
     """
 
     def __init__(self, X: np.ndarray, workers: int, threads: int | None = None,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, block: int | None = None):
         import ray
 
         if workers < 1:
@@ -47,6 +50,9 @@ class ShardedImages:
         X = np.asarray(X)
         self.n = len(X)
         bounds = np.linspace(0, self.n, workers + 1).astype(int)
+        if block:
+            bounds = np.minimum(np.round(bounds / block).astype(int) * block, self.n)
+            bounds[-1] = self.n
         self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         actor = ray.remote(num_cpus=threads or 1, max_restarts=max_restarts,
                            max_task_retries=max_restarts)(ShardWorker)
@@ -62,6 +68,26 @@ class ShardedImages:
         ref = ray.put(np.asarray(cols))
         rows = ray.get([a.kernel_rows.remote(ref, M, params, **kw) for a in self.actors])
         return np.concatenate(rows, axis=0)
+
+    def kernel_via_store(self, cols: np.ndarray, M: np.ndarray, params: dict, url: str,
+                         spec, name: str, **kw) -> tuple[np.ndarray, int]:
+        """K(all shards, cols) through a zarr store: each worker writes its missing blocks.
+
+        Returns the kernel, read back from the store, and how many blocks were computed now
+        (0 when a previous run already stored them all).
+        """
+        import ray
+
+        from ..store import KernelStore
+
+        shape = (self.n, len(cols))
+        KernelStore(url, spec).kernel(name, shape)  # create (or check) before workers write
+        ref = ray.put(np.asarray(cols))
+        spec_fields = dataclasses.asdict(spec)
+        counts = ray.get([actor.store_kernel_rows.remote(ref, M, params, url, spec_fields, name,
+                                                         shape, a, b, **kw)
+                          for actor, (a, b) in zip(self.actors, self.bounds, strict=True)])
+        return KernelStore(url, spec).read(name, shape), int(sum(counts))
 
     def agop(self, train: np.ndarray, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
              params: dict, **kw) -> np.ndarray:

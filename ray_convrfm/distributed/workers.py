@@ -47,6 +47,30 @@ class ShardWorker:
         zs = self._side(cols, M, params, dtype, basis)
         return kernel_matrix(xs, zs, engine, budget_mb).numpy()
 
+    def store_kernel_rows(self, cols: np.ndarray, M: np.ndarray, params: dict, url: str,
+                          spec_fields: dict, name: str, shape: tuple[int, int], start: int,
+                          stop: int, dtype: str = "float32", engine: str = "numba",
+                          budget_mb: int = 512, basis: np.ndarray | None = None) -> int:
+        """Compute this shard's missing blocks of kernel ``name`` and write each to the store.
+
+        Rows start..stop are this shard's (block-aligned); each block is written, then marked,
+        so a retry after a crash recomputes only unmarked blocks. Returns the blocks computed.
+        """
+        from ..store import KernelStore, StoreSpec
+
+        store = KernelStore(url, StoreSpec(**spec_fields))
+        b = store.spec.block
+        mine = [(i, j) for i, j in store.missing(name, shape) if start <= i * b < stop]
+        if not mine:
+            return 0
+        xs = self._side(self.images, M, params, dtype, basis)
+        zs = self._side(cols, M, params, dtype, basis)
+        for i, j in mine:
+            r0, c0 = i * b - self.start, j * b
+            block = kernel_matrix(xs.rows(r0, r0 + b), zs.rows(c0, c0 + b), engine, budget_mb)
+            store.write_block(name, shape, i, j, block.numpy())
+        return len(mine)
+
     def agop_part(self, train: np.ndarray, coef: np.ndarray, sample_rows: np.ndarray,
                   M: np.ndarray, params: dict, dtype: str = "float32", engine: str = "numba",
                   budget_mb: int = 512, basis: np.ndarray | None = None) -> np.ndarray:
