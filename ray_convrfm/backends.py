@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .agop import Workspace, patch_agop
-from .kernel import KernelParams, kernel_matrix, prepare_side
+from .kernel import KernelParams, block_rows, kernel_matrix, prepare_side
+from .solvers import normal_equations
 
 #: Rows and columns per stored kernel block (one zarr chunk, one task's unit of work).
 DEFAULT_BLOCK = 256
@@ -39,10 +40,34 @@ class LocalKernels:
         return kernel_matrix(zs, self.xs, self.engine, self.budget, progress=self.progress,
                              desc=desc)
 
-    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray) -> torch.Tensor:
-        return patch_agop(self.xs, coef, self.xs.take(sample_idx), self.M, engine=self.engine,
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
+             center_idx: np.ndarray | None = None) -> torch.Tensor:
+        """AGOP of f = coef^T K(centres, .) at the sample (centres: all training images)."""
+        centres = self.xs if center_idx is None else self.xs.take(center_idx)
+        return patch_agop(centres, coef, self.xs.take(sample_idx), self.M, engine=self.engine,
                           budget_mb=self.budget, progress=self.progress,
                           workspace=self.workspace)
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        """(K_nm^T K_nm, K_nm^T Y, K_mm), summed over row blocks: K_nm is never held whole."""
+        cs = self.xs.take(center_idx)
+        m = len(center_idx)
+        rows = max(1, min(len(self.xs), block_rows(m, self.xs.grids, self.engine,
+                                                   self.xs.left.element_size(), self.budget)))
+        KtK = torch.zeros(m, m, dtype=torch.float64, device=Y.device)
+        KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=Y.device)
+        for r in range(0, len(self.xs), rows):
+            Kb = kernel_matrix(self.xs.rows(r, r + rows), cs, self.engine, self.budget)
+            a, b = normal_equations(Kb, Y[r : r + rows])
+            KtK += a
+            KtY += b
+        K_mm = kernel_matrix(cs, cs, self.engine, self.budget, symmetric=True)
+        return KtK, KtY, K_mm
+
+    def cross_centres(self, Z: torch.Tensor, center_idx: np.ndarray) -> torch.Tensor:
+        """K(Z, centres), shape (len(Z), m)."""
+        zs = prepare_side(Z, self.M, self.params, self.basis)
+        return kernel_matrix(zs, self.xs.take(center_idx), self.engine, self.budget)
 
     def close(self) -> None:
         pass
@@ -110,10 +135,24 @@ class RayKernels:
     def cross_kernel(self, Z: torch.Tensor, desc: str = "kernel") -> torch.Tensor:
         return self._tensor(self._rows_against(Z.cpu().numpy()).T)
 
-    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray) -> torch.Tensor:
-        G = self.shards.agop(self.X, coef.cpu().numpy(), sample_idx, self.M, self.params,
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
+             center_idx: np.ndarray | None = None) -> torch.Tensor:
+        centres = self.X if center_idx is None else self.X[center_idx]
+        G = self.shards.agop(centres, coef.cpu().numpy(), sample_idx, self.M, self.params,
                              **self.kw)
         return self._tensor(G).to(coef.dtype)
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        """Per-shard (K^T K, K^T Y) against the centres, summed here (spec section 9)."""
+        KtK, KtY, K_mm = self.shards.nystrom_system(self.X[center_idx], center_idx,
+                                                    Y.cpu().numpy(), self.M, self.params,
+                                                    **self.kw)
+        return self._tensor(KtK), self._tensor(KtY), self._tensor(K_mm)
+
+    def cross_centres(self, Z: torch.Tensor, center_idx: np.ndarray) -> torch.Tensor:
+        K = self.shards.map_kernel(Z.cpu().numpy(), self.X[center_idx], self.M, self.params,
+                                   **self.kw)
+        return self._tensor(K)
 
     def close(self) -> None:
         self.shards.close()

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--store", default=None,
                    help="zarr store (path or fsspec URL) for kernel blocks; needs --workers; "
                         "a rerun computes only missing blocks")
+    f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
+    f.add_argument("--centers", type=int, default=None,
+                   help="Nystrom centres m (default min(n, 2000))")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -151,7 +154,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
                   engine=args.engine, memory_budget_mb=args.memory_budget_mb,
                   workers=args.workers, address=args.address, store=args.store,
-                  random_state=args.seed,
+                  solver=args.solver, centers=args.centers, random_state=args.seed,
                   verbose=not args.quiet)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l

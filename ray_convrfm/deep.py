@@ -44,9 +44,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     total_depth : kernel depth of the first layer; layer l uses total_depth - l, so the number
         of convolutions stays constant (default ``layers + 2``: the last layer has depth 3)
     patch_size, padding, iters, ridges, agop_samples, agop_power, val_fraction, patch_basis,
-    workers, address, store, device, dtype, engine, memory_budget_mb, verbose : as in
-        ``ConvRFM`` (every layer; layer l's kernels go to ``store/layer<l>``; featurisation runs
-        in this process for now)
+    workers, address, store, solver, centers, device, dtype, engine, memory_budget_mb,
+    verbose : as in ``ConvRFM`` (every layer; layer l's kernels go to ``store/layer<l>``;
+        featurisation runs in this process for now)
     random_state : seeds the validation split, layer l's ConvRFM (``random_state + l``) and its
         filters (``numpy.random.default_rng([random_state, l])``)
 
@@ -64,7 +64,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                  ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3), agop_samples: int = 256,
                  agop_power: float = 1.0, val_fraction: float = 0.1, patch_basis: str = "auto",
                  workers: int = 0, address: str | None = None, store: str | None = None,
-                 device: str = "auto",
+                 solver: str = "exact", centers: int | None = None, device: str = "auto",
                  dtype: str = "float32", engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int = 0, verbose: bool = False):
         self.layers = layers
@@ -81,6 +81,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.workers = workers
         self.address = address
         self.store = store
+        self.solver = solver
+        self.centers = centers
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -109,7 +111,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                        agop_power=self.agop_power, val_fraction=self.val_fraction,
                        patch_basis=self.patch_basis, workers=self.workers,
                        address=self.address, device=self.device, dtype=self.dtype,
-                       store=store,
+                       store=store, solver=self.solver, centers=self.centers,
                        engine=self.engine, memory_budget_mb=self.memory_budget_mb,
                        random_state=int(self.random_state) + layer, verbose=self.verbose)
 

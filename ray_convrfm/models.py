@@ -24,10 +24,13 @@ from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, as_tensor
 from .options import ComputeOptions
 from .patches import patch_span
-from .solvers import SingularKernelError, kernel_scale, solve_ridge
+from .solvers import SingularKernelError, kernel_scale, solve_nystrom, solve_ridge
 from .validation import as_images, as_labels
 
 log = logging.getLogger(__name__)
+
+#: Nystrom centres when ``centers`` is not given: an m x m Cholesky that takes seconds.
+DEFAULT_CENTERS = 2000
 
 #: Bumped whenever the saved layout changes; ``load`` refuses other versions.
 FORMAT_VERSION = 1
@@ -64,6 +67,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         joins that cluster
     store : path or fsspec URL of a zarr store for the kernel blocks (needs workers >= 1); a
         rerun with the same inputs computes only the blocks not yet stored
+    solver : "exact" (Cholesky of the n x n kernel) or "nystrom" (m centres, a seeded uniform
+        sample of the training images; only m x m systems, spec section 9)
+    centers : m for the Nystrom solver (default min(n, 2000))
     device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
     random_state : seed of the validation split and the AGOP sample (a local generator)
     verbose : show progress bars and log one line per iteration
@@ -93,7 +99,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", workers: int = 0, address: str | None = None,
-                 store: str | None = None, device: str = "auto", dtype: str = "float32",
+                 store: str | None = None, solver: str = "exact", centers: int | None = None,
+                 device: str = "auto", dtype: str = "float32",
                  engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int | None = 0,
                  verbose: bool = False):
@@ -109,6 +116,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.workers = workers
         self.address = address
         self.store = store
+        self.solver = solver
+        self.centers = centers
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -143,6 +152,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"agop_power must be positive; found {self.agop_power}")
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"workers must be an integer >= 0; found {self.workers!r}")
+        if self.solver not in ("exact", "nystrom"):
+            raise ValueError(f"solver must be 'exact' or 'nystrom'; found {self.solver!r}")
+        if self.centers is not None and (not isinstance(self.centers, int) or self.centers < 1):
+            raise ValueError(f"centers must be a positive integer; found {self.centers!r}")
         if self.store and not self.workers:
             raise ValueError("store= needs workers >= 1: the workers write the kernel blocks")
         if self.patch_basis not in ("auto", "full"):
@@ -181,6 +194,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         Y = torch.zeros(n, c, dtype=torch.float64, device=dev)
         Y[torch.arange(n), torch.as_tensor(y_fit, device=dev)] = 1.0
         sample_idx = np.sort(rng.choice(n, size=min(self.agop_samples, n), replace=False))
+        center_idx = None
+        if self.solver == "nystrom":
+            m = min(n, self.centers or DEFAULT_CENTERS)
+            center_idx = np.sort(rng.choice(n, size=m, replace=False))
         d = X.shape[1] * self.patch_size**2
         Q = patch_span(Xf, self.patch_size, self.padding) if self.patch_basis == "auto" else None
         if Q is not None:
@@ -197,14 +214,18 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         else:
             kernels = LocalKernels(Xf, params, Q, eng, budget, self.verbose)
         try:
-            self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, ridges, dt)
+            self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges,
+                          dt)
         finally:
             kernels.close()
-        self.X_fit_ = Xf.cpu()
+        # the predictor's centres: every training image, or the Nystrom centres
+        self.X_fit_ = (Xf if center_idx is None else Xf[torch.as_tensor(center_idx)]).cpu()
+        self.center_indices_ = center_idx
         self.patch_basis_ = None if Q is None else Q.cpu()
         return self
 
-    def _iterate(self, kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, ridges, dt) -> None:
+    def _iterate(self, kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges,
+                 dt) -> None:
         """The ConvRFM loop of spec section 5 on a kernel backend (local or Ray)."""
         best = None
         for it in range(self.iters):
@@ -212,13 +233,37 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             t0 = time.perf_counter()
             blocks_before = getattr(kernels, "blocks_computed", 0)
             kernels.set_metric(M)
-            K = kernels.train_kernel(desc=f"iter {it}: train kernel")
-            scale = kernel_scale(K)
-            K /= scale
-            Kv = kernels.cross_kernel(Xv, desc=f"iter {it}: val kernel") / scale
-            Kmon = None
-            if Xm is not None:
-                Kmon = kernels.cross_kernel(Xm, desc=f"iter {it}: monitor kernel") / scale
+            if center_idx is None:  # exact: the full training kernel
+                K = kernels.train_kernel(desc=f"iter {it}: train kernel")
+                scale = kernel_scale(K)
+                K /= scale
+                Kv = kernels.cross_kernel(Xv, desc=f"iter {it}: val kernel") / scale
+                Kmon = None
+                if Xm is not None:
+                    Kmon = kernels.cross_kernel(Xm, desc=f"iter {it}: monitor kernel") / scale
+                K64 = K.to(torch.float64)
+
+                def solve(ridge, K=K):
+                    return solve_ridge(K, Y, ridge)
+
+                def mse(alpha, K64=K64):
+                    return float(((K64 @ alpha - Y) ** 2).mean())
+            else:  # Nystrom: only m x m sums of the rows' normal equations (spec section 9)
+                KtK, KtY, K_mm = kernels.nystrom_system(center_idx, Y)
+                scale = kernel_scale(K_mm)
+                KtK, KtY, K_mm = KtK / scale**2, KtY / scale, K_mm / scale
+                Kv = kernels.cross_centres(Xv, center_idx) / scale
+                Kmon = None
+                if Xm is not None:
+                    Kmon = kernels.cross_centres(Xm, center_idx) / scale
+
+                def solve(ridge, KtK=KtK, KtY=KtY, K_mm=K_mm):
+                    return solve_nystrom(KtK, KtY, K_mm, ridge)
+
+                def mse(alpha, KtK=KtK, KtY=KtY):
+                    # ||K alpha - Y||^2 from the normal equations, without K_nm
+                    sq = (Y**2).sum() - 2 * (alpha * KtY).sum() + (alpha * (KtK @ alpha)).sum()
+                    return float(sq / Y.numel())
             t_kernel = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -226,7 +271,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             chosen = None
             for ridge in ridges:
                 try:
-                    alpha = solve_ridge(K, Y, ridge)
+                    alpha = solve(ridge)
                 except SingularKernelError as err:
                     record["failed_ridges"].append(ridge)
                     log.info("iteration %d: %s", it, err)
@@ -240,7 +285,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                     f"iteration {it}: every ridge in {ridges} failed; pass larger ridges"
                 )
             ridge, val_acc, alpha = chosen
-            train_mse = float(((K.to(torch.float64) @ alpha - Y) ** 2).mean())
+            train_mse = mse(alpha)
             t_solve = time.perf_counter() - t0
             record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
                           seconds_kernel=t_kernel, seconds_solve=t_solve)
@@ -254,7 +299,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
             t0 = time.perf_counter()
             if it < self.iters - 1:
-                G = kernels.agop((alpha / scale).to(dt), sample_idx)
+                G = kernels.agop((alpha / scale).to(dt), sample_idx, center_idx)
                 M = metric_from_agop(G, self.agop_power)
             record["seconds_agop"] = time.perf_counter() - t0
             self.history_.append(record)
@@ -312,6 +357,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             "best_iter": self.best_iter_,
             "image_shape": list(self.image_shape_),
             "history": _jsonable(self.history_),
+            "center_indices": None if self.center_indices_ is None
+            else [int(i) for i in self.center_indices_],
         }
         tensors = {"M": self.M_.contiguous(), "alpha": self.alpha_.contiguous(),
                    "X_fit": self.X_fit_.contiguous()}
@@ -342,6 +389,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model.image_shape_ = tuple(config["image_shape"])
         model.n_features_in_ = model.M_.shape[0]
         model.history_ = config["history"]
+        centres = config.get("center_indices")
+        model.center_indices_ = None if centres is None else np.asarray(centres)
         model.M_path_ = [tensors[f"M_path.{t}"] for t in range(len(model.history_))]
         return model
 

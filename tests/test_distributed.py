@@ -97,3 +97,17 @@ def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
         ConvRFM(**kw).fit(X[:140], y[:140])
     with pytest.raises(ValueError, match="needs workers"):
         ConvRFM(store=str(tmp_path / "k2.zarr")).fit(X, y)
+
+
+def test_nystrom_on_workers_equals_in_process(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=60)
+    local = ConvRFM(**kw).fit(X, y)
+    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)

@@ -130,3 +130,29 @@ def test_parameter_errors(digits, kwargs, message):
     X, y, _, _ = digits
     with pytest.raises(ValueError, match=message):
         ConvRFM(**kwargs).fit(X, y)
+
+
+def test_nystrom_with_every_image_as_centre_equals_exact(digits):
+    X, y, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=30, dtype="float64", ridges=(1e-5, 1e-3))
+    exact = ConvRFM(**kw).fit(X, y)
+    n_fit = exact.X_fit_.shape[0]
+    nys = ConvRFM(solver="nystrom", centers=n_fit, **kw).fit(X, y)
+    assert nys.center_indices_.tolist() == list(range(n_fit))
+    assert nys.best_iter_ == exact.best_iter_ and nys.ridge_ == exact.ridge_
+    np.testing.assert_allclose(nys.decision_function(Xt), exact.decision_function(Xt),
+                               rtol=1e-4, atol=1e-6)
+    for a, b in zip(nys.history_, exact.history_, strict=True):
+        assert a["train_mse"] == pytest.approx(b["train_mse"], rel=1e-3, abs=1e-12)
+
+
+def test_nystrom_with_fewer_centres(tmp_path, digits):
+    X, y, Xt, yt = digits
+    m = ConvRFM(depth=2, iters=2, agop_samples=30, solver="nystrom", centers=80).fit(X, y)
+    assert m.alpha_.shape == (80, 10) and m.X_fit_.shape[0] == 80
+    assert m.score(Xt, yt) > 0.8
+    loaded = ConvRFM.load(m.save(tmp_path / "nys"))
+    np.testing.assert_array_equal(loaded.center_indices_, m.center_indices_)
+    np.testing.assert_array_equal(loaded.predict(Xt), m.predict(Xt))
+    with pytest.raises(ValueError, match="solver"):
+        ConvRFM(solver="lsqr").fit(X, y)

@@ -89,6 +89,35 @@ class ShardedImages:
                           for actor, (a, b) in zip(self.actors, self.bounds, strict=True)])
         return KernelStore(url, spec).read(name, shape), int(sum(counts))
 
+    def map_kernel(self, rows: np.ndarray, cols: np.ndarray, M: np.ndarray, params: dict,
+                   **kw) -> np.ndarray:
+        """K(rows, cols) for images not held by the workers: rows split over the actors."""
+        import ray
+
+        cols_ref = ray.put(np.asarray(cols))
+        parts = np.array_split(np.arange(len(rows)), len(self.actors))
+        futures = [actor.kernel_pair.remote(np.asarray(rows)[idx], cols_ref, M, params, **kw)
+                   for actor, idx in zip(self.actors, parts, strict=True) if len(idx)]
+        return np.concatenate(ray.get(futures), axis=0)
+
+    def nystrom_system(self, centres: np.ndarray, center_idx: np.ndarray, Y: np.ndarray,
+                       M: np.ndarray, params: dict, **kw):
+        """Sum of per-shard (K^T K, K^T Y) and K_mm assembled from the shards' centre rows."""
+        import ray
+
+        ref = ray.put(np.asarray(centres))
+        center_idx = np.asarray(center_idx)
+        mine = [center_idx[(center_idx >= a) & (center_idx < b)] for a, b in self.bounds]
+        futures = [actor.normal_equations_part.remote(ref, Y[a:b], rows - a, M, params, **kw)
+                   for actor, (a, b), rows in zip(self.actors, self.bounds, mine, strict=True)]
+        parts = ray.get(futures)
+        KtK = sum(p[0] for p in parts)
+        KtY = sum(p[1] for p in parts)
+        rows = np.concatenate([p[2] for p in parts], axis=0)  # in the order of concat(mine)
+        position = {int(g): k for k, g in enumerate(np.concatenate(mine))}
+        K_mm = rows[[position[int(g)] for g in center_idx]]
+        return KtK, KtY, K_mm
+
     def agop(self, train: np.ndarray, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
              params: dict, **kw) -> np.ndarray:
         """Patch AGOP averaged over ``sample_idx`` (global rows): per-shard sums, reduced here."""

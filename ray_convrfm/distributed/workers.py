@@ -71,6 +71,27 @@ class ShardWorker:
             store.write_block(name, shape, i, j, block.numpy())
         return len(mine)
 
+    def kernel_pair(self, rows: np.ndarray, cols: np.ndarray, M: np.ndarray, params: dict,
+                    dtype: str = "float32", engine: str = "numba", budget_mb: int = 512,
+                    basis: np.ndarray | None = None) -> np.ndarray:
+        """K(rows, cols) for images given by the driver (a slice of test or validation images)."""
+        xs = self._side(rows, M, params, dtype, basis)
+        zs = self._side(cols, M, params, dtype, basis)
+        return kernel_matrix(xs, zs, engine, budget_mb).numpy()
+
+    def normal_equations_part(self, centres: np.ndarray, Y: np.ndarray, centre_rows: np.ndarray,
+                              M: np.ndarray, params: dict, dtype: str = "float32",
+                              engine: str = "numba", budget_mb: int = 512,
+                              basis: np.ndarray | None = None):
+        """This shard's (K^T K, K^T Y) against the centres, and the K rows of the centres it
+        holds (local indices ``centre_rows``): only m x m-sized results leave the worker."""
+        from ..solvers import normal_equations
+
+        K = torch.from_numpy(self.kernel_rows(centres, M, params, dtype, engine, budget_mb,
+                                              basis))
+        KtK, KtY = normal_equations(K, torch.from_numpy(np.asarray(Y)))
+        return KtK.numpy(), KtY.numpy(), K[np.asarray(centre_rows, dtype=np.int64)].numpy()
+
     def agop_part(self, train: np.ndarray, coef: np.ndarray, sample_rows: np.ndarray,
                   M: np.ndarray, params: dict, dtype: str = "float32", engine: str = "numba",
                   budget_mb: int = 512, basis: np.ndarray | None = None) -> np.ndarray:
