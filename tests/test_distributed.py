@@ -111,3 +111,40 @@ def test_nystrom_on_workers_equals_in_process(cluster):
     np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
+    """A worker process is SIGKILLed while it computes; Ray restarts it and retries the task."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray_convrfm.distributed import ShardedImages
+
+    rng = np.random.default_rng(7)
+    X = rng.random((500, 1, 28, 28), dtype=np.float32)
+    M = np.eye(9, dtype=np.float32)
+    params = {"depth": 3, "patch_size": 3, "padding": False}
+    shards = ShardedImages(X, workers=2, threads=1)
+    shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+    t0 = time.perf_counter()
+    expected = shards.kernel(X, M, params)
+    seconds = time.perf_counter() - t0
+    victim = ray.get(shards.actors[1].pid.remote())
+    killed_at = []
+
+    def kill_midway():
+        time.sleep(seconds / 3)
+        os.kill(victim, signal.SIGKILL)
+        killed_at.append(time.perf_counter())
+
+    killer = threading.Thread(target=kill_midway)
+    killer.start()
+    again = shards.kernel(X, M, params)
+    finished_at = time.perf_counter()
+    killer.join()
+    assert killed_at and killed_at[0] < finished_at  # the kill landed during the computation
+    assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
+    np.testing.assert_array_equal(again, expected)
+    shards.close()

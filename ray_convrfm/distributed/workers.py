@@ -31,6 +31,12 @@ class ShardWorker:
     def size(self) -> int:
         return len(self.images)
 
+    def pid(self) -> int:
+        """The worker's process id (for tests that kill workers)."""
+        import os
+
+        return os.getpid()
+
     def _side(self, X: np.ndarray, M: np.ndarray, params: dict, dtype: str,
               basis: np.ndarray | None):
         dt = torch.float32 if dtype == "float32" else torch.float64
