@@ -148,3 +148,61 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
     assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
     np.testing.assert_array_equal(again, expected)
     shards.close()
+
+
+def _done_blocks(store_path) -> int:
+    import zarr
+
+    total = 0
+    for path in store_path.glob("K-*"):
+        total += int(zarr.open_group(str(path), mode="r")["K.done"][...].sum())
+    return total
+
+
+def test_killed_driver_resumes_from_the_store(tmp_path):
+    """SIGKILL the whole fit (driver and its Ray) mid-kernel; the rerun computes only the rest."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray_convrfm import ConvRFM
+
+    rng = np.random.default_rng(8)
+    X = rng.random((700, 1, 20, 20), dtype=np.float32)
+    y = rng.integers(0, 3, 700)
+    np.savez(tmp_path / "data.npz", X_train=X, y_train=y)
+    store = tmp_path / "kernels.zarr"
+    cmd = [sys.executable, "-m", "ray_convrfm.cli", "fit", "--dataset",
+           f"npz:{tmp_path / 'data.npz'}", "--depth", "3", "--iters", "1", "--workers", "2",
+           "--store", str(store), "--out", str(tmp_path / "run"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _done_blocks(store) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # orphaned Ray workers of the killed driver may finish a block or two before they notice
+    done_before, stable_since = _done_blocks(store), time.time()
+    while time.time() - stable_since < 3 and time.time() < deadline:
+        time.sleep(0.2)
+        now = _done_blocks(store)
+        if now != done_before:
+            done_before, stable_since = now, time.time()
+    assert done_before >= 2
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    computed = config["history"][0]["stored_blocks_computed"]
+    total = _done_blocks(store)
+    assert computed == total - done_before  # exactly the missing blocks, nothing twice
+    assert 0 < computed < total
+    resumed = ConvRFM.load(tmp_path / "run" / "model")
+    fresh = ConvRFM(depth=3, iters=1).fit(X, y)
+    np.testing.assert_allclose(resumed.decision_function(X[:20]), fresh.decision_function(X[:20]),
+                               rtol=1e-3, atol=1e-4)
