@@ -88,7 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default runs/cnfa-<dataset>)")
     c.add_argument("--quiet", action="store_true")
 
-    b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape")
+    b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape; "
+                                     "'bench distributed': Ray workers' kernel-stage scaling")
+    b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed"))
+    b.add_argument("--dataset", default="fashion-mnist",
+                   help="for 'distributed': images whose training kernel is timed")
+    b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
+    b.add_argument("--workers", default="1,2", help="for 'distributed': worker counts")
     b.add_argument("--size", type=int, default=42)
     b.add_argument("--channels", type=int, default=1)
     b.add_argument("--depth", type=int, default=3)
@@ -267,8 +273,25 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import kernel_and_agop_throughput
+    from .bench import distributed_kernel_scaling, kernel_and_agop_throughput
 
+    if args.what == "distributed":
+        from .datasets import load_dataset
+
+        ds = load_dataset(args.dataset).subset(args.n, 0)
+        counts = tuple(int(w) for w in args.workers.split(","))
+        rows = distributed_kernel_scaling(ds.X_train, counts, depth=args.depth,
+                                          patch_size=args.patch_size)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        print(f"kernel stage K(X, X), {ds.name}, n = {args.n}, depth {args.depth}, "
+              "one thread per worker")
+        for r in rows:
+            print(f"{r['workers']:>3} worker(s): {r['seconds']:7.1f} s, "
+                  f"{r['entries_per_s']:>10,.0f} entries/s, speed-up {r['speedup']:.2f}x, "
+                  f"driver CPU {100 * r['driver_cpu_share']:.1f}% of wall")
+        return 0
     _set_threads(args.threads)
     r = kernel_and_agop_throughput(size=args.size, channels=args.channels, depth=args.depth,
                                    patch_size=args.patch_size, n_train=args.n_train,

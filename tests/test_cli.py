@@ -80,6 +80,15 @@ def test_bench_reports_throughput(capsys):
     assert r["pairs"] == 32
 
 
+def test_bench_distributed_reports_scaling(small_npz, capsys):
+    rc = main(["bench", "distributed", "--dataset", f"npz:{small_npz}", "--n", "40",
+               "--workers", "1,2", "--depth", "2", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["workers"] for r in rows] == [1, 2]
+    assert rows[0]["speedup"] == 1.0 and all(r["entries_per_s"] > 0 for r in rows)
+
+
 def test_bad_arguments_exit_with_message(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--ridges", "a,b"])
