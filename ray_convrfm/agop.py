@@ -94,6 +94,8 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
     workspace : scratch buffers to reuse across calls (e.g. the iterations of one fit)
     """
     workspace = workspace or Workspace()
+    if len(sample) == 0:
+        raise ValueError("the AGOP needs at least one sample image")
     d = M.shape[0]
     G = torch.zeros(d, d, dtype=coef.dtype, device=coef.device)
     s = len(sample)

@@ -162,7 +162,7 @@ def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams
     per_layer = [diag]
     for _ in range(1, params.depth):
         layer = window_sum(layer, q)
-        per_layer.append(layer.reshape(n, -1))
+        per_layer.append(layer.reshape(n, layer.shape[-2] * layer.shape[-1]))
     diag = torch.cat(per_layer, dim=1).clamp_min(0)
     return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels, q)
 
@@ -391,6 +391,8 @@ def kernel_matrix(xs: KernelSide, zs: KernelSide, engine: str, budget_mb: int,
     from tqdm.auto import tqdm
 
     n, m = len(xs), len(zs)
+    if n == 0 or m == 0:  # e.g. an empty shard
+        return torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
     itemsize = xs.left.element_size()
     cols = min(m, 4096)
     rows = min(n, block_rows(cols, xs.grids, engine, itemsize, budget_mb))
