@@ -11,6 +11,7 @@ import torch
 
 from .agop import Workspace, patch_agop
 from .kernel import KernelParams, block_rows, kernel_matrix, prepare_side
+from .patches import patch_span, span_from_gram
 from .solvers import normal_equations
 
 #: Rows and columns per stored kernel block (one zarr chunk, one task's unit of work).
@@ -20,11 +21,26 @@ DEFAULT_BLOCK = 256
 class LocalKernels:
     """The single-machine core: one prepared side of the training images per metric."""
 
-    def __init__(self, X_fit: torch.Tensor, params: KernelParams, basis: torch.Tensor | None,
-                 engine: str, budget_mb: int, progress: bool = False):
-        self.X, self.params, self.basis = X_fit, params, basis
+    def __init__(self, X_fit: torch.Tensor, params: KernelParams, engine: str, budget_mb: int,
+                 progress: bool = False):
+        self.X, self.params, self.basis = X_fit, params, None
         self.engine, self.budget, self.progress = engine, budget_mb, progress
         self.workspace = Workspace()
+
+    @property
+    def n(self) -> int:
+        return len(self.X)
+
+    def patch_span(self) -> torch.Tensor | None:
+        """Orthonormal basis of the training patches' span (None: all of R^d)."""
+        return patch_span(self.X, self.params.patch_size, self.params.padding)
+
+    def set_basis(self, basis: torch.Tensor | None) -> None:
+        self.basis = basis
+
+    def centres(self, center_idx: np.ndarray | None) -> torch.Tensor:
+        """The training images the predictor is built on (all, or the Nystrom centres)."""
+        return self.X if center_idx is None else self.X[torch.as_tensor(center_idx)]
 
     def set_metric(self, M: torch.Tensor) -> None:
         self.M = M
@@ -76,34 +92,60 @@ class LocalKernels:
 class RayKernels:
     """Shard workers on Ray hold the training images; the driver only reduces small results.
 
-    ``workers`` actors (one CPU each) on an embedded local Ray, or on the cluster at
-    ``address``. With ``store`` (a path or fsspec URL) every kernel goes through a zarr store:
+    ``shards`` (a ``distributed.ShardedImages``) are the training images on their workers;
+    ``start`` makes them from an array. Columns of every kernel (all training images, the
+    Nystrom centres) go from the workers that hold them to the workers that need them. With
+    ``store`` (a path or fsspec URL) the kernels of the training rows go through a zarr store:
     workers write the blocks of their rows, a rerun computes only missing blocks, and the
     driver reads the finished kernel back (the exact solver needs it whole).
     """
 
-    def __init__(self, X_fit: torch.Tensor, params: KernelParams, basis: torch.Tensor | None,
-                 engine: str, budget_mb: int, workers: int, address: str | None = None,
-                 store: str | None = None, block: int = DEFAULT_BLOCK):
-        from .distributed import ShardedImages, start_ray
-
-        start_ray(workers, address)
-        self.X = X_fit.cpu().numpy()
-        self.store, self.block = store, block
+    def __init__(self, shards, params: KernelParams, engine: str, budget_mb: int,
+                 dtype: torch.dtype, device: torch.device, store: str | None = None,
+                 owns_shards: bool = True):
+        self.shards, self.owns = shards, owns_shards
+        self.store, self.block = store, shards.block
         self.blocks_computed = 0
-        self.dtype = "float32" if X_fit.dtype == torch.float32 else "float64"
+        self.dtype = "float32" if dtype == torch.float32 else "float64"
+        self.torch_dtype, self.device = dtype, device
         self.params = {"depth": params.depth, "patch_size": params.patch_size,
                        "padding": params.padding}
-        self.kw = {"dtype": self.dtype, "engine": "numba" if engine == "numba" else engine,
-                   "budget_mb": budget_mb,
-                   "basis": None if basis is None else basis.cpu().numpy()}
-        self.shards = ShardedImages(self.X, workers, threads=1, block=block if store else None)
-        self.device = X_fit.device
+        self.opts = {"dtype": self.dtype, "engine": engine, "budget_mb": budget_mb,
+                     "basis": None}
         if store:
-            from .store import fingerprint, open_run_store
+            from .store import open_run_store
 
-            self.rows_fp = fingerprint(self.X)
-            open_run_store(store, self.rows_fp, self.params, self.dtype, block)
+            self.rows_fp = shards.fingerprint()
+            open_run_store(store, self.rows_fp, self.params, self.dtype, self.block)
+
+    @classmethod
+    def start(cls, X_fit: torch.Tensor, params: KernelParams, engine: str, budget_mb: int,
+              workers: int, address: str | None = None, gpus_per_worker: float | None = None,
+              store: str | None = None, progress: bool = False, block: int = DEFAULT_BLOCK,
+              placement_timeout_s: float | None = None) -> RayKernels:
+        """Start (or join) Ray and hand the training images out to ``workers`` actors."""
+        shards = open_shards(X_fit, workers, address, gpus_per_worker, progress, block,
+                             placement_timeout_s, align=bool(store))
+        try:
+            return cls(shards, params, engine, budget_mb, X_fit.dtype, X_fit.device, store)
+        except BaseException:
+            shards.close()  # e.g. a store of another run: release the workers
+            raise
+
+    @property
+    def n(self) -> int:
+        return self.shards.n
+
+    def patch_span(self) -> torch.Tensor | None:
+        """The training patches' span from the sum of the shards' patch Grams."""
+        gram = self.shards.patch_gram(self.params["patch_size"], self.params["padding"])
+        return span_from_gram(torch.from_numpy(gram), dtype=self.torch_dtype)
+
+    def set_basis(self, basis: torch.Tensor | None) -> None:
+        self.opts["basis"] = None if basis is None else basis.cpu().numpy()
+
+    def centres(self, center_idx: np.ndarray | None) -> torch.Tensor:
+        return self._tensor(self.shards.gather(center_idx))
 
     def set_metric(self, M: torch.Tensor) -> None:
         self.M = M.cpu().numpy()
@@ -111,48 +153,107 @@ class RayKernels:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-    def _rows_against(self, cols: np.ndarray) -> np.ndarray:
-        """K(training images, cols): from the workers, through the store when there is one."""
-        if not self.store:
-            return self.shards.kernel(cols, self.M, self.params, **self.kw)
-        from .store import StoreSpec, fingerprint, kernel_url
+    def _spec(self, cols_fp: str):
+        """What a stored kernel of the training rows against some columns, under M, is of."""
+        from .store import StoreSpec, fingerprint
 
-        basis = self.kw["basis"]
-        spec = StoreSpec(rows_fingerprint=self.rows_fp, cols_fingerprint=fingerprint(cols),
+        basis = self.opts["basis"]
+        return StoreSpec(rows_fingerprint=self.rows_fp, cols_fingerprint=cols_fp,
                          metric_fingerprint=fingerprint(self.M, *([] if basis is None
                                                                   else [basis])),
                          depth=self.params["depth"], patch_size=self.params["patch_size"],
                          padding=self.params["padding"], dtype=self.dtype, block=self.block)
-        K, computed = self.shards.kernel_via_store(cols, self.M, self.params,
+
+    def _rows_against(self, cols, n_cols: int, cols_fp, desc: str) -> np.ndarray:
+        """K(training images, cols): from the workers, through the store when there is one.
+        ``cols_fp`` gives the columns' fingerprint (called only with a store)."""
+        if not self.store:
+            return self.shards.kernel(cols, self.M, self.params, self.opts, desc)
+        from .store import kernel_url
+
+        spec = self._spec(cols_fp())
+        K, computed = self.shards.kernel_via_store(cols, n_cols, self.M, self.params,
                                                    kernel_url(self.store, spec), spec, "K",
-                                                   **self.kw)
+                                                   self.opts, desc)
         self.blocks_computed += computed
         return K
 
     def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
-        return self._tensor(self._rows_against(self.X))
+        return self._tensor(self._rows_against(self.shards.parts(), self.n,
+                                               lambda: self.rows_fp, desc))
 
     def cross_kernel(self, Z: torch.Tensor, desc: str = "kernel") -> torch.Tensor:
-        return self._tensor(self._rows_against(Z.cpu().numpy()).T)
+        from .store import rows_fingerprint
+
+        Z = Z.cpu().numpy()
+        K = self._rows_against(Z, len(Z), lambda: rows_fingerprint(Z, self.block), desc)
+        return self._tensor(K.T)
 
     def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
              center_idx: np.ndarray | None = None) -> torch.Tensor:
-        centres = self.X if center_idx is None else self.X[center_idx]
-        G = self.shards.agop(centres, coef.cpu().numpy(), sample_idx, self.M, self.params,
-                             **self.kw)
+        G = self.shards.agop(self.shards.parts(center_idx), coef.cpu().numpy(), sample_idx,
+                             self.M, self.params, self.opts)
         return self._tensor(G).to(coef.dtype)
 
     def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
-        """Per-shard (K^T K, K^T Y) against the centres, summed here (spec section 9)."""
-        KtK, KtY, K_mm = self.shards.nystrom_system(self.X[center_idx], center_idx,
-                                                    Y.cpu().numpy(), self.M, self.params,
-                                                    **self.kw)
+        """Per-shard (K^T K, K^T Y) against the centres, summed (spec section 9); with a store
+        the n x m kernel's blocks are stored, so an interrupted fit resumes."""
+        store = None
+        if self.store:
+            from .store import fingerprint, kernel_url
+
+            spec = self._spec(fingerprint(np.asarray(center_idx),
+                                          extra=["centres of", self.rows_fp]))
+            store = (kernel_url(self.store, spec), spec)
+        KtK, KtY, K_mm, computed = self.shards.nystrom_system(
+            self.shards.parts(center_idx), center_idx, Y.cpu().numpy(), self.M, self.params,
+            self.opts, store)
+        self.blocks_computed += computed
         return self._tensor(KtK), self._tensor(KtY), self._tensor(K_mm)
 
     def cross_centres(self, Z: torch.Tensor, center_idx: np.ndarray) -> torch.Tensor:
-        K = self.shards.map_kernel(Z.cpu().numpy(), self.X[center_idx], self.M, self.params,
-                                   **self.kw)
+        K = self.shards.map_kernel(Z.cpu().numpy(), self.shards.parts(center_idx), self.M,
+                                   self.params, self.opts)
         return self._tensor(K)
 
     def close(self) -> None:
-        self.shards.close()
+        if self.owns:
+            self.shards.close()
+
+
+def open_shards(X: torch.Tensor | np.ndarray, workers: int, address: str | None = None,
+                gpus_per_worker: float | None = None, progress: bool = False,
+                block: int = DEFAULT_BLOCK, placement_timeout_s: float | None = None,
+                align: bool = False):
+    """Start or join Ray and spread images X over ``workers`` shard actors (block-aligned
+    with ``align``, as a kernel store needs)."""
+    from .distributed import ShardedImages, start_ray
+    from .distributed.driver import resolve_gpus_per_worker
+
+    start_ray(workers, address)
+    X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+    return ShardedImages(X, workers, threads=1, block=block, align=align, elastic=bool(address),
+                         gpus_per_worker=resolve_gpus_per_worker(gpus_per_worker),
+                         placement_timeout_s=placement_timeout_s, progress=progress)
+
+
+def ray_scores(X, chain: list, centres: torch.Tensor, coef: torch.Tensor, M: torch.Tensor,
+               basis: torch.Tensor | None, params: KernelParams, engine: str, budget_mb: int,
+               workers: int, address: str | None = None, gpus_per_worker: float | None = None,
+               progress: bool = False, placement_timeout_s: float | None = None) -> np.ndarray:
+    """Predictions on Ray: test images X sharded over workers, featurised there by ``chain``,
+    scored against ``centres`` with coefficients ``coef`` (both sent once)."""
+    dtype = centres.dtype
+    X = X.detach().cpu() if isinstance(X, torch.Tensor) else torch.from_numpy(np.asarray(X))
+    shards = open_shards(X.to(dtype), workers, address, gpus_per_worker, progress,
+                         placement_timeout_s=placement_timeout_s)
+    try:
+        for filters, padding in chain:
+            shards.featurise(np.asarray(filters), padding)
+        opts = {"dtype": "float32" if dtype == torch.float32 else "float64", "engine": engine,
+                "budget_mb": budget_mb, "basis": None if basis is None else basis.cpu().numpy()}
+        p = {"depth": params.depth, "patch_size": params.patch_size, "padding": params.padding}
+        return shards.scores(centres.cpu().numpy(), coef.cpu().numpy(), M.cpu().numpy(), p,
+                             opts)
+    finally:
+        shards.close()

@@ -80,29 +80,30 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
 
 
 def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2), depth: int = 3,
-                               patch_size: int = 3) -> list[dict]:
+                               patch_size: int = 3, gpus_per_worker: float = 0,
+                               address: str | None = None) -> list[dict]:
     """Kernel stage K(X, X) on Ray shard workers (one thread each), for each worker count.
 
-    Reports wall seconds, entries per second, the speed-up over the first count, and the
-    driver's own CPU time as a share of the wall time (it should only schedule and gather).
+    As in a fit, the columns are the workers' own shards, passed worker to worker. Reports
+    wall seconds, entries per second, the speed-up over the first count, and the driver's own
+    CPU time as a share of the wall time (it should only schedule and gather).
     """
     import ray
 
     from .distributed import ShardedImages, start_ray
 
     started_here = not ray.is_initialized()
-    start_ray(max(workers))
+    start_ray(max(workers), address)
     params = {"depth": depth, "patch_size": patch_size, "padding": False}
     M = np.eye(X.shape[1] * patch_size**2, dtype=np.float32)
     rows = []
     try:
         for w in workers:
-            shards = ShardedImages(X, w, threads=1)
-            shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            K = shards.kernel(X, M, params)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            shards.close()
+            with ShardedImages(X, w, threads=1, gpus_per_worker=gpus_per_worker) as shards:
+                shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                K = shards.kernel(shards.parts(), M, params)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             rows.append({"workers": w, "seconds": wall, "entries_per_s": K.size / wall,
                          "driver_cpu_share": cpu / wall,
                          "speedup": rows[0]["seconds"] / wall if rows else 1.0})

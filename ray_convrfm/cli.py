@@ -59,9 +59,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="Ray shard workers (0: compute in this process)")
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://...); default: an embedded local Ray")
+    f.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else 0)")
+    f.add_argument("--placement-timeout", type=float, default=600,
+                   help="seconds to wait for the cluster to provide the workers (0: forever)")
     f.add_argument("--store", default=None,
-                   help="zarr store (path or fsspec URL) for kernel blocks; needs --workers; "
-                        "a rerun computes only missing blocks")
+                   help="zarr store (path or fsspec URL such as s3://...) for kernel blocks; "
+                        "with --workers the default is OUT/kernels.zarr; a rerun computes only "
+                        "missing blocks ('none': no store)")
     f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
     f.add_argument("--centers", type=int, default=None,
                    help="Nystrom centres m (default min(n, 2000))")
@@ -95,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="for 'distributed': images whose training kernel is timed")
     b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
     b.add_argument("--workers", default="1,2", help="for 'distributed': worker counts")
+    b.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="for 'distributed': GPUs per worker (their kernels run there)")
+    b.add_argument("--address", default=None, help="for 'distributed': Ray cluster to join")
     b.add_argument("--size", type=int, default=42)
     b.add_argument("--channels", type=int, default=1)
     b.add_argument("--depth", type=int, default=3)
@@ -119,6 +127,15 @@ def _set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
+
+
+def _store(args, out: Path) -> str | None:
+    """--store, or OUT/kernels.zarr for a fit on workers (so a rerun resumes), 'none': none."""
+    if args.store == "none" or not args.workers:
+        if args.store not in (None, "none"):
+            raise SystemExit("--store needs --workers: the workers write the kernel blocks")
+        return None
+    return args.store or str(out / "kernels.zarr")
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -159,7 +176,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                   ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
                   val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
                   engine=args.engine, memory_budget_mb=args.memory_budget_mb,
-                  workers=args.workers, address=args.address, store=args.store,
+                  workers=args.workers, address=args.address, store=_store(args, out),
+                  gpus_per_worker=args.gpus_per_worker,
+                  placement_timeout_s=args.placement_timeout or None,
                   solver=args.solver, centers=args.centers, random_state=args.seed,
                   verbose=not args.quiet)
     if args.layers > 1:
@@ -281,12 +300,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ds = load_dataset(args.dataset).subset(args.n, 0)
         counts = tuple(int(w) for w in args.workers.split(","))
         rows = distributed_kernel_scaling(ds.X_train, counts, depth=args.depth,
-                                          patch_size=args.patch_size)
+                                          patch_size=args.patch_size,
+                                          gpus_per_worker=args.gpus_per_worker,
+                                          address=args.address)
         if args.json:
             print(json.dumps(rows))
             return 0
-        print(f"kernel stage K(X, X), {ds.name}, n = {args.n}, depth {args.depth}, "
-              "one thread per worker")
+        where = (f"{args.gpus_per_worker:g} GPU(s) per worker" if args.gpus_per_worker
+                 else "one thread per worker")
+        print(f"kernel stage K(X, X), {ds.name}, n = {args.n}, depth {args.depth}, {where}")
         for r in rows:
             print(f"{r['workers']:>3} worker(s): {r['seconds']:7.1f} s, "
                   f"{r['entries_per_s']:>10,.0f} entries/s, speed-up {r['speedup']:.2f}x, "

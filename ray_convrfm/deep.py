@@ -21,6 +21,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .agop import psd_power
+from .backends import LocalKernels, RayKernels
 from .devices import resolve_device, resolve_dtype
 from .kernel import KernelParams, as_tensor
 from .models import FORMAT_VERSION, ConvRFM, _jsonable, _read_config, prepare_fit_inputs
@@ -44,9 +45,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     total_depth : kernel depth of the first layer; layer l uses total_depth - l, so the number
         of convolutions stays constant (default ``layers + 2``: the last layer has depth 3)
     patch_size, padding, iters, ridges, agop_samples, agop_power, val_fraction, patch_basis,
-    workers, address, store, solver, centers, device, dtype, engine, memory_budget_mb,
-    verbose : as in ``ConvRFM`` (every layer; layer l's kernels go to ``store/layer<l>``;
-        featurisation runs in this process for now)
+    workers, address, store, solver, centers, gpus_per_worker, placement_timeout_s, device,
+    dtype, engine, memory_budget_mb, verbose : as in ``ConvRFM`` (every layer; layer l's
+        kernels go to ``store/layer<l>``; with workers, each featurises its own shard)
     random_state : seeds the validation split, layer l's ConvRFM (``random_state + l``) and its
         filters (``numpy.random.default_rng([random_state, l])``)
 
@@ -64,7 +65,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                  ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3), agop_samples: int = 256,
                  agop_power: float = 1.0, val_fraction: float = 0.1, patch_basis: str = "auto",
                  workers: int = 0, address: str | None = None, store: str | None = None,
-                 solver: str = "exact", centers: int | None = None, device: str = "auto",
+                 solver: str = "exact", centers: int | None = None,
+                 gpus_per_worker: float | None = None, placement_timeout_s: float | None = 600,
+                 device: str = "auto",
                  dtype: str = "float32", engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int = 0, verbose: bool = False):
         self.layers = layers
@@ -83,6 +86,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.store = store
         self.solver = solver
         self.centers = centers
+        self.gpus_per_worker = gpus_per_worker
+        self.placement_timeout_s = placement_timeout_s
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -112,6 +117,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                        patch_basis=self.patch_basis, workers=self.workers,
                        address=self.address, device=self.device, dtype=self.dtype,
                        store=store, solver=self.solver, centers=self.centers,
+                       gpus_per_worker=self.gpus_per_worker,
+                       placement_timeout_s=self.placement_timeout_s,
                        engine=self.engine, memory_budget_mb=self.memory_budget_mb,
                        random_state=int(self.random_state) + layer, verbose=self.verbose)
 
@@ -125,7 +132,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         return W.reshape(self.width, channels, q, q).to(torch.float32)
 
     def fit(self, X, y, X_val=None, y_val=None, monitor=None) -> DeepConvRFM:
-        """Fit every layer in turn; same arguments as ``ConvRFM.fit``. Returns self."""
+        """Fit every layer in turn; same arguments as ``ConvRFM.fit``. Returns self.
+
+        With ``workers`` the training images are sharded once; after each layer every worker
+        featurises its own shard, so images never return to this process.
+        """
         depths = self._depths()
         rng = np.random.default_rng(self.random_state)
         data = prepare_fit_inputs(self, X, y, X_val, y_val, monitor, rng)
@@ -133,44 +144,67 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         dev, dt = resolve_device(self.device), resolve_dtype(self.dtype)
         Z, Zv = as_tensor(data.X_fit, dt, dev), as_tensor(data.X_val, dt, dev)
         Zm = None if data.X_mon is None else as_tensor(data.X_mon, dt, dev)
-        labels = self.classes_
         self.image_shape_ = tuple(int(s) for s in data.X.shape[1:])
         self.layers_ = []
-        for layer, depth in enumerate(depths):
-            rfm = self._layer_model(depth, layer)
-            mon = None if Zm is None else (Zm, labels[data.y_mon])
-            rfm.fit(Z, labels[data.y_fit], X_val=Zv, y_val=labels[data.y_val], monitor=mon)
-            info = {"depth": depth, "M": rfm.M_, "filters": None, "learned": rfm.best_iter_ > 0,
-                    "best_iter": rfm.best_iter_, "ridge": rfm.ridge_, "history": rfm.history_,
-                    "val_acc": rfm.history_[rfm.best_iter_]["val_acc"]}
-            log.info("layer %d (kernel depth %d): val acc %.4f, iteration %d chosen%s", layer,
-                     depth, info["val_acc"], rfm.best_iter_,
-                     "" if info["learned"] else " (M = I: random filters)")
-            if layer < len(depths) - 1:
-                filters = self._filters(rfm.M_, Z.shape[1], layer, info["learned"])
-                info["filters"] = filters
-                Z, Zv = featurise(Z, filters, self.padding), featurise(Zv, filters, self.padding)
-                Zm = None if Zm is None else featurise(Zm, filters, self.padding)
-            else:
-                self.final_ = rfm
-            self.layers_.append(info)
+        shards = None
+        if self.workers:  # the training images go to the workers once, for every layer
+            from .backends import open_shards
+
+            shards = open_shards(Z, self.workers, self.address, self.gpus_per_worker,
+                                 self.verbose, placement_timeout_s=self.placement_timeout_s,
+                                 align=bool(self.store))
+            Z = None
+        try:
+            for layer, depth in enumerate(depths):
+                rfm = self._layer_model(depth, layer)
+                params = rfm._check_params()
+                rfm.classes_ = self.classes_
+                _, _, eng, budget = rfm._context()
+                if shards is None:
+                    kernels = LocalKernels(Z, params, eng, budget, self.verbose)
+                else:
+                    kernels = RayKernels(shards, params, eng, budget, dt, dev, rfm.store,
+                                         owns_shards=False)
+                rfm._fit_backend(kernels, data.y_fit, Zv, data.y_val, Zm, data.y_mon,
+                                 np.random.default_rng(rfm.random_state), Zv.shape[1:])
+                info = {"depth": depth, "M": rfm.M_, "filters": None,
+                        "learned": rfm.best_iter_ > 0, "best_iter": rfm.best_iter_,
+                        "ridge": rfm.ridge_, "history": rfm.history_,
+                        "val_acc": rfm.history_[rfm.best_iter_]["val_acc"]}
+                log.info("layer %d (kernel depth %d): val acc %.4f, iteration %d chosen%s",
+                         layer, depth, info["val_acc"], rfm.best_iter_,
+                         "" if info["learned"] else " (M = I: random filters)")
+                if layer < len(depths) - 1:
+                    filters = self._filters(rfm.M_, Zv.shape[1], layer, info["learned"])
+                    info["filters"] = filters
+                    if shards is None:
+                        Z = featurise(Z, filters, self.padding)
+                    else:  # each worker featurises its own shard
+                        shards.featurise(filters.numpy(), self.padding)
+                    Zv = featurise(Zv, filters, self.padding)
+                    Zm = None if Zm is None else featurise(Zm, filters, self.padding)
+                else:
+                    self.final_ = rfm
+                self.layers_.append(info)
+        finally:
+            if shards is not None:
+                shards.close()
         return self
 
-    def _features(self, X) -> torch.Tensor:
-        check_is_fitted(self, "final_")
-        X = as_images(X, "X", channels=self.image_shape_[0], image_size=self.image_shape_[1:])
-        Z = as_tensor(X, resolve_dtype(self.dtype), resolve_device(self.device))
-        for info in self.layers_[:-1]:
-            Z = featurise(Z, info["filters"], self.padding)
-        return Z
+    def _chain(self) -> list:
+        """The filter banks between the input and the last layer: [(filters, padding), ...]."""
+        return [(info["filters"].numpy(), self.padding) for info in self.layers_[:-1]]
 
     def decision_function(self, X) -> np.ndarray:
-        """Class scores of the last layer's kernel regressor, shape (m, n_classes)."""
-        return self.final_.decision_function(self._features(X))
+        """Class scores of the last layer's kernel regressor, shape (m, n_classes); with
+        ``workers`` the images are featurised and scored on the workers."""
+        check_is_fitted(self, "final_")
+        X = as_images(X, "X", channels=self.image_shape_[0], image_size=self.image_shape_[1:])
+        return self.final_._scores(X, self._chain())
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels, shape (m,)."""
-        return self.final_.predict(self._features(X))
+        return self.classes_[self.decision_function(X).argmax(1)]
 
     def save(self, path: str | Path) -> Path:
         """``config.json`` + ``model.safetensors`` (metrics, filters) + ``final/`` (no pickle)."""

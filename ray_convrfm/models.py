@@ -19,11 +19,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 
 from .agop import metric_from_agop
-from .backends import LocalKernels, RayKernels
+from .backends import LocalKernels, RayKernels, ray_scores
 from .devices import resolve_device, resolve_dtype, resolve_engine
 from .kernel import KernelParams, as_tensor
 from .options import ComputeOptions
-from .patches import patch_span
+from .patches import featurise
 from .solvers import SingularKernelError, kernel_scale, solve_nystrom, solve_ridge
 from .validation import as_images, as_labels
 
@@ -70,6 +70,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     solver : "exact" (Cholesky of the n x n kernel) or "nystrom" (m centres, a seeded uniform
         sample of the training images; only m x m systems, spec section 9)
     centers : m for the Nystrom solver (default min(n, 2000))
+    gpus_per_worker : GPUs reserved per worker; None: 1 when the Ray cluster has GPUs, else 0
+    placement_timeout_s : how long to wait for the cluster to provide the workers (an
+        autoscaler starting nodes) before giving up with an error; None waits forever
     device, dtype, engine, memory_budget_mb : see ``ComputeOptions``
     random_state : seed of the validation split and the AGOP sample (a local generator)
     verbose : show progress bars and log one line per iteration
@@ -100,6 +103,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", workers: int = 0, address: str | None = None,
                  store: str | None = None, solver: str = "exact", centers: int | None = None,
+                 gpus_per_worker: float | None = None, placement_timeout_s: float | None = 600,
                  device: str = "auto", dtype: str = "float32",
                  engine: str = "auto",
                  memory_budget_mb: int = 512, random_state: int | None = 0,
@@ -118,6 +122,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.store = store
         self.solver = solver
         self.centers = centers
+        self.gpus_per_worker = gpus_per_worker
+        self.placement_timeout_s = placement_timeout_s
         self.device = device
         self.dtype = dtype
         self.engine = engine
@@ -156,6 +162,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"solver must be 'exact' or 'nystrom'; found {self.solver!r}")
         if self.centers is not None and (not isinstance(self.centers, int) or self.centers < 1):
             raise ValueError(f"centers must be a positive integer; found {self.centers!r}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0; found {self.gpus_per_worker}")
         if self.store and not self.workers:
             raise ValueError("store= needs workers >= 1: the workers write the kernel blocks")
         if self.patch_basis not in ("auto", "full"):
@@ -179,7 +187,6 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self
         """
         params = self._check_params()
-        ridges = tuple(float(r) for r in np.atleast_1d(self.ridges))
         rng = np.random.default_rng(self.random_state)
         data = prepare_fit_inputs(self, X, y, X_val, y_val, monitor, rng)
         X, X_fit, y_fit, X_val, y_val = data.X, data.X_fit, data.y_fit, data.X_val, data.y_val
@@ -190,7 +197,29 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         Xf = as_tensor(X_fit, dt, dev)
         Xv = as_tensor(X_val, dt, dev)
         Xm = as_tensor(X_mon, dt, dev) if X_mon is not None else None
-        n, c = len(y_fit), len(self.classes_)
+        kernels = self._backend(Xf, params)
+        try:
+            self._fit_backend(kernels, y_fit, Xv, y_val, Xm, y_mon, rng, X.shape[1:])
+        finally:
+            kernels.close()
+        return self
+
+    def _backend(self, Xf: torch.Tensor, params: KernelParams):
+        """Where the kernels of training images Xf are computed: here, or on Ray workers."""
+        _, _, eng, budget = self._context()
+        if self.workers:
+            return RayKernels.start(Xf, params, eng, budget, self.workers, self.address,
+                                    self.gpus_per_worker, self.store, self.verbose,
+                                    placement_timeout_s=self.placement_timeout_s)
+        return LocalKernels(Xf, params, eng, budget, self.verbose)
+
+    def _fit_backend(self, kernels, y_fit: np.ndarray, Xv: torch.Tensor, y_val: np.ndarray,
+                     Xm: torch.Tensor | None, y_mon: np.ndarray | None,
+                     rng: np.random.Generator, image_shape: tuple[int, ...]) -> None:
+        """Fit on training images held by ``kernels`` (labels: indices into ``classes_``)."""
+        ridges = tuple(float(r) for r in np.atleast_1d(self.ridges))
+        dev, dt, _, _ = self._context()
+        n, c = kernels.n, len(self.classes_)
         Y = torch.zeros(n, c, dtype=torch.float64, device=dev)
         Y[torch.arange(n), torch.as_tensor(y_fit, device=dev)] = 1.0
         sample_idx = np.sort(rng.choice(n, size=min(self.agop_samples, n), replace=False))
@@ -198,31 +227,23 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         if self.solver == "nystrom":
             m = min(n, self.centers or DEFAULT_CENTERS)
             center_idx = np.sort(rng.choice(n, size=m, replace=False))
-        d = X.shape[1] * self.patch_size**2
-        Q = patch_span(Xf, self.patch_size, self.padding) if self.patch_basis == "auto" else None
+        d = int(image_shape[0]) * self.patch_size**2
+        Q = kernels.patch_span() if self.patch_basis == "auto" else None
         if Q is not None:
             log.info("training patches span %d of %d dimensions: working in that basis",
                      Q.shape[1], d)
+            Q = Q.to(dev, dt)
+        kernels.set_basis(Q)
         M = torch.eye(d if Q is None else Q.shape[1], dtype=dt, device=dev)  # Q^T I Q = I_r
         self.n_features_in_ = d
-        self.image_shape_ = tuple(int(s) for s in X.shape[1:])
+        self.image_shape_ = tuple(int(s) for s in image_shape)
         self.history_ = []
         self.M_path_ = []
-        if self.workers:
-            kernels = RayKernels(Xf, params, Q, eng, budget, self.workers, self.address,
-                                 store=self.store)
-        else:
-            kernels = LocalKernels(Xf, params, Q, eng, budget, self.verbose)
-        try:
-            self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges,
-                          dt)
-        finally:
-            kernels.close()
+        self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges, dt)
         # the predictor's centres: every training image, or the Nystrom centres
-        self.X_fit_ = (Xf if center_idx is None else Xf[torch.as_tensor(center_idx)]).cpu()
+        self.X_fit_ = kernels.centres(center_idx).cpu()
         self.center_indices_ = center_idx
         self.patch_basis_ = None if Q is None else Q.cpu()
-        return self
 
     def _iterate(self, kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges,
                  dt) -> None:
@@ -318,20 +339,37 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ predict
     def decision_function(self, X) -> np.ndarray:
-        """Class scores f(x) = sum_i alpha_i K_M(x_i, x) / scale, shape (m, n_classes)."""
+        """Class scores f(x) = sum_i alpha_i K_M(x_i, x) / scale, shape (m, n_classes).
+
+        With ``workers`` the test images are sharded over Ray workers, which receive the
+        centres and coefficients once and return only the scores.
+        """
         check_is_fitted(self, "alpha_")
         X = as_images(X, "X", channels=self.image_shape_[0], image_size=self.image_shape_[1:])
+        return self._scores(X, [])
+
+    def _scores(self, X, chain: list) -> np.ndarray:
+        """Scores of images X after the filter banks ``chain`` ([(filters, padding), ...],
+        Deep ConvRFM's feature map; applied where the images are)."""
         dev, dt, eng, budget = self._context()
         params = KernelParams(self.depth, self.patch_size, self.padding)
         Q = None if self.patch_basis_ is None else self.patch_basis_.to(dev, dt)
         M = self.M_.to(dev, dt)
         if Q is not None:
             M = Q.T @ M @ Q
-        kernels = LocalKernels(self.X_fit_.to(dev, dt), params, Q, eng, budget, self.verbose)
+        coef = self.alpha_.to(dev, torch.float64) / self.kernel_scale_
+        if self.workers:
+            return ray_scores(X, chain, self.X_fit_, coef, M, Q, params, eng, budget,
+                              self.workers, self.address, self.gpus_per_worker, self.verbose,
+                              self.placement_timeout_s)
+        Z = as_tensor(X, dt, dev)
+        for filters, padding in chain:
+            Z = featurise(Z, torch.as_tensor(filters), padding)
+        kernels = LocalKernels(self.X_fit_.to(dev, dt), params, eng, budget, self.verbose)
+        kernels.set_basis(Q)
         kernels.set_metric(M)
-        K = kernels.cross_kernel(as_tensor(X, dt, dev), desc="predict kernel")
-        scores = (K.to(torch.float64) / self.kernel_scale_) @ self.alpha_.to(dev)
-        return scores.cpu().numpy()
+        K = kernels.cross_kernel(Z, desc="predict kernel")
+        return (K.to(torch.float64) @ coef).cpu().numpy()
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels, shape (m,)."""

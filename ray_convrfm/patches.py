@@ -32,17 +32,29 @@ def patch_span(X: torch.Tensor, patch_size: int, padding: bool, rtol: float = 1e
     x^T M z with M in that span, so working in r coordinates is exact and r/d as costly.
     Directions whose Gram eigenvalue is below ``rtol`` x the largest are dropped.
     """
+    return span_from_gram(patch_gram(X, patch_size, padding, batch_size), rtol, X.dtype)
+
+
+def patch_gram(X: torch.Tensor, patch_size: int, padding: bool,
+               batch_size: int = 256) -> torch.Tensor:
+    """Sum of p p^T over every patch p of X, in float64: (d, d); shards' grams add up."""
     d = X.shape[1] * patch_size**2
     gram = torch.zeros(d, d, dtype=torch.float64, device=X.device)
     for b in range(0, X.shape[0], batch_size):
         p = extract_patches(X[b : b + batch_size], patch_size, padding).reshape(-1, d)
         p = p.to(torch.float64)
         gram += p.T @ p
-    vals, vecs = torch.linalg.eigh(gram)
+    return gram
+
+
+def span_from_gram(gram: torch.Tensor, rtol: float = 1e-6,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """``patch_span`` from the patches' Gram matrix (summed over shards by distributed fits)."""
+    vals, vecs = torch.linalg.eigh(gram.to(torch.float64))
     keep = vals > rtol * vals.max().clamp_min(torch.finfo(torch.float64).tiny)
     if bool(keep.all()):
         return None
-    return vecs[:, keep].flip(1).to(X.dtype)
+    return vecs[:, keep].flip(1).to(dtype)
 
 
 def featurise(X: torch.Tensor, filters: torch.Tensor, padding: bool,

@@ -28,20 +28,64 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
     Z = rng.random((7, 1, 12, 12), dtype=np.float32)
     M = random_psd(rng, 9).astype(np.float32)
     params = {"depth": 2, "patch_size": 3, "padding": False}
-    shards = ShardedImages(X, workers=2, threads=1)
-    assert shards.bounds == [(0, 11), (11, 23)]
+    with ShardedImages(X, workers=2, threads=1) as shards:
+        assert shards.bounds == [(0, 11), (11, 23)]
+        K = shards.kernel(Z, M, params)
+        coef = rng.standard_normal((23, 4)).astype(np.float32)
+        sample = np.array([1, 5, 12, 20])  # rows in both shards
+        G = shards.agop(X, coef, sample, M, params)
+        G_parts = shards.agop(shards.parts(), coef, sample, M, params)  # columns from workers
 
-    K = shards.kernel(Z, M, params)
     Mt = torch.from_numpy(M)
     xs = prepare_side(torch.from_numpy(X), Mt, KernelParams(**params))
     zs = prepare_side(torch.from_numpy(Z), Mt, KernelParams(**params))
     assert rel_err(K, kernel_matrix(xs, zs, "numba", 512).numpy()) < 1e-6
 
-    coef = rng.standard_normal((23, 4)).astype(np.float32)
-    sample = np.array([1, 5, 12, 20])  # rows in both shards
-    G = shards.agop(X, coef, sample, M, params)
     local = patch_agop(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
     assert rel_err(G, local.numpy()) < 1e-5
+    np.testing.assert_array_equal(G_parts, G)
+
+
+def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
+    """Deep ConvRFM's feature map runs on the workers; their sums match the local ones."""
+    from ray_convrfm.distributed import ShardedImages
+    from ray_convrfm.patches import featurise, patch_gram
+    from ray_convrfm.store import rows_fingerprint
+
+    rng = np.random.default_rng(1)
+    X = rng.random((37, 1, 10, 10), dtype=np.float32)
+    filters = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    local = featurise(torch.from_numpy(X), torch.from_numpy(filters), False)
+    with ShardedImages(X, workers=2, threads=1, block=8, align=True) as shards:
+        assert shards.bounds == [(0, 16), (16, 37)]  # block-aligned for the store
+        assert shards.fingerprint() == rows_fingerprint(X, 8)
+        shards.featurise(filters, padding=False)
+        assert shards.row_shape == (4, 8, 8)
+        np.testing.assert_allclose(shards.gather(), local.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(shards.gather(np.array([3, 20, 36])),
+                                   local.numpy()[[3, 20, 36]], rtol=1e-6)
+        assert shards.fingerprint() == rows_fingerprint(shards.gather(), 8)
+        np.testing.assert_allclose(shards.patch_gram(3, False),
+                                   patch_gram(local, 3, False).numpy(), rtol=1e-9)
+        parts = [ray.put(np.full(3, float(k))) for k in range(11)]
+        np.testing.assert_array_equal(shards.reduce(parts, fan_in=2), np.full(3, 55.0))
+
+
+def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.distributed.driver import PlacementTimeoutError
+
+    X = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    y = np.arange(20) % 2
+    model = ConvRFM(depth=2, iters=1, workers=2, gpus_per_worker=1, placement_timeout_s=1)
+    with pytest.raises(PlacementTimeoutError, match="2 workers of .*'GPU': 1.0.*in all"):
+        model.fit(X, y)  # the embedded Ray cannot grow: refused at once
+    from ray_convrfm.distributed.driver import reserve_workers
+
+    with pytest.raises(PlacementTimeoutError, match="gave up after 1 s waiting for 3 workers"):
+        reserve_workers(3, {"CPU": 1.0}, timeout_s=1, poll_s=0.5, elastic=True)  # autoscaler
+    # the reservation was released: the same cluster still runs a CPU fit
+    assert ConvRFM(depth=2, iters=1, workers=2, placement_timeout_s=30).fit(X, y).score(X, y) > 0
 
 
 def test_convrfm_with_two_workers_equals_in_process(cluster):
@@ -113,6 +157,25 @@ def test_nystrom_on_workers_equals_in_process(cluster):
                                rtol=1e-3, atol=1e-4)
 
 
+def test_nystrom_kernel_goes_through_the_store(cluster, tmp_path):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:300], ds.y_train[:300], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=40,
+              workers=2)
+    plain = ConvRFM(**kw).fit(X, y)
+    stored = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
+    # 270 fitting rows in blocks of 256: 2 row blocks x 1 centre block, per iteration
+    assert [h["stored_blocks_computed"] for h in stored.history_] == [2, 2]
+    again = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
+    assert [h["stored_blocks_computed"] for h in again.history_] == [0, 0]
+    np.testing.assert_array_equal(again.decision_function(Xt), stored.decision_function(Xt))
+    np.testing.assert_allclose(stored.decision_function(Xt), plain.decision_function(Xt),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
     """A worker process is SIGKILLed while it computes; Ray restarts it and retries the task."""
     import os
@@ -128,27 +191,26 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
     landed = False
     for n in (500, 800, 1200):  # larger problems if the kill came too late on a busy machine
         X = rng.random((n, 1, 28, 28), dtype=np.float32)
-        shards = ShardedImages(X, workers=2, threads=1)
-        shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
-        t0 = time.perf_counter()
-        expected = shards.kernel(X, M, params)
-        seconds = time.perf_counter() - t0
-        victim = ray.get(shards.actors[1].pid.remote())
-        killed_at = []
+        with ShardedImages(X, workers=2, threads=1) as shards:
+            shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+            t0 = time.perf_counter()
+            expected = shards.kernel(X, M, params)
+            seconds = time.perf_counter() - t0
+            victim = ray.get(shards.actors[1].pid.remote())
+            killed_at = []
 
-        def kill_midway(victim=victim, seconds=seconds, killed_at=killed_at):
-            time.sleep(seconds / 4)
-            os.kill(victim, signal.SIGKILL)
-            killed_at.append(time.perf_counter())
+            def kill_midway(victim=victim, seconds=seconds, killed_at=killed_at):
+                time.sleep(seconds / 4)
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.perf_counter())
 
-        killer = threading.Thread(target=kill_midway)
-        killer.start()
-        again = shards.kernel(X, M, params)
-        finished_at = time.perf_counter()
-        killer.join()
-        assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
-        np.testing.assert_array_equal(again, expected)
-        shards.close()
+            killer = threading.Thread(target=kill_midway)
+            killer.start()
+            again = shards.kernel(X, M, params)
+            finished_at = time.perf_counter()
+            killer.join()
+            assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
+            np.testing.assert_array_equal(again, expected)
         if killed_at[0] < finished_at:
             landed = True
             break
@@ -164,7 +226,7 @@ def _done_blocks(store_path) -> int:
     return total
 
 
-def test_killed_driver_resumes_from_the_store(tmp_path):
+def test_killed_driver_resumes_from_the_store(cluster, tmp_path):
     """SIGKILL the whole fit (driver and its Ray) mid-kernel; the rerun computes only the rest."""
     import json
     import os

@@ -1,10 +1,15 @@
 """Ray actors owning shards of the images (spec section 9).
 
-A worker keeps its shard where it runs and calls the single-machine core (``kernel``, ``agop``):
-kernel rows of its images against columns that reach it once through Ray's object store, and
-the unaveraged patch AGOP over the sample images it owns, against the whole training set.
-Every method is a pure function of its arguments and the shard, so a retried task (after a
-worker restart) gives the same answer.
+A worker keeps its shard where it runs (on its GPU when it has one) and calls the
+single-machine core (``kernel``, ``agop``, ``patches``): kernel rows of its images against
+columns that reach it once through Ray's object store, the unaveraged patch AGOP over the
+sample images it owns, the partial sums of the Nystrom normal equations, predictions for a
+shard of test images and, for Deep ConvRFM, the featurisation of its own shard.
+
+Every method is a pure function of its arguments and the raw shard: the filter banks applied
+so far (the *chain*) arrive with each call, and what a worker caches (featurised images,
+prepared kernel sides) it can rebuild from them. A restarted actor (built again from its raw
+shard) therefore gives the same answer to a retried task.
 """
 
 from __future__ import annotations
@@ -14,22 +19,34 @@ import torch
 
 from ..agop import patch_agop
 from ..kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
+from ..patches import featurise, patch_gram
+from ..solvers import normal_equations
+from ..store import KernelStore, StoreSpec, block_digests, fingerprint
+
+#: Options every kernel call takes: dtype, engine, budget_mb, basis (see ``RayKernels``).
+Opts = dict
 
 
 class ShardWorker:
-    """Holds rows ``start..stop`` of the images; constructed by ``ray.remote(ShardWorker)``."""
+    """Holds rows ``start..start + len(images)`` of the images; made by ``ray.remote``."""
 
-    def __init__(self, images: np.ndarray, start: int, threads: int | None = None):
+    def __init__(self, images: np.ndarray, start: int, threads: int | None = None,
+                 gpus: float = 0):
         if threads:
             import numba
 
             torch.set_num_threads(threads)
             numba.set_num_threads(threads)
-        self.images = np.ascontiguousarray(images)
+        gpu = gpus and torch.cuda.is_available()
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.raw = np.ascontiguousarray(images)
         self.start = start
+        self._features: tuple[str, torch.Tensor] | None = None
+        self._sides: dict[tuple, object] = {}
 
+    # ------------------------------------------------------------------ the shard
     def size(self) -> int:
-        return len(self.images)
+        return len(self.raw)
 
     def pid(self) -> int:
         """The worker's process id (for tests that kill workers)."""
@@ -37,81 +54,175 @@ class ShardWorker:
 
         return os.getpid()
 
-    def _side(self, X: np.ndarray, M: np.ndarray, params: dict, dtype: str,
-              basis: np.ndarray | None):
-        dt = torch.float32 if dtype == "float32" else torch.float64
-        dev = torch.device("cpu")
-        Q = None if basis is None else as_tensor(basis, dt, dev)
-        return prepare_side(as_tensor(X, dt, dev), as_tensor(M, dt, dev), KernelParams(**params),
-                            Q)
+    def node(self) -> str:
+        """The id of the Ray node this worker runs on."""
+        import ray
 
-    def kernel_rows(self, cols: np.ndarray, M: np.ndarray, params: dict, dtype: str = "float32",
-                    engine: str = "numba", budget_mb: int = 512,
-                    basis: np.ndarray | None = None) -> np.ndarray:
-        """K(shard, cols), shape (shard size, len(cols)); ``cols`` arrives as an object ref."""
-        xs = self._side(self.images, M, params, dtype, basis)
-        zs = self._side(cols, M, params, dtype, basis)
-        return kernel_matrix(xs, zs, engine, budget_mb).numpy()
+        return ray.get_runtime_context().get_node_id()
 
-    def store_kernel_rows(self, cols: np.ndarray, M: np.ndarray, params: dict, url: str,
-                          spec_fields: dict, name: str, shape: tuple[int, int], start: int,
-                          stop: int, dtype: str = "float32", engine: str = "numba",
-                          budget_mb: int = 512, basis: np.ndarray | None = None) -> int:
-        """Compute this shard's missing blocks of kernel ``name`` and write each to the store.
+    def _images(self, chain: list) -> torch.Tensor:
+        """The shard after the chain of filter banks ``[(filters, padding), ...]``, cached."""
+        key = fingerprint(*[f for f, _ in chain], extra=[p for _, p in chain])
+        if self._features is None or self._features[0] != key:
+            self._features = None
+            self._sides.clear()
+            Z = torch.from_numpy(self.raw).to(self.device)
+            for filters, padding in chain:
+                Z = featurise(Z, torch.as_tensor(filters), padding)
+            self._features = (key, Z)
+        return self._features[1]
 
-        Rows start..stop are this shard's (block-aligned); each block is written, then marked,
-        so a retry after a crash recomputes only unmarked blocks. Returns the blocks computed.
-        """
-        from ..store import KernelStore, StoreSpec
+    def prepare(self, chain: list) -> tuple[int, ...]:
+        """Featurise the shard now (Deep ConvRFM, between layers); returns its shape."""
+        return tuple(self._images(chain).shape)
 
+    def images(self, chain: list, rows: np.ndarray | None = None) -> np.ndarray:
+        """The shard's (featurised) images, or its local ``rows``: for columns and models."""
+        Z = self._images(chain)
+        if rows is not None:
+            Z = Z[torch.as_tensor(np.asarray(rows, dtype=np.int64), device=Z.device)]
+        return Z.cpu().numpy()
+
+    def digests(self, chain: list, block: int) -> list[str]:
+        """Per-block SHA-256 of the (featurised) shard; the driver combines them in order."""
+        return block_digests(self._images(chain).cpu().numpy(), block)
+
+    def patch_gram(self, chain: list, patch_size: int, padding: bool) -> np.ndarray:
+        """Sum of p p^T over the shard's patches (the driver sums and finds their span)."""
+        return patch_gram(self._images(chain), patch_size, padding).cpu().numpy()
+
+    def add(self, *parts: np.ndarray) -> np.ndarray:
+        """Sum of partial results: one node of the driver's reduction tree."""
+        return sum(parts[1:], parts[0])
+
+    # ------------------------------------------------------------------ kernel sides
+    def _prepare(self, X: torch.Tensor | np.ndarray, M: np.ndarray, params: dict, opts: Opts):
+        dt = torch.float32 if opts["dtype"] == "float32" else torch.float64
+        basis = opts.get("basis")
+        Q = None if basis is None else as_tensor(basis, dt, self.device)
+        return prepare_side(as_tensor(X, dt, self.device), as_tensor(M, dt, self.device),
+                            KernelParams(**params), Q)
+
+    def _cached(self, key: tuple, build):
+        """A prepared side kept for the next task with the same key (at most two kept)."""
+        if key not in self._sides:
+            if len(self._sides) >= 2:
+                self._sides.pop(next(iter(self._sides)))
+            self._sides[key] = build()
+        return self._sides[key]
+
+    def _metric_key(self, M: np.ndarray, params: dict, opts: Opts) -> str:
+        basis = opts.get("basis")
+        return fingerprint(M, *([] if basis is None else [basis]),
+                           extra=[params, opts["dtype"]])
+
+    def _shard_side(self, chain: list, M: np.ndarray, params: dict, opts: Opts):
+        key = ("shard", self._metric_key(M, params, opts))
+        return self._cached(key, lambda: self._prepare(self._images(chain), M, params, opts))
+
+    def _cols_side(self, cols_key: str, cols: tuple, M: np.ndarray, params: dict, opts: Opts):
+        key = ("cols", cols_key, self._metric_key(M, params, opts))
+
+        def build():
+            X = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=0)
+            return self._prepare(X, M, params, opts)
+
+        return self._cached(key, build)
+
+    def _engine(self, opts: Opts) -> str:
+        return "torch" if self.device.type == "cuda" else opts["engine"]
+
+    # ------------------------------------------------------------------ kernels
+    def kernel_rows(self, chain: list, r0: int, r1: int, M: np.ndarray, params: dict,
+                    opts: Opts, cols_key: str, *cols: np.ndarray) -> np.ndarray:
+        """K(shard rows r0..r1, cols); ``cols`` are the parts of the columns, in order, each
+        resolved from the object store (never sent by the driver per task)."""
+        xs = self._shard_side(chain, M, params, opts)
+        zs = self._cols_side(cols_key, cols, M, params, opts)
+        K = kernel_matrix(xs.rows(r0, r1), zs, self._engine(opts), opts["budget_mb"])
+        return K.cpu().numpy()
+
+    def store_kernel_blocks(self, chain: list, blocks: list[tuple[int, int]], url: str,
+                            spec_fields: dict, name: str, shape: tuple[int, int],
+                            M: np.ndarray, params: dict, opts: Opts, cols_key: str,
+                            *cols: np.ndarray) -> int:
+        """Compute the given blocks (i, j) of kernel ``name`` (rows of this shard) and write
+        each to the store, then mark it; blocks already marked (by an earlier attempt) are
+        skipped. Returns the number of blocks computed."""
         store = KernelStore(url, StoreSpec(**spec_fields))
         b = store.spec.block
-        mine = [(i, j) for i, j in store.missing(name, shape) if start <= i * b < stop]
-        if not mine:
+        missing = set(store.missing(name, shape))
+        todo = [(i, j) for i, j in blocks if (i, j) in missing]
+        if not todo:
             return 0
-        xs = self._side(self.images, M, params, dtype, basis)
-        zs = self._side(cols, M, params, dtype, basis)
-        for i, j in mine:
+        xs = self._shard_side(chain, M, params, opts)
+        zs = self._cols_side(cols_key, cols, M, params, opts)
+        for i, j in todo:
             r0, c0 = i * b - self.start, j * b
-            block = kernel_matrix(xs.rows(r0, r0 + b), zs.rows(c0, c0 + b), engine, budget_mb)
-            store.write_block(name, shape, i, j, block.numpy())
-        return len(mine)
+            block = kernel_matrix(xs.rows(r0, r0 + b), zs.rows(c0, c0 + b), self._engine(opts),
+                                  opts["budget_mb"])
+            store.write_block(name, shape, i, j, block.cpu().numpy())
+        return len(todo)
 
-    def kernel_pair(self, rows: np.ndarray, cols: np.ndarray, M: np.ndarray, params: dict,
-                    dtype: str = "float32", engine: str = "numba", budget_mb: int = 512,
-                    basis: np.ndarray | None = None) -> np.ndarray:
-        """K(rows, cols) for images given by the driver (a slice of test or validation images)."""
-        xs = self._side(rows, M, params, dtype, basis)
-        zs = self._side(cols, M, params, dtype, basis)
-        return kernel_matrix(xs, zs, engine, budget_mb).numpy()
+    def kernel_pair(self, rows: np.ndarray, M: np.ndarray, params: dict, opts: Opts,
+                    cols_key: str, *cols: np.ndarray) -> np.ndarray:
+        """K(rows, cols) for images the driver holds (a slice of validation images)."""
+        xs = self._prepare(rows, M, params, opts)
+        zs = self._cols_side(cols_key, cols, M, params, opts)
+        return kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"]).cpu().numpy()
 
-    def normal_equations_part(self, centres: np.ndarray, Y: np.ndarray, centre_rows: np.ndarray,
-                              M: np.ndarray, params: dict, dtype: str = "float32",
-                              engine: str = "numba", budget_mb: int = 512,
-                              basis: np.ndarray | None = None):
-        """This shard's (K^T K, K^T Y) against the centres, and the K rows of the centres it
-        holds (local indices ``centre_rows``): only m x m-sized results leave the worker."""
-        from ..solvers import normal_equations
+    def scores(self, chain: list, r0: int, r1: int, alpha: np.ndarray, M: np.ndarray,
+               params: dict, opts: Opts, cols_key: str, *centres: np.ndarray) -> np.ndarray:
+        """Class scores K(shard rows r0..r1, centres) @ alpha (float64): predictions for a
+        shard of test images; only (rows, classes) leaves the worker."""
+        K = self.kernel_rows(chain, r0, r1, M, params, opts, cols_key, *centres)
+        return K.astype(np.float64) @ np.asarray(alpha, dtype=np.float64)
 
-        K = torch.from_numpy(self.kernel_rows(centres, M, params, dtype, engine, budget_mb,
-                                              basis))
-        KtK, KtY = normal_equations(K, torch.from_numpy(np.asarray(Y)))
-        return KtK.numpy(), KtY.numpy(), K[np.asarray(centre_rows, dtype=np.int64)].numpy()
+    def normal_equations_part(self, chain: list, Y: np.ndarray, centre_rows: np.ndarray,
+                              M: np.ndarray, params: dict, opts: Opts, stored: tuple | None,
+                              cols_key: str, *centres: np.ndarray):
+        """This shard's (K^T K, K^T Y) against the centres, the K rows of the centres it holds
+        (local indices ``centre_rows``) and the number of blocks computed: only m x m-sized
+        results leave the worker.
 
-    def agop_part(self, train: np.ndarray, coef: np.ndarray, sample_rows: np.ndarray,
-                  M: np.ndarray, params: dict, dtype: str = "float32", engine: str = "numba",
-                  budget_mb: int = 512, basis: np.ndarray | None = None) -> np.ndarray:
+        With ``stored`` = (url, spec fields, name, shape) the shard's rows of K(train, centres)
+        go through the store: missing blocks are computed and written, then the rows are read
+        back, so a resumed fit computes only what an interrupted one left out.
+        """
+        zs = self._cols_side(cols_key, centres, M, params, opts)
+        if stored is None:
+            K = kernel_matrix(self._shard_side(chain, M, params, opts), zs, self._engine(opts),
+                              opts["budget_mb"])
+            computed = 0
+        else:
+            url, spec_fields, name, shape = stored
+            n = len(self.raw)
+            blocks = [(i, j) for i in range(self.start // spec_fields["block"],
+                                            -(-(self.start + n) // spec_fields["block"]))
+                      for j in range(-(-shape[1] // spec_fields["block"]))]
+            computed = self.store_kernel_blocks(chain, blocks, url, spec_fields, name, shape, M,
+                                                params, opts, cols_key, *centres)
+            store = KernelStore(url, StoreSpec(**spec_fields))
+            K = torch.from_numpy(store.kernel(name, shape)[self.start : self.start + n])
+            K = K.to(self.device)
+        KtK, KtY = normal_equations(K, torch.as_tensor(np.asarray(Y), device=K.device))
+        rows = torch.as_tensor(np.asarray(centre_rows, dtype=np.int64), device=K.device)
+        return KtK.cpu().numpy(), KtY.cpu().numpy(), K[rows].cpu().numpy(), computed
+
+    def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M: np.ndarray,
+                  params: dict, opts: Opts, cols_key: str, *train: np.ndarray) -> np.ndarray:
         """Unaveraged patch AGOP over this shard's sample images (local row indices).
 
-        The predictor involves every training image, so ``train`` and ``coef`` come whole
-        (once, through the object store); the result is a small (d, d) sum to be reduced.
+        The predictor involves every centre, so ``train`` (its parts) and ``coef`` arrive
+        whole through the object store; the result is a small (d, d) sum to be reduced.
         """
         d = M.shape[0]
         if len(sample_rows) == 0:
             return np.zeros((d, d))
-        xs = self._side(train, M, params, dtype, basis)
-        zs = self._side(self.images[np.asarray(sample_rows)], M, params, dtype, basis)
+        xs = self._cols_side(cols_key, train, M, params, opts)
+        zs = self._shard_side(chain, M, params, opts).take(np.asarray(sample_rows))
         dt = xs.left.dtype
-        G = patch_agop(xs, torch.as_tensor(coef, dtype=dt), zs, torch.as_tensor(M, dtype=dt),
-                       engine=engine, budget_mb=budget_mb, average=False)
-        return G.to(torch.float64).numpy()
+        G = patch_agop(xs, torch.as_tensor(coef, dtype=dt, device=self.device), zs,
+                       torch.as_tensor(M, dtype=dt, device=self.device),
+                       engine=self._engine(opts), budget_mb=opts["budget_mb"], average=False)
+        return G.to(torch.float64).cpu().numpy()
