@@ -129,6 +129,14 @@ def _set_threads(threads: int | None) -> None:
         numba.set_num_threads(threads)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
 def _store(args, out: Path) -> str | None:
     """--store, or OUT/kernels.zarr for a fit on workers (so a rerun resumes), 'none': none."""
     if args.store == "none" or not args.workers:
@@ -212,7 +220,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
         "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
         "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
+        "driver_peak_rss_mb": _peak_rss_mb(),
     }
+    worker_peaks = [max(h["worker_peak_rss_mb"]) for la in layers for h in la["history"]
+                    if h.get("worker_peak_rss_mb")]
+    if worker_peaks:
+        summary["worker_peak_rss_mb"] = max(worker_peaks)
+        print(f"peak memory: driver {summary['driver_peak_rss_mb']:.0f} MiB, largest worker "
+              f"{summary['worker_peak_rss_mb']:.0f} MiB")
     if test_acc is not None:
         print(f"chosen on validation: iteration {last['best_iter']}, ridge {last['ridge']:g}"
               f"{' at the last layer' if len(layers) > 1 else ''}; test accuracy "

@@ -312,6 +312,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                           seconds_kernel=t_kernel, seconds_solve=t_solve)
             if self.store:
                 record["stored_blocks_computed"] = kernels.blocks_computed - blocks_before
+            if hasattr(kernels, "shards"):
+                record["worker_peak_rss_mb"] = kernels.shards.peak_rss_mb()
             if Kmon is not None:
                 record["monitor_acc"] = _accuracy(Kmon.to(torch.float64) @ alpha, y_mon)
             if best is None or val_acc > best["val_acc"]:

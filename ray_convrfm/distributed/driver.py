@@ -363,6 +363,12 @@ class ShardedImages:
         wait_all(futures, "AGOP", self.progress)
         return self.reduce(futures) / len(sample_idx)
 
+    def peak_rss_mb(self) -> list[float]:
+        """Every worker's peak resident memory so far (MiB)."""
+        import ray
+
+        return ray.get([a.peak_rss_mb.remote() for a in self.actors])
+
     def nodes(self) -> list[str]:
         """The Ray node of every worker (to check that work spread over nodes)."""
         import ray

@@ -54,6 +54,14 @@ class ShardWorker:
 
         return os.getpid()
 
+    def peak_rss_mb(self) -> float:
+        """This worker process's peak resident memory so far, in MiB."""
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
     def node(self) -> str:
         """The id of the Ray node this worker runs on."""
         import ray
