@@ -45,6 +45,15 @@ def fingerprint(*arrays, extra: Any = None) -> str:
     return h.hexdigest()
 
 
+def open_group(url: str, mode: str = "a") -> zarr.Group:
+    """A zarr group at a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``);
+    ``file://`` URLs are opened as local paths, whose folders zarr creates."""
+    url = str(url)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return zarr.open_group(url, mode=mode)
+
+
 def block_digests(X, block: int) -> list[str]:
     """SHA-256 of every ``block`` rows of X: what a worker holding a block-aligned shard sends."""
     X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
@@ -92,7 +101,7 @@ class KernelStore:
         self.url = str(url)
         self.spec = spec
         try:
-            self.group = zarr.open_group(self.url, mode=mode)
+            self.group = open_group(self.url, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise FileNotFoundError(f"{self.url} is not a ray_convrfm kernel store") from err
         recorded = self.group.attrs.get("spec")
@@ -170,7 +179,7 @@ def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
     """
     run = {"rows_fingerprint": rows_fingerprint, "params": params, "dtype": dtype,
            "block": block, "format": STORE_FORMAT}
-    root = zarr.open_group(str(url), mode="a")
+    root = open_group(str(url), mode="a")
     recorded = root.attrs.get("run")
     if recorded is None:
         root.attrs["run"] = run

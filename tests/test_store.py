@@ -74,3 +74,25 @@ def test_fingerprint_sees_values_dtype_and_shape():
     b[3] += 1e-3
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(a, extra={"depth": 3}) != fingerprint(a, extra={"depth": 2})
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_urls_hold_stores(tmp_path, scheme):
+    """Object-storage URLs go through fsspec (memory:// here); file:// maps to a local path."""
+    url = f"memory://{tmp_path.name}/k.zarr" if scheme == "memory" else f"file://{tmp_path}/k.zarr"
+    shape = (5, 5)
+    KernelStore(url, _spec()).write_block("K", shape, 1, 0, np.full((1, 4), 2.0))
+    again = KernelStore(url, _spec())
+    assert (1, 0) not in again.missing("K", shape) and len(again.missing("K", shape)) == 3
+    with pytest.raises(StoreMismatchError):
+        KernelStore(url, _spec(depth=2))
+
+
+def test_rows_fingerprint_does_not_depend_on_sharding():
+    from ray_convrfm.store import block_digests, combine_digests, rows_fingerprint
+
+    X = np.random.default_rng(0).random((10, 1, 3, 3)).astype(np.float32)
+    parts = block_digests(X[:4], 2) + block_digests(X[4:], 2)  # two block-aligned shards
+    assert combine_digests(parts, X.shape[1:], X.dtype.str) == rows_fingerprint(X, 2)
+    assert rows_fingerprint(X, 2) != rows_fingerprint(X, 5)
+    assert rows_fingerprint(X, 2) != rows_fingerprint(X[:9], 2)
