@@ -122,12 +122,16 @@ class RayKernels:
     def start(cls, X_fit: torch.Tensor, params: KernelParams, engine: str, budget_mb: int,
               workers: int, address: str | None = None, gpus_per_worker: float | None = None,
               store: str | None = None, progress: bool = False, block: int = DEFAULT_BLOCK,
-              placement_timeout_s: float | None = None) -> RayKernels:
-        """Start (or join) Ray and hand the training images out to ``workers`` actors."""
+              placement_timeout_s: float | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> RayKernels:
+        """Start (or join) Ray and hand the training images out to ``workers`` actors
+        (``X_fit`` a tensor, or ``ParquetRows`` each worker reads its part of)."""
         shards = open_shards(X_fit, workers, address, gpus_per_worker, progress, block,
                              placement_timeout_s, align=bool(store))
+        dtype = X_fit.dtype if dtype is None else dtype
+        device = X_fit.device if device is None else device
         try:
-            return cls(shards, params, engine, budget_mb, X_fit.dtype, X_fit.device, store)
+            return cls(shards, params, engine, budget_mb, dtype, device, store)
         except BaseException:
             shards.close()  # e.g. a store of another run: release the workers
             raise
@@ -231,7 +235,10 @@ def open_shards(X: torch.Tensor | np.ndarray, workers: int, address: str | None 
     from .distributed.driver import resolve_gpus_per_worker
 
     start_ray(workers, address)
-    X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    elif not hasattr(X, "load"):  # ParquetRows stay a description: workers read them
+        X = np.asarray(X)
     return ShardedImages(X, workers, threads=1, block=block, align=align, elastic=bool(address),
                          gpus_per_worker=resolve_gpus_per_worker(gpus_per_worker),
                          placement_timeout_s=placement_timeout_s, progress=progress)

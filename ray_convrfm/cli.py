@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit ConvRFM on a dataset and report accuracy per iteration")
     f.add_argument("--dataset", default="digits",
-                   help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH")
+                   help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH | "
+                        "parquet:PATH_OR_URL (each Ray worker reads its own row groups)")
     f.add_argument("--data-root", default=None, help="directory holding the dataset files")
     f.add_argument("--download", action="store_true",
                    help="download Fashion-MNIST if it is not found locally")
@@ -93,6 +94,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="output directory (default runs/cnfa-<dataset>)")
     c.add_argument("--quiet", action="store_true")
 
+    v = sub.add_parser("convert", help="write a data set as parquet shards (encoded images + "
+                                       "labels) for fits at scale")
+    v.add_argument("source", help="digits | fashion-mnist | idx:DIR | npz:PATH | folder:DIR "
+                                  "(DIR/[train|test]/<class>/*.png|jpg)")
+    v.add_argument("out", help="output directory or URL (s3://..., gs://...)")
+    v.add_argument("--encoding", default="png", choices=("png", "jpeg"))
+    v.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    v.add_argument("--size", default=None, help="resize every image to HxW, e.g. 64x64")
+    v.add_argument("--rows-per-file", type=int, default=16384)
+    v.add_argument("--rows-per-group", type=int, default=1024,
+                   help="rows per parquet row group: the unit a worker reads")
+    v.add_argument("--data-root", default=None)
+    v.add_argument("--download", action="store_true")
+    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--quiet", action="store_true")
+
     b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape; "
                                      "'bench distributed': Ray workers' kernel-stage scaling")
     b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed"))
@@ -127,6 +144,23 @@ def _set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
+
+
+def _parquet_fit_data(args: argparse.Namespace):
+    """A parquet data set for ``fit``: training images left in place for the workers to read
+    (``ParquetImages``), the test images (for reporting) read here."""
+    from types import SimpleNamespace
+
+    from .parquet import ParquetImages
+
+    if args.noise_frame:
+        raise SystemExit("--noise-frame works on in-memory data sets, not parquet:")
+    path = args.dataset[len("parquet:"):]
+    train = ParquetImages.open(path, "train", limit=args.n_train)
+    test = ParquetImages.open(path, "test", limit=args.n_test)
+    X_test, y_test = test.read()
+    return SimpleNamespace(name=train.manifest.name, X_train=train, y_train=None,
+                           X_test=X_test, y_test=y_test)
 
 
 def _peak_rss_mb() -> float:
@@ -170,11 +204,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .viz import plot_deep_filters, plot_filters, plot_history
 
     _set_threads(args.threads)
-    ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
-    ds = ds.subset(args.n_train, args.n_test)
-    if args.noise_frame:
-        ds = with_noise_frame(ds, frame=args.noise_frame, noise_std=args.noise_std,
-                              random_state=args.seed)
+    if args.dataset.lower().startswith("parquet:"):
+        ds = _parquet_fit_data(args)
+    else:
+        ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
+        ds = ds.subset(args.n_train, args.n_test)
+        if args.noise_frame:
+            ds = with_noise_frame(ds, frame=args.noise_frame, noise_std=args.noise_std,
+                                  random_state=args.seed)
     small = min(ds.X_train.shape[2:]) < 10
     depth = args.depth if args.depth is not None else (2 if small else 3)
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
@@ -197,7 +234,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         model = ConvRFM(depth=depth, **common)
         what = f"ConvRFM, depth {depth}"
-    print(f"{ds.name}: {len(ds.y_train)} train / {len(ds.y_test)} test images of shape "
+    print(f"{ds.name}: {len(ds.X_train)} train / {len(ds.y_test)} test images of shape "
           f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {out}", flush=True)
     t0 = time.perf_counter()
     monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
@@ -215,7 +252,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     test_acc = last["history"][last["best_iter"]].get("monitor_acc")
     fixed = first["history"][0].get("monitor_acc")
     summary = {
-        "dataset": ds.name, "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)),
+        "dataset": ds.name, "n_train": int(len(ds.X_train)), "n_test": int(len(ds.y_test)),
         "model": type(model).__name__, "layers": len(layers), "depth": depth, "iters": iters,
         "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
         "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
@@ -306,6 +343,26 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .parquet import convert, open_parquet_dataset
+
+    size = None
+    if args.size:
+        try:
+            h, w = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--size takes HxW, e.g. 64x64; found {args.size!r}") from None
+        size = (h, w)
+    t0 = time.perf_counter()
+    out = convert(args.source, args.out, encoding=args.encoding, size=size, quality=args.quality,
+                  rows_per_file=args.rows_per_file, rows_per_group=args.rows_per_group,
+                  overwrite=args.overwrite, progress=not args.quiet, root=args.data_root,
+                  download=args.download)
+    m = open_parquet_dataset(out)
+    print(f"wrote {out}: {m!r} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import distributed_kernel_scaling, kernel_and_agop_throughput
 
@@ -352,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     np.set_printoptions(precision=4)
-    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench}
+    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench, "convert": cmd_convert}
     return commands[args.command](args)
 
 

@@ -664,7 +664,8 @@ def with_noise_frame(
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
-_SPEC_FORMS = '"digits", "fashion-mnist", "idx:DIR", "npz:PATH" or a path ending in .npz'
+_SPEC_FORMS = ('"digits", "fashion-mnist", "idx:DIR", "npz:PATH", "parquet:PATH_OR_URL" or a '
+               'path ending in .npz')
 
 
 def load_dataset(
@@ -675,7 +676,8 @@ def load_dataset(
     Parameters
     ----------
     spec : str
-        ``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``, ``"npz:PATH"`` or ``PATH.npz``.
+        ``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``, ``"npz:PATH"``, ``PATH.npz`` or
+        ``"parquet:PATH_OR_URL"`` (read whole; fits on Ray read it lazily, see ``parquet``).
     root, download
         Passed to :func:`load_fashion_mnist`; ignored by the other forms.
 
@@ -697,4 +699,8 @@ def load_dataset(
         return load_npz(Path(s[4:]).expanduser())
     if key.endswith(".npz"):
         return load_npz(Path(s).expanduser())
+    if key.startswith("parquet:") and len(s) > 8:
+        from .parquet import load_parquet
+
+        return load_parquet(s[8:])
     raise ValueError(f"unknown data set spec {spec!r}; accepted: {_SPEC_FORMS}")

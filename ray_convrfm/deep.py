@@ -24,7 +24,14 @@ from .agop import psd_power
 from .backends import LocalKernels, RayKernels
 from .devices import resolve_device, resolve_dtype
 from .kernel import KernelParams, as_tensor
-from .models import FORMAT_VERSION, ConvRFM, _jsonable, _read_config, prepare_fit_inputs
+from .models import (
+    FORMAT_VERSION,
+    ConvRFM,
+    _jsonable,
+    _read_config,
+    _training_images,
+    prepare_fit_inputs,
+)
 from .patches import featurise
 from .validation import as_images
 
@@ -131,7 +138,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             W = W @ psd_power(M, 0.5)
         return W.reshape(self.width, channels, q, q).to(torch.float32)
 
-    def fit(self, X, y, X_val=None, y_val=None, monitor=None) -> DeepConvRFM:
+    def fit(self, X, y=None, X_val=None, y_val=None, monitor=None) -> DeepConvRFM:
         """Fit every layer in turn; same arguments as ``ConvRFM.fit``. Returns self.
 
         With ``workers`` the training images are sharded once; after each layer every worker
@@ -142,7 +149,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         data = prepare_fit_inputs(self, X, y, X_val, y_val, monitor, rng)
         KernelParams(depths[0], self.patch_size, self.padding).grids(*data.X.shape[2:])
         dev, dt = resolve_device(self.device), resolve_dtype(self.dtype)
-        Z, Zv = as_tensor(data.X_fit, dt, dev), as_tensor(data.X_val, dt, dev)
+        Z = _training_images(data.X_fit, self.workers, dt, dev)
+        Zv = as_tensor(data.X_val, dt, dev)
         Zm = None if data.X_mon is None else as_tensor(data.X_mon, dt, dev)
         self.image_shape_ = tuple(int(s) for s in data.X.shape[1:])
         self.layers_ = []

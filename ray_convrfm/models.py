@@ -171,12 +171,14 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         return params
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y, X_val=None, y_val=None, monitor=None) -> ConvRFM:
+    def fit(self, X, y=None, X_val=None, y_val=None, monitor=None) -> ConvRFM:
         """Fit the kernel machine and learn M.
 
         Parameters
         ----------
-        X : (n, C, H, W) training images;  y : (n,) labels (at least two classes)
+        X : (n, C, H, W) training images, or ``parquet.ParquetImages`` (each Ray worker then
+            reads its own rows; validation is held out in whole row groups)
+        y : (n,) labels (at least two classes); None with ``ParquetImages`` (stored labels)
         X_val, y_val : optional validation data for choosing ridge and iteration; by default
             ``val_fraction`` of (X, y) is held out (stratified, seeded by ``random_state``)
         monitor : optional (X, y) evaluated at every iteration for reporting only (recorded as
@@ -194,7 +196,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         params.grids(X.shape[2], X.shape[3])  # image large enough for patch and depth
 
         dev, dt, eng, budget = self._context()
-        Xf = as_tensor(X_fit, dt, dev)
+        Xf = _training_images(X_fit, self.workers, dt, dev)
         Xv = as_tensor(X_val, dt, dev)
         Xm = as_tensor(X_mon, dt, dev) if X_mon is not None else None
         kernels = self._backend(Xf, params)
@@ -204,13 +206,15 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             kernels.close()
         return self
 
-    def _backend(self, Xf: torch.Tensor, params: KernelParams):
-        """Where the kernels of training images Xf are computed: here, or on Ray workers."""
-        _, _, eng, budget = self._context()
+    def _backend(self, Xf, params: KernelParams):
+        """Where the kernels of training images Xf are computed: here, or on Ray workers
+        (Xf a tensor, or ``ParquetRows`` that the workers read themselves)."""
+        dev, dt, eng, budget = self._context()
         if self.workers:
             return RayKernels.start(Xf, params, eng, budget, self.workers, self.address,
                                     self.gpus_per_worker, self.store, self.verbose,
-                                    placement_timeout_s=self.placement_timeout_s)
+                                    placement_timeout_s=self.placement_timeout_s, dtype=dt,
+                                    device=dev)
         return LocalKernels(Xf, params, eng, budget, self.verbose)
 
     def _fit_backend(self, kernels, y_fit: np.ndarray, Xv: torch.Tensor, y_val: np.ndarray,
@@ -314,6 +318,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                 record["stored_blocks_computed"] = kernels.blocks_computed - blocks_before
             if hasattr(kernels, "shards"):
                 record["worker_peak_rss_mb"] = kernels.shards.peak_rss_mb()
+                record["worker_nodes"] = kernels.shards.nodes()
             if Kmon is not None:
                 record["monitor_acc"] = _accuracy(Kmon.to(torch.float64) @ alpha, y_mon)
             if best is None or val_acc > best["val_acc"]:
@@ -453,7 +458,13 @@ def prepare_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generato
     Without X_val, ``est.val_fraction`` of (X, y) is held out, stratified when every class has
     at least two images; the split is drawn from ``rng``.
     """
+    from .parquet import ParquetImages
+
+    if isinstance(X, ParquetImages):
+        return _parquet_fit_inputs(est, X, y, X_val, y_val, monitor, rng)
     X = as_images(X, "X")
+    if y is None:
+        raise ValueError("y is required (only parquet.ParquetImages carry their own labels)")
     y = as_labels(y, X.shape[0], "y")
     est.classes_, y_idx = np.unique(y, return_inverse=True)
     if len(est.classes_) < 2:
@@ -472,12 +483,45 @@ def prepare_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generato
                                             stratify=stratify,
                                             random_state=int(rng.integers(2**31 - 1)))
         X_fit, y_fit, X_val, y_val = X[fit_idx], y_idx[fit_idx], X[val_idx], y_idx[val_idx]
-    X_mon = y_mon = None
-    if monitor is not None:
-        X_mon = as_images(monitor[0], "monitor X", channels=X.shape[1], image_size=X.shape[2:])
-        y_mon = encode_labels(est.classes_, as_labels(monitor[1], X_mon.shape[0], "monitor y"),
-                              "monitor y")
-    return FitInputs(X, X_fit, y_fit, X_val, y_val, X_mon, y_mon)
+    return FitInputs(X, X_fit, y_fit, X_val, y_val, *_monitor(est, monitor, X.shape))
+
+
+def _monitor(est, monitor, shape: tuple[int, ...]):
+    if monitor is None:
+        return None, None
+    X_mon = as_images(monitor[0], "monitor X", channels=shape[1], image_size=shape[2:])
+    y_mon = encode_labels(est.classes_, as_labels(monitor[1], X_mon.shape[0], "monitor y"),
+                          "monitor y")
+    return X_mon, y_mon
+
+
+def _parquet_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generator):
+    """Fit inputs from a parquet split: labels read here, validation rows held out in whole
+    row groups and read here, the fit rows left for the workers to read (``ParquetRows``)."""
+    from .parquet import ParquetRows
+
+    labels = X.labels()
+    if y is not None:
+        y = as_labels(y, len(labels), "y")
+        if not np.array_equal(y, labels):
+            raise ValueError("y differs from the labels stored in the parquet data set; "
+                             "pass y=None to use the stored labels")
+    est.classes_, y_idx = np.unique(labels, return_inverse=True)
+    if len(est.classes_) < 2:
+        raise ValueError(f"y must contain at least 2 classes; found {len(est.classes_)}")
+    if (X_val is None) != (y_val is None):
+        raise ValueError("pass both X_val and y_val, or neither")
+    if X_val is not None:
+        fit = [(0, len(X))]
+        X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
+        y_val = encode_labels(est.classes_, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
+    else:
+        fit, val = X.split_validation(est.val_fraction, rng)
+        X_val, _ = X.read(val)
+        y_val = np.concatenate([y_idx[a:b] for a, b in val])
+    X_fit = ParquetRows(X, tuple(fit), dtype=str(np.dtype(est.dtype)))
+    y_fit = np.concatenate([y_idx[a:b] for a, b in fit])
+    return FitInputs(X, X_fit, y_fit, X_val, y_val, *_monitor(est, monitor, X.shape))
 
 
 def encode_labels(classes: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
@@ -487,6 +531,17 @@ def encode_labels(classes: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
     if unknown.any():
         raise ValueError(f"{name} has labels not seen in y: {np.unique(y[unknown])[:10]}")
     return pos
+
+
+def _training_images(X_fit, workers: int, dtype: torch.dtype, device: torch.device):
+    """Training images as a tensor, except parquet rows bound for workers (read there)."""
+    from .parquet import ParquetRows
+
+    if isinstance(X_fit, ParquetRows):
+        if workers:
+            return X_fit
+        X_fit = X_fit.load()
+    return as_tensor(X_fit, dtype, device)
 
 
 def _full_metric(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:

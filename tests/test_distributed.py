@@ -273,3 +273,37 @@ def test_killed_driver_resumes_from_the_store(cluster, tmp_path):
     fresh = ConvRFM(depth=3, iters=1).fit(X, y)
     np.testing.assert_allclose(resumed.decision_function(X[:20]), fresh.decision_function(X[:20]),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, monkeypatch):
+    """Workers read and decode their own row groups; the driver reads only validation rows,
+    and the fit equals one on the same images held in memory."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm import parquet as pqmod
+    from ray_convrfm.datasets import load_digits
+
+    ds = load_digits().subset(240, 30)
+    path = pqmod.write_parquet_dataset(ds, tmp_path / "digits", rows_per_group=20)
+    images = pqmod.ParquetImages.open(path, "train")
+    X, y = images.read()
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=9)
+
+    driver_reads = []
+    real_read_rows = pqmod.read_rows
+
+    def spy(m, split, start, stop, size=None):
+        driver_reads.append((start, stop))
+        return real_read_rows(m, split, start, stop, size)
+
+    monkeypatch.setattr(pqmod, "read_rows", spy)
+    remote = ConvRFM(workers=2, **kw).fit(images)
+    fit, val = images.split_validation(0.1, np.random.default_rng(9))
+    assert len(val) >= 1 and sum(b - a for a, b in val) >= 20  # whole row groups held out
+    assert all(any(a <= s and t <= b for a, b in val) for s, t in driver_reads)
+    assert len(remote.X_fit_) == sum(b - a for a, b in fit)
+
+    fit_rows = np.concatenate([np.arange(a, b) for a, b in fit])
+    val_rows = np.concatenate([np.arange(a, b) for a, b in val])
+    local = ConvRFM(**kw).fit(X[fit_rows], y[fit_rows], X_val=X[val_rows], y_val=y[val_rows])
+    np.testing.assert_allclose(remote.decision_function(ds.X_test),
+                               local.decision_function(ds.X_test), rtol=1e-3, atol=1e-4)

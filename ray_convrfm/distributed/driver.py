@@ -123,7 +123,8 @@ class ShardedImages:
 
     Parameters
     ----------
-    X : (n, C, H, W) images, already in the working dtype
+    X : (n, C, H, W) images, already in the working dtype, or a description of rows each
+        worker loads itself (``parquet.ParquetRows``: images never pass through the driver)
     workers : number of actors (shards)
     threads : CPU threads per actor (None: 1 CPU reserved, the libraries' default threads)
     block : rows per task (and per stored kernel block)
@@ -146,8 +147,11 @@ class ShardedImages:
 
         if workers < 1:
             raise ValueError(f"workers must be at least 1; found {workers}")
-        X = np.asarray(X)
-        self.n, self.row_shape, self.dtype = len(X), tuple(X.shape[1:]), X.dtype
+        if hasattr(X, "load"):  # rows of a parquet data set: each worker reads its own
+            self.n, self.row_shape, self.dtype = len(X), tuple(X.row_shape), np.dtype(X.dtype)
+        else:
+            X = np.asarray(X)
+            self.n, self.row_shape, self.dtype = len(X), tuple(X.shape[1:]), X.dtype
         self.block, self.align, self.progress = block, align, progress
         bounds = np.linspace(0, self.n, workers + 1).astype(int)
         if align:
@@ -160,7 +164,8 @@ class ShardedImages:
         self.pg = reserve_workers(workers, bundle, placement_timeout_s, elastic=elastic)
         actor = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardWorker)
         # the refs stay referenced here: a restarted actor is rebuilt from them
-        self.shard_refs = [ray.put(X[a:b]) for a, b in self.bounds]
+        self.shard_refs = [ray.put(X.slice(a, b) if hasattr(X, "load") else X[a:b])
+                           for a, b in self.bounds]
         self.actors = [
             actor.options(num_cpus=threads or 1, num_gpus=gpus_per_worker or 0,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(

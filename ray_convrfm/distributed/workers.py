@@ -39,6 +39,8 @@ class ShardWorker:
             numba.set_num_threads(threads)
         gpu = gpus and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")
+        if hasattr(images, "load"):  # a description of parquet rows: read them here
+            images = images.load()
         self.raw = np.ascontiguousarray(images)
         self.start = start
         self._features: tuple[str, torch.Tensor] | None = None
