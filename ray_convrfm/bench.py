@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -111,3 +112,116 @@ def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2),
         if started_here:
             ray.shutdown()
     return rows
+
+
+def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0):
+    """RGB images of ImageNet's downsampled shapes (3 x size x size) made from Fashion-MNIST:
+    each image resized and tinted with a random colour, so content and labels stay real."""
+    import torch.nn.functional as F
+
+    from .datasets import ImageDataset, load_fashion_mnist
+
+    ds = load_fashion_mnist().subset(n_train, n_test)
+    rng = np.random.default_rng(seed)
+
+    def rgb(X: np.ndarray) -> np.ndarray:
+        out = []
+        for b in range(0, len(X), 1024):
+            x = F.interpolate(torch.from_numpy(X[b : b + 1024]), size=(size, size),
+                              mode="bilinear", align_corners=False)
+            tint = torch.from_numpy(rng.uniform(0.3, 1.0, (len(x), 3, 1, 1)).astype(np.float32))
+            out.append((x * tint).clamp(0, 1).numpy())
+        return np.concatenate(out)
+
+    return ImageDataset(rgb(ds.X_train), ds.y_train, rgb(ds.X_test), ds.y_test,
+                        name=f"fmnist-rgb{size}", classes=ds.classes)
+
+
+def _worker_start_seconds(workers: int) -> float:
+    """Seconds to start (and reach) a set of shard workers on this Ray: the fixed cost of a
+    stage that opens workers (a fit's shards, a prediction's test shards)."""
+    from .distributed import ShardedImages, start_ray
+
+    start_ray(workers)
+    t0 = time.perf_counter()
+    with ShardedImages(np.zeros((workers, 1, 4, 4), np.float32), workers, threads=1):
+        pass
+    return time.perf_counter() - t0
+
+
+def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int = 2,
+              iters: int = 2, n_test: int = 1000, out: str = "runs/scale",
+              seed: int = 0) -> dict:
+    """The distributed Nystrom pipeline end to end on ImageNet-shaped parquet data, measured
+    per stage, next to what ``costmodel`` predicts from rates measured beforehand.
+
+    Writes the data as parquet shards, measures per-worker rates (``costmodel.measure_rates``),
+    fits ``ConvRFM(solver="nystrom", workers=...)`` from the parquet set with a kernel store,
+    predicts the test images on the workers, and returns measured and predicted seconds per
+    stage, peak memory (driver, workers) and bytes stored.
+    """
+    import resource
+    import shutil
+    from pathlib import Path
+
+    from . import costmodel
+    from .models import ConvRFM
+    from .parquet import ParquetImages, write_parquet_dataset
+
+    root = Path(out)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    t0 = time.perf_counter()
+    ds = imagenet_shaped(size, n, n_test, seed)
+    data = write_parquet_dataset(ds, root / "data")
+    seconds_convert = time.perf_counter() - t0
+    del ds
+    work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
+                              workers=workers, iters=iters, n_test=n_test)
+    rates = costmodel.measure_rates(work, str(data), store_dir=str(root))
+    rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))
+    predicted = costmodel.predict(work, rates)
+
+    t0 = time.perf_counter()
+    model = ConvRFM(depth=work.depth, iters=iters, solver="nystrom", centers=centers,
+                    workers=workers, store=str(root / "kernels.zarr"), random_state=seed)
+    model.fit(ParquetImages.open(data, "train"))
+    seconds_fit = time.perf_counter() - t0
+    timings = dict(model.timings_)
+    test = ParquetImages.open(data, "test")
+    X_test, y_test = test.read()
+    t0 = time.perf_counter()
+    test_acc = float(np.mean(model.predict(X_test) == y_test))
+    seconds_predict = time.perf_counter() - t0
+
+    hist = model.history_
+    measured = {
+        "load (read + decode parquet)": timings.get("load", 0.0),
+        "kernel K(train, centres)": timings.get("normal_equations_compute", 0.0),
+        "Gram K^T K, K^T Y (float64)": None,  # inside the workers' kernel tasks
+        "reduction of the m x m parts": timings.get("normal_equations_reduce", 0.0),
+        "validation kernel": sum(h["seconds_kernel"] - h["seconds_normal_equations"]
+                                 for h in hist),
+        "solve (Cholesky, every ridge)": sum(h["seconds_solve"] for h in hist),
+        "AGOP": sum(h["seconds_agop"] for h in hist),
+        "predict (test shards)": seconds_predict,
+    }
+    # the workers compute kernel rows and their Gram in one task: compare the two together
+    predicted_kernel_and_gram = (predicted["kernel K(train, centres)"]
+                                 + predicted["Gram K^T K, K^T Y (float64)"])
+    store_bytes = sum(f.stat().st_size for f in (root / "kernels.zarr").rglob("*")
+                      if f.is_file())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return {
+        "workload": dataclasses.asdict(work), "rates": dataclasses.asdict(rates),
+        "flops_per_entry": work.flops_per_entry(),
+        "seconds_convert": seconds_convert, "seconds_fit": seconds_fit,
+        "measured": measured, "predicted": predicted,
+        "predicted_kernel_and_gram": predicted_kernel_and_gram,
+        "measured_total": seconds_fit + seconds_predict,
+        "driver_peak_rss_mb": peak,
+        "worker_peak_rss_mb": max(max(h["worker_peak_rss_mb"]) for h in hist),
+        "predicted_memory_mb": {k: v / 2**20 for k, v in costmodel.memory(work).items()},
+        "store_bytes": store_bytes, "predicted_store_bytes": costmodel.storage(work),
+        "test_acc": test_acc, "val_acc": hist[model.best_iter_]["val_acc"],
+    }

@@ -112,7 +112,14 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape; "
                                      "'bench distributed': Ray workers' kernel-stage scaling")
-    b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed"))
+    b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed", "scale"),
+                   help="kernel: one block; distributed: kernel stage over worker counts; "
+                        "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
+                        "per stage next to the cost model's prediction")
+    b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centres")
+    b.add_argument("--iters", type=int, default=2, help="for 'scale'")
+    b.add_argument("--n-test", type=int, default=1000, help="for 'scale'")
+    b.add_argument("--out", default=None, help="for 'scale': work directory and result JSON")
     b.add_argument("--dataset", default="fashion-mnist",
                    help="for 'distributed': images whose training kernel is timed")
     b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
@@ -363,9 +370,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale_table(r: dict) -> str:
+    """Measured vs predicted seconds per stage of ``bench scale``."""
+    w = r["workload"]
+    lines = [f"Nystrom pipeline, 3 x {w['height']} x {w['width']}, n = {w['n']}, m = {w['m']}, "
+             f"{w['workers']} workers, {w['iters']} iterations",
+             f"{'stage':<32} {'measured s':>11} {'predicted s':>12}"]
+    pred = dict(r["predicted"])
+    pred["kernel K(train, centres)"] = r["predicted_kernel_and_gram"]
+    for stage, seconds in r["measured"].items():
+        if seconds is None:
+            continue
+        label = "kernel + Gram (one task)" if stage.startswith("kernel") else stage
+        lines.append(f"{label:<32} {seconds:>11.1f} {pred[stage]:>12.1f}")
+    lines.append(f"{'total (fit + predict)':<32} {r['measured_total']:>11.1f} "
+                 f"{pred['total']:>12.1f}")
+    lines.append(f"memory: driver {r['driver_peak_rss_mb']:.0f} MiB (predicted "
+                 f"{r['predicted_memory_mb']['driver']:.0f}), worker {r['worker_peak_rss_mb']:.0f}"
+                 f" MiB (predicted {r['predicted_memory_mb']['worker']:.0f}); store "
+                 f"{r['store_bytes'] / 2**20:.0f} MiB (predicted "
+                 f"{r['predicted_store_bytes'] / 2**20:.0f}); test accuracy "
+                 f"{100 * r['test_acc']:.2f}%")
+    return "\n".join(lines)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import distributed_kernel_scaling, kernel_and_agop_throughput
 
+    if args.what == "scale":
+        from .bench import scale_run
+
+        out = Path(args.out or f"runs/scale-{args.size}")
+        r = scale_run(size=args.size, n=args.n, centers=args.centers,
+                      workers=int(args.workers.split(",")[-1]), iters=args.iters,
+                      n_test=args.n_test, out=str(out))
+        (out / "scale.json").write_text(json.dumps(r, indent=2))
+        print(_scale_table(r))
+        return 0
     if args.what == "distributed":
         from .datasets import load_dataset
 

@@ -244,6 +244,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.history_ = []
         self.M_path_ = []
         self._iterate(kernels, M, Q, Xv, Xm, Y, y_val, y_mon, sample_idx, center_idx, ridges, dt)
+        # seconds per distributed stage (loading shards, computing, reducing): for benchmarks
+        self.timings_ = dict(getattr(getattr(kernels, "shards", None), "timings", {}))
         # the predictor's centres: every training image, or the Nystrom centres
         self.X_fit_ = kernels.centres(center_idx).cpu()
         self.center_indices_ = center_idx
@@ -258,10 +260,12 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             t0 = time.perf_counter()
             blocks_before = getattr(kernels, "blocks_computed", 0)
             kernels.set_metric(M)
+            stages = {}
             if center_idx is None:  # exact: the full training kernel
                 K = kernels.train_kernel(desc=f"iter {it}: train kernel")
                 scale = kernel_scale(K)
                 K /= scale
+                stages["train_kernel"] = time.perf_counter() - t0
                 Kv = kernels.cross_kernel(Xv, desc=f"iter {it}: val kernel") / scale
                 Kmon = None
                 if Xm is not None:
@@ -277,6 +281,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                 KtK, KtY, K_mm = kernels.nystrom_system(center_idx, Y)
                 scale = kernel_scale(K_mm)
                 KtK, KtY, K_mm = KtK / scale**2, KtY / scale, K_mm / scale
+                stages["normal_equations"] = time.perf_counter() - t0
                 Kv = kernels.cross_centres(Xv, center_idx) / scale
                 Kmon = None
                 if Xm is not None:
@@ -313,7 +318,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             train_mse = mse(alpha)
             t_solve = time.perf_counter() - t0
             record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
-                          seconds_kernel=t_kernel, seconds_solve=t_solve)
+                          seconds_kernel=t_kernel, seconds_solve=t_solve,
+                          **{f"seconds_{k}": v for k, v in stages.items()})
             if self.store:
                 record["stored_blocks_computed"] = kernels.blocks_computed - blocks_before
             if hasattr(kernels, "shards"):

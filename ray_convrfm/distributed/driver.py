@@ -174,6 +174,14 @@ class ShardedImages:
             for k, (ref, (a, b)) in enumerate(zip(self.shard_refs, self.bounds, strict=True))]
         self.chain: list = []
         self.chain_ref = ray.put(self.chain)
+        #: seconds spent per stage (driver wall time): for benchmarks and the cost model
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        wait_all([a.size.remote() for a in self.actors], "load shards", progress)
+        self._time("load", t0)
+
+    def _time(self, stage: str, t0: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ the images
     def featurise(self, filters: np.ndarray, padding: bool) -> None:
@@ -320,7 +328,9 @@ class ShardedImages:
         futures = [actor.scores.remote(self.chain_ref, r0, r1, alpha_ref, M, params, opts, key,
                                        *refs)
                    for actor, r0, r1 in self._row_tasks()]
+        t0 = time.perf_counter()
         parts = wait_all(futures, desc, self.progress)
+        self._time("scores", t0)
         if not parts:
             return np.zeros((0, np.asarray(alpha).shape[1]))
         return np.concatenate(parts, axis=0)
@@ -347,9 +357,13 @@ class ShardedImages:
         futures = [actor.normal_equations_part.options(num_returns=4).remote(
                        self.chain_ref, Y[a:b], rows, M, params, opts, stored, key, *refs)
                    for actor, (a, b), rows in zip(self.actors, self.bounds, mine, strict=True)]
+        t0 = time.perf_counter()
         wait_all([f[0] for f in futures], "Nystrom normal equations", self.progress)
+        self._time("normal_equations_compute", t0)
+        t0 = time.perf_counter()
         KtK = self.reduce([f[0] for f in futures])
         KtY = self.reduce([f[1] for f in futures])
+        self._time("normal_equations_reduce", t0)
         K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted centre order
         return KtK, KtY, K_mm, int(sum(ray.get([f[3] for f in futures])))
 
@@ -365,7 +379,9 @@ class ShardedImages:
         futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, params, opts, key,
                                           *refs)
                    for actor, rows in zip(self.actors, self._local(sample_idx), strict=True)]
+        t0 = time.perf_counter()
         wait_all(futures, "AGOP", self.progress)
+        self._time("agop", t0)
         return self.reduce(futures) / len(sample_idx)
 
     def peak_rss_mb(self) -> list[float]:
