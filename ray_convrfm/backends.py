@@ -111,7 +111,7 @@ class RayKernels:
         self.params = {"depth": params.depth, "patch_size": params.patch_size,
                        "padding": params.padding}
         self.opts = {"dtype": self.dtype, "engine": engine, "budget_mb": budget_mb,
-                     "basis": None}
+                     "basis": None, "block": shards.block}
         if store:
             from .store import open_run_store
 

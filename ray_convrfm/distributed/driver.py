@@ -20,7 +20,8 @@ from .workers import ShardWorker
 log = logging.getLogger(__name__)
 
 #: Kernel options when a caller gives none (the estimators pass their own).
-DEFAULT_OPTS = {"dtype": "float32", "engine": "numba", "budget_mb": 512, "basis": None}
+DEFAULT_OPTS = {"dtype": "float32", "engine": "numba", "budget_mb": 512, "basis": None,
+                "block": 256}
 
 #: Partial results are summed by a tree of this fan-in once there are more parts than this.
 REDUCE_FAN_IN = 4

@@ -126,9 +126,13 @@ class ShardWorker:
         return fingerprint(M, *([] if basis is None else [basis]),
                            extra=[params, opts["dtype"]])
 
-    def _shard_side(self, chain: list, M: np.ndarray, params: dict, opts: Opts):
-        key = ("shard", self._metric_key(M, params, opts))
-        return self._cached(key, lambda: self._prepare(self._images(chain), M, params, opts))
+    def _rows_side(self, chain: list, rows, M: np.ndarray, params: dict, opts: Opts):
+        """The prepared side of some of the shard's rows (a slice or indices): prepared per
+        task, so a worker's memory is set by its block of rows, not by its shard."""
+        Z = self._images(chain)
+        if not isinstance(rows, slice):
+            rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=Z.device)
+        return self._prepare(Z[rows], M, params, opts)
 
     def _cols_side(self, cols_key: str, cols: tuple, M: np.ndarray, params: dict, opts: Opts):
         key = ("cols", cols_key, self._metric_key(M, params, opts))
@@ -147,10 +151,9 @@ class ShardWorker:
                     opts: Opts, cols_key: str, *cols: np.ndarray) -> np.ndarray:
         """K(shard rows r0..r1, cols); ``cols`` are the parts of the columns, in order, each
         resolved from the object store (never sent by the driver per task)."""
-        xs = self._shard_side(chain, M, params, opts)
+        xs = self._rows_side(chain, slice(r0, r1), M, params, opts)
         zs = self._cols_side(cols_key, cols, M, params, opts)
-        K = kernel_matrix(xs.rows(r0, r1), zs, self._engine(opts), opts["budget_mb"])
-        return K.cpu().numpy()
+        return kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"]).cpu().numpy()
 
     def store_kernel_blocks(self, chain: list, blocks: list[tuple[int, int]], url: str,
                             spec_fields: dict, name: str, shape: tuple[int, int],
@@ -165,13 +168,14 @@ class ShardWorker:
         todo = [(i, j) for i, j in blocks if (i, j) in missing]
         if not todo:
             return 0
-        xs = self._shard_side(chain, M, params, opts)
         zs = self._cols_side(cols_key, cols, M, params, opts)
-        for i, j in todo:
-            r0, c0 = i * b - self.start, j * b
-            block = kernel_matrix(xs.rows(r0, r0 + b), zs.rows(c0, c0 + b), self._engine(opts),
-                                  opts["budget_mb"])
-            store.write_block(name, shape, i, j, block.cpu().numpy())
+        for i in sorted({i for i, _ in todo}):
+            r0 = i * b - self.start
+            xs = self._rows_side(chain, slice(r0, r0 + b), M, params, opts)
+            for j in [j for k, j in todo if k == i]:
+                block = kernel_matrix(xs, zs.rows(j * b, (j + 1) * b), self._engine(opts),
+                                      opts["budget_mb"])
+                store.write_block(name, shape, i, j, block.cpu().numpy())
         return len(todo)
 
     def kernel_pair(self, rows: np.ndarray, M: np.ndarray, params: dict, opts: Opts,
@@ -200,24 +204,37 @@ class ShardWorker:
         back, so a resumed fit computes only what an interrupted one left out.
         """
         zs = self._cols_side(cols_key, centres, M, params, opts)
-        if stored is None:
-            K = kernel_matrix(self._shard_side(chain, M, params, opts), zs, self._engine(opts),
-                              opts["budget_mb"])
-            computed = 0
-        else:
+        n, b = len(self.raw), int(opts.get("block", 256))
+        computed, store = 0, None
+        if stored is not None:
             url, spec_fields, name, shape = stored
-            n = len(self.raw)
-            blocks = [(i, j) for i in range(self.start // spec_fields["block"],
-                                            -(-(self.start + n) // spec_fields["block"]))
-                      for j in range(-(-shape[1] // spec_fields["block"]))]
+            b = spec_fields["block"]
+            blocks = [(i, j) for i in range(self.start // b, -(-(self.start + n) // b))
+                      for j in range(-(-shape[1] // b))]
             computed = self.store_kernel_blocks(chain, blocks, url, spec_fields, name, shape, M,
                                                 params, opts, cols_key, *centres)
-            store = KernelStore(url, StoreSpec(**spec_fields))
-            K = torch.from_numpy(store.kernel(name, shape)[self.start : self.start + n])
-            K = K.to(self.device)
-        KtK, KtY = normal_equations(K, torch.as_tensor(np.asarray(Y), device=K.device))
-        rows = torch.as_tensor(np.asarray(centre_rows, dtype=np.int64), device=K.device)
-        return KtK.cpu().numpy(), KtY.cpu().numpy(), K[rows].cpu().numpy(), computed
+            store = KernelStore(url, StoreSpec(**spec_fields)).kernel(name, shape)
+        Y = torch.as_tensor(np.asarray(Y), device=self.device)
+        centre_rows = np.asarray(centre_rows, dtype=np.int64)
+        KtK = KtY = None
+        mine = []
+        for r0 in range(0, n, b):  # one block of rows at a time: memory set by the block
+            r1 = min(r0 + b, n)
+            if store is None:
+                xs = self._rows_side(chain, slice(r0, r1), M, params, opts)
+                K = kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"])
+            else:  # the stored values, so a resumed fit sums exactly what a fresh one does
+                K = torch.from_numpy(store[self.start + r0 : self.start + r1]).to(self.device)
+            a, c = normal_equations(K, Y[r0:r1])
+            KtK, KtY = (a, c) if KtK is None else (KtK + a, KtY + c)
+            here = centre_rows[(centre_rows >= r0) & (centre_rows < r1)] - r0
+            mine.append(K[torch.as_tensor(here, device=K.device)].cpu().numpy())
+        if KtK is None:
+            m = zs.left.shape[0]
+            KtK = torch.zeros(m, m, dtype=torch.float64)
+            KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64)
+        rows = np.concatenate(mine) if mine else np.zeros((0, zs.left.shape[0]), np.float32)
+        return KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed
 
     def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M: np.ndarray,
                   params: dict, opts: Opts, cols_key: str, *train: np.ndarray) -> np.ndarray:
@@ -230,7 +247,7 @@ class ShardWorker:
         if len(sample_rows) == 0:
             return np.zeros((d, d))
         xs = self._cols_side(cols_key, train, M, params, opts)
-        zs = self._shard_side(chain, M, params, opts).take(np.asarray(sample_rows))
+        zs = self._rows_side(chain, sample_rows, M, params, opts)
         dt = xs.left.dtype
         G = patch_agop(xs, torch.as_tensor(coef, dtype=dt, device=self.device), zs,
                        torch.as_tensor(M, dtype=dt, device=self.device),
