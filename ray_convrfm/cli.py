@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data-root", default=None, help="directory holding the dataset files")
     f.add_argument("--download", action="store_true",
                    help="download Fashion-MNIST if it is not found locally")
+    f.add_argument("--resize", default=None,
+                   help="HxW: parquet: images are resized to this on the workers as they read")
     f.add_argument("--n-train", type=int, default=None, help="first N training images")
     f.add_argument("--n-test", type=int, default=None, help="first N test images")
     f.add_argument("--noise-frame", type=int, default=None,
@@ -153,6 +155,17 @@ def _set_threads(threads: int | None) -> None:
         numba.set_num_threads(threads)
 
 
+def _size(text: str | None) -> tuple[int, int] | None:
+    """'HxW' (e.g. 64x64) as (H, W)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"sizes are HxW, e.g. 64x64; found {text!r}") from None
+    return h, w
+
+
 def _parquet_fit_data(args: argparse.Namespace):
     """A parquet data set for ``fit``: training images left in place for the workers to read
     (``ParquetImages``), the test images (for reporting) read here."""
@@ -163,8 +176,9 @@ def _parquet_fit_data(args: argparse.Namespace):
     if args.noise_frame:
         raise SystemExit("--noise-frame works on in-memory data sets, not parquet:")
     path = args.dataset[len("parquet:"):]
-    train = ParquetImages.open(path, "train", limit=args.n_train)
-    test = ParquetImages.open(path, "test", limit=args.n_test)
+    size = _size(args.resize)
+    train = ParquetImages.open(path, "train", size=size, limit=args.n_train)
+    test = ParquetImages.open(path, "test", size=size, limit=args.n_test)
     X_test, y_test = test.read()
     return SimpleNamespace(name=train.manifest.name, X_train=train, y_train=None,
                            X_test=X_test, y_test=y_test)
@@ -214,6 +228,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.dataset.lower().startswith("parquet:"):
         ds = _parquet_fit_data(args)
     else:
+        if args.resize:
+            raise SystemExit("--resize works with parquet: data sets (convert with --size)")
         ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
         ds = ds.subset(args.n_train, args.n_test)
         if args.noise_frame:
@@ -353,13 +369,7 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .parquet import convert, open_parquet_dataset
 
-    size = None
-    if args.size:
-        try:
-            h, w = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--size takes HxW, e.g. 64x64; found {args.size!r}") from None
-        size = (h, w)
+    size = _size(args.size)
     t0 = time.perf_counter()
     out = convert(args.source, args.out, encoding=args.encoding, size=size, quality=args.quality,
                   rows_per_file=args.rows_per_file, rows_per_group=args.rows_per_group,

@@ -97,8 +97,11 @@ class Workload:
         shard = math.ceil(n / w)
         f = self.flops_per_entry()
         entries_k = n * m
-        kernel_worker = (WORKER_BASE_BYTES + shard * pixels * 4 + self.side_bytes(shard)
-                         + self.side_bytes(m) + shard * m * (self.dtype_bytes + 8))
+        # a worker holds its shard's pixels, the prepared centres, one prepared block of its
+        # rows with their kernel rows (float32 and float64) and the running m x m Gram
+        kernel_worker = (WORKER_BASE_BYTES + shard * pixels * 4 + self.side_bytes(m)
+                         + self.side_bytes(self.block)
+                         + self.block * m * (self.dtype_bytes + 8) + 2 * m * m * 8)
         per_iter = {
             "kernel K(train, centres)": {
                 "entries": entries_k, "flops": entries_k * f,
@@ -108,7 +111,7 @@ class Workload:
             "Gram K^T K, K^T Y (float64)": {
                 "entries": 0, "flops": 2 * n * m * (m + c),
                 "bytes_moved": 0, "bytes_stored": 0,
-                "worker_memory": kernel_worker + m * m * 8, "driver_memory": 0},
+                "worker_memory": kernel_worker, "driver_memory": 0},
             "reduction of the m x m parts": {
                 "entries": 0, "flops": w * m * (m + c),
                 "bytes_moved": w * m * (m + c) * 8, "bytes_stored": 0,
@@ -150,6 +153,7 @@ class Rates:
     decode_images_per_s : images a worker reads and decodes per second
     store_bytes_per_s : bytes of kernel blocks a worker writes and reads back per second
     worker_start_s : seconds to start a set of shard workers (processes, imports, placement)
+    network_bytes_per_s : bytes per second one transfer of a partial result moves
     """
 
     kernel_entry_s: float
@@ -159,6 +163,7 @@ class Rates:
     decode_images_per_s: float
     store_bytes_per_s: float
     worker_start_s: float = 0.0
+    network_bytes_per_s: float = 2e9  # object store transfers (same machine: memory copies)
 
     def scaled(self, workload_from: Workload, workload_to: Workload,
                kernel_flops_per_s: float | None = None) -> Rates:
@@ -187,8 +192,7 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
         "kernel K(train, centres)": it * kernel,
         "Gram K^T K, K^T Y (float64)": it * per["Gram K^T K, K^T Y (float64)"]["flops"] / w
         / rates.gemm_flops,
-        "reduction of the m x m parts": it * per["reduction of the m x m parts"]["flops"]
-        / rates.gemm_flops,
+        "reduction of the m x m parts": it * _reduction_seconds(work, rates),
         "validation kernel": it * math.ceil(work.n_val / w) * work.m * rates.kernel_entry_s,
         "solve (Cholesky, every ridge)": it * per["solve (Cholesky, every ridge)"]["flops"]
         / rates.cholesky_flops,
@@ -200,6 +204,15 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     }
     out["total"] = sum(out.values())
     return out
+
+
+def _reduction_seconds(work: Workload, rates: Rates, fan_in: int = 4) -> float:
+    """The driver's tree of sums: each level moves up to ``fan_in`` m x (m + c) float64 parts
+    into one receiver, which adds them; levels run one after another."""
+    part = work.m * (work.m + work.classes) * 8
+    levels = max(1, math.ceil(math.log(max(work.workers, 2), fan_in)))
+    per_level = fan_in * part / rates.network_bytes_per_s + fan_in * part / 8 / rates.gemm_flops
+    return levels * per_level
 
 
 def memory(work: Workload) -> dict[str, float]:
@@ -275,3 +288,103 @@ def measure_rates(work: Workload, parquet_path: str | None = None, repeats: int 
     return Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
                  agop_over_kernel=kb["agop_over_kernel"], gemm_flops=gemm,
                  cholesky_flops=chol, decode_images_per_s=decode, store_bytes_per_s=store)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterAssumptions:
+    """What a cloud GPU cluster is assumed to deliver where nothing was measured on one.
+
+    The kernel is element-wise work over (pairs x positions) arrays, bound by memory
+    bandwidth on a GPU: at about 30 FLOPs per 8 bytes moved, an H100's 3.35 TB/s bounds it near
+    12 TFLOP/s, so 10 TFLOP/s effective is assumed (15 % of the FP32 peak).
+    """
+
+    gpu_kernel_flops: float = 10e12
+    gpu_gemm_flops: float = 40e12  # FP64 tensor-core GEMM (67 TFLOP/s peak on an H100)
+    head_cholesky_flops: float = 0.5e12  # FP64 Cholesky on a 16-32 core CPU head node
+    decode_images_per_s: float = 4 * 400  # 4 CPU cores per GPU decoding JPEG 224 or PNG 64
+    store_bytes_per_s: float = 200e6  # object-storage writes per worker
+    network_bytes_per_s: float = 12.5e9  # 100 Gbit/s between nodes
+    worker_start_s: float = 60.0  # warm nodes; an autoscaler starting nodes adds minutes
+    reference_classes: int = 10  # the class count the AGOP ratio was measured with
+
+
+IMAGENET_TRAIN = 1_281_167
+IMAGENET_VAL = 50_000
+
+
+def imagenet_rows(measured: Rates, assume: ClusterAssumptions = ClusterAssumptions(),
+                  sizes: tuple[int, ...] = (64, 224), gpus: tuple[int, ...] = (8, 64, 512),
+                  m: int = 64_000, classes: int = 1000) -> list[dict]:
+    """Predicted seconds per stage of one ConvRFM iteration on ImageNet (plus the one-off
+    load and prediction), storage and memory, for every image size and GPU count."""
+    rows = []
+    for size in sizes:
+        for w in gpus:
+            work = Workload(n=IMAGENET_TRAIN, m=m, channels=3, height=size, width=size,
+                            workers=w, iters=1, classes=classes, n_test=IMAGENET_VAL)
+            rates = Rates(
+                kernel_entry_s=work.flops_per_entry() / assume.gpu_kernel_flops,
+                agop_over_kernel=measured.agop_over_kernel * classes / assume.reference_classes,
+                gemm_flops=assume.gpu_gemm_flops, cholesky_flops=assume.head_cholesky_flops,
+                decode_images_per_s=assume.decode_images_per_s,
+                store_bytes_per_s=assume.store_bytes_per_s,
+                worker_start_s=assume.worker_start_s,
+                network_bytes_per_s=assume.network_bytes_per_s)
+            seconds = predict(dataclasses.replace(work, iters=2), rates)
+            one = predict(work, rates)
+            # one iteration = (two-iteration run) - (one-iteration run), which adds the AGOP
+            per_iter = {k: seconds[k] - one[k] for k in seconds if k != "total"}
+            mem = memory(work)
+            rows.append({"size": size, "gpus": w, "flops_per_entry": work.flops_per_entry(),
+                         "per_iteration": per_iter,
+                         "iteration_s": sum(per_iter.values()),
+                         "load_s": one["load (read + decode parquet)"],
+                         "predict_s": one["predict (test shards)"],
+                         "store_bytes_per_iteration": storage(work),
+                         "worker_bytes": mem["worker"], "driver_bytes": mem["driver"],
+                         "centres_side_bytes": work.side_bytes(m)})
+    return rows
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def imagenet_table(rows: list[dict]) -> str:
+    """Markdown table of ``imagenet_rows``."""
+    out = ["| image | GPUs | kernel + Gram | AGOP | solve | reduction | one iteration | "
+           "load | predict 50k | stored / iteration | worker memory | driver memory |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        p = r["per_iteration"]
+        out.append(
+            f"| 3 x {r['size']} x {r['size']} | {r['gpus']} | "
+            f"{_fmt_s(p['kernel K(train, centres)'] + p['Gram K^T K, K^T Y (float64)'])} | "
+            f"{_fmt_s(p['AGOP'])} | {_fmt_s(p['solve (Cholesky, every ridge)'])} | "
+            f"{_fmt_s(p['reduction of the m x m parts'])} | **{_fmt_s(r['iteration_s'])}** | "
+            f"{_fmt_s(r['load_s'])} | {_fmt_s(r['predict_s'])} | "
+            f"{r['store_bytes_per_iteration'] / 1e9:.0f} GB | "
+            f"{r['worker_bytes'] / 2**30:.0f} GiB | {r['driver_bytes'] / 2**30:.0f} GiB |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ray_convrfm.costmodel runs/scale-32/scale.json``: the ImageNet table from
+    the AGOP ratio measured by ``ray-convrfm bench scale`` and the stated GPU assumptions."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m ray_convrfm.costmodel", description=main.__doc__)
+    p.add_argument("scale_json", help="scale.json written by `ray-convrfm bench scale`")
+    p.add_argument("--gpu-kernel-tflops", type=float, default=10.0)
+    p.add_argument("--centers", type=int, default=64_000)
+    args = p.parse_args(argv)
+    measured = Rates(**json.loads(open(args.scale_json).read())["rates"])
+    assume = ClusterAssumptions(gpu_kernel_flops=args.gpu_kernel_tflops * 1e12)
+    print(imagenet_table(imagenet_rows(measured, assume, m=args.centers)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

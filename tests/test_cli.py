@@ -93,3 +93,25 @@ def test_bad_arguments_exit_with_message(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--ridges", "a,b"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_convert_then_fit_from_parquet(tmp_path, small_npz, capsys):
+    """`convert` writes parquet shards; `fit --dataset parquet:` reads them (here in-process,
+    resized on reading) and reports the same kind of run."""
+    from ray_convrfm.parquet import load_parquet
+
+    data = tmp_path / "pq"
+    assert main(["convert", f"npz:{small_npz}", str(data), "--rows-per-group", "16",
+                 "--quiet"]) == 0
+    back = load_parquet(data)
+    ds = np.load(small_npz)
+    np.testing.assert_array_equal(back.y_train, ds["y_train"])
+    np.testing.assert_allclose(back.X_train, ds["X_train"], atol=1 / 510 + 1e-6)
+    out = tmp_path / "run"
+    assert main(["fit", "--dataset", f"parquet:{data}", "--resize", "10x10", "--iters", "1",
+                 "--depth", "2", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 150 and summary["n_test"] == 40
+    assert json.loads((out / "model" / "config.json").read_text())["image_shape"] == [1, 10, 10]
+    with pytest.raises(SystemExit, match="--resize works with parquet"):
+        main(["fit", "--dataset", f"npz:{small_npz}", "--resize", "10x10"])
