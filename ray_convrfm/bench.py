@@ -151,14 +151,16 @@ def _worker_start_seconds(workers: int) -> float:
 
 def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int = 2,
               iters: int = 2, n_test: int = 1000, out: str = "runs/scale",
-              seed: int = 0) -> dict:
+              seed: int = 0, calibration: dict | None = None) -> dict:
     """The distributed Nystrom pipeline end to end on ImageNet-shaped parquet data, measured
     per stage, next to what ``costmodel`` predicts from rates measured beforehand.
 
     Writes the data as parquet shards, measures per-worker rates (``costmodel.measure_rates``),
     fits ``ConvRFM(solver="nystrom", workers=...)`` from the parquet set with a kernel store,
     predicts the test images on the workers, and returns measured and predicted seconds per
-    stage, peak memory (driver, workers) and bytes stored.
+    stage, peak memory (driver, workers) and bytes stored. With ``calibration`` (the result of
+    an earlier run) a second prediction uses the kernel and AGOP costs that run achieved,
+    scaled to this run's image shape (``costmodel.calibrated``).
     """
     import resource
     import shutil
@@ -178,9 +180,19 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     del ds
     work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
                               workers=workers, iters=iters, n_test=n_test)
-    rates = costmodel.measure_rates(work, str(data), store_dir=str(root))
+    # measured in a child process, so that this process's peak memory is the fit's own
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rates = pool.submit(costmodel.measure_rates, work, str(data),
+                            store_dir=str(root)).result()
     rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))
     predicted = costmodel.predict(work, rates)
+    predicted_calibrated = None
+    if calibration is not None:
+        predicted_calibrated = costmodel.predict(
+            work, costmodel.calibrated(calibration, work, rates))
 
     t0 = time.perf_counter()
     model = ConvRFM(depth=work.depth, iters=iters, solver="nystrom", centers=centers,
@@ -218,6 +230,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         "seconds_convert": seconds_convert, "seconds_fit": seconds_fit,
         "measured": measured, "predicted": predicted,
         "predicted_kernel_and_gram": predicted_kernel_and_gram,
+        "predicted_calibrated": predicted_calibrated,
         "measured_total": seconds_fit + seconds_predict,
         "driver_peak_rss_mb": peak,
         "worker_peak_rss_mb": max(max(h["worker_peak_rss_mb"]) for h in hist),

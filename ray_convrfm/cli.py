@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=2, help="for 'scale'")
     b.add_argument("--n-test", type=int, default=1000, help="for 'scale'")
     b.add_argument("--out", default=None, help="for 'scale': work directory and result JSON")
+    b.add_argument("--calibration", default=None,
+                   help="for 'scale': scale.json of an earlier run; adds a prediction from the "
+                        "kernel and AGOP costs that run achieved")
     b.add_argument("--dataset", default="fashion-mnist",
                    help="for 'distributed': images whose training kernel is timed")
     b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
@@ -383,18 +386,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _scale_table(r: dict) -> str:
     """Measured vs predicted seconds per stage of ``bench scale``."""
     w = r["workload"]
+    cal = r.get("predicted_calibrated")
     lines = [f"Nystrom pipeline, 3 x {w['height']} x {w['width']}, n = {w['n']}, m = {w['m']}, "
              f"{w['workers']} workers, {w['iters']} iterations",
-             f"{'stage':<32} {'measured s':>11} {'predicted s':>12}"]
-    pred = dict(r["predicted"])
-    pred["kernel K(train, centres)"] = r["predicted_kernel_and_gram"]
+             f"{'stage':<32} {'measured s':>11} {'predicted s':>12}"
+             + (f" {'calibrated s':>13}" if cal else "")]
+    preds = [r["predicted"]] + ([cal] if cal else [])
+    gram = "Gram K^T K, K^T Y (float64)"
     for stage, seconds in r["measured"].items():
         if seconds is None:
             continue
         label = "kernel + Gram (one task)" if stage.startswith("kernel") else stage
-        lines.append(f"{label:<32} {seconds:>11.1f} {pred[stage]:>12.1f}")
-    lines.append(f"{'total (fit + predict)':<32} {r['measured_total']:>11.1f} "
-                 f"{pred['total']:>12.1f}")
+        vals = [p[stage] + (p[gram] if stage.startswith("kernel") else 0) for p in preds]
+        lines.append(f"{label:<32} {seconds:>11.1f}" + "".join(
+            f" {v:>{12 if k == 0 else 13}.1f}" for k, v in enumerate(vals)))
+    lines.append(f"{'total (fit + predict)':<32} {r['measured_total']:>11.1f}" + "".join(
+        f" {p['total']:>{12 if k == 0 else 13}.1f}" for k, p in enumerate(preds)))
     lines.append(f"memory: driver {r['driver_peak_rss_mb']:.0f} MiB (predicted "
                  f"{r['predicted_memory_mb']['driver']:.0f}), worker {r['worker_peak_rss_mb']:.0f}"
                  f" MiB (predicted {r['predicted_memory_mb']['worker']:.0f}); store "
@@ -413,7 +420,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/scale-{args.size}")
         r = scale_run(size=args.size, n=args.n, centers=args.centers,
                       workers=int(args.workers.split(",")[-1]), iters=args.iters,
-                      n_test=args.n_test, out=str(out))
+                      n_test=args.n_test, out=str(out),
+                      calibration=json.loads(Path(args.calibration).read_text())
+                      if args.calibration else None)
         (out / "scale.json").write_text(json.dumps(r, indent=2))
         print(_scale_table(r))
         return 0

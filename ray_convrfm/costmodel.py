@@ -206,6 +206,25 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     return out
 
 
+def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
+    """Rates for ``target`` from a measured run (``bench scale`` JSON): the kernel's per-entry
+    cost as the run's kernel stage achieved it (all workers busy at once, store writes and
+    task overheads included), scaled to ``target``'s shape by FLOPs per entry, and the AGOP's
+    cost relative to it; the other rates from ``fresh`` measurements."""
+    work = Workload(**run["workload"])
+    rates = Rates(**run["rates"])
+    shard = math.ceil(work.n_fit / work.workers)
+    gram = (2 * shard * work.m * (work.m + work.classes)) / rates.gemm_flops
+    store = shard * work.m * work.dtype_bytes / rates.store_bytes_per_s
+    kernel_stage = run["measured"]["kernel K(train, centres)"] / work.iters - gram - store
+    entry = kernel_stage / (shard * work.m)
+    agop_entries = (work.iters - 1) * math.ceil(work.agop_samples / work.workers) * work.m
+    agop_ratio = run["measured"]["AGOP"] / (agop_entries * entry) if agop_entries else \
+        rates.agop_over_kernel
+    scale = target.flops_per_entry() / work.flops_per_entry()
+    return dataclasses.replace(fresh, kernel_entry_s=entry * scale, agop_over_kernel=agop_ratio)
+
+
 def _reduction_seconds(work: Workload, rates: Rates, fan_in: int = 4) -> float:
     """The driver's tree of sums: each level moves up to ``fan_in`` m x (m + c) float64 parts
     into one receiver, which adds them; levels run one after another."""
