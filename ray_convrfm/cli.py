@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--centers", type=int, default=None,
                    help="Nystrom centres m (default min(n, 2000))")
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", default=None, help="output directory (default runs/<dataset>)")
+    f.add_argument("--out", default=None,
+                   help="output directory or URL (s3://..., uploaded at the end; default "
+                        "runs/<dataset>)")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
 
     c = sub.add_parser("cnfa", help="train a small CNN, then measure the CNFA per conv layer")
@@ -201,7 +203,41 @@ def _store(args, out: Path) -> str | None:
         if args.store not in (None, "none"):
             raise SystemExit("--store needs --workers: the workers write the kernel blocks")
         return None
-    return args.store or str(out / "kernels.zarr")
+    if args.store:
+        return args.store
+    remote = getattr(args, "out_url", None)
+    return f"{remote.rstrip('/')}/kernels.zarr" if remote else str(out / "kernels.zarr")
+
+
+def _output_dir(args, default: Path) -> Path:
+    """Where a command writes: --out, or a local staging folder when --out is a URL
+    (``s3://bucket/run``; uploaded by ``_upload`` at the end, so cluster jobs keep results)."""
+    if args.out and "://" in args.out:
+        import tempfile
+
+        args.out_url = args.out
+        return Path(tempfile.mkdtemp(prefix="ray-convrfm-out-"))
+    out = Path(args.out or default)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _upload(args, out: Path) -> str:
+    """Copy the staged outputs to --out's URL (fsspec); returns where the results are."""
+    url = getattr(args, "out_url", None)
+    if not url:
+        return str(out)
+    import shutil
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{path.rstrip('/')}/{f.relative_to(out).as_posix()}")
+    shutil.rmtree(out, ignore_errors=True)
+    return url
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -241,8 +277,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     small = min(ds.X_train.shape[2:]) < 10
     depth = args.depth if args.depth is not None else (2 if small else 3)
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
-    out = Path(args.out or Path("runs") / ds.name)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(args, Path("runs") / ds.name)
     common = dict(patch_size=args.patch_size, padding=args.padding, iters=iters,
                   ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
                   val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
@@ -261,7 +296,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = ConvRFM(depth=depth, **common)
         what = f"ConvRFM, depth {depth}"
     print(f"{ds.name}: {len(ds.X_train)} train / {len(ds.y_test)} test images of shape "
-          f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {out}", flush=True)
+          f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {args.out or out}", flush=True)
     t0 = time.perf_counter()
     monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
     model.fit(ds.X_train, ds.y_train, monitor=monitor)
@@ -321,7 +356,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
                      title=f"{ds.name}: top eigenvectors of M (iteration {first['best_iter']})")
     plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
-    print(f"wrote {out}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
+    where = _upload(args, out)
+    print(f"wrote {where}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
     return 0
 
 

@@ -115,3 +115,16 @@ def test_convert_then_fit_from_parquet(tmp_path, small_npz, capsys):
     assert json.loads((out / "model" / "config.json").read_text())["image_shape"] == [1, 10, 10]
     with pytest.raises(SystemExit, match="--resize works with parquet"):
         main(["fit", "--dataset", f"npz:{small_npz}", "--resize", "10x10"])
+
+
+def test_fit_writes_results_to_a_url(small_npz, capsys):
+    """--out s3://... on a cluster: staged locally, uploaded through fsspec (memory:// here)."""
+    import fsspec
+
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--iters", "1", "--agop-samples", "10",
+                 "--out", "memory://results/run1", "--quiet"]) == 0
+    fs = fsspec.filesystem("memory")
+    names = {p.rsplit("/", 1)[-1] for p in fs.find("/results/run1")}
+    assert {"summary.json", "metrics.parquet", "config.json", "model.safetensors"} <= names
+    assert json.loads(fs.cat("/results/run1/summary.json"))["n_train"] == 150
+    assert "wrote memory://results/run1/model" in capsys.readouterr().out

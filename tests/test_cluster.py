@@ -61,6 +61,8 @@ def test_kuberay_rayjob_runs_a_resumable_fit():
     assert argv[0] == "ray-convrfm"
     args = _parser().parse_args(argv[1:])
     assert args.command == "fit" and args.address == "auto"
-    assert args.store.startswith("s3://")  # a retried job resumes from the same store
+    # results and the kernel store (default OUT/kernels.zarr) outlive the job's cluster, so a
+    # retried job resumes from the same store
+    assert args.out.startswith("s3://") and args.store is None
     group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert args.workers * args.gpus_per_worker <= group["maxReplicas"]
