@@ -137,6 +137,12 @@ def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0):
                         name=f"fmnist-rgb{size}", classes=ds.classes)
 
 
+def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str) -> str:
+    from .parquet import write_parquet_dataset
+
+    return str(write_parquet_dataset(imagenet_shaped(size, n, n_test, seed), out))
+
+
 def _worker_start_seconds(workers: int) -> float:
     """Seconds to start (and reach) a set of shard workers on this Ray: the fixed cost of a
     stage that opens workers (a fit's shards, a prediction's test shards)."""
@@ -168,23 +174,24 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
 
     from . import costmodel
     from .models import ConvRFM
-    from .parquet import ParquetImages, write_parquet_dataset
+    from .parquet import ParquetImages
 
     root = Path(out)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    t0 = time.perf_counter()
-    ds = imagenet_shaped(size, n, n_test, seed)
-    data = write_parquet_dataset(ds, root / "data")
-    seconds_convert = time.perf_counter() - t0
-    del ds
-    work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
-                              workers=workers, iters=iters, n_test=n_test)
-    # measured in a child process, so that this process's peak memory is the fit's own
+    # data and rates are made in a child process, so this process's peak memory is the fit's
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        data = pool.submit(_write_imagenet_shaped, size, n, n_test, seed,
+                           str(root / "data")).result()
+    seconds_convert = time.perf_counter() - t0
+    work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
+                              workers=workers, iters=iters, n_test=n_test)
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         rates = pool.submit(costmodel.measure_rates, work, str(data),
                             store_dir=str(root)).result()
     rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))

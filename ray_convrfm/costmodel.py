@@ -51,6 +51,7 @@ class Workload:
     basis_dim: int | None = None  # r < d when the patches span fewer dimensions
     dtype_bytes: int = 4
     block: int = 256
+    budget_bytes: int = 512 * 2**20  # memory_budget_mb: the kernel's and AGOP's working memory
 
     @property
     def d(self) -> int:
@@ -98,9 +99,10 @@ class Workload:
         f = self.flops_per_entry()
         entries_k = n * m
         # a worker holds its shard's pixels, the prepared centres, one prepared block of its
-        # rows with their kernel rows (float32 and float64) and the running m x m Gram
+        # rows with their kernel rows (float32 and float64), the kernel's working memory
+        # (the budget) and the running m x m Gram
         kernel_worker = (WORKER_BASE_BYTES + shard * pixels * 4 + self.side_bytes(m)
-                         + self.side_bytes(self.block)
+                         + self.side_bytes(self.block) + self.budget_bytes
                          + self.block * m * (self.dtype_bytes + 8) + 2 * m * m * 8)
         per_iter = {
             "kernel K(train, centres)": {

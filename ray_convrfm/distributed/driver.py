@@ -9,6 +9,7 @@ for the exact solver, m x m sums and (d, d) AGOPs come back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -25,6 +26,13 @@ DEFAULT_OPTS = {"dtype": "float32", "engine": "numba", "budget_mb": 512, "basis"
 
 #: Partial results are summed by a tree of this fan-in once there are more parts than this.
 REDUCE_FAN_IN = 4
+
+
+class ShardParts(list):
+    """Object refs of the workers' images (``ShardedImages.parts``), with a key naming the
+    selection, so that workers recognise columns they have already prepared."""
+
+    key: str = ""
 
 
 class PlacementTimeoutError(TimeoutError):
@@ -162,6 +170,7 @@ class ShardedImages:
         bundle = {"CPU": float(threads or 1)}
         if gpus_per_worker:
             bundle["GPU"] = float(gpus_per_worker)
+        self.actors: list = []
         self.pg = reserve_workers(workers, bundle, placement_timeout_s, elastic=elastic)
         actor = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardWorker)
         # the refs stay referenced here: a restarted actor is rebuilt from them
@@ -178,7 +187,11 @@ class ShardedImages:
         #: seconds spent per stage (driver wall time): for benchmarks and the cost model
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        wait_all([a.size.remote() for a in self.actors], "load shards", progress)
+        try:  # the workers load their shards (parquet rows are read and decoded there)
+            wait_all([a.size.remote() for a in self.actors], "load shards", progress)
+        except BaseException:
+            self.close()  # e.g. an unreadable row group: release the workers and reservation
+            raise
         self._time("load", t0)
 
     def _time(self, stage: str, t0: float) -> None:
@@ -208,9 +221,15 @@ class ShardedImages:
     def parts(self, idx: np.ndarray | None = None) -> list:
         """Object refs of the shards' images (rows ``idx`` when given), in global order; they
         stay on the workers' nodes until a task that needs them runs."""
-        return [a.images.remote(self.chain_ref, rows)
-                for a, rows in zip(self.actors, self._local(idx), strict=True)
-                if rows is None or len(rows)]
+        refs = ShardParts(a.images.remote(self.chain_ref, rows)
+                          for a, rows in zip(self.actors, self._local(idx), strict=True)
+                          if rows is None or len(rows))
+        # the same selection of the same (featurised) images gets the same key, so workers
+        # keep one prepared copy of it across stages (kernel, validation, AGOP)
+        selection = "all" if idx is None else hashlib.sha256(
+            np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
+        refs.key = f"parts:{self.chain_ref.hex()}:{selection}"
+        return refs
 
     def gather(self, idx: np.ndarray | None = None) -> np.ndarray:
         """The images (rows ``idx``) in this process: for the model's centres only."""
@@ -258,6 +277,8 @@ class ShardedImages:
         """(key, refs) of kernel columns: an array is put once; a list of refs is used as is."""
         import ray
 
+        if isinstance(cols, ShardParts):
+            return cols.key, list(cols)
         if isinstance(cols, list):
             return "-".join(r.hex() for r in cols), cols
         return uuid.uuid4().hex, [ray.put(np.asarray(cols))]

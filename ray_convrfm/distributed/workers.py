@@ -114,10 +114,11 @@ class ShardWorker:
                             KernelParams(**params), Q)
 
     def _cached(self, key: tuple, build):
-        """A prepared side kept for the next task with the same key (at most two kept)."""
+        """A prepared side kept for the next task with the same key. Only one is kept: the
+        centres under the current M serve the kernel, validation and AGOP stages in turn,
+        and at scale a prepared side of the centres is the largest thing a worker holds."""
         if key not in self._sides:
-            if len(self._sides) >= 2:
-                self._sides.pop(next(iter(self._sides)))
+            self._sides.clear()
             self._sides[key] = build()
         return self._sides[key]
 
