@@ -472,14 +472,8 @@ def prepare_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generato
     if y is None:
         raise ValueError("y is required (only parquet.ParquetImages carry their own labels)")
     y = as_labels(y, X.shape[0], "y")
-    est.classes_, y_idx = np.unique(y, return_inverse=True)
-    if len(est.classes_) < 2:
-        raise ValueError(f"y must contain at least 2 classes; found {len(est.classes_)}")
-    if (X_val is None) != (y_val is None):
-        raise ValueError("pass both X_val and y_val, or neither")
+    y_idx, X_val, y_val = _classes_and_given_validation(est, y, X_val, y_val, X.shape)
     if X_val is not None:
-        X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
-        y_val = encode_labels(est.classes_, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
         X_fit, y_fit = X, y_idx
     else:
         _, counts = np.unique(y_idx, return_counts=True)
@@ -490,6 +484,20 @@ def prepare_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generato
                                             random_state=int(rng.integers(2**31 - 1)))
         X_fit, y_fit, X_val, y_val = X[fit_idx], y_idx[fit_idx], X[val_idx], y_idx[val_idx]
     return FitInputs(X, X_fit, y_fit, X_val, y_val, *_monitor(est, monitor, X.shape))
+
+
+def _classes_and_given_validation(est, y: np.ndarray, X_val, y_val, shape: tuple[int, ...]):
+    """Set ``est.classes_``; return y as class indices and the checked validation data passed
+    to ``fit`` (None, None when it is to be carved from the training data)."""
+    est.classes_, y_idx = np.unique(y, return_inverse=True)
+    if len(est.classes_) < 2:
+        raise ValueError(f"y must contain at least 2 classes; found {len(est.classes_)}")
+    if (X_val is None) != (y_val is None):
+        raise ValueError("pass both X_val and y_val, or neither")
+    if X_val is not None:
+        X_val = as_images(X_val, "X_val", channels=shape[1], image_size=shape[2:])
+        y_val = encode_labels(est.classes_, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
+    return y_idx, X_val, y_val
 
 
 def _monitor(est, monitor, shape: tuple[int, ...]):
@@ -512,15 +520,9 @@ def _parquet_fit_inputs(est, X, y, X_val, y_val, monitor, rng: np.random.Generat
         if not np.array_equal(y, labels):
             raise ValueError("y differs from the labels stored in the parquet data set; "
                              "pass y=None to use the stored labels")
-    est.classes_, y_idx = np.unique(labels, return_inverse=True)
-    if len(est.classes_) < 2:
-        raise ValueError(f"y must contain at least 2 classes; found {len(est.classes_)}")
-    if (X_val is None) != (y_val is None):
-        raise ValueError("pass both X_val and y_val, or neither")
+    y_idx, X_val, y_val = _classes_and_given_validation(est, labels, X_val, y_val, X.shape)
     if X_val is not None:
         fit = [(0, len(X))]
-        X_val = as_images(X_val, "X_val", channels=X.shape[1], image_size=X.shape[2:])
-        y_val = encode_labels(est.classes_, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
     else:
         fit, val = X.split_validation(est.val_fraction, rng)
         X_val, _ = X.read(val)
