@@ -222,7 +222,10 @@ def _done_blocks(store_path) -> int:
 
     total = 0
     for path in store_path.glob("K-*"):
-        total += int(zarr.open_group(str(path), mode="r")["K.done"][...].sum())
+        try:  # a kernel's folder exists before its metadata and arrays are complete
+            total += int(zarr.open_group(str(path), mode="r")["K.done"][...].sum())
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
     return total
 
 
