@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from ray_convrfm import ConvRFM
-from ray_convrfm.datasets import load_fashion_mnist, with_noise_frame
+from ray_convrfm.data.datasets import load_fashion_mnist, with_noise_frame
 
 
 def main() -> None:

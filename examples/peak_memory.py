@@ -11,7 +11,7 @@ import resource
 import time
 
 from ray_convrfm import ConvRFM
-from ray_convrfm.datasets import load_fashion_mnist
+from ray_convrfm.data.datasets import load_fashion_mnist
 
 
 def peak_rss_gib() -> float:

@@ -8,9 +8,9 @@ arXiv 2309.00570).
 
 __version__ = "0.1.0"
 
-from .deep import DeepConvRFM  # noqa: E402
-from .kernel import conv_ntk  # noqa: E402
-from .models import ConvRFM  # noqa: E402
-from .options import ComputeOptions  # noqa: E402
+from ray_convrfm.kernels.kernel import conv_ntk  # noqa: E402
+from ray_convrfm.models.convrfm import ConvRFM  # noqa: E402
+from ray_convrfm.models.deep import DeepConvRFM  # noqa: E402
+from ray_convrfm.options import ComputeOptions  # noqa: E402
 
 __all__ = ["ComputeOptions", "ConvRFM", "DeepConvRFM", "conv_ntk", "__version__"]

@@ -1,0 +1,439 @@
+"""The driver: starts or joins Ray, places one shard worker per bundle, reduces small results.
+
+The driver holds no training images after handing the shards out: columns of a kernel (the
+training images themselves, the Nystrom centres, the AGOP's predictor) travel from the workers
+that own them to the workers that need them through Ray's object store, and only kernel rows
+for the exact solver, m x m sums and (d, d) AGOPs come back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+import uuid
+
+import numpy as np
+
+from ray_convrfm.backends.workers import ShardWorker
+
+log = logging.getLogger(__name__)
+
+#: Kernel options when a caller gives none (the estimators pass their own).
+DEFAULT_OPTS = {"dtype": "float32", "engine": "numba", "budget_mb": 512, "basis": None,
+                "block": 256}
+
+#: Partial results are summed by a tree of this fan-in once there are more parts than this.
+REDUCE_FAN_IN = 4
+
+
+class ShardParts(list):
+    """Object refs of the workers' images (``ShardedImages.parts``), with a key naming the
+    selection, so that workers recognise columns they have already prepared."""
+
+    key: str = ""
+
+
+class PlacementTimeoutError(TimeoutError):
+    """The cluster did not provide the requested workers within the timeout."""
+
+
+def start_ray(workers: int, address: str | None = None) -> None:
+    """Join ``address`` ("auto", "ray://...") or start an embedded local Ray for ``workers``.
+
+    The embedded instance binds to loopback with the dashboard off; Ray's token authentication
+    is left as Ray configures it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        ray.init(num_cpus=max(1, workers), include_dashboard=False,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+def resolve_gpus_per_worker(gpus_per_worker: float | None) -> float:
+    """None means 1 when the Ray cluster has GPUs (now, or as autoscaler node types), else 0."""
+    import ray
+
+    if gpus_per_worker is not None:
+        if gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0; found {gpus_per_worker}")
+        return float(gpus_per_worker)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def reserve_workers(workers: int, bundle: dict, timeout_s: float | None, poll_s: float = 10.0,
+                    elastic: bool = True):
+    """A placement group of ``workers`` bundles (SPREAD over nodes), waited for.
+
+    On an autoscaling cluster the pending group is what makes the autoscaler start nodes; while
+    waiting this logs what it waits for and what the cluster has, and after ``timeout_s``
+    (None: wait forever) it removes the group and raises ``PlacementTimeoutError``. A cluster
+    that cannot grow (``elastic=False``: the embedded local Ray) is refused at once when its
+    total resources are too small.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    total = ray.cluster_resources()
+    short = {k: v * workers for k, v in bundle.items() if v * workers > total.get(k, 0)}
+    if short and not elastic:
+        raise PlacementTimeoutError(
+            f"{workers} workers of {bundle} need {short}, but this local Ray has "
+            f"{ {k: total.get(k, 0) for k in short} } in all; lower --workers / "
+            "--gpus-per-worker, or join a larger cluster with --address")
+
+    pg = placement_group([dict(bundle)] * workers, strategy="SPREAD")
+    start = time.monotonic()
+    while True:
+        ready, _ = ray.wait([pg.ready()], timeout=poll_s if timeout_s is None
+                            else max(0.0, min(poll_s, timeout_s - (time.monotonic() - start))))
+        if ready:
+            return pg
+        waited = time.monotonic() - start
+        have = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        if timeout_s is not None and waited >= timeout_s:
+            remove_placement_group(pg)
+            raise PlacementTimeoutError(
+                f"gave up after {waited:.0f} s waiting for {workers} workers of {bundle}; the "
+                f"cluster has {have} available. Add nodes (or let the autoscaler), lower "
+                "--workers / --gpus-per-worker, or raise the placement timeout.")
+        log.warning("waiting %.0f s so far for %d workers of %s; cluster has %s available",
+                    waited, workers, bundle, have)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
+
+
+def wait_all(futures: list, desc: str = "", progress: bool = False) -> list:
+    """``ray.get`` with one progress bar over every worker's tasks (results in order)."""
+    import ray
+
+    if not progress:
+        return ray.get(futures)
+    pending = list(futures)
+    with _progress(len(futures), desc, True) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+    return ray.get(futures)
+
+
+class ShardedImages:
+    """Images split into contiguous shards, one per Ray actor, each shard ``ray.put`` once.
+
+    Parameters
+    ----------
+    X : (n, C, H, W) images, already in the working dtype, or a description of rows each
+        worker loads itself (``parquet.ParquetRows``: images never pass through the driver)
+    workers : number of actors (shards)
+    threads : CPU threads per actor (None: 1 CPU reserved, the libraries' default threads)
+    block : rows per task (and per stored kernel block)
+    align : shard boundaries fall on multiples of ``block``, so that every block of a stored
+        kernel belongs to exactly one worker (needed with a store)
+    gpus_per_worker : GPUs reserved per actor (its shard and kernels then live on its GPU)
+    placement_timeout_s : give up waiting for the workers' resources after this long
+    elastic : whether the cluster can grow (an autoscaler); if not, resources it does not
+        have at all are refused at once
+    progress : one progress bar per stage across all workers
+    """
+
+    def __init__(self, X: np.ndarray, workers: int, threads: int | None = None,
+                 max_restarts: int = 3, block: int = 256, align: bool = False,
+                 gpus_per_worker: float = 0,
+                 placement_timeout_s: float | None = 600, progress: bool = False,
+                 elastic: bool = True):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1; found {workers}")
+        if hasattr(X, "load"):  # rows of a parquet data set: each worker reads its own
+            self.n, self.row_shape, self.dtype = len(X), tuple(X.row_shape), np.dtype(X.dtype)
+        else:
+            X = np.asarray(X)
+            self.n, self.row_shape, self.dtype = len(X), tuple(X.shape[1:]), X.dtype
+        self.block, self.align, self.progress = block, align, progress
+        bounds = np.linspace(0, self.n, workers + 1).astype(int)
+        if align:
+            bounds = np.minimum(np.round(bounds / block).astype(int) * block, self.n)
+            bounds[-1] = self.n
+        self.bounds = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        bundle = {"CPU": float(threads or 1)}
+        if gpus_per_worker:
+            bundle["GPU"] = float(gpus_per_worker)
+        self.actors: list = []
+        self.pg = reserve_workers(workers, bundle, placement_timeout_s, elastic=elastic)
+        actor = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardWorker)
+        # the refs stay referenced here: a restarted actor is rebuilt from them
+        self.shard_refs = [ray.put(X.slice(a, b) if hasattr(X, "load") else X[a:b])
+                           for a, b in self.bounds]
+        self.actors = [
+            actor.options(num_cpus=threads or 1, num_gpus=gpus_per_worker or 0,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(
+                              self.pg, placement_group_bundle_index=k)
+                          ).remote(ref, a, threads, gpus_per_worker)
+            for k, (ref, (a, b)) in enumerate(zip(self.shard_refs, self.bounds, strict=True))]
+        self.chain: list = []
+        self.chain_ref = ray.put(self.chain)
+        #: seconds spent per stage (driver wall time): for benchmarks and the cost model
+        self.timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:  # the workers load their shards (parquet rows are read and decoded there)
+            wait_all([a.size.remote() for a in self.actors], "load shards", progress)
+        except BaseException:
+            self.close()  # e.g. an unreadable row group: release the workers and reservation
+            raise
+        self._time("load", t0)
+
+    def _time(self, stage: str, t0: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the images
+    def featurise(self, filters: np.ndarray, padding: bool) -> None:
+        """Every worker convolves its own shard with ``filters`` (Deep ConvRFM's next inputs);
+        the images never pass through the driver."""
+        import ray
+
+        self.chain = [*self.chain, (np.asarray(filters), bool(padding))]
+        self.chain_ref = ray.put(self.chain)
+        shapes = wait_all([a.prepare.remote(self.chain_ref) for a in self.actors],
+                          "featurise", self.progress)
+        self.row_shape = tuple(next(s for s in shapes if s[0])[1:]) if self.n else ()
+
+    def _local(self, idx: np.ndarray | None):
+        """Per shard, the local rows of sorted global indices ``idx`` (None: all rows)."""
+        if idx is None:
+            return [None] * len(self.bounds)
+        idx = np.asarray(idx)
+        if np.any(np.diff(idx) < 0):
+            raise ValueError("row indices must be sorted")
+        return [idx[(idx >= a) & (idx < b)] - a for a, b in self.bounds]
+
+    def parts(self, idx: np.ndarray | None = None) -> list:
+        """Object refs of the shards' images (rows ``idx`` when given), in global order; they
+        stay on the workers' nodes until a task that needs them runs."""
+        refs = ShardParts(a.images.remote(self.chain_ref, rows)
+                          for a, rows in zip(self.actors, self._local(idx), strict=True)
+                          if rows is None or len(rows))
+        # the same selection of the same (featurised) images gets the same key, so workers
+        # keep one prepared copy of it across stages (kernel, validation, AGOP)
+        selection = "all" if idx is None else hashlib.sha256(
+            np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
+        refs.key = f"parts:{self.chain_ref.hex()}:{selection}"
+        return refs
+
+    def gather(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """The images (rows ``idx``) in this process: for the model's centres only."""
+        import ray
+
+        parts = ray.get(self.parts(idx))
+        if not parts:
+            return np.zeros((0, *self.row_shape), dtype=self.dtype)
+        return np.concatenate(parts, axis=0)
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the (featurised) images, equal to ``store.rows_fingerprint``."""
+        import ray
+
+        if not self.align:
+            raise ValueError("fingerprints need block-aligned shards (align=True)")
+        from ray_convrfm.backends.store import combine_digests
+
+        digests = ray.get([a.digests.remote(self.chain_ref, self.block) for a in self.actors])
+        return combine_digests([d for part in digests for d in part], self.row_shape,
+                               np.dtype(self.dtype).str)
+
+    def patch_gram(self, patch_size: int, padding: bool) -> np.ndarray:
+        """Sum over every patch of every shard of p p^T (float64, (d, d))."""
+        return self.reduce([a.patch_gram.remote(self.chain_ref, patch_size, padding)
+                            for a in self.actors])
+
+    # ------------------------------------------------------------------ reductions
+    def reduce(self, refs: list, fan_in: int = REDUCE_FAN_IN):
+        """Sum of partial results; with many parts, a tree of sums computed on the workers
+        (so the driver receives one result, not one per worker)."""
+        import ray
+
+        level = 0
+        while len(refs) > fan_in:
+            groups = [refs[k : k + fan_in] for k in range(0, len(refs), fan_in)]
+            refs = [self.actors[(g * fan_in + level) % len(self.actors)].add.remote(*group)
+                    for g, group in enumerate(groups)]
+            level += 1
+        parts = ray.get(refs)
+        return sum(parts[1:], parts[0])
+
+    # ------------------------------------------------------------------ kernels
+    def _columns(self, cols) -> tuple[str, list]:
+        """(key, refs) of kernel columns: an array is put once; a list of refs is used as is."""
+        import ray
+
+        if isinstance(cols, ShardParts):
+            return cols.key, list(cols)
+        if isinstance(cols, list):
+            return "-".join(r.hex() for r in cols), cols
+        return uuid.uuid4().hex, [ray.put(np.asarray(cols))]
+
+    def _row_tasks(self):
+        """(actor, local r0, r1) for every block of rows, shard by shard."""
+        for actor, (a, b) in zip(self.actors, self.bounds, strict=True):
+            for r in range(a, b, self.block):
+                yield actor, r - a, min(r + self.block, b) - a
+
+    def kernel(self, cols, M: np.ndarray, params: dict, opts: dict | None = None,
+               desc: str = "kernel") -> np.ndarray:
+        """K(all shards, cols) with ``cols`` an array or a list of refs (e.g. ``parts()``)."""
+        opts = opts or DEFAULT_OPTS
+        key, refs = self._columns(cols)
+        futures = [actor.kernel_rows.remote(self.chain_ref, r0, r1, M, params, opts, key, *refs)
+                   for actor, r0, r1 in self._row_tasks()]
+        rows = wait_all(futures, desc, self.progress)
+        return np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), np.float32)
+
+    def kernel_via_store(self, cols, n_cols: int, M: np.ndarray, params: dict, url: str,
+                         spec, name: str, opts: dict | None = None,
+                         desc: str = "kernel") -> tuple[np.ndarray, int]:
+        """K(all shards, cols) through a zarr store: workers write the missing blocks.
+
+        Returns the kernel, read back from the store, and how many blocks were computed now
+        (0 when a previous run already stored them all).
+        """
+        from ray_convrfm.backends.store import KernelStore
+
+        opts = opts or DEFAULT_OPTS
+        if not self.align:
+            raise ValueError("a stored kernel needs block-aligned shards (align=True)")
+        shape = (self.n, n_cols)
+        store = KernelStore(url, spec)
+        missing = store.missing(name, shape)  # creates the arrays before workers write
+        key, refs = self._columns(cols)
+        spec_fields = dataclasses.asdict(spec)
+        futures = []
+        for actor, (a, b) in zip(self.actors, self.bounds, strict=True):
+            for i in range(a // self.block, -(-b // self.block)):
+                blocks = [(bi, bj) for bi, bj in missing if bi == i]
+                if blocks:
+                    futures.append(actor.store_kernel_blocks.remote(
+                        self.chain_ref, blocks, url, spec_fields, name, shape, M, params, opts,
+                        key, *refs))
+        counts = wait_all(futures, desc, self.progress)
+        return KernelStore(url, spec).read(name, shape), int(sum(counts))
+
+    def map_kernel(self, rows: np.ndarray, cols, M: np.ndarray, params: dict,
+                   opts: dict | None = None, desc: str = "kernel") -> np.ndarray:
+        """K(rows, cols) for images not held by the workers: blocks of rows over the actors."""
+        opts = opts or DEFAULT_OPTS
+        key, refs = self._columns(cols)
+        rows = np.asarray(rows)
+        futures = [self.actors[k % len(self.actors)].kernel_pair.remote(
+                       rows[r : r + self.block], M, params, opts, key, *refs)
+                   for k, r in enumerate(range(0, len(rows), self.block))]
+        return np.concatenate(wait_all(futures, desc, self.progress), axis=0)
+
+    def scores(self, centres, alpha: np.ndarray, M: np.ndarray, params: dict,
+               opts: dict | None = None, desc: str = "predict") -> np.ndarray:
+        """K(these images, centres) @ alpha, computed where the images are (float64)."""
+        opts = opts or DEFAULT_OPTS
+        import ray
+
+        key, refs = self._columns(centres)
+        alpha_ref = ray.put(np.asarray(alpha))
+        futures = [actor.scores.remote(self.chain_ref, r0, r1, alpha_ref, M, params, opts, key,
+                                       *refs)
+                   for actor, r0, r1 in self._row_tasks()]
+        t0 = time.perf_counter()
+        parts = wait_all(futures, desc, self.progress)
+        self._time("scores", t0)
+        if not parts:
+            return np.zeros((0, np.asarray(alpha).shape[1]))
+        return np.concatenate(parts, axis=0)
+
+    def nystrom_system(self, centres, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
+                       params: dict, opts: dict | None = None, store: tuple | None = None):
+        """Sum of per-shard (K^T K, K^T Y), K_mm assembled from the shards' centre rows, and
+        the blocks computed; with ``store`` = (url, spec) K(train, centres) is stored."""
+        import ray
+
+        opts = opts or DEFAULT_OPTS
+        key, refs = self._columns(centres)
+        mine = self._local(center_idx)
+        stored = None
+        if store is not None:
+            from ray_convrfm.backends.store import KernelStore
+
+            if not self.align:
+                raise ValueError("a stored kernel needs block-aligned shards (align=True)")
+            url, spec = store
+            shape = (self.n, len(center_idx))
+            KernelStore(url, spec).kernel("K", shape)  # created before the workers write
+            stored = (url, dataclasses.asdict(spec), "K", shape)
+        futures = [actor.normal_equations_part.options(num_returns=4).remote(
+                       self.chain_ref, Y[a:b], rows, M, params, opts, stored, key, *refs)
+                   for actor, (a, b), rows in zip(self.actors, self.bounds, mine, strict=True)]
+        t0 = time.perf_counter()
+        wait_all([f[0] for f in futures], "Nystrom normal equations", self.progress)
+        self._time("normal_equations_compute", t0)
+        t0 = time.perf_counter()
+        KtK = self.reduce([f[0] for f in futures])
+        KtY = self.reduce([f[1] for f in futures])
+        self._time("normal_equations_reduce", t0)
+        K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted centre order
+        return KtK, KtY, K_mm, int(sum(ray.get([f[3] for f in futures])))
+
+    def agop(self, train, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
+             params: dict, opts: dict | None = None) -> np.ndarray:
+        """Patch AGOP averaged over sorted ``sample_idx`` (global rows): per-shard sums of the
+        predictor f = coef^T K(train, .), reduced here; ``train`` as in ``kernel``."""
+        opts = opts or DEFAULT_OPTS
+        import ray
+
+        key, refs = self._columns(train)
+        coef_ref = ray.put(np.asarray(coef))
+        futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, params, opts, key,
+                                          *refs)
+                   for actor, rows in zip(self.actors, self._local(sample_idx), strict=True)]
+        t0 = time.perf_counter()
+        wait_all(futures, "AGOP", self.progress)
+        self._time("agop", t0)
+        return self.reduce(futures) / len(sample_idx)
+
+    def peak_rss_mb(self) -> list[float]:
+        """Every worker's peak resident memory so far (MiB)."""
+        import ray
+
+        return ray.get([a.peak_rss_mb.remote() for a in self.actors])
+
+    def nodes(self) -> list[str]:
+        """The Ray node of every worker (to check that work spread over nodes)."""
+        import ray
+
+        return ray.get([a.node.remote() for a in self.actors])
+
+    def __enter__(self) -> ShardedImages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors (their shards go with them) and release their reservation."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        self.shard_refs = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+

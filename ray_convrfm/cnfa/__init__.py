@@ -1,0 +1,1 @@
+"""The convolutional neural feature ansatz (CNFA) measured on any torch CNN."""

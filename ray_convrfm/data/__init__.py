@@ -1,0 +1,1 @@
+"""Image data sets: bundled, IDX, .npz and parquet shards."""

@@ -1,0 +1,135 @@
+"""Patch AGOP of a kernel predictor (spec section 4): the feature-learning step of ConvRFM.
+
+For f(z) = sum_i coef_i K(x_i, z) (coef: (n, c), one column per class), the gradient with respect
+to the raw patch z_p is, by the chain rule through the first-layer patch products,
+
+    grad_{z_p} f_k = M ( sum_i coef_ik dcross_ip x_ip + 2 z_p sum_i coef_ik dself_ip )
+
+where dcross/dself, the derivatives of K w.r.t. the patch products x_p^T M z_p and z_p^T M z_p,
+come from the kernel's adjoint (``kernel.kernel_block_adjoint``). Since f is
+linear in coef, the training set is processed in chunks whose gradients are summed; the AGOP is a
+sum over sample images, so it can be split over sample shards and reduced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ray_convrfm.kernels.kernel import KernelSide, bytes_per_pair, kernel_block_adjoint
+
+
+class Workspace:
+    """Scratch buffers kept between blocks and calls: fresh multi-MB allocations are page-faulted
+    and zeroed by the OS every time, which costs as much as a fifth of an AGOP block."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` (uninitialised), backed by a reused buffer."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
+                    engine: str, budget_mb: int, bar: tqdm | None = None,
+                    workspace: Workspace | None = None) -> torch.Tensor:
+    """Patch gradients of every class output before the final M, shape (P1, s, c, d).
+
+    Entry [p, z, k] is r = sum_i coef_ik dcross x_ip + 2 z_p sum_i coef_ik dself, so that
+    grad_{z_p} f_k = M r.
+    """
+    n, c = coef.shape
+    s, P1, d = sample.right.shape
+    ws = workspace or Workspace()
+    dt, dev = coef.dtype, coef.device
+    R = ws.get("R", (P1, s, c, d), dt, dev).zero_()
+    V = ws.get("V", (s, P1, c), dt, dev).zero_()
+    itemsize = coef.element_size()
+    # per training image: s derivative pairs plus its (P1, c, d) weighted patches
+    pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
+    per_row = s * pair_bytes + P1 * c * d * itemsize
+    rows = max(1, min(n, int(budget_mb * 2**20 // per_row)))
+    for r in range(0, n, rows):
+        xs = train.rows(r, r + rows)
+        nb = len(xs)
+        cb = coef[r : r + rows]
+        out = None
+        if engine == "numba":
+            out = ws.get("dcross", (s, P1, nb), xs.left.dtype, xs.left.device)
+        _, dcross, vself = kernel_block_adjoint(xs, sample, cb, engine, out=out)
+        dcross = dcross.to(dev).transpose(0, 1)  # (P1, s, nb), strided, no copy
+        # weighted patches (nb, P1, c*d): coef_ik x_ip
+        weighted = ws.get("weighted", (nb, P1, c, d), dt, dev)
+        torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=weighted)
+        weighted = weighted.view(nb, P1, c * d)
+        R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
+        V += vself.to(dev)
+        if bar is not None:
+            bar.update(nb * s)
+    return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V.transpose(0, 1)[..., None],
+                      value=2.0)
+
+
+def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor, *,
+               engine: str = "torch", budget_mb: int = 512, progress: bool = False,
+               average: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
+    """AGOP (d, d) = (1/s) sum_z sum_p sum_k grad_{z_p} f_k grad_{z_p} f_k^T (spec section 4).
+
+    Parameters
+    ----------
+    train : prepared training images (the predictor's centres), M inside
+    coef : (n, c) coefficients of the predictor, already divided by any kernel normaliser
+    sample : prepared sample images at which gradients are taken
+    M : (d, d) the metric inside the kernel (the chain rule goes through it)
+    average : divide by s (False returns the plain sum, for reductions over shards)
+    workspace : scratch buffers to reuse across calls (e.g. the iterations of one fit)
+    """
+    workspace = workspace or Workspace()
+    if len(sample) == 0:
+        raise ValueError("the AGOP needs at least one sample image")
+    d = M.shape[0]
+    G = torch.zeros(d, d, dtype=coef.dtype, device=coef.device)
+    s = len(sample)
+    c = coef.shape[1]
+    P1 = sample.right.shape[1]
+    # the (P1, chunk, c, d) gradient buffer takes at most a quarter of the budget
+    chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * c * d * coef.element_size()))))
+    with tqdm(total=len(train) * s, desc="AGOP", disable=not progress, leave=False,
+              unit="pair") as bar:
+        for start in range(0, s, chunk):
+            part = sample.rows(start, start + chunk)
+            r = patch_gradients(train, coef, part, engine, budget_mb, bar, workspace)
+            r = r.reshape(-1, d)
+            G += r.T @ r
+    G = M @ G @ M
+    return G / s if average else G
+
+
+def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
+    """G^power (float64) through a symmetric eigendecomposition, negative eigenvalues clipped."""
+    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
+    return (vecs * vals.clamp_min(0) ** power) @ vecs.T
+
+
+def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """M = G^power / ||G^power||_F (spec section 5), negative eigenvalues clipped to 0.
+
+    The kernel is positively homogeneous in M, so only M's direction matters; the Frobenius
+    normalisation keeps its scale fixed from one iteration to the next.
+    """
+    if power <= 0:
+        raise ValueError(f"agop_power must be positive; found {power}")
+    P = psd_power(G, power)
+    norm = torch.linalg.matrix_norm(P)
+    if not norm > 0:
+        raise ValueError("the AGOP is zero: the predictor does not depend on its input")
+    return (P / norm).to(G.dtype)

@@ -1,0 +1,411 @@
+"""The ConvRFM kernel (spec section 2): a convolutional NTK with a Mahalanobis patch metric.
+
+All the mathematics of the kernel lives here and in its fused CPU twin ``_numba_engine.py``:
+pure functions of images, M and (depth, patch_size, padding); no Ray, no I/O. The fixed-kernel
+baseline (CNTK) is this kernel with M = I.
+
+Reference: Beaglehole, Radhakrishnan, Pandit, Belkin, "Mechanism of feature learning in
+convolutional neural networks", arXiv 2309.00570 (2023).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_convrfm.checks import as_images
+from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
+from ray_convrfm.kernels.patches import extract_patches, grid_shape
+from ray_convrfm.options import ComputeOptions
+
+log = logging.getLogger(__name__)
+
+#: Cosines within this many machine epsilons of +-1 are snapped to +-1 (see ``_numba_engine``).
+SNAP_ULPS = 8
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    """What defines the kernel besides M: depth, patch size q and zero padding."""
+
+    depth: int = 3
+    patch_size: int = 3
+    padding: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"depth must be a positive integer; found {self.depth!r}")
+        if not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer; found {self.patch_size!r}")
+
+    def grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Position grid of every layer; raises if the image is too small for the network."""
+        q = self.patch_size
+        h, w = grid_shape(height, width, q, self.padding)
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"patch_size {q} is larger than the image ({height} x {width}) "
+                f"with padding={self.padding}"
+            )
+        out = [(h, w)]
+        for _ in range(self.depth - 1):
+            h, w = h - q + 1, w - q + 1
+            if h < 1 or w < 1:
+                raise ValueError(
+                    f"depth {self.depth} with patch_size {q} needs images of at least "
+                    f"{self._min_size()} x {self._min_size()} pixels (padding={self.padding}); "
+                    f"found {height} x {width}"
+                )
+            out.append((h, w))
+        return out
+
+    def _min_size(self) -> int:
+        q = self.patch_size
+        pad = 2 * (q // 2) if self.padding else 0
+        return self.depth * (q - 1) + 1 - pad
+
+
+@dataclass(frozen=True)
+class KernelSide:
+    """Everything the kernel needs about one batch of images, computed once per batch.
+
+    Attributes
+    ----------
+    left : (n, P1, r) patches multiplied by M (used when the batch is the left argument).
+    right : (n, P1, r) raw patches (used when the batch is the right argument); r = d = C*q*q,
+        or fewer coordinates in an orthonormal basis of the patches' span (``prepare_side``).
+    sq, rsq : (n, P_total) sqrt and safe 1/sqrt of the diagonal covariances s_l(x, x) of every
+        layer, concatenated over layers (1/sqrt(0) is taken as 0).
+    grids : position grid (H_l, W_l) of every layer.
+    channels : C, the number of input channels (the first-layer covariances are divided by it).
+    patch_size : q, the window of the kernel's later layers.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    sq: torch.Tensor
+    rsq: torch.Tensor
+    grids: tuple[tuple[int, int], ...]
+    channels: int
+    patch_size: int
+
+    def __len__(self) -> int:
+        return self.left.shape[0]
+
+    def rows(self, start: int, stop: int) -> KernelSide:
+        """Images start..stop-1 (views, no copy)."""
+        return KernelSide(self.left[start:stop], self.right[start:stop], self.sq[start:stop],
+                          self.rsq[start:stop], self.grids, self.channels, self.patch_size)
+
+    def take(self, index) -> KernelSide:
+        """Images at the given indices (e.g. the AGOP sample)."""
+        t = torch.as_tensor(index, device=self.left.device)
+        return KernelSide(self.left[t], self.right[t], self.sq[t], self.rsq[t], self.grids,
+                          self.channels, self.patch_size)
+
+
+def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    """1/sqrt(x) with 0 where x <= 0: a blank patch has zero norm and contributes nothing."""
+    return torch.where(x > 0, x.clamp_min(torch.finfo(x.dtype).tiny).rsqrt(), torch.zeros_like(x))
+
+
+def window_sum(x: torch.Tensor, q: int) -> torch.Tensor:
+    """VALID q x q sum over the last two axes (the "conv q x q" between kernel layers)."""
+    h, w = x.shape[-2:]
+    rows = x[..., 0 : h - q + 1, :]
+    for a in range(1, q):
+        rows = rows + x[..., a : h - q + 1 + a, :]
+    out = rows[..., 0 : w - q + 1]
+    for b in range(1, q):
+        out = out + rows[..., b : w - q + 1 + b]
+    return out
+
+
+#: Images unfolded at once when patches are projected onto a basis (bounds the (b, P, d) temp).
+UNFOLD_BATCH = 256
+
+
+def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
+                 basis: torch.Tensor | None = None) -> KernelSide:
+    """Patches, M-transformed patches and per-layer diagonal covariances of a batch of images.
+
+    With ``basis`` (d, r), orthonormal columns spanning the patches, each patch is kept as its r
+    coordinates Q^T x_p and ``M`` is the (r, r) metric in those coordinates; x^T (Q M Q^T) z =
+    (Q^T x)^T M (Q^T z), so the kernel is unchanged for patches in the span (see
+    ``patches.patch_span``). Images are then unfolded in batches, never all (n, P, d) at once.
+    """
+    n, C, H, W = X.shape
+    grids = params.grids(H, W)
+    q, pad = params.patch_size, params.padding
+    if basis is None:
+        right = extract_patches(X, q, pad)
+    else:
+        right = torch.cat([extract_patches(X[b : b + UNFOLD_BATCH], q, pad) @ basis
+                           for b in range(0, n, UNFOLD_BATCH)])
+    return side_from_patches(right, M, params, grids, C)
+
+
+def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams, grids,
+                      channels: int) -> KernelSide:
+    """``prepare_side`` from patches (n, P1, d); each patch is its own variable (spec section 4)."""
+    n = right.shape[0]
+    q = params.patch_size
+    left = right @ M
+    diag = (left * right).sum(-1) / channels  # s_1(x, x), (n, P1)
+    h, w = grids[0]
+    layer = diag.reshape(n, h, w)
+    per_layer = [diag]
+    for _ in range(1, params.depth):
+        layer = window_sum(layer, q)
+        per_layer.append(layer.reshape(n, layer.shape[-2] * layer.shape[-1]))
+    diag = torch.cat(per_layer, dim=1).clamp_min(0)
+    return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels, q)
+
+
+def snap_width(dtype: torch.dtype) -> float:
+    return SNAP_ULPS * torch.finfo(dtype).eps
+
+
+def _relu_cosine(S: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, snap: float) -> torch.Tensor:
+    c = (S * rx[:, None] * rz[None, :]).clamp_(-1.0, 1.0)
+    c = torch.where(c > 1.0 - snap, torch.ones_like(c), c)
+    return torch.where(c < -1.0 + snap, -torch.ones_like(c), c)
+
+
+def _torch_forward(xs: KernelSide, zs: KernelSide, adjoint: bool = False):
+    """Vectorised kernel (and optionally adjoint) on any torch device, layout (n, m, H, W)."""
+    n, m = len(xs), len(zs)
+    q = xs.patch_size
+    inv_c = 1.0 / xs.channels
+    snap = snap_width(xs.left.dtype)
+    S = torch.einsum("ipd,jpd->ijp", xs.left, zs.right) * inv_c
+    T = S.clone()
+    saved = []
+    offsets = np.cumsum([0] + [h * w for h, w in xs.grids])
+    depth = len(xs.grids)
+    for layer, (h, w) in enumerate(xs.grids):
+        sl = slice(int(offsets[layer]), int(offsets[layer + 1]))
+        S = S.reshape(n, m, h * w)
+        T = T.reshape(n, m, h * w)
+        c = _relu_cosine(S, xs.rsq[:, sl], zs.rsq[:, sl], snap)
+        k0 = 1.0 - torch.acos(c) / math.pi
+        if adjoint:
+            saved.append((c, T))
+        T = T * k0
+        ab = xs.sq[:, None, sl] * zs.sq[None, :, sl]
+        S = ab * (torch.sqrt((1.0 - c * c).clamp_min(0)) + math.pi * k0 * c) / math.pi
+        if layer < depth - 1:
+            S = window_sum(S.reshape(n, m, h, w), q)
+            T = window_sum(T.reshape(n, m, h, w), q) + S
+    K = S.reshape(n, m, -1).mean(-1) + T.reshape(n, m, -1).mean(-1)
+    if not adjoint:
+        return K
+    return K, _torch_backward(xs, zs, saved, offsets, q, inv_c)
+
+
+def _window_adjoint(g: torch.Tensor, q: int) -> torch.Tensor:
+    """Adjoint of ``window_sum``: a full correlation with a q x q block of ones."""
+    n, m, h, w = g.shape
+    ones = torch.ones(1, 1, q, q, dtype=g.dtype, device=g.device)
+    return F.conv_transpose2d(g.reshape(n * m, 1, h, w), ones).reshape(n, m, h + q - 1, w + q - 1)
+
+
+def _torch_backward(xs, zs, saved, offsets, q, inv_c):
+    n, m = len(xs), len(zs)
+    h, w = xs.grids[-1]
+    gS = torch.full((n, m, h * w), 1.0 / (h * w), dtype=xs.left.dtype, device=xs.left.device)
+    gT = gS.clone()
+    gZ = torch.zeros_like(gS)
+    for layer in range(len(xs.grids) - 1, -1, -1):
+        h, w = xs.grids[layer]
+        sl = slice(int(offsets[layer]), int(offsets[layer + 1]))
+        c, T_in = saved[layer]
+        k0 = 1.0 - torch.acos(c) / math.pi
+        sn = torch.sqrt((1.0 - c * c).clamp_min(0))
+        k1 = (sn + math.pi * k0 * c) / math.pi
+        dk0 = torch.where(c.abs() < 1, 1.0 / (math.pi * sn.clamp_min(1e-30)), torch.zeros_like(c))
+        ab = xs.sq[:, None, sl] * zs.sq[None, :, sl]
+        rr = xs.rsq[:, None, sl] * zs.rsq[None, :, sl]
+        rz2 = (zs.rsq[None, :, sl]) ** 2
+        gc = gS * ab * k0 + gT * T_in * dk0
+        gZ = gZ + 0.5 * rz2 * (gS * k1 * ab - gc * c)
+        gS = gc * rr
+        gT = gT * k0
+        if layer > 0:
+            gS = _window_adjoint((gS + gT).reshape(n, m, h, w), q).reshape(n, m, -1)
+            gT = _window_adjoint(gT.reshape(n, m, h, w), q).reshape(n, m, -1)
+            gZ = _window_adjoint(gZ.reshape(n, m, h, w), q).reshape(n, m, -1)
+    return ((gS + gT) * inv_c).permute(1, 2, 0), (gZ * inv_c).permute(1, 2, 0)  # (m, P1, n)
+
+
+def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
+                coef: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    from ray_convrfm.kernels.numba_engine import get_engine
+
+    ft = np.float32 if xs.left.dtype == torch.float32 else np.float64
+    forward, adjoint_fn = get_engine(ft)
+    heights = np.array([h for h, _ in xs.grids], dtype=np.int64)
+    widths = np.array([w for _, w in xs.grids], dtype=np.int64)
+    q = xs.patch_size
+    left = xs.left.transpose(1, 2).contiguous().numpy()
+    right = zs.right.transpose(1, 2).contiguous().numpy()
+    args = (left, right, xs.sq.numpy(), xs.rsq.numpy(), zs.sq.numpy(),
+            zs.rsq.numpy(), heights, widths, q, ft(1.0 / xs.channels),
+            ft(snap_width(xs.left.dtype)))
+    n, m = len(xs), len(zs)
+    K = np.empty((n, m), dtype=ft)
+    if not adjoint:
+        forward(*args, symmetric, K)
+        return torch.from_numpy(K)
+    P1 = xs.left.shape[1]
+    dcross = torch.empty(m, P1, n, dtype=xs.left.dtype) if out is None else out
+    coef = coef.to(xs.left.dtype).contiguous()
+    vself = torch.empty(m, P1, coef.shape[1], dtype=xs.left.dtype)
+    adjoint_fn(*args, K, dcross.numpy(), coef.numpy(), vself.numpy())
+    return torch.from_numpy(K), dcross, vself
+
+
+def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
+                 symmetric: bool = False) -> torch.Tensor:
+    """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same."""
+    if engine == "numba":
+        return _numba_call(xs, zs, adjoint=False, symmetric=symmetric)
+    return _torch_forward(xs, zs)
+
+
+def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, coef: torch.Tensor,
+                         engine: str = "torch", out: torch.Tensor | None = None):
+    """K for a block and what the patch gradients of f = coef^T K(xs, .) at zs need.
+
+    Returns ``K`` (n, m), ``dcross`` (m, P1, n) and ``vself`` (m, P1, c): with the raw (not /C)
+    first-layer patch products x_ip^T M z_jp and z_jp^T M z_jp, ``dcross[j, p, i]`` is
+    dK(x_i, z_j)/d(x_ip^T M z_jp) and ``vself[j, p, k]`` is sum_i coef_ik dK(x_i, z_j)/d(z_jp^T M
+    z_jp). By the chain rule the gradient of f_k w.r.t. the patch z_jp is
+    M (sum_i coef_ik dcross[j, p, i] x_ip + 2 vself[j, p, k] z_jp). ``out``: a contiguous
+    (m, P1, n) CPU tensor the numba engine fills with dcross instead of allocating one.
+    """
+    if engine == "numba":
+        return _numba_call(xs, zs, adjoint=True, coef=coef, out=out)
+    K, (dcross, dself) = _torch_forward(xs, zs, adjoint=True)
+    return K, dcross, dself @ coef.to(dself.dtype)
+
+
+def bytes_per_pair(grids, engine: str, itemsize: int, adjoint: bool = False) -> int:
+    """Working memory per image pair, so block sizes follow the memory budget, not n."""
+    p1 = grids[0][0] * grids[0][1]
+    if engine == "numba":
+        # one output entry (+ the (P1) derivative row when differentiating)
+        return itemsize * (1 + (p1 if adjoint else 0))
+    ptot = sum(h * w for h, w in grids)
+    # about eight live (pairs x positions) temporaries, plus two saved per layer for the adjoint
+    return itemsize * (8 * p1 + (2 * ptot + 6 * p1 if adjoint else 0))
+
+
+def block_rows(n_cols: int, grids, engine: str, itemsize: int, budget_mb: int,
+               adjoint: bool = False) -> int:
+    """Rows per block so that rows x n_cols pairs fit the memory budget (at least one row)."""
+    per_row = max(1, n_cols) * bytes_per_pair(grids, engine, itemsize, adjoint)
+    return max(1, int(budget_mb * 2**20 // per_row))
+
+
+def as_tensor(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Numpy or torch input to a tensor of the working dtype and device (no copy when possible)."""
+    if isinstance(X, np.ndarray):
+        X = torch.from_numpy(np.ascontiguousarray(X))
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"images must be a numpy array or torch tensor; found {type(X).__name__}")
+    return X.to(device=device, dtype=dtype)
+
+
+def resolve_M(M, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """M as a symmetric (d, d) tensor; None means the identity (the fixed CNTK baseline)."""
+    if M is None:
+        return torch.eye(d, dtype=dtype, device=device)
+    M = as_tensor(M, dtype, device)
+    if M.shape != (d, d):
+        raise ValueError(f"M must have shape ({d}, {d}) = (C*q*q, C*q*q); found {tuple(M.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError("M contains NaN or inf entries")
+    return 0.5 * (M + M.T)
+
+
+def conv_ntk(X, Z=None, M=None, *, depth: int = 3, patch_size: int = 3, padding: bool = False,
+             dtype: str | None = None, device: str | None = None, engine: str = "auto",
+             memory_budget_mb: int | None = None, options: ComputeOptions | None = None,
+             progress: bool = False):
+    """ConvRFM kernel matrix K(X, Z) (spec section 2); M = None gives the fixed CNTK.
+
+    Parameters
+    ----------
+    X : array or tensor, shape (n, C, H, W)
+    Z : array or tensor, shape (m, C, H, W), or None for K(X, X) (computed once per symmetric pair)
+    M : (C*q*q, C*q*q) positive semi-definite patch metric, or None for the identity
+    depth, patch_size, padding : the network the kernel describes (spec section 2)
+    dtype, device, engine, memory_budget_mb : override the matching fields of ``options``.
+        Peak working memory is set by ``memory_budget_mb`` (rows x columns per block), not by n:
+        choose it as the memory you can spare; halving it doubles the number of blocks.
+
+    Returns
+    -------
+    K : (n, m) numpy array for numpy input, tensor for tensor input.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from ray_convrfm import conv_ntk
+    >>> X = np.random.default_rng(0).random((4, 1, 10, 10), dtype=np.float32)
+    >>> conv_ntk(X, depth=2).shape
+    (4, 4)
+    """
+    opts = options or ComputeOptions()
+    dev = resolve_device(device or opts.device)
+    dt = resolve_dtype(dtype or opts.dtype)
+    eng = resolve_engine(engine if engine != "auto" else opts.engine, dev)
+    budget = memory_budget_mb or opts.memory_budget_mb
+    params = KernelParams(depth, patch_size, padding)
+    numpy_out = not isinstance(X, torch.Tensor)
+    X = as_images(X, "X")
+    if Z is not None:
+        Z = as_images(Z, "Z", channels=X.shape[1])
+        if tuple(Z.shape[2:]) != tuple(X.shape[2:]):
+            raise ValueError(f"X and Z must have the same image size; found {tuple(X.shape[2:])} "
+                             f"and {tuple(Z.shape[2:])}")
+    Xt = as_tensor(X, dt, dev)
+    d = Xt.shape[1] * patch_size**2
+    Mt = resolve_M(M, d, dt, dev)
+    xs = prepare_side(Xt, Mt, params)
+    zs = xs if Z is None else prepare_side(as_tensor(Z, dt, dev), Mt, params)
+    K = kernel_matrix(xs, zs, eng, budget, symmetric=Z is None, progress=progress)
+    return K.cpu().numpy() if numpy_out else K
+
+
+def kernel_matrix(xs: KernelSide, zs: KernelSide, engine: str, budget_mb: int,
+                  symmetric: bool = False, progress: bool = False, desc: str = "kernel",
+                  scale: float = 1.0) -> torch.Tensor:
+    """K(xs, zs) in row-and-column blocks sized by the memory budget, divided by ``scale``."""
+    from tqdm.auto import tqdm
+
+    n, m = len(xs), len(zs)
+    if n == 0 or m == 0:  # e.g. an empty shard
+        return torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
+    itemsize = xs.left.element_size()
+    cols = min(m, 4096)
+    rows = min(n, block_rows(cols, xs.grids, engine, itemsize, budget_mb))
+    K = torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
+    blocks = [(r, c) for r in range(0, n, rows) for c in range(0, m, cols)
+              if not (symmetric and c + cols <= r)]
+    with tqdm(total=len(blocks), desc=desc, disable=not progress, leave=False) as bar:
+        for r, c in blocks:
+            xb, zb = xs.rows(r, r + rows), zs.rows(c, c + cols)
+            sym = symmetric and r == c and rows == cols
+            K[r : r + rows, c : c + cols] = kernel_block(xb, zb, engine, symmetric=sym) / scale
+            bar.update()
+    if symmetric:
+        upper = torch.triu(K)
+        K = upper + torch.triu(K, 1).T
+    return K

@@ -1,0 +1,1 @@
+"""The estimators and the one RFM loop they share."""

@@ -1,0 +1,1 @@
+"""Apart from the library: the command line, benchmarks, the cost model and pictures."""

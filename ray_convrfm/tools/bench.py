@@ -1,0 +1,247 @@
+"""Throughput of the kernel and the AGOP on a standard shape (``ray-convrfm bench``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from ray_convrfm.kernels.agop import Workspace, patch_agop
+from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
+from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side
+
+
+def _interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, run in turns so they share the machine's conditions."""
+    for fn in fns:
+        fn()  # warm-up: JIT compilation (or loading it from the cache) and allocator
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) for ts in times]
+
+
+def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3,
+                               patch_size: int = 3, n_train: int = 1024, n_sample: int = 256,
+                               classes: int = 10, dtype: str = "float32", device: str = "auto",
+                               engine: str = "auto", repeats: int = 5, seed: int = 0) -> dict:
+    """Time one kernel block K(train, sample) and the AGOP that differentiates it.
+
+    The default block is what a fit differentiates: ``agop_samples`` = 256 sample images against
+    a chunk of 1,024 training images. (Smaller blocks pay relatively more for the parts of the
+    AGOP that scale with only one side: weighting the training patches, the Gram of the
+    gradients; 256 x 64 costs about 3.5 times its kernel block instead of about 2.6.)
+
+    Returns entries per second of the kernel, image pairs per second of the AGOP and the ratio
+    AGOP seconds / kernel seconds for the same block (medians over ``repeats``, the two timed
+    in turns so both see the same load).
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype)
+    eng = resolve_engine(engine, dev)
+    rng = np.random.default_rng(seed)
+    params = KernelParams(depth, patch_size, False)
+    X = torch.from_numpy(rng.random((n_train, channels, size, size), dtype=np.float32)).to(dev, dt)
+    Z = torch.from_numpy(rng.random((n_sample, channels, size, size), dtype=np.float32)).to(dev, dt)
+    d = channels * patch_size**2
+    A = torch.from_numpy(rng.standard_normal((d, d))).to(dev, dt)
+    M = A @ A.T / d
+    xs, zs = prepare_side(X, M, params), prepare_side(Z, M, params)
+    coef = torch.from_numpy(rng.standard_normal((n_train, classes))).to(dev, dt)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run_kernel():
+        kernel_block(xs, zs, eng)
+        sync()
+
+    workspace = Workspace()  # as in a fit: scratch buffers persist across AGOP calls
+
+    def run_agop():
+        patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024, workspace=workspace)
+        sync()
+
+    t_kernel, t_agop = _interleaved_medians([run_kernel, run_agop], repeats)
+    pairs = n_train * n_sample
+    return {
+        "shape": f"{channels}x{size}x{size}", "depth": depth, "patch_size": patch_size,
+        "dtype": dtype, "device": str(dev), "engine": eng, "threads": torch.get_num_threads(),
+        "pairs": pairs, "classes": classes,
+        "kernel_seconds": t_kernel, "kernel_entries_per_s": pairs / t_kernel,
+        "agop_seconds": t_agop, "agop_pairs_per_s": pairs / t_agop,
+        "agop_over_kernel": t_agop / t_kernel,
+    }
+
+
+def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2), depth: int = 3,
+                               patch_size: int = 3, gpus_per_worker: float = 0,
+                               address: str | None = None) -> list[dict]:
+    """Kernel stage K(X, X) on Ray shard workers (one thread each), for each worker count.
+
+    As in a fit, the columns are the workers' own shards, passed worker to worker. Reports
+    wall seconds, entries per second, the speed-up over the first count, and the driver's own
+    CPU time as a share of the wall time (it should only schedule and gather).
+    """
+    import ray
+
+    from ray_convrfm.backends.driver import ShardedImages, start_ray
+
+    started_here = not ray.is_initialized()
+    start_ray(max(workers), address)
+    params = {"depth": depth, "patch_size": patch_size, "padding": False}
+    M = np.eye(X.shape[1] * patch_size**2, dtype=np.float32)
+    rows = []
+    try:
+        for w in workers:
+            with ShardedImages(X, w, threads=1, gpus_per_worker=gpus_per_worker) as shards:
+                shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                K = shards.kernel(shards.parts(), M, params)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            rows.append({"workers": w, "seconds": wall, "entries_per_s": K.size / wall,
+                         "driver_cpu_share": cpu / wall,
+                         "speedup": rows[0]["seconds"] / wall if rows else 1.0})
+    finally:
+        if started_here:
+            ray.shutdown()
+    return rows
+
+
+def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0):
+    """RGB images of ImageNet's downsampled shapes (3 x size x size) made from Fashion-MNIST:
+    each image resized and tinted with a random colour, so content and labels stay real."""
+    import torch.nn.functional as F
+
+    from ray_convrfm.data.datasets import ImageDataset, load_fashion_mnist
+
+    ds = load_fashion_mnist().subset(n_train, n_test)
+    rng = np.random.default_rng(seed)
+
+    def rgb(X: np.ndarray) -> np.ndarray:
+        out = []
+        for b in range(0, len(X), 1024):
+            x = F.interpolate(torch.from_numpy(X[b : b + 1024]), size=(size, size),
+                              mode="bilinear", align_corners=False)
+            tint = torch.from_numpy(rng.uniform(0.3, 1.0, (len(x), 3, 1, 1)).astype(np.float32))
+            out.append((x * tint).clamp(0, 1).numpy())
+        return np.concatenate(out)
+
+    return ImageDataset(rgb(ds.X_train), ds.y_train, rgb(ds.X_test), ds.y_test,
+                        name=f"fmnist-rgb{size}", classes=ds.classes)
+
+
+def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str) -> str:
+    from ray_convrfm.data.parquet import write_parquet_dataset
+
+    return str(write_parquet_dataset(imagenet_shaped(size, n, n_test, seed), out))
+
+
+def _worker_start_seconds(workers: int) -> float:
+    """Seconds to start (and reach) a set of shard workers on this Ray: the fixed cost of a
+    stage that opens workers (a fit's shards, a prediction's test shards)."""
+    from ray_convrfm.backends.driver import ShardedImages, start_ray
+
+    start_ray(workers)
+    t0 = time.perf_counter()
+    with ShardedImages(np.zeros((workers, 1, 4, 4), np.float32), workers, threads=1):
+        pass
+    return time.perf_counter() - t0
+
+
+def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int = 2,
+              iters: int = 2, n_test: int = 1000, out: str = "runs/scale",
+              seed: int = 0, calibration: dict | None = None) -> dict:
+    """The distributed Nystrom pipeline end to end on ImageNet-shaped parquet data, measured
+    per stage, next to what ``costmodel`` predicts from rates measured beforehand.
+
+    Writes the data as parquet shards, measures per-worker rates (``costmodel.measure_rates``),
+    fits ``ConvRFM(solver="nystrom", workers=...)`` from the parquet set with a kernel store,
+    predicts the test images on the workers, and returns measured and predicted seconds per
+    stage, peak memory (driver, workers) and bytes stored. With ``calibration`` (the result of
+    an earlier run) a second prediction uses the kernel and AGOP costs that run achieved,
+    scaled to this run's image shape (``costmodel.calibrated``).
+    """
+    import resource
+    import shutil
+    from pathlib import Path
+
+    from ray_convrfm.data.parquet import ParquetImages
+    from ray_convrfm.models.convrfm import ConvRFM
+    from ray_convrfm.tools import costmodel
+
+    root = Path(out)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    # data and rates are made in a child process, so this process's peak memory is the fit's
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        data = pool.submit(_write_imagenet_shaped, size, n, n_test, seed,
+                           str(root / "data")).result()
+    seconds_convert = time.perf_counter() - t0
+    work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
+                              workers=workers, iters=iters, n_test=n_test)
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        rates = pool.submit(costmodel.measure_rates, work, str(data),
+                            store_dir=str(root)).result()
+    rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))
+    predicted = costmodel.predict(work, rates)
+    predicted_calibrated = None
+    if calibration is not None:
+        predicted_calibrated = costmodel.predict(
+            work, costmodel.calibrated(calibration, work, rates))
+
+    t0 = time.perf_counter()
+    model = ConvRFM(depth=work.depth, iters=iters, solver="nystrom", centers=centers,
+                    workers=workers, store=str(root / "kernels.zarr"), random_state=seed)
+    model.fit(ParquetImages.open(data, "train"))
+    seconds_fit = time.perf_counter() - t0
+    timings = dict(model.timings_)
+    test = ParquetImages.open(data, "test")
+    X_test, y_test = test.read()
+    t0 = time.perf_counter()
+    test_acc = float(np.mean(model.predict(X_test) == y_test))
+    seconds_predict = time.perf_counter() - t0
+
+    hist = model.history_
+    measured = {
+        "load (read + decode parquet)": timings.get("load", 0.0),
+        "kernel K(train, centres)": timings.get("normal_equations_compute", 0.0),
+        "Gram K^T K, K^T Y (float64)": None,  # inside the workers' kernel tasks
+        "reduction of the m x m parts": timings.get("normal_equations_reduce", 0.0),
+        "validation kernel": sum(h["seconds_kernel"] - h["seconds_normal_equations"]
+                                 for h in hist),
+        "solve (Cholesky, every ridge)": sum(h["seconds_solve"] for h in hist),
+        "AGOP": sum(h["seconds_agop"] for h in hist),
+        "predict (test shards)": seconds_predict,
+    }
+    # the workers compute kernel rows and their Gram in one task: compare the two together
+    predicted_kernel_and_gram = (predicted["kernel K(train, centres)"]
+                                 + predicted["Gram K^T K, K^T Y (float64)"])
+    store_bytes = sum(f.stat().st_size for f in (root / "kernels.zarr").rglob("*")
+                      if f.is_file())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return {
+        "workload": dataclasses.asdict(work), "rates": dataclasses.asdict(rates),
+        "flops_per_entry": work.flops_per_entry(),
+        "seconds_convert": seconds_convert, "seconds_fit": seconds_fit,
+        "measured": measured, "predicted": predicted,
+        "predicted_kernel_and_gram": predicted_kernel_and_gram,
+        "predicted_calibrated": predicted_calibrated,
+        "measured_total": seconds_fit + seconds_predict,
+        "driver_peak_rss_mb": peak,
+        "worker_peak_rss_mb": max(max(h["worker_peak_rss_mb"]) for h in hist),
+        "predicted_memory_mb": {k: v / 2**20 for k, v in costmodel.memory(work).items()},
+        "store_bytes": store_bytes, "predicted_store_bytes": costmodel.storage(work),
+        "test_acc": test_acc, "val_acc": hist[model.best_iter_]["val_acc"],
+    }

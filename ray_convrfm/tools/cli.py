@@ -1,0 +1,513 @@
+"""The ``ray-convrfm`` command: ``fit`` a ConvRFM, measure the ``cnfa`` of a CNN, ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("ray_convrfm.tools.cli")
+
+
+def _ridges(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--ridges takes comma-separated numbers: {err}") from err
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ray-convrfm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="fit ConvRFM on a dataset and report accuracy per iteration")
+    f.add_argument("--dataset", default="digits",
+                   help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH | "
+                        "parquet:PATH_OR_URL (each Ray worker reads its own row groups)")
+    f.add_argument("--data-root", default=None, help="directory holding the dataset files")
+    f.add_argument("--download", action="store_true",
+                   help="download Fashion-MNIST if it is not found locally")
+    f.add_argument("--resize", default=None,
+                   help="HxW: parquet: images are resized to this on the workers as they read")
+    f.add_argument("--n-train", type=int, default=None, help="first N training images")
+    f.add_argument("--n-test", type=int, default=None, help="first N test images")
+    f.add_argument("--noise-frame", type=int, default=None,
+                   help="paste each image at a random place in an F x F Gaussian noise frame "
+                        "(the local-signal task)")
+    f.add_argument("--noise-std", type=float, default=0.5)
+    f.add_argument("--depth", type=int, default=None,
+                   help="kernel depth (default 3; 2 for images under 10 pixels); with --layers, "
+                        "the total number of convolutions (layer l has depth - l)")
+    f.add_argument("--patch-size", type=int, default=3)
+    f.add_argument("--layers", type=int, default=1,
+                   help="ConvRFM layers; more than 1 fits a Deep ConvRFM (spec section 6)")
+    f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
+    f.add_argument("--padding", action="store_true")
+    f.add_argument("--iters", type=int, default=None, help="default 5 (3 for the digits demo)")
+    f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
+    f.add_argument("--agop-samples", type=int, default=256)
+    f.add_argument("--agop-power", type=float, default=1.0)
+    f.add_argument("--val-fraction", type=float, default=0.1)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    f.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    f.add_argument("--memory-budget-mb", type=int, default=512)
+    f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    f.add_argument("--workers", type=int, default=0,
+                   help="Ray shard workers (0: compute in this process)")
+    f.add_argument("--address", default=None,
+                   help="Ray cluster to join (auto, ray://...); default: an embedded local Ray")
+    f.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else 0)")
+    f.add_argument("--placement-timeout", type=float, default=600,
+                   help="seconds to wait for the cluster to provide the workers (0: forever)")
+    f.add_argument("--store", default=None,
+                   help="zarr store (path or fsspec URL such as s3://...) for kernel blocks; "
+                        "with --workers the default is OUT/kernels.zarr; a rerun computes only "
+                        "missing blocks ('none': no store)")
+    f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
+    f.add_argument("--centers", type=int, default=None,
+                   help="Nystrom centres m (default min(n, 2000))")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default=None,
+                   help="output directory or URL (s3://..., uploaded at the end; default "
+                        "runs/<dataset>)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser("cnfa", help="train a small CNN, then measure the CNFA per conv layer")
+    c.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist (default) | digits | idx:DIR | npz:PATH")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--download", action="store_true")
+    c.add_argument("--n-train", type=int, default=10000, help="first N training images")
+    c.add_argument("--n-test", type=int, default=2000)
+    c.add_argument("--width", type=int, default=64)
+    c.add_argument("--conv-layers", type=int, default=4)
+    c.add_argument("--epochs", type=int, default=6)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--cnfa-images", type=int, default=256,
+                   help="training images the patch AGOPs are averaged over")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="output directory (default runs/cnfa-<dataset>)")
+    c.add_argument("--quiet", action="store_true")
+
+    v = sub.add_parser("convert", help="write a data set as parquet shards (encoded images + "
+                                       "labels) for fits at scale")
+    v.add_argument("source", help="digits | fashion-mnist | idx:DIR | npz:PATH | folder:DIR "
+                                  "(DIR/[train|test]/<class>/*.png|jpg)")
+    v.add_argument("out", help="output directory or URL (s3://..., gs://...)")
+    v.add_argument("--encoding", default="png", choices=("png", "jpeg"))
+    v.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    v.add_argument("--size", default=None, help="resize every image to HxW, e.g. 64x64")
+    v.add_argument("--rows-per-file", type=int, default=16384)
+    v.add_argument("--rows-per-group", type=int, default=1024,
+                   help="rows per parquet row group: the unit a worker reads")
+    v.add_argument("--data-root", default=None)
+    v.add_argument("--download", action="store_true")
+    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--quiet", action="store_true")
+
+    b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape; "
+                                     "'bench distributed': Ray workers' kernel-stage scaling")
+    b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed", "scale"),
+                   help="kernel: one block; distributed: kernel stage over worker counts; "
+                        "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
+                        "per stage next to the cost model's prediction")
+    b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centres")
+    b.add_argument("--iters", type=int, default=2, help="for 'scale'")
+    b.add_argument("--n-test", type=int, default=1000, help="for 'scale'")
+    b.add_argument("--out", default=None, help="for 'scale': work directory and result JSON")
+    b.add_argument("--calibration", default=None,
+                   help="for 'scale': scale.json of an earlier run; adds a prediction from the "
+                        "kernel and AGOP costs that run achieved")
+    b.add_argument("--dataset", default="fashion-mnist",
+                   help="for 'distributed': images whose training kernel is timed")
+    b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
+    b.add_argument("--workers", default="1,2", help="for 'distributed': worker counts")
+    b.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="for 'distributed': GPUs per worker (their kernels run there)")
+    b.add_argument("--address", default=None, help="for 'distributed': Ray cluster to join")
+    b.add_argument("--size", type=int, default=42)
+    b.add_argument("--channels", type=int, default=1)
+    b.add_argument("--depth", type=int, default=3)
+    b.add_argument("--patch-size", type=int, default=3)
+    # a fit-sized block: the default agop_samples=256 against a 1,024-image training chunk
+    b.add_argument("--n-train", type=int, default=1024)
+    b.add_argument("--n-sample", type=int, default=256)
+    b.add_argument("--classes", type=int, default=10)
+    b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    b.add_argument("--device", default="auto")
+    b.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import numba
+        import torch
+
+        torch.set_num_threads(threads)
+        numba.set_num_threads(threads)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """'HxW' (e.g. 64x64) as (H, W)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"sizes are HxW, e.g. 64x64; found {text!r}") from None
+    return h, w
+
+
+def _parquet_fit_data(args: argparse.Namespace):
+    """A parquet data set for ``fit``: training images left in place for the workers to read
+    (``ParquetImages``), the test images (for reporting) read here."""
+    from types import SimpleNamespace
+
+    from ray_convrfm.data.parquet import ParquetImages
+
+    if args.noise_frame:
+        raise SystemExit("--noise-frame works on in-memory data sets, not parquet:")
+    path = args.dataset[len("parquet:"):]
+    size = _size(args.resize)
+    train = ParquetImages.open(path, "train", size=size, limit=args.n_train)
+    test = ParquetImages.open(path, "test", size=size, limit=args.n_test)
+    X_test, y_test = test.read()
+    return SimpleNamespace(name=train.manifest.name, X_train=train, y_train=None,
+                           X_test=X_test, y_test=y_test)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _store(args, out: Path) -> str | None:
+    """--store, or OUT/kernels.zarr for a fit on workers (so a rerun resumes), 'none': none."""
+    if args.store == "none" or not args.workers:
+        if args.store not in (None, "none"):
+            raise SystemExit("--store needs --workers: the workers write the kernel blocks")
+        return None
+    if args.store:
+        return args.store
+    remote = getattr(args, "out_url", None)
+    return f"{remote.rstrip('/')}/kernels.zarr" if remote else str(out / "kernels.zarr")
+
+
+def _output_dir(args, default: Path) -> Path:
+    """Where a command writes: --out, or a local staging folder when --out is a URL
+    (``s3://bucket/run``; uploaded by ``_upload`` at the end, so cluster jobs keep results)."""
+    if args.out and "://" in args.out:
+        import tempfile
+
+        args.out_url = args.out
+        return Path(tempfile.mkdtemp(prefix="ray-convrfm-out-"))
+    out = Path(args.out or default)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _upload(args, out: Path) -> str:
+    """Copy the staged outputs to --out's URL (fsspec); returns where the results are."""
+    url = getattr(args, "out_url", None)
+    if not url:
+        return str(out)
+    import shutil
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{path.rstrip('/')}/{f.relative_to(out).as_posix()}")
+    shutil.rmtree(out, ignore_errors=True)
+    return url
+
+
+def _format_table(rows: list[dict]) -> str:
+    head = f"{'iter':>4} {'ridge':>8} {'val acc':>8} {'test acc':>8} {'train mse':>10} " \
+           f"{'kernel s':>9} {'solve s':>8} {'AGOP s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        test = r.get("monitor_acc")
+        lines.append(
+            f"{r['iter']:>4} {r['ridge']:>8.0e} {100 * r['val_acc']:>7.2f}% "
+            f"{'' if test is None else f'{100 * test:.2f}%':>8} {r['train_mse']:>10.3g} "
+            f"{r['seconds_kernel']:>9.1f} {r['seconds_solve']:>8.2f} {r['seconds_agop']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_convrfm.data.datasets import load_dataset, with_noise_frame
+    from ray_convrfm.models.convrfm import ConvRFM
+    from ray_convrfm.models.deep import DeepConvRFM
+    from ray_convrfm.tools.viz import plot_deep_filters, plot_filters, plot_history
+
+    _set_threads(args.threads)
+    if args.dataset.lower().startswith("parquet:"):
+        ds = _parquet_fit_data(args)
+    else:
+        if args.resize:
+            raise SystemExit("--resize works with parquet: data sets (convert with --size)")
+        ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
+        ds = ds.subset(args.n_train, args.n_test)
+        if args.noise_frame:
+            ds = with_noise_frame(ds, frame=args.noise_frame, noise_std=args.noise_std,
+                                  random_state=args.seed)
+    small = min(ds.X_train.shape[2:]) < 10
+    depth = args.depth if args.depth is not None else (2 if small else 3)
+    iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
+    out = _output_dir(args, Path("runs") / ds.name)
+    common = dict(patch_size=args.patch_size, padding=args.padding, iters=iters,
+                  ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
+                  val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
+                  engine=args.engine, memory_budget_mb=args.memory_budget_mb,
+                  workers=args.workers, address=args.address, store=_store(args, out),
+                  gpus_per_worker=args.gpus_per_worker,
+                  placement_timeout_s=args.placement_timeout or None,
+                  solver=args.solver, centers=args.centers, random_state=args.seed,
+                  verbose=not args.quiet)
+    if args.layers > 1:
+        # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
+        model = DeepConvRFM(layers=args.layers, width=args.width, total_depth=depth, **common)
+        what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
+                f"{', '.join(str(depth - i) for i in range(args.layers))}")
+    else:
+        model = ConvRFM(depth=depth, **common)
+        what = f"ConvRFM, depth {depth}"
+    print(f"{ds.name}: {len(ds.X_train)} train / {len(ds.y_test)} test images of shape "
+          f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {args.out or out}", flush=True)
+    t0 = time.perf_counter()
+    monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
+    model.fit(ds.X_train, ds.y_train, monitor=monitor)
+    seconds = time.perf_counter() - t0
+
+    layers = model.layers_ if args.layers > 1 else [
+        {"history": model.history_, "best_iter": model.best_iter_, "ridge": model.ridge_,
+         "M": model.M_, "depth": depth}]
+    for i, layer in enumerate(layers):
+        if len(layers) > 1:
+            print(f"layer {i} (kernel depth {layer['depth']}):")
+        print(_format_table(layer["history"]))
+    last, first = layers[-1], layers[0]
+    test_acc = last["history"][last["best_iter"]].get("monitor_acc")
+    fixed = first["history"][0].get("monitor_acc")
+    summary = {
+        "dataset": ds.name, "n_train": int(len(ds.X_train)), "n_test": int(len(ds.y_test)),
+        "model": type(model).__name__, "layers": len(layers), "depth": depth, "iters": iters,
+        "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
+        "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
+        "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
+        "driver_peak_rss_mb": _peak_rss_mb(),
+    }
+    worker_peaks = [max(h["worker_peak_rss_mb"]) for la in layers for h in la["history"]
+                    if h.get("worker_peak_rss_mb")]
+    if worker_peaks:
+        summary["worker_peak_rss_mb"] = max(worker_peaks)
+        print(f"peak memory: driver {summary['driver_peak_rss_mb']:.0f} MiB, largest worker "
+              f"{summary['worker_peak_rss_mb']:.0f} MiB")
+    if test_acc is not None:
+        print(f"chosen on validation: iteration {last['best_iter']}, ridge {last['ridge']:g}"
+              f"{' at the last layer' if len(layers) > 1 else ''}; test accuracy "
+              f"{100 * test_acc:.2f}% (fixed kernel {100 * fixed:.2f}%, "
+              f"{100 * (test_acc - fixed):+.2f} points)")
+    model.save(out / "model")
+    rows = [(i, h, h["iter"] == la["best_iter"]) for i, la in enumerate(layers)
+            for h in la["history"]]
+    table = pa.table({
+        "layer": [i for i, _, _ in rows],
+        "iter": [h["iter"] for _, h, _ in rows],
+        "ridge": [h["ridge"] for _, h, _ in rows],
+        "val_acc": [h["val_acc"] for _, h, _ in rows],
+        "test_acc": [h.get("monitor_acc") for _, h, _ in rows],
+        "train_mse": [h["train_mse"] for _, h, _ in rows],
+        "seconds_kernel": [h["seconds_kernel"] for _, h, _ in rows],
+        "seconds_solve": [h["seconds_solve"] for _, h, _ in rows],
+        "seconds_agop": [h["seconds_agop"] for _, h, _ in rows],
+        "chosen": [c for _, _, c in rows],
+    })
+    pq.write_table(table, out / "metrics.parquet")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    C = ds.X_train.shape[1]
+    if len(layers) > 1:
+        plot_deep_filters(layers, C, out / "filters.png",
+                          title=f"{ds.name}: top eigenvectors of each layer's M, in pixels")
+    else:
+        plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
+                     title=f"{ds.name}: top eigenvectors of M (iteration {first['best_iter']})")
+    plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
+    where = _upload(args, out)
+    print(f"wrote {where}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
+    return 0
+
+
+def cmd_cnfa(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    import torch
+
+    from ray_convrfm.cnfa.measure import initial_copy, measure_cnfa, plot_cnfa, to_table
+    from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_classifier
+    from ray_convrfm.data.datasets import load_dataset
+
+    _set_threads(args.threads)
+    ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
+    ds = ds.subset(min(args.n_train, len(ds.y_train)), min(args.n_test, len(ds.y_test)))
+    out = Path(args.out or Path("runs") / f"cnfa-{ds.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model = SmallCNN(ds.X_train.shape[1], ds.n_classes, args.width, args.conv_layers)
+    init = initial_copy(model)
+    print(f"{ds.name}: training a {args.conv_layers}-layer CNN of width {args.width} on "
+          f"{len(ds.y_train)} images for {args.epochs} epochs -> {out}", flush=True)
+    history = train_classifier(model, ds.X_train, ds.y_train, epochs=args.epochs,
+                               batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               progress=not args.quiet)
+    test_acc = accuracy(model, ds.X_test, ds.y_test) if len(ds.y_test) else None
+    images = torch.as_tensor(ds.X_train[: args.cnfa_images], dtype=torch.float32)
+    rows = measure_cnfa(model, images, initial_model=init)
+    head = f"{'layer':<14} {'d':>4} {'stride':>7} {'trained ^1':>10} {'trained ^1/2':>12} " \
+           f"{'init ^1':>8} {'init ^1/2':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.layer:<14} {r.d:>4} {str(r.stride):>7} {r.corr_power_1:>10.3f} "
+              f"{r.corr_power_half:>12.3f} {r.init_corr_power_1:>8.3f} "
+              f"{r.init_corr_power_half:>9.3f}")
+    if test_acc is not None:
+        print(f"CNN test accuracy {100 * test_acc:.2f}% after {args.epochs} epochs")
+    pq.write_table(to_table(rows), out / "cnfa.parquet")
+    plot_cnfa(rows, out / "cnfa.png", title=f"CNFA, {ds.name}: W^T W vs patch AGOP")
+    (out / "summary.json").write_text(json.dumps(
+        {"dataset": ds.name, "n_train": int(len(ds.y_train)), "test_acc": test_acc,
+         "epochs": history, "cnfa_images": int(len(images)),
+         "layers": [r.__dict__ for r in rows]}, indent=2, default=str))
+    print(f"wrote {out}/cnfa.parquet, cnfa.png, summary.json")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ray_convrfm.data.parquet import convert, open_parquet_dataset
+
+    size = _size(args.size)
+    t0 = time.perf_counter()
+    out = convert(args.source, args.out, encoding=args.encoding, size=size, quality=args.quality,
+                  rows_per_file=args.rows_per_file, rows_per_group=args.rows_per_group,
+                  overwrite=args.overwrite, progress=not args.quiet, root=args.data_root,
+                  download=args.download)
+    m = open_parquet_dataset(out)
+    print(f"wrote {out}: {m!r} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _scale_table(r: dict) -> str:
+    """Measured vs predicted seconds per stage of ``bench scale``."""
+    w = r["workload"]
+    cal = r.get("predicted_calibrated")
+    lines = [f"Nystrom pipeline, 3 x {w['height']} x {w['width']}, n = {w['n']}, m = {w['m']}, "
+             f"{w['workers']} workers, {w['iters']} iterations",
+             f"{'stage':<32} {'measured s':>11} {'predicted s':>12}"
+             + (f" {'calibrated s':>13}" if cal else "")]
+    preds = [r["predicted"]] + ([cal] if cal else [])
+    gram = "Gram K^T K, K^T Y (float64)"
+    for stage, seconds in r["measured"].items():
+        if seconds is None:
+            continue
+        label = "kernel + Gram (one task)" if stage.startswith("kernel") else stage
+        vals = [p[stage] + (p[gram] if stage.startswith("kernel") else 0) for p in preds]
+        lines.append(f"{label:<32} {seconds:>11.1f}" + "".join(
+            f" {v:>{12 if k == 0 else 13}.1f}" for k, v in enumerate(vals)))
+    lines.append(f"{'total (fit + predict)':<32} {r['measured_total']:>11.1f}" + "".join(
+        f" {p['total']:>{12 if k == 0 else 13}.1f}" for k, p in enumerate(preds)))
+    lines.append(f"memory: driver {r['driver_peak_rss_mb']:.0f} MiB (predicted "
+                 f"{r['predicted_memory_mb']['driver']:.0f}), worker {r['worker_peak_rss_mb']:.0f}"
+                 f" MiB (predicted {r['predicted_memory_mb']['worker']:.0f}); store "
+                 f"{r['store_bytes'] / 2**20:.0f} MiB (predicted "
+                 f"{r['predicted_store_bytes'] / 2**20:.0f}); test accuracy "
+                 f"{100 * r['test_acc']:.2f}%")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ray_convrfm.tools.bench import distributed_kernel_scaling, kernel_and_agop_throughput
+
+    if args.what == "scale":
+        from ray_convrfm.tools.bench import scale_run
+
+        out = Path(args.out or f"runs/scale-{args.size}")
+        r = scale_run(size=args.size, n=args.n, centers=args.centers,
+                      workers=int(args.workers.split(",")[-1]), iters=args.iters,
+                      n_test=args.n_test, out=str(out),
+                      calibration=json.loads(Path(args.calibration).read_text())
+                      if args.calibration else None)
+        (out / "scale.json").write_text(json.dumps(r, indent=2))
+        print(_scale_table(r))
+        return 0
+    if args.what == "distributed":
+        from ray_convrfm.data.datasets import load_dataset
+
+        ds = load_dataset(args.dataset).subset(args.n, 0)
+        counts = tuple(int(w) for w in args.workers.split(","))
+        rows = distributed_kernel_scaling(ds.X_train, counts, depth=args.depth,
+                                          patch_size=args.patch_size,
+                                          gpus_per_worker=args.gpus_per_worker,
+                                          address=args.address)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        where = (f"{args.gpus_per_worker:g} GPU(s) per worker" if args.gpus_per_worker
+                 else "one thread per worker")
+        print(f"kernel stage K(X, X), {ds.name}, n = {args.n}, depth {args.depth}, {where}")
+        for r in rows:
+            print(f"{r['workers']:>3} worker(s): {r['seconds']:7.1f} s, "
+                  f"{r['entries_per_s']:>10,.0f} entries/s, speed-up {r['speedup']:.2f}x, "
+                  f"driver CPU {100 * r['driver_cpu_share']:.1f}% of wall")
+        return 0
+    _set_threads(args.threads)
+    r = kernel_and_agop_throughput(size=args.size, channels=args.channels, depth=args.depth,
+                                   patch_size=args.patch_size, n_train=args.n_train,
+                                   n_sample=args.n_sample, classes=args.classes,
+                                   dtype=args.dtype, device=args.device, engine=args.engine,
+                                   repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"shape {r['shape']}, depth {r['depth']}, patch {r['patch_size']}, {r['dtype']}, "
+          f"{r['device']} ({r['engine']} engine, {r['threads']} threads); "
+          f"medians of {args.repeats} runs")
+    print(f"kernel: {r['kernel_entries_per_s']:,.0f} entries/s "
+          f"({r['pairs']} pairs in {r['kernel_seconds']:.3f} s)")
+    print(f"AGOP ({r['classes']} classes): {r['agop_pairs_per_s']:,.0f} image pairs/s "
+          f"({r['agop_seconds']:.3f} s), {r['agop_over_kernel']:.2f} x the kernel block")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    np.set_printoptions(precision=4)
+    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench, "convert": cmd_convert}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""The Ray layer on a small local cluster gives what the single-machine core gives."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_psd, rel_err
+
+from ray_convrfm.kernels.agop import patch_agop
+from ray_convrfm.kernels.kernel import KernelParams, kernel_matrix, prepare_side
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray_convrfm.backends.driver import start_ray
+
+    start_ray(workers=2)
+    yield
+    ray.shutdown()
+
+
+def test_sharded_kernel_and_agop_equal_local(cluster):
+    from ray_convrfm.backends.driver import ShardedImages
+
+    rng = np.random.default_rng(0)
+    X = rng.random((23, 1, 12, 12), dtype=np.float32)
+    Z = rng.random((7, 1, 12, 12), dtype=np.float32)
+    M = random_psd(rng, 9).astype(np.float32)
+    params = {"depth": 2, "patch_size": 3, "padding": False}
+    with ShardedImages(X, workers=2, threads=1) as shards:
+        assert shards.bounds == [(0, 11), (11, 23)]
+        K = shards.kernel(Z, M, params)
+        coef = rng.standard_normal((23, 4)).astype(np.float32)
+        sample = np.array([1, 5, 12, 20])  # rows in both shards
+        G = shards.agop(X, coef, sample, M, params)
+        G_parts = shards.agop(shards.parts(), coef, sample, M, params)  # columns from workers
+
+    Mt = torch.from_numpy(M)
+    xs = prepare_side(torch.from_numpy(X), Mt, KernelParams(**params))
+    zs = prepare_side(torch.from_numpy(Z), Mt, KernelParams(**params))
+    assert rel_err(K, kernel_matrix(xs, zs, "numba", 512).numpy()) < 1e-6
+
+    local = patch_agop(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
+    assert rel_err(G, local.numpy()) < 1e-5
+    np.testing.assert_array_equal(G_parts, G)
+
+
+def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
+    """Deep ConvRFM's feature map runs on the workers; their sums match the local ones."""
+    from ray_convrfm.backends.driver import ShardedImages
+    from ray_convrfm.backends.store import rows_fingerprint
+    from ray_convrfm.kernels.patches import featurise, patch_gram
+
+    rng = np.random.default_rng(1)
+    X = rng.random((37, 1, 10, 10), dtype=np.float32)
+    filters = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    local = featurise(torch.from_numpy(X), torch.from_numpy(filters), False)
+    with ShardedImages(X, workers=2, threads=1, block=8, align=True) as shards:
+        assert shards.bounds == [(0, 16), (16, 37)]  # block-aligned for the store
+        assert shards.fingerprint() == rows_fingerprint(X, 8)
+        shards.featurise(filters, padding=False)
+        assert shards.row_shape == (4, 8, 8)
+        np.testing.assert_allclose(shards.gather(), local.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(shards.gather(np.array([3, 20, 36])),
+                                   local.numpy()[[3, 20, 36]], rtol=1e-6)
+        assert shards.fingerprint() == rows_fingerprint(shards.gather(), 8)
+        np.testing.assert_allclose(shards.patch_gram(3, False),
+                                   patch_gram(local, 3, False).numpy(), rtol=1e-9)
+        parts = [ray.put(np.full(3, float(k))) for k in range(11)]
+        np.testing.assert_array_equal(shards.reduce(parts, fan_in=2), np.full(3, 55.0))
+
+
+def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.backends.driver import PlacementTimeoutError
+
+    X = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    y = np.arange(20) % 2
+    model = ConvRFM(depth=2, iters=1, workers=2, gpus_per_worker=1, placement_timeout_s=1)
+    with pytest.raises(PlacementTimeoutError, match="2 workers of .*'GPU': 1.0.*in all"):
+        model.fit(X, y)  # the embedded Ray cannot grow: refused at once
+    from ray_convrfm.backends.driver import reserve_workers
+
+    with pytest.raises(PlacementTimeoutError, match="gave up after 1 s waiting for 3 workers"):
+        reserve_workers(3, {"CPU": 1.0}, timeout_s=1, poll_s=0.5, elastic=True)  # autoscaler
+    # the reservation was released: the same cluster still runs a CPU fit
+    assert ConvRFM(depth=2, iters=1, workers=2, placement_timeout_s=30).fit(X, y).score(X, y) > 0
+
+
+def test_convrfm_with_two_workers_equals_in_process(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:120], ds.y_train[:120], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=3)
+    local = ConvRFM(**kw).fit(X, y)
+    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    assert remote.best_iter_ == local.best_iter_ and remote.ridge_ == local.ridge_
+    torch.testing.assert_close(remote.M_path_[1], local.M_path_[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(remote.predict(Xt), local.predict(Xt))
+
+
+def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
+    from ray_convrfm import DeepConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    pad = ((0, 0), (0, 0), (2, 2), (2, 2))
+    X, y = np.pad(ds.X_train[:100], pad), ds.y_train[:100]
+    Xt = np.pad(ds.X_test[:20], pad)
+    kw = dict(layers=2, width=4, iters=2, agop_samples=15, random_state=2)
+    local = DeepConvRFM(**kw).fit(X, y)
+    remote = DeepConvRFM(workers=2, **kw).fit(X, y)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.backends.store import StoreMismatchError
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=4, workers=2,
+              store=str(tmp_path / "kernels.zarr"))
+    first = ConvRFM(**kw).fit(X, y)
+    computed = [h["stored_blocks_computed"] for h in first.history_]
+    assert all(c > 0 for c in computed)
+    again = ConvRFM(**kw).fit(X, y)  # same inputs: every block is already stored
+    assert [h["stored_blocks_computed"] for h in again.history_] == [0, 0]
+    np.testing.assert_array_equal(again.decision_function(Xt), first.decision_function(Xt))
+    in_process = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=4).fit(X, y)
+    np.testing.assert_allclose(first.decision_function(Xt), in_process.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+    with pytest.raises(StoreMismatchError, match="another run"):
+        ConvRFM(**kw).fit(X[:140], y[:140])
+    with pytest.raises(ValueError, match="needs workers"):
+        ConvRFM(store=str(tmp_path / "k2.zarr")).fit(X, y)
+
+
+def test_nystrom_on_workers_equals_in_process(cluster):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=60)
+    local = ConvRFM(**kw).fit(X, y)
+    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
+    np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_nystrom_kernel_goes_through_the_store(cluster, tmp_path):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:300], ds.y_train[:300], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=40,
+              workers=2)
+    plain = ConvRFM(**kw).fit(X, y)
+    stored = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
+    # 270 fitting rows in blocks of 256: 2 row blocks x 1 centre block, per iteration
+    assert [h["stored_blocks_computed"] for h in stored.history_] == [2, 2]
+    again = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
+    assert [h["stored_blocks_computed"] for h in again.history_] == [0, 0]
+    np.testing.assert_array_equal(again.decision_function(Xt), stored.decision_function(Xt))
+    np.testing.assert_allclose(stored.decision_function(Xt), plain.decision_function(Xt),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
+    """A worker process is SIGKILLed while it computes; Ray restarts it and retries the task."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray_convrfm.backends.driver import ShardedImages
+
+    rng = np.random.default_rng(7)
+    M = np.eye(9, dtype=np.float32)
+    params = {"depth": 3, "patch_size": 3, "padding": False}
+    landed = False
+    for n in (500, 800, 1200):  # larger problems if the kill came too late on a busy machine
+        X = rng.random((n, 1, 28, 28), dtype=np.float32)
+        with ShardedImages(X, workers=2, threads=1) as shards:
+            shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+            t0 = time.perf_counter()
+            expected = shards.kernel(X, M, params)
+            seconds = time.perf_counter() - t0
+            victim = ray.get(shards.actors[1].pid.remote())
+            killed_at = []
+
+            def kill_midway(victim=victim, seconds=seconds, killed_at=killed_at):
+                time.sleep(seconds / 4)
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.perf_counter())
+
+            killer = threading.Thread(target=kill_midway)
+            killer.start()
+            again = shards.kernel(X, M, params)
+            finished_at = time.perf_counter()
+            killer.join()
+            assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
+            np.testing.assert_array_equal(again, expected)
+        if killed_at[0] < finished_at:
+            landed = True
+            break
+    assert landed, "the kill never landed during a computation"
+
+
+def _done_blocks(store_path) -> int:
+    import zarr
+
+    total = 0
+    for path in store_path.glob("K-*"):
+        try:  # a kernel's folder exists before its metadata and arrays are complete
+            total += int(zarr.open_group(str(path), mode="r")["K.done"][...].sum())
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+    return total
+
+
+def test_killed_driver_resumes_from_the_store(cluster, tmp_path):
+    """SIGKILL the whole fit (driver and its Ray) mid-kernel; the rerun computes only the rest."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray_convrfm import ConvRFM
+
+    rng = np.random.default_rng(8)
+    X = rng.random((700, 1, 20, 20), dtype=np.float32)
+    y = rng.integers(0, 3, 700)
+    np.savez(tmp_path / "data.npz", X_train=X, y_train=y)
+    store = tmp_path / "kernels.zarr"
+    cmd = [sys.executable, "-m", "ray_convrfm.tools.cli", "fit", "--dataset",
+           f"npz:{tmp_path / 'data.npz'}", "--depth", "3", "--iters", "1", "--workers", "2",
+           "--store", str(store), "--out", str(tmp_path / "run"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300  # generous: a busy machine starts Ray slowly
+    while time.time() < deadline and proc.poll() is None and _done_blocks(store) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the fit finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # orphaned Ray workers of the killed driver may finish a block or two before they notice
+    done_before, stable_since = _done_blocks(store), time.time()
+    while time.time() - stable_since < 3 and time.time() < deadline:
+        time.sleep(0.2)
+        now = _done_blocks(store)
+        if now != done_before:
+            done_before, stable_since = now, time.time()
+    assert done_before >= 2
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    computed = config["history"][0]["stored_blocks_computed"]
+    total = _done_blocks(store)
+    assert computed == total - done_before  # exactly the missing blocks, nothing twice
+    assert 0 < computed < total
+    resumed = ConvRFM.load(tmp_path / "run" / "model")
+    fresh = ConvRFM(depth=3, iters=1).fit(X, y)
+    np.testing.assert_allclose(resumed.decision_function(X[:20]), fresh.decision_function(X[:20]),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, monkeypatch):
+    """Workers read and decode their own row groups; the driver reads only validation rows,
+    and the fit equals one on the same images held in memory."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data import parquet as pqmod
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits().subset(240, 30)
+    path = pqmod.write_parquet_dataset(ds, tmp_path / "digits", rows_per_group=20)
+    images = pqmod.ParquetImages.open(path, "train")
+    X, y = images.read()
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=9)
+
+    driver_reads = []
+    real_read_rows = pqmod.read_rows
+
+    def spy(m, split, start, stop, size=None):
+        driver_reads.append((start, stop))
+        return real_read_rows(m, split, start, stop, size)
+
+    monkeypatch.setattr(pqmod, "read_rows", spy)
+    remote = ConvRFM(workers=2, **kw).fit(images)
+    fit, val = images.split_validation(0.1, np.random.default_rng(9))
+    assert len(val) >= 1 and sum(b - a for a, b in val) >= 20  # whole row groups held out
+    assert all(any(a <= s and t <= b for a, b in val) for s, t in driver_reads)
+    assert len(remote.X_fit_) == sum(b - a for a, b in fit)
+
+    fit_rows = np.concatenate([np.arange(a, b) for a, b in fit])
+    val_rows = np.concatenate([np.arange(a, b) for a, b in val])
+    local = ConvRFM(**kw).fit(X[fit_rows], y[fit_rows], X_val=X[val_rows], y_val=y[val_rows])
+    np.testing.assert_allclose(remote.decision_function(ds.X_test),
+                               local.decision_function(ds.X_test), rtol=1e-3, atol=1e-4)

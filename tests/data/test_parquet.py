@@ -1,0 +1,357 @@
+"""ray_convrfm.data.parquet: image codecs, the shard layout, row-group reads, conversion."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ray_convrfm.data import parquet
+from ray_convrfm.data.datasets import ImageDataset, load_digits
+from ray_convrfm.data.parquet import (
+    GroupSlice,
+    ParquetManifest,
+    convert,
+    decode_image,
+    encode_image,
+    load_parquet,
+    open_parquet_dataset,
+    read_rows,
+    write_parquet_dataset,
+)
+
+QUANT_ATOL = 1 / 510 + 1e-6
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _smooth_image(c: int, h: int = 24, w: int = 32) -> np.ndarray:
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    planes = [0.5 + 0.4 * np.sin(2 * yy + k) * np.cos(3 * xx - k) for k in range(c)]
+    return np.stack(planes).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def digits() -> ImageDataset:
+    return load_digits()
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory, digits) -> Path:
+    out = tmp_path_factory.mktemp("pq") / "digits"
+    write_parquet_dataset(digits, out, rows_per_group=100, rows_per_file=500)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", [1, 3])
+def test_png_round_trip_is_exact_for_8bit_images(rng, c):
+    x = rng.integers(0, 256, size=(c, 9, 13)).astype(np.float32) / np.float32(255)
+    data = encode_image(x, "png")
+    assert data.startswith(b"\x89PNG")
+    back = decode_image(data, channels=c)
+    assert back.dtype == np.float32 and back.shape == (c, 9, 13)
+    np.testing.assert_array_equal(back, x)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_jpeg_round_trip_is_close_on_smooth_images(c):
+    x = _smooth_image(c)
+    data = encode_image(x, "jpeg", quality=95)
+    assert data.startswith(b"\xff\xd8\xff")
+    back = decode_image(data, channels=c)
+    assert back.shape == x.shape
+    assert np.abs(back - x).max() < 0.1
+
+
+def test_decode_converts_mode_and_resizes():
+    rgb = _smooth_image(3, 10, 14)
+    data = encode_image(rgb)
+    grey = decode_image(data, channels=1)
+    assert grey.shape == (1, 10, 14)
+    small = decode_image(data, channels=3, size=(5, 7))
+    assert small.shape == (3, 5, 7) and small.min() >= 0 and small.max() <= 1
+    with pytest.raises(ValueError, match="channels must be 1"):
+        decode_image(data, channels=2)
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_image(b"not an image", channels=1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, 1.2, -0.1])
+def test_encode_refuses_unrepresentable_pixels(bad):
+    x = np.full((1, 4, 4), 0.5, dtype=np.float32)
+    x[0, 1, 2] = bad
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        encode_image(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Write / open / read
+# --------------------------------------------------------------------------------------------
+def test_write_layout_and_manifest(digits, digits_dir):
+    meta = json.loads((digits_dir / "dataset.json").read_text())
+    assert meta["format"] == "ray_convrfm-parquet" and meta["version"] == 1
+    assert (meta["channels"], meta["height"], meta["width"]) == (1, 8, 8)
+    assert meta["splits"] == {"train": 1500, "test": 297}
+    assert meta["classes"] == list(digits.classes) and meta["encoding"] == "png"
+    assert sorted(p.name for p in (digits_dir / "train").iterdir()) == [
+        f"part-{k:05d}.parquet" for k in range(3)
+    ]
+    assert [p.name for p in (digits_dir / "test").iterdir()] == ["part-00000.parquet"]
+    schema = pq.read_schema(digits_dir / "train" / "part-00000.parquet")
+    assert schema.field("image").type == pa.binary() and schema.field("label").type == pa.int64()
+
+    m = open_parquet_dataset(digits_dir)
+    assert m.rows("train") == 1500 and m.rows("test") == 297
+    assert [g.num_rows for g in m.groups["train"]] == [100] * 15
+    assert [g.num_rows for g in m.groups["test"]] == [100, 100, 97]
+    assert [Path(g.file).name for g in m.groups["train"][4:6]] == ["part-00000.parquet",
+                                                                  "part-00001.parquet"]
+    assert [(g.index) for g in m.groups["train"][4:6]] == [4, 0]
+    assert m.groups_for("train", 130, 260) == [
+        GroupSlice(m.groups["train"][1].file, 1, 30, 100),
+        GroupSlice(m.groups["train"][2].file, 2, 0, 60),
+    ]
+    last = m.groups_for("train", 450, 1500)
+    assert (last[0].index, last[0].start) == (4, 50) and len(last) == 11
+    assert m.groups_for("test", 5, 5) == []
+    with pytest.raises(ValueError, match="out of range"):
+        m.groups_for("train", 10, 1501)
+    with pytest.raises(ValueError, match="unknown split"):
+        m.rows("validation")
+    assert pickle.loads(pickle.dumps(m)).rows("train") == 1500  # ships to Ray workers
+
+
+def test_load_parquet_round_trip(digits, digits_dir):
+    back = load_parquet(digits_dir)
+    assert back.name == "digits" and back.classes == digits.classes
+    np.testing.assert_allclose(back.X_train, digits.X_train, rtol=0, atol=QUANT_ATOL)
+    np.testing.assert_allclose(back.X_test, digits.X_test, rtol=0, atol=QUANT_ATOL)
+    np.testing.assert_array_equal(back.y_train, digits.y_train)
+    np.testing.assert_array_equal(back.y_test, digits.y_test)
+    assert back.y_train.dtype == np.int64
+
+
+def test_read_rows_reads_only_covering_row_groups(digits_dir, monkeypatch):
+    full = load_parquet(digits_dir)
+    m = open_parquet_dataset(digits_dir)
+    calls = []
+    original = pq.ParquetFile.read_row_group
+
+    def counting(self, i, *args, **kwargs):
+        calls.append(i)
+        return original(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    for meth in ("read", "read_row_groups", "iter_batches"):
+        monkeypatch.setattr(pq.ParquetFile, meth, lambda *a, _m=meth, **k: pytest.fail(_m))
+
+    X, y = read_rows(m, "train", 130, 260)
+    assert calls == [1, 2]  # rows 100..299 of part-00000, nothing else
+    assert X.shape == (130, 1, 8, 8) and X.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(X, full.X_train[130:260])
+    np.testing.assert_array_equal(y, full.y_train[130:260])
+
+    calls.clear()
+    X, y = read_rows(str(digits_dir), "train", 495, 505)  # straddles two files
+    assert calls == [4, 0]
+    np.testing.assert_array_equal(y, full.y_train[495:505])
+
+    calls.clear()
+    X, y = read_rows(m, "test", 7, 7)
+    assert calls == [] and X.shape == (0, 1, 8, 8)
+
+    X, _ = read_rows(m, "test", 0, 3, size=(12, 10))
+    assert X.shape == (3, 1, 12, 10)
+
+
+def test_write_refuses_bad_pixels_and_existing_output(tmp_path, digits):
+    small = digits.subset(20, 0)
+    for bad in (np.nan, 1.2):
+        X = small.X_train.copy()
+        X[7, 0, 3, 3] = bad
+        ds = ImageDataset(X, small.y_train, small.X_test, small.y_test, "bad", small.classes)
+        with pytest.raises(ValueError, match=r"X_train\[7\].*\[0, 1\]"):
+            write_parquet_dataset(ds, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()  # checked before anything is written
+
+    out = write_parquet_dataset(small, tmp_path / "ok", encoding="jpeg", rows_per_group=8)
+    assert out == (tmp_path / "ok").resolve()
+    assert not (tmp_path / "ok" / "test").exists()  # empty test split skipped
+    m = open_parquet_dataset(out)
+    assert m.rows("test") == 0 and m.encoding == "jpeg"
+    assert [g.num_rows for g in m.groups["train"]] == [8, 8, 4]
+    assert load_parquet(out).X_test.shape == (0, 1, 8, 8)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_parquet_dataset(small, out)
+    write_parquet_dataset(small.subset(5, 0), out, overwrite=True)
+    assert open_parquet_dataset(out).rows("train") == 5
+
+
+def test_open_refuses_missing_or_wrong_metadata(tmp_path, digits_dir):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        open_parquet_dataset(empty)
+    with pytest.raises(FileNotFoundError, match="no dataset.json"):
+        read_rows(empty, "train", 0, 1)
+
+    meta = json.loads((digits_dir / "dataset.json").read_text())
+    for change, match in (
+        ({"format": "other"}, "format must be"),
+        ({"version": 2}, "unsupported version"),
+        ({"splits": {"train": 1499, "test": 297}}, "should have 1499 rows"),
+    ):
+        (empty / "dataset.json").write_text(json.dumps({**meta, **change}))
+        for p in (digits_dir / "train").iterdir():
+            target = empty / "train" / p.name
+            if not target.exists():
+                target.write_bytes(p.read_bytes())
+        with pytest.raises(ValueError, match=match):
+            open_parquet_dataset(empty)
+
+
+def test_huggingface_struct_column(tmp_path, rng):
+    root = tmp_path / "hf"
+    (root / "train").mkdir(parents=True)
+    pixels = [rng.integers(0, 256, size=(6 + k, 5, 3), dtype=np.uint8) for k in range(4)]
+    images = pa.array(
+        [{"bytes": _png_bytes(p), "path": f"img{k}.png"} for k, p in enumerate(pixels)],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    table = pa.table({"image": images, "label": pa.array([3, 0, 2, 1], pa.int64())})
+    pq.write_table(table, root / "train" / "train-00000-of-00001.parquet", row_group_size=3)
+    (root / "dataset.json").write_text(json.dumps({
+        "format": "ray_convrfm-parquet", "version": 1, "name": "hf", "channels": 3,
+        "height": None, "width": None, "encoding": "png", "classes": list("abcd"),
+        "splits": {"train": 4},
+    }))
+    m = open_parquet_dataset(root)
+    assert m.rows("train") == 4 and [g.num_rows for g in m.groups["train"]] == [3, 1]
+    with pytest.raises(ValueError, match="pass size"):
+        read_rows(m, "train", 0, 4)
+    X, y = read_rows(m, "train", 0, 1, size=(6, 5))
+    np.testing.assert_array_equal(X[0], np.transpose(pixels[0], (2, 0, 1)) / np.float32(255))
+    np.testing.assert_array_equal(y, [3])
+    ds = load_parquet(root, size=(4, 4))
+    assert ds.X_train.shape == (4, 3, 4, 4) and ds.classes == tuple("abcd")
+    np.testing.assert_array_equal(ds.y_train, [3, 0, 2, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+def _make_tree(root: Path, rng, h: int = 6, w: int = 5) -> dict[str, dict[bytes, int]]:
+    """Two classes x 3 train images and 1 test image each; returns split -> {bytes: label}."""
+    expected: dict[str, dict[bytes, int]] = {"train": {}, "test": {}}
+    for split, n in (("train", 3), ("test", 1)):
+        for label, cls in enumerate(("cat", "ant")[::-1]):  # "ant" sorts first -> label 0
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for k in range(n):
+                data = _png_bytes(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+                (d / f"{k}.png").write_bytes(data)
+                expected[split][data] = label
+    return expected
+
+
+def test_convert_folder_keeps_bytes_and_sorts_classes(tmp_path, rng):
+    expected = _make_tree(tmp_path / "tree", rng)
+    (tmp_path / "tree" / "train" / "ant" / "notes.txt").write_text("ignored")
+    out = convert(f"folder:{tmp_path / 'tree'}", tmp_path / "out", rows_per_group=2)
+    m = open_parquet_dataset(out)
+    assert m.classes == ("ant", "cat") and m.name == "tree"
+    assert (m.channels, m.height, m.width) == (3, 6, 5)
+    assert m.rows("train") == 6 and m.rows("test") == 2
+    for split in ("train", "test"):
+        table = pq.read_table(tmp_path / "out" / split)
+        stored = dict(zip(table.column("image").to_pylist(), table.column("label").to_pylist(),
+                          strict=True))
+        assert stored == expected[split]  # original PNG bytes, right labels
+    ds = load_parquet(out)
+    assert ds.X_train.shape == (6, 3, 6, 5) and sorted(ds.y_train) == [0, 0, 0, 1, 1, 1]
+
+    # DIR without train/test: DIR itself is the train split.
+    flat = convert(f"folder:{tmp_path / 'tree' / 'train'}", tmp_path / "flat",
+                   shuffle_seed=None)
+    flat_ds = load_parquet(flat)
+    np.testing.assert_array_equal(flat_ds.y_train, [0, 0, 0, 1, 1, 1])
+    assert flat_ds.X_test.shape[0] == 0
+
+
+def test_convert_folder_size_mismatch(tmp_path, rng):
+    _make_tree(tmp_path / "tree", rng)
+    odd = tmp_path / "tree" / "test" / "cat" / "odd.png"
+    odd.write_bytes(_png_bytes(rng.integers(0, 256, size=(7, 5, 3), dtype=np.uint8)))
+    with pytest.raises(ValueError, match=r"odd\.png.*7x5") as info:
+        convert(f"folder:{tmp_path / 'tree'}", tmp_path / "out")
+    assert "size=(H, W)" in str(info.value)
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+    out = convert(f"folder:{tmp_path / 'tree'}", tmp_path / "out", size=(4, 4), channels=1,
+                  encoding="jpeg")
+    ds = load_parquet(out)
+    assert ds.X_train.shape == (6, 1, 4, 4) and ds.X_test.shape == (3, 1, 4, 4)
+
+
+def test_convert_dataset_spec(tmp_path, digits):
+    np.savez(tmp_path / "d.npz", X_train=digits.X_train[:30], y_train=digits.y_train[:30])
+    out = convert(f"npz:{tmp_path / 'd.npz'}", tmp_path / "out", rows_per_group=16)
+    back = load_parquet(out)
+    np.testing.assert_allclose(back.X_train, digits.X_train[:30], rtol=0, atol=QUANT_ATOL)
+    np.testing.assert_array_equal(back.y_train, digits.y_train[:30])
+    resized = load_parquet(convert("digits", tmp_path / "big", size=(12, 12), name="d12"))
+    assert resized.name == "d12" and resized.X_train.shape == (1500, 1, 12, 12)
+    with pytest.raises(ValueError, match="folder:DIR"):
+        convert("nonsense", tmp_path / "x")
+
+
+def test_fsspec_url_round_trip(digits):
+    pytest.importorskip("fsspec")
+    small = digits.subset(40, 10)
+    url = "memory://ray-convrfm-test/digits"
+    assert write_parquet_dataset(small, url, rows_per_group=16, overwrite=True) == url
+    m = open_parquet_dataset(url)
+    assert isinstance(m, ParquetManifest) and m.rows("train") == 40
+    X, y = read_rows(m, "train", 10, 20)
+    np.testing.assert_allclose(X, small.X_train[10:20], rtol=0, atol=QUANT_ATOL)
+    np.testing.assert_array_equal(y, small.y_train[10:20])
+
+
+def test_module_exports():
+    assert set(parquet.__all__) <= set(dir(parquet))
+
+
+def test_validation_split_holds_out_whole_row_groups(tmp_path):
+    from ray_convrfm.data.datasets import load_digits
+    from ray_convrfm.data.parquet import ParquetImages, ParquetRows, write_parquet_dataset
+
+    ds = load_digits()
+    path = write_parquet_dataset(ds, tmp_path / "d", rows_per_group=50, rows_per_file=400)
+    images = ParquetImages.open(path, "train", limit=1000)
+    assert len(images) == 1000 and images.shape == (1000, 1, 8, 8)
+    np.testing.assert_array_equal(images.labels(), ds.y_train[:1000])
+    fit, val = images.split_validation(0.1, np.random.default_rng(0))
+    rows = [r for a, b in fit + val for r in range(a, b)]
+    assert sorted(rows) == list(range(1000))  # a partition of the rows
+    assert all(a % 50 == 0 and (b % 50 == 0 or b == 1000) for a, b in val)  # whole groups
+    assert sum(b - a for a, b in val) == 100
+    again = images.split_validation(0.1, np.random.default_rng(0))
+    assert again == (fit, val)  # seeded
+
+    part = ParquetRows(images, tuple(fit)).slice(10, 130)  # what one worker is given
+    expected = np.concatenate([np.arange(a, b) for a, b in fit])[10:130]
+    np.testing.assert_allclose(part.load(), images.read()[0][expected])

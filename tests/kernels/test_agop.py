@@ -1,0 +1,114 @@
+"""Patch AGOP (spec section 4) against central finite differences."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_psd, rel_err
+
+from ray_convrfm.kernels.agop import metric_from_agop, patch_agop
+from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side, side_from_patches
+
+
+def _fd_agop(xs, coef, zs, M, params, grids, h=1e-6):
+    """AGOP from central differences of f(z) = coef^T K(X, z) in every patch coordinate."""
+    zp = zs.right.clone()
+    s, P, d = zp.shape
+    c = coef.shape[1]
+
+    def f(patches):
+        side = side_from_patches(patches, M, params, grids, xs.channels)
+        return coef.T @ kernel_block(xs, side, "torch")  # (c, s)
+
+    g = torch.zeros(s, P, c, d, dtype=torch.float64)
+    for p in range(P):
+        for e in range(d):
+            up, down = zp.clone(), zp.clone()
+            up[:, p, e] += h
+            down[:, p, e] -= h
+            g[:, p, :, e] = ((f(up) - f(down)) / (2 * h)).T
+    g = g.reshape(-1, d)
+    return g.T @ g / s
+
+
+@pytest.mark.parametrize("engine", ["numba", "torch"])
+@pytest.mark.parametrize("depth,padding", [(1, False), (2, True), (3, False)])
+def test_agop_matches_finite_differences(engine, depth, padding):
+    rng = np.random.default_rng(depth)
+    C, H, W = 1, 6 + depth, 7
+    params = KernelParams(depth, 3, padding)
+    X = torch.from_numpy(rng.standard_normal((5, C, H, W)))
+    Z = torch.from_numpy(rng.standard_normal((3, C, H, W)))
+    M = torch.from_numpy(random_psd(rng, C * 9))
+    coef = torch.from_numpy(rng.standard_normal((5, 4)))
+    xs, zs = prepare_side(X, M, params), prepare_side(Z, M, params)
+    G = patch_agop(xs, coef, zs, M, engine=engine)
+    G_fd = _fd_agop(xs, coef, zs, M, params, params.grids(H, W))
+    assert rel_err(G, G_fd) <= 1e-6
+
+
+def test_agop_is_finite_with_blank_patches_and_duplicates():
+    rng = np.random.default_rng(0)
+    params = KernelParams(3, 3, False)
+    X = torch.from_numpy(rng.random((6, 1, 12, 12), dtype=np.float32))
+    X[0] = 0
+    X[1, :, :6] = 0
+    M = torch.eye(9)
+    xs = prepare_side(X, M, params)
+    coef = torch.randn(6, 3)
+    for engine in ("numba", "torch"):
+        # the sample is drawn from the training images: identical pairs at every position
+        G = patch_agop(xs, coef, xs.take([0, 1, 2]), M, engine=engine)
+        assert torch.isfinite(G).all()
+
+
+def test_engines_and_chunking_agree():
+    rng = np.random.default_rng(1)
+    params = KernelParams(2, 3, True)
+    X = torch.from_numpy(rng.random((23, 3, 10, 10), dtype=np.float32))
+    M = torch.from_numpy(random_psd(rng, 27).astype(np.float32))
+    xs = prepare_side(X, M, params)
+    coef = torch.randn(23, 5)
+    sample = xs.take(np.arange(0, 23, 3))
+    ref = patch_agop(xs, coef, sample, M, engine="torch")
+    fast = patch_agop(xs, coef, sample, M, engine="numba")
+    tiny = patch_agop(xs, coef, sample, M, engine="numba", budget_mb=0.05)
+    assert rel_err(fast, ref) < 1e-4
+    assert rel_err(tiny, fast) < 1e-5
+    # the AGOP is a sum over sample shards: unaveraged halves add up to the whole
+    half = patch_agop(xs, coef, sample.rows(0, 4), M, engine="numba", average=False) + \
+        patch_agop(xs, coef, sample.rows(4, 8), M, engine="numba", average=False)
+    assert rel_err(half / len(sample), fast) < 1e-5
+
+
+def test_metric_from_agop():
+    rng = np.random.default_rng(2)
+    A = torch.from_numpy(rng.standard_normal((6, 6)))
+    G = A @ A.T
+    M1 = metric_from_agop(G, 1.0)
+    assert torch.allclose(M1, G / torch.linalg.matrix_norm(G))
+    M_half = metric_from_agop(G, 0.5)
+    assert torch.allclose(torch.linalg.matrix_norm(M_half), torch.tensor(1.0, dtype=G.dtype))
+    root = M_half / M_half.norm() * 1.0
+    assert torch.allclose((root @ root) / (root @ root).norm(), M1, atol=1e-10)
+    # negative eigenvalues (rounding) are clipped, not propagated
+    N = torch.diag(torch.tensor([2.0, 1.0, -1e-9], dtype=torch.float64))
+    assert torch.linalg.eigvalsh(metric_from_agop(N, 0.5)).min() >= 0
+    with pytest.raises(ValueError, match="zero"):
+        metric_from_agop(torch.zeros(3, 3), 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        metric_from_agop(G, 0.0)
+
+
+@pytest.mark.gpu
+def test_cuda_agop_matches_cpu():
+    rng = np.random.default_rng(3)
+    params = KernelParams(3, 3, False)
+    X = torch.from_numpy(rng.random((20, 1, 14, 14), dtype=np.float32))
+    M = torch.from_numpy(random_psd(rng, 9).astype(np.float32))
+    coef = torch.from_numpy(rng.standard_normal((20, 10)).astype(np.float32))
+    xs = prepare_side(X, M, params)
+    cpu = patch_agop(xs, coef, xs.take(range(5)), M, engine="numba")
+    dev = torch.device("cuda")
+    xg = prepare_side(X.to(dev), M.to(dev), params)
+    gpu = patch_agop(xg, coef.to(dev), xg.take(range(5)), M.to(dev), engine="torch")
+    assert rel_err(gpu.cpu().numpy(), cpu.numpy()) < 1e-4

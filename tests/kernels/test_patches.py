@@ -1,0 +1,45 @@
+"""Patch extraction and the patch-span basis that makes deep layers exact and cheap."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ray_convrfm import ConvRFM
+from ray_convrfm.data.datasets import load_digits
+from ray_convrfm.kernels.patches import extract_patches, grid_shape, patch_span
+
+
+def test_patches_follow_unfold_order_and_match_a_convolution():
+    X = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    W = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    P = extract_patches(X, 3, padding=True)
+    assert P.shape == (2, 7 * 6, 27) and grid_shape(7, 6, 3, True) == (7, 6)
+    conv = F.conv2d(X, W, padding=1).permute(0, 2, 3, 1).reshape(2, -1, 4)
+    torch.testing.assert_close(P @ W.reshape(4, -1).T, conv)
+
+
+def _features(X, width=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(width, X.shape[1], 3, 3, generator=g, dtype=X.dtype)
+    return F.conv2d(X, W)
+
+
+def test_span_of_linear_features_is_small_and_orthonormal():
+    X = torch.rand(50, 1, 12, 12, dtype=torch.float64)
+    Q = patch_span(_features(X), 3, padding=False)
+    assert Q.shape == (144, 25)  # 16 maps x 3 x 3 patches, but only a 5 x 5 receptive field
+    torch.testing.assert_close(Q.T @ Q, torch.eye(25, dtype=torch.float64))
+    assert patch_span(X, 3, padding=False) is None  # raw images: full rank, no basis
+
+
+def test_reduced_basis_gives_the_same_model():
+    ds = load_digits()
+    X = _features(torch.from_numpy(ds.X_train[:150]).double(), width=8).float().numpy()
+    Xt = _features(torch.from_numpy(ds.X_test[:30]).double(), width=8).float().numpy()
+    kw = dict(depth=1, iters=2, agop_samples=20, dtype="float64")
+    auto = ConvRFM(patch_basis="auto", **kw).fit(X, ds.y_train[:150])
+    full = ConvRFM(patch_basis="full", **kw).fit(X, ds.y_train[:150])
+    assert auto.patch_basis_.shape == (72, 25) and full.patch_basis_ is None
+    np.testing.assert_allclose(auto.M_path_[1].numpy(), full.M_path_[1].numpy(), atol=1e-8)
+    np.testing.assert_allclose(auto.decision_function(Xt), full.decision_function(Xt),
+                               rtol=1e-6, atol=1e-8)

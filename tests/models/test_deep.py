@@ -1,0 +1,79 @@
+"""Deep ConvRFM: one layer is ConvRFM, stacks featurise consistently and survive save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from ray_convrfm import ConvRFM, DeepConvRFM
+from ray_convrfm.data.datasets import load_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_digits()
+    # 8x8 digits padded to 12x12 so that two layers of 3x3 convolutions fit
+    pad = lambda X: np.pad(X, ((0, 0), (0, 0), (2, 2), (2, 2)))  # noqa: E731
+    return (pad(ds.X_train[:200]), ds.y_train[:200], pad(ds.X_train[200:260]),
+            ds.y_train[200:260], pad(ds.X_test[:60]), ds.y_test[:60])
+
+
+def test_one_layer_equals_convrfm(digits):
+    X, y, Xv, yv, Xt, _ = digits
+    kw = dict(patch_size=3, iters=2, agop_samples=30, random_state=5)
+    deep = DeepConvRFM(layers=1, total_depth=2, **kw).fit(X, y, X_val=Xv, y_val=yv)
+    single = ConvRFM(depth=2, **kw).fit(X, y, X_val=Xv, y_val=yv)
+    assert deep.layers_[0]["filters"] is None
+    torch.testing.assert_close(deep.final_.M_, single.M_)
+    np.testing.assert_allclose(deep.decision_function(Xt), single.decision_function(Xt))
+
+
+@pytest.fixture(scope="module")
+def two_layers(digits):
+    X, y, _, _, Xt, yt = digits
+    return DeepConvRFM(layers=2, width=8, iters=2, agop_samples=30,
+                       random_state=1).fit(X, y, monitor=(Xt, yt))
+
+
+def test_two_layer_stack(digits, two_layers):
+    _, _, _, _, Xt, yt = digits
+    m = two_layers
+    first, last = m.layers_
+    assert first["depth"] == 4 and last["depth"] == 3  # total_depth = layers + 2
+    assert first["filters"].shape == (8, 1, 3, 3) and last["filters"] is None
+    assert last["M"].shape == (72, 72)  # 8 feature maps x 3 x 3
+    assert m.final_.patch_basis_.shape[1] <= 25  # their patches span a 5 x 5 receptive field
+    assert all("monitor_acc" in h for h in first["history"] + last["history"])
+    assert m.score(Xt, yt) > 0.8
+
+
+def test_filters_follow_the_learned_metric(two_layers):
+    info = two_layers.layers_[0]
+    W = info["filters"].reshape(8, -1).double()
+    G = torch.from_numpy(np.random.default_rng([1, 0]).standard_normal((8, 9)))
+    if info["learned"]:
+        vals, vecs = torch.linalg.eigh(info["M"].double())
+        expected = G @ (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    else:
+        expected = G
+    torch.testing.assert_close(W, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_predicts_the_same(tmp_path, digits, two_layers):
+    _, _, _, _, Xt, _ = digits
+    path = two_layers.save(tmp_path / "deep")
+    loaded = DeepConvRFM.load(path)
+    np.testing.assert_array_equal(loaded.predict(Xt), two_layers.predict(Xt))
+    np.testing.assert_allclose(loaded.decision_function(Xt), two_layers.decision_function(Xt))
+    assert loaded.layers_[0]["history"] == two_layers.layers_[0]["history"]
+    with pytest.raises(ValueError, match="holds a DeepConvRFM"):
+        ConvRFM.load(path)
+
+
+def test_parameter_errors(digits):
+    X, y, *_ = digits
+    with pytest.raises(ValueError, match="total_depth"):
+        DeepConvRFM(layers=3, total_depth=2).fit(X, y)
+    with pytest.raises(ValueError, match="width"):
+        DeepConvRFM(width=0).fit(X, y)
+    with pytest.raises(ValueError, match="needs images of at least"):
+        DeepConvRFM(layers=2, total_depth=6).fit(X, y)

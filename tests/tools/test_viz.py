@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from ray_convrfm.tools.viz import plot_filters, plot_history, top_filters
+
+
+def test_top_filters_are_leading_eigenvectors():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(9)
+    M = np.outer(v, v) + 0.01 * np.eye(9)
+    filters, vals = top_filters(M, 1, 3, count=3)
+    assert filters.shape == (3, 1, 3, 3)
+    assert vals[0] == pytest.approx(v @ v + 0.01)
+    lead = filters[0].reshape(-1)
+    assert abs(abs(lead @ v) / np.linalg.norm(v) - 1) < 1e-10
+    assert lead[np.abs(lead).argmax()] > 0  # sign fixed
+    with pytest.raises(ValueError, match=r"\(27, 27\)"):
+        top_filters(M, 3, 3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_plots_are_written(tmp_path, channels):
+    d = channels * 9
+    path = plot_filters(np.eye(d), channels, 3, tmp_path / "f.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    hist = [{"iter": 0, "val_acc": 0.5, "monitor_acc": 0.4},
+            {"iter": 1, "val_acc": 0.6, "monitor_acc": 0.5}]
+    assert plot_history(hist, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_history([hist, hist], tmp_path / "h2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_effective_filters_compose_the_banks(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from ray_convrfm.tools.viz import effective_filters, plot_deep_filters
+
+    rng = np.random.default_rng(1)
+    W0 = torch.from_numpy(rng.standard_normal((4, 1, 3, 3)))
+    A = rng.standard_normal((36, 36))
+    layers = [{"M": torch.eye(9), "filters": W0}, {"M": torch.from_numpy(A @ A.T), "filters": None}]
+    E, vals = effective_filters(layers, 1, count=2)
+    assert E.shape == (2, 1, 5, 5)
+    # applying the effective filter to an image equals applying v to the layer-0 features
+    x = torch.from_numpy(rng.standard_normal((1, 1, 9, 9)))
+    v, _ = top_filters(layers[1]["M"], 4, 3, count=2)
+    direct = F.conv2d(F.conv2d(x, W0), torch.from_numpy(v))
+    torch.testing.assert_close(F.conv2d(x, torch.from_numpy(E)), direct)
+    assert plot_deep_filters(layers, 1, tmp_path / "d.png", count=3).read_bytes()[:4] == b"\x89PNG"
