@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import torch
 from sklearn.datasets import load_sample_images
 
-from ray_convrfm.cnfa.measure import measure_cnfa, plot_cnfa, to_table
+from ray_convrfm.cnfa.measure import measure_cnfa, to_table
+from ray_convrfm.tools.viz import plot_cnfa
 
 
 def sample_crops(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ are chosen on a validation split carved from the training images.
 import argparse
 import logging
 
-from ray_convrfm import ConvRFM
+from ray_convrfm import ConvRFM, Options
 from ray_convrfm.data.datasets import load_fashion_mnist, with_noise_frame
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     ds = load_fashion_mnist().subset(args.n_train, args.n_test)
     if args.noise_frame:
         ds = with_noise_frame(ds, frame=args.noise_frame)
-    model = ConvRFM(depth=3, iters=args.iters, verbose=True)
+    model = ConvRFM(depth=3, iters=args.iters, options=Options.of(verbose=True))
     model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test))
     fixed = model.history_[0]["monitor_acc"]
     learned = model.score(ds.X_test, ds.y_test)

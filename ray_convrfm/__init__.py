@@ -8,9 +8,17 @@ arXiv 2309.00570).
 
 __version__ = "0.1.0"
 
-from ray_convrfm.kernels.kernel import conv_ntk  # noqa: E402
+from ray_convrfm.kernels.api import conv_ntk, patch_agop  # noqa: E402
 from ray_convrfm.models.convrfm import ConvRFM  # noqa: E402
 from ray_convrfm.models.deep import DeepConvRFM  # noqa: E402
-from ray_convrfm.options import ComputeOptions  # noqa: E402
+from ray_convrfm.models.rfm import RFMParams, RFMResult, fit_rfm  # noqa: E402
+from ray_convrfm.options import (  # noqa: E402
+    ClusterOptions,
+    ComputeOptions,
+    Options,
+    StoreOptions,
+)
 
-__all__ = ["ComputeOptions", "ConvRFM", "DeepConvRFM", "conv_ntk", "__version__"]
+__all__ = ["ClusterOptions", "ComputeOptions", "ConvRFM", "DeepConvRFM", "Options",
+           "RFMParams", "RFMResult", "StoreOptions", "conv_ntk", "fit_rfm", "patch_agop",
+           "__version__"]

@@ -1,12 +1,30 @@
-"""Options, one frozen dataclass per subsystem; override with ``dataclasses.replace``."""
+"""Options, one frozen dataclass per subsystem, composed into one ``Options``.
+
+Every estimator takes one ``options=Options(...)``; its fields are documented once, here. Build
+one from flat names with ``Options.of(workers=2, dtype="float64")`` and derive variants with
+``options.replace(workers=4)`` (``dataclasses.replace`` on the subsystem that owns each name).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 #: Default working-memory budget of one kernel block. 512 MiB keeps a 2-core laptop responsive and
 #: is far below a GPU's memory; raise it on big machines for fewer, larger blocks.
 DEFAULT_MEMORY_BUDGET_MB = 512
+
+#: Rows (and columns) per stored kernel block: one zarr chunk and one worker task. 256 x 256
+#: float32 values are 256 KiB, large enough to amortise a task, small enough to resume finely.
+DEFAULT_BLOCK = 256
+
+#: Partial results (AGOPs, Grams, normal equations) are summed by a tree of this fan-in on the
+#: workers once there are more parts than this, so the driver receives one sum, not one per worker.
+REDUCE_FAN_IN = 4
+
+#: Nystrom centers when none are given: an m x m Cholesky that takes seconds.
+DEFAULT_CENTERS = 2000
 
 
 @dataclass(frozen=True)
@@ -15,8 +33,9 @@ class ComputeOptions:
 
     Parameters
     ----------
-    dtype : {"float32", "float64"}
-        Working precision. float32 is fast; float64 is for checking.
+    dtype : {None, "float32", "float64"}
+        Working precision. None follows the input: float64 images compute in float64, anything
+        else (float32, integers) in float32.
     device : str
         "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
     engine : {"auto", "numba", "torch"}
@@ -26,15 +45,142 @@ class ComputeOptions:
         Working memory one block may use; block sizes are derived from it, never from n.
     """
 
-    dtype: str = "float32"
+    dtype: str | None = None
     device: str = "auto"
     engine: str = "auto"
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64'; found {self.dtype!r}")
+        if self.dtype not in (None, "float32", "float64"):
+            raise ValueError(f"dtype must be None, 'float32' or 'float64'; found {self.dtype!r}")
         if self.engine not in ("auto", "numba", "torch"):
             raise ValueError(f"engine must be 'auto', 'numba' or 'torch'; found {self.engine!r}")
-        if self.memory_budget_mb <= 0:
-            raise ValueError(f"memory_budget_mb must be positive; found {self.memory_budget_mb}")
+        if not _is_int(self.memory_budget_mb) or self.memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be a positive integer; found "
+                             f"{self.memory_budget_mb!r}")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where the work runs: this process (``workers=0``) or Ray shard workers.
+
+    Parameters
+    ----------
+    workers : int
+        0 computes in this process; N > 0 spreads the training images over N Ray actors.
+    address : str or None
+        None starts an embedded local Ray sized to ``workers`` (loopback only, no dashboard);
+        "auto" or "ray://..." joins that cluster.
+    gpus_per_worker : float or None
+        GPUs reserved per worker; None means 1 when the Ray cluster has GPUs, else 0.
+    placement_timeout_s : float or None
+        How long to wait for the cluster to provide the workers (an autoscaler starting nodes)
+        before giving up with an error; None waits forever.
+    threads_per_worker : int
+        CPU threads (and CPUs reserved) per worker.
+    max_restarts : int
+        How often Ray restarts a dead worker and retries its tasks (tasks are pure, so safe).
+    """
+
+    workers: int = 0
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    placement_timeout_s: float | None = 600
+    threads_per_worker: int = 1
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.workers) or self.workers < 0:
+            raise ValueError(f"workers must be an integer >= 0; found {self.workers!r}")
+        if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
+            raise ValueError(f"gpus_per_worker must be >= 0; found {self.gpus_per_worker!r}")
+        if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:
+            raise ValueError(f"placement_timeout_s must be positive or None; found "
+                             f"{self.placement_timeout_s!r}")
+        if not _is_int(self.threads_per_worker) or self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be a positive integer; found "
+                             f"{self.threads_per_worker!r}")
+        if not _is_int(self.max_restarts) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be an integer >= 0; found {self.max_restarts!r}")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Where kernel blocks are kept so that a run survives failures and resumes.
+
+    Parameters
+    ----------
+    url : str or None
+        A local path or fsspec URL (``s3://bucket/run/kernels.zarr``) of a zarr store; a rerun
+        with the same inputs computes only the blocks not yet stored. None keeps no store.
+        (``Options.of(store=...)`` sets this field.)
+    block : int
+        Rows and columns per stored block (one chunk, one worker task).
+    """
+
+    url: str | None = None
+    block: int = DEFAULT_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not isinstance(self.url, str):
+            object.__setattr__(self, "url", str(self.url))  # a pathlib.Path is welcome
+        if not _is_int(self.block) or self.block < 1:
+            raise ValueError(f"block must be a positive integer; found {self.block!r}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything about how (not what) an estimator computes; the model does not depend on it.
+
+    Parameters
+    ----------
+    compute, cluster, store : the subsystems' options
+    verbose : progress bars on long stages and one log line per iteration
+    """
+
+    compute: ComputeOptions = field(default_factory=ComputeOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+    store: StoreOptions = field(default_factory=StoreOptions)
+    verbose: bool = False
+
+    @classmethod
+    def of(cls, **flat: Any) -> Options:
+        """Options from flat field names, e.g. ``Options.of(workers=2, dtype="float64")``."""
+        return cls().replace(**flat)
+
+    def replace(self, **flat: Any) -> Options:
+        """A copy with the named fields of any subsystem replaced (``store`` sets the URL)."""
+        changes: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for name, value in flat.items():
+            if name == "verbose":
+                top[name] = bool(value)
+                continue
+            owner = _OWNER.get("url" if name == "store" else name)
+            if owner is None:
+                raise TypeError(f"unknown option {name!r}; known: {sorted(_FLAT_NAMES)}")
+            changes.setdefault(owner, {})["url" if name == "store" else name] = value
+        parts = {k: dataclasses.replace(getattr(self, k), **v) for k, v in changes.items()}
+        return dataclasses.replace(self, **parts, **top)
+
+
+def _is_int(value: Any) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_OWNER = {f.name: part for part, sub in (("compute", ComputeOptions),
+                                         ("cluster", ClusterOptions), ("store", StoreOptions))
+          for f in dataclasses.fields(sub)}
+_FLAT_NAMES = (set(_OWNER) - {"url"}) | {"store", "verbose"}
+
+
+def as_options(options: Options | None) -> Options:
+    """``options`` checked (None gives the defaults)."""
+    if options is None:
+        return Options()
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be a ray_convrfm.Options (e.g. Options.of(workers=2)); "
+                        f"found {type(options).__name__}")
+    return options

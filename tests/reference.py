@@ -1,4 +1,4 @@
-"""Plain oracle of spec sections 1-2, written independently of the library.
+"""Plain oracle of docs/math.md sections 1-2, written independently of the library.
 
 Loops over image pairs and positions; slow, obvious, and only used on tiny inputs. The patch
 products are float64; everything after them is carried in 40-digit mpmath arithmetic, so that

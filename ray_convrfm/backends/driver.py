@@ -1,14 +1,13 @@
 """The driver: starts or joins Ray, places one shard worker per bundle, reduces small results.
 
 The driver holds no training images after handing the shards out: columns of a kernel (the
-training images themselves, the Nystrom centres, the AGOP's predictor) travel from the workers
+training images themselves, the Nystrom centers, the AGOP's predictor) travel from the workers
 that own them to the workers that need them through Ray's object store, and only kernel rows
 for the exact solver, m x m sums and (d, d) AGOPs come back.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -16,16 +15,13 @@ import uuid
 
 import numpy as np
 
+from ray_convrfm.backends.protocol import KernelSpec
+from ray_convrfm.backends.store import StoreSpec
 from ray_convrfm.backends.workers import ShardWorker
+from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN
+from ray_convrfm.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-#: Kernel options when a caller gives none (the estimators pass their own).
-DEFAULT_OPTS = {"dtype": "float32", "engine": "numba", "budget_mb": 512, "basis": None,
-                "block": 256}
-
-#: Partial results are summed by a tree of this fan-in once there are more parts than this.
-REDUCE_FAN_IN = 4
 
 
 class ShardParts(list):
@@ -107,12 +103,6 @@ def reserve_workers(workers: int, bundle: dict, timeout_s: float | None, poll_s:
                     waited, workers, bundle, have)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, leave=False)
-
-
 def wait_all(futures: list, desc: str = "", progress: bool = False) -> list:
     """``ray.get`` with one progress bar over every worker's tasks (results in order)."""
     import ray
@@ -120,7 +110,7 @@ def wait_all(futures: list, desc: str = "", progress: bool = False) -> list:
     if not progress:
         return ray.get(futures)
     pending = list(futures)
-    with _progress(len(futures), desc, True) as bar:
+    with progress_bar(len(futures), desc, True) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
@@ -147,7 +137,7 @@ class ShardedImages:
     """
 
     def __init__(self, X: np.ndarray, workers: int, threads: int | None = None,
-                 max_restarts: int = 3, block: int = 256, align: bool = False,
+                 max_restarts: int = 3, block: int = DEFAULT_BLOCK, align: bool = False,
                  gpus_per_worker: float = 0,
                  placement_timeout_s: float | None = 600, progress: bool = False,
                  elastic: bool = True):
@@ -232,7 +222,7 @@ class ShardedImages:
         return refs
 
     def gather(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """The images (rows ``idx``) in this process: for the model's centres only."""
+        """The images (rows ``idx``) in this process: for the model's centers only."""
         import ray
 
         parts = ray.get(self.parts(idx))
@@ -289,18 +279,17 @@ class ShardedImages:
             for r in range(a, b, self.block):
                 yield actor, r - a, min(r + self.block, b) - a
 
-    def kernel(self, cols, M: np.ndarray, params: dict, opts: dict | None = None,
+    def kernel(self, cols, M: np.ndarray, basis: np.ndarray | None, spec: KernelSpec,
                desc: str = "kernel") -> np.ndarray:
         """K(all shards, cols) with ``cols`` an array or a list of refs (e.g. ``parts()``)."""
-        opts = opts or DEFAULT_OPTS
         key, refs = self._columns(cols)
-        futures = [actor.kernel_rows.remote(self.chain_ref, r0, r1, M, params, opts, key, *refs)
+        futures = [actor.kernel_rows.remote(self.chain_ref, r0, r1, M, basis, spec, key, *refs)
                    for actor, r0, r1 in self._row_tasks()]
         rows = wait_all(futures, desc, self.progress)
         return np.concatenate(rows, axis=0) if rows else np.zeros((0, 0), np.float32)
 
-    def kernel_via_store(self, cols, n_cols: int, M: np.ndarray, params: dict, url: str,
-                         spec, name: str, opts: dict | None = None,
+    def kernel_via_store(self, cols, n_cols: int, M: np.ndarray, basis: np.ndarray | None,
+                         spec: KernelSpec, url: str, store_spec: StoreSpec, name: str,
                          desc: str = "kernel") -> tuple[np.ndarray, int]:
         """K(all shards, cols) through a zarr store: workers write the missing blocks.
 
@@ -309,62 +298,60 @@ class ShardedImages:
         """
         from ray_convrfm.backends.store import KernelStore
 
-        opts = opts or DEFAULT_OPTS
         if not self.align:
             raise ValueError("a stored kernel needs block-aligned shards (align=True)")
         shape = (self.n, n_cols)
-        store = KernelStore(url, spec)
+        store = KernelStore(url, store_spec)
         missing = store.missing(name, shape)  # creates the arrays before workers write
         key, refs = self._columns(cols)
-        spec_fields = dataclasses.asdict(spec)
         futures = []
         for actor, (a, b) in zip(self.actors, self.bounds, strict=True):
             for i in range(a // self.block, -(-b // self.block)):
                 blocks = [(bi, bj) for bi, bj in missing if bi == i]
                 if blocks:
                     futures.append(actor.store_kernel_blocks.remote(
-                        self.chain_ref, blocks, url, spec_fields, name, shape, M, params, opts,
+                        self.chain_ref, blocks, url, store_spec, name, shape, M, basis, spec,
                         key, *refs))
         counts = wait_all(futures, desc, self.progress)
-        return KernelStore(url, spec).read(name, shape), int(sum(counts))
+        return KernelStore(url, store_spec).read(name, shape), int(sum(counts))
 
-    def map_kernel(self, rows: np.ndarray, cols, M: np.ndarray, params: dict,
-                   opts: dict | None = None, desc: str = "kernel") -> np.ndarray:
+    def map_kernel(self, rows: np.ndarray, cols, M: np.ndarray, basis: np.ndarray | None,
+                   spec: KernelSpec, desc: str = "kernel") -> np.ndarray:
         """K(rows, cols) for images not held by the workers: blocks of rows over the actors."""
-        opts = opts or DEFAULT_OPTS
         key, refs = self._columns(cols)
         rows = np.asarray(rows)
         futures = [self.actors[k % len(self.actors)].kernel_pair.remote(
-                       rows[r : r + self.block], M, params, opts, key, *refs)
+                       rows[r : r + self.block], M, basis, spec, key, *refs)
                    for k, r in enumerate(range(0, len(rows), self.block))]
         return np.concatenate(wait_all(futures, desc, self.progress), axis=0)
 
-    def scores(self, centres, alpha: np.ndarray, M: np.ndarray, params: dict,
-               opts: dict | None = None, desc: str = "predict") -> np.ndarray:
-        """K(these images, centres) @ alpha, computed where the images are (float64)."""
-        opts = opts or DEFAULT_OPTS
+    def map_scores(self, rows: np.ndarray, chain: list, centers, alpha: np.ndarray,
+                   M: np.ndarray, basis: np.ndarray | None, spec: KernelSpec,
+                   desc: str = "predict") -> np.ndarray:
+        """K(chain(rows), centers) @ alpha for images the driver sends, in blocks over the
+        actors: each block is featurised and scored where it lands; only scores return."""
         import ray
 
-        key, refs = self._columns(centres)
-        alpha_ref = ray.put(np.asarray(alpha))
-        futures = [actor.scores.remote(self.chain_ref, r0, r1, alpha_ref, M, params, opts, key,
-                                       *refs)
-                   for actor, r0, r1 in self._row_tasks()]
+        key, refs = self._columns(centers)
+        alpha = np.asarray(alpha)
+        alpha_ref, chain_ref = ray.put(alpha), ray.put(list(chain))
+        rows = np.asarray(rows)
+        futures = [self.actors[k % len(self.actors)].scores.remote(
+                       rows[r : r + self.block], chain_ref, alpha_ref, M, basis, spec, key,
+                       *refs)
+                   for k, r in enumerate(range(0, len(rows), self.block))]
         t0 = time.perf_counter()
         parts = wait_all(futures, desc, self.progress)
         self._time("scores", t0)
-        if not parts:
-            return np.zeros((0, np.asarray(alpha).shape[1]))
-        return np.concatenate(parts, axis=0)
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, alpha.shape[1]))
 
-    def nystrom_system(self, centres, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
-                       params: dict, opts: dict | None = None, store: tuple | None = None):
-        """Sum of per-shard (K^T K, K^T Y), K_mm assembled from the shards' centre rows, and
-        the blocks computed; with ``store`` = (url, spec) K(train, centres) is stored."""
+    def nystrom_system(self, centers, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
+                       basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None):
+        """Sum of per-shard (K^T K, K^T Y), K_mm assembled from the shards' center rows, and
+        the blocks computed; with ``store`` = (url, store spec) K(train, centers) is stored."""
         import ray
 
-        opts = opts or DEFAULT_OPTS
-        key, refs = self._columns(centres)
+        key, refs = self._columns(centers)
         mine = self._local(center_idx)
         stored = None
         if store is not None:
@@ -372,12 +359,13 @@ class ShardedImages:
 
             if not self.align:
                 raise ValueError("a stored kernel needs block-aligned shards (align=True)")
-            url, spec = store
+            url, store_spec = store
             shape = (self.n, len(center_idx))
-            KernelStore(url, spec).kernel("K", shape)  # created before the workers write
-            stored = (url, dataclasses.asdict(spec), "K", shape)
+            KernelStore(url, store_spec).kernel("K", shape)  # created before the workers write
+            stored = (url, store_spec, "K", shape)
         futures = [actor.normal_equations_part.options(num_returns=4).remote(
-                       self.chain_ref, Y[a:b], rows, M, params, opts, stored, key, *refs)
+                       self.chain_ref, Y[a:b], rows, M, basis, spec, self.block, stored, key,
+                       *refs)
                    for actor, (a, b), rows in zip(self.actors, self.bounds, mine, strict=True)]
         t0 = time.perf_counter()
         wait_all([f[0] for f in futures], "Nystrom normal equations", self.progress)
@@ -386,19 +374,18 @@ class ShardedImages:
         KtK = self.reduce([f[0] for f in futures])
         KtY = self.reduce([f[1] for f in futures])
         self._time("normal_equations_reduce", t0)
-        K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted centre order
+        K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted center order
         return KtK, KtY, K_mm, int(sum(ray.get([f[3] for f in futures])))
 
     def agop(self, train, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
-             params: dict, opts: dict | None = None) -> np.ndarray:
+             basis: np.ndarray | None, spec: KernelSpec) -> np.ndarray:
         """Patch AGOP averaged over sorted ``sample_idx`` (global rows): per-shard sums of the
         predictor f = coef^T K(train, .), reduced here; ``train`` as in ``kernel``."""
-        opts = opts or DEFAULT_OPTS
         import ray
 
         key, refs = self._columns(train)
         coef_ref = ray.put(np.asarray(coef))
-        futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, params, opts, key,
+        futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, basis, spec, key,
                                           *refs)
                    for actor, rows in zip(self.actors, self._local(sample_idx), strict=True)]
         t0 = time.perf_counter()

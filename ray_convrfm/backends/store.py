@@ -156,6 +156,24 @@ class KernelStore:
         arr[r0 : r0 + expected[0], c0 : c0 + expected[1]] = values
         self.group[f"{name}.done"][i, j] = True
 
+    def fill(self, name: str, shape: tuple[int, int], blocks: list[tuple[int, int]],
+             rows_side, cols_side, kernel_fn) -> int:
+        """Compute and write those of ``blocks`` not yet marked; returns how many.
+
+        ``rows_side(r0, r1)`` prepares global rows r0..r1 (once per block row),
+        ``cols_side.rows(c0, c1)`` gives the columns, ``kernel_fn(xs, zs)`` the block. The one
+        loop that the in-process backend and the Ray workers share.
+        """
+        b = self.spec.block
+        missing = set(self.missing(name, shape))
+        todo = [(i, j) for i, j in blocks if (i, j) in missing]
+        for i in sorted({i for i, _ in todo}):
+            xs = rows_side(i * b, min((i + 1) * b, shape[0]))
+            for j in [j for k, j in todo if k == i]:
+                block = kernel_fn(xs, cols_side.rows(j * b, (j + 1) * b))
+                self.write_block(name, shape, i, j, block)
+        return len(todo)
+
     def read(self, name: str, shape: tuple[int, int]) -> np.ndarray:
         """The whole kernel; refuses to return one with blocks still missing."""
         missing = self.missing(name, shape)
@@ -194,3 +212,40 @@ def kernel_url(root_url: str, spec: StoreSpec) -> str:
     """Sub-store of one kernel: named by its columns' and metric's fingerprints."""
     key = fingerprint(extra=[spec.cols_fingerprint, spec.metric_fingerprint])[:20]
     return f"{str(root_url).rstrip('/')}/K-{key}"
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """A run's kernel store as a backend uses it: the root, the training rows' fingerprint, the
+    kernel parameters and block size that every kernel in it shares (both backends)."""
+
+    url: str
+    rows_fingerprint: str
+    depth: int
+    patch_size: int
+    padding: bool
+    dtype: str
+    block: int
+
+    @classmethod
+    def open(cls, url: str, rows_fingerprint: str, spec, block: int) -> RunStore:
+        """Open (or create) the run's store for a ``KernelSpec``; refuses another run's."""
+        p = spec.params
+        run = cls(str(url), rows_fingerprint, p.depth, p.patch_size, p.padding, spec.dtype,
+                  block)
+        open_run_store(run.url, rows_fingerprint, {"depth": p.depth, "patch_size": p.patch_size,
+                                                   "padding": p.padding}, spec.dtype, block)
+        return run
+
+    def kernel(self, cols_fingerprint: str, M, basis=None) -> tuple[str, StoreSpec]:
+        """(url, spec) of the kernel of the training rows against some columns, under M."""
+        metric = fingerprint(M, *([] if basis is None else [basis]))
+        spec = StoreSpec(rows_fingerprint=self.rows_fingerprint,
+                         cols_fingerprint=cols_fingerprint, metric_fingerprint=metric,
+                         depth=self.depth, patch_size=self.patch_size, padding=self.padding,
+                         dtype=self.dtype, block=self.block)
+        return kernel_url(self.url, spec), spec
+
+    def centers_fingerprint(self, center_idx) -> str:
+        """The columns' fingerprint of K(train, centers): which training rows are centers."""
+        return fingerprint(np.asarray(center_idx), extra=["centers of", self.rows_fingerprint])

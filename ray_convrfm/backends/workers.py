@@ -1,10 +1,10 @@
-"""Ray actors owning shards of the images (spec section 9).
+"""Ray actors owning shards of the images (docs/math.md section 9).
 
 A worker keeps its shard where it runs (on its GPU when it has one) and calls the
-single-machine core (``kernel``, ``agop``, ``patches``): kernel rows of its images against
-columns that reach it once through Ray's object store, the unaveraged patch AGOP over the
-sample images it owns, the partial sums of the Nystrom normal equations, predictions for a
-shard of test images and, for Deep ConvRFM, the featurisation of its own shard.
+single-machine core (``kernels``): kernel rows of its images against columns that reach it once
+through Ray's object store, the unaveraged patch AGOP over the sample images it owns, the
+partial sums of the Nystrom normal equations, class scores for blocks of test images and, for
+Deep ConvRFM, the featurisation of its own shard.
 
 Every method is a pure function of its arguments and the raw shard: the filter banks applied
 so far (the *chain*) arrive with each call, and what a worker caches (featurised images,
@@ -17,14 +17,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, StoreSpec, block_digests, fingerprint
-from ray_convrfm.kernels.agop import patch_agop
-from ray_convrfm.kernels.kernel import KernelParams, as_tensor, kernel_matrix, prepare_side
+from ray_convrfm.kernels.agop import agop_from_sides
+from ray_convrfm.kernels.kernel import as_tensor, kernel_matrix, prepare_side
 from ray_convrfm.kernels.patches import featurise, patch_gram
 from ray_convrfm.kernels.solvers import normal_equations
 
-#: Options every kernel call takes: dtype, engine, budget_mb, basis (see ``RayKernels``).
-Opts = dict
+
+def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
+    """Images after the filter banks ``chain`` = [(filters, padding), ...] (Deep ConvRFM)."""
+    for filters, padding in chain:
+        Z = featurise(Z, torch.as_tensor(np.asarray(filters)), padding)
+    return Z
 
 
 class ShardWorker:
@@ -76,10 +81,7 @@ class ShardWorker:
         if self._features is None or self._features[0] != key:
             self._features = None
             self._sides.clear()
-            Z = torch.from_numpy(self.raw).to(self.device)
-            for filters, padding in chain:
-                Z = featurise(Z, torch.as_tensor(filters), padding)
-            self._features = (key, Z)
+            self._features = (key, apply_chain(torch.from_numpy(self.raw).to(self.device), chain))
         return self._features[1]
 
     def prepare(self, chain: list) -> tuple[int, ...]:
@@ -106,129 +108,115 @@ class ShardWorker:
         return sum(parts[1:], parts[0])
 
     # ------------------------------------------------------------------ kernel sides
-    def _prepare(self, X: torch.Tensor | np.ndarray, M: np.ndarray, params: dict, opts: Opts):
-        dt = torch.float32 if opts["dtype"] == "float32" else torch.float64
-        basis = opts.get("basis")
+    def _prepare(self, X, M: np.ndarray, basis: np.ndarray | None, spec: KernelSpec):
+        dt = spec.torch_dtype
         Q = None if basis is None else as_tensor(basis, dt, self.device)
         return prepare_side(as_tensor(X, dt, self.device), as_tensor(M, dt, self.device),
-                            KernelParams(**params), Q)
+                            spec.params, Q)
 
     def _cached(self, key: tuple, build):
         """A prepared side kept for the next task with the same key. Only one is kept: the
-        centres under the current M serve the kernel, validation and AGOP stages in turn,
-        and at scale a prepared side of the centres is the largest thing a worker holds."""
+        centers under the current M serve the kernel, validation and AGOP stages in turn,
+        and at scale a prepared side of the centers is the largest thing a worker holds."""
         if key not in self._sides:
             self._sides.clear()
             self._sides[key] = build()
         return self._sides[key]
 
-    def _metric_key(self, M: np.ndarray, params: dict, opts: Opts) -> str:
-        basis = opts.get("basis")
-        return fingerprint(M, *([] if basis is None else [basis]),
-                           extra=[params, opts["dtype"]])
-
-    def _rows_side(self, chain: list, rows, M: np.ndarray, params: dict, opts: Opts):
+    def _rows_side(self, chain: list, rows, M, basis, spec: KernelSpec):
         """The prepared side of some of the shard's rows (a slice or indices): prepared per
         task, so a worker's memory is set by its block of rows, not by its shard."""
         Z = self._images(chain)
         if not isinstance(rows, slice):
             rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=Z.device)
-        return self._prepare(Z[rows], M, params, opts)
+        return self._prepare(Z[rows], M, basis, spec)
 
-    def _cols_side(self, cols_key: str, cols: tuple, M: np.ndarray, params: dict, opts: Opts):
-        key = ("cols", cols_key, self._metric_key(M, params, opts))
+    def _cols_side(self, cols_key: str, cols: tuple, M, basis, spec: KernelSpec):
+        metric = fingerprint(M, *([] if basis is None else [basis]), extra=[spec])
+        key = ("cols", cols_key, metric)
 
         def build():
             X = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=0)
-            return self._prepare(X, M, params, opts)
+            return self._prepare(X, M, basis, spec)
 
         return self._cached(key, build)
 
-    def _engine(self, opts: Opts) -> str:
-        return "torch" if self.device.type == "cuda" else opts["engine"]
+    def _kernel(self, xs, zs, spec: KernelSpec) -> torch.Tensor:
+        engine = "torch" if self.device.type == "cuda" else spec.engine
+        return kernel_matrix(xs, zs, engine, spec.memory_budget_mb)
 
     # ------------------------------------------------------------------ kernels
-    def kernel_rows(self, chain: list, r0: int, r1: int, M: np.ndarray, params: dict,
-                    opts: Opts, cols_key: str, *cols: np.ndarray) -> np.ndarray:
+    def kernel_rows(self, chain: list, r0: int, r1: int, M, basis, spec: KernelSpec,
+                    cols_key: str, *cols: np.ndarray) -> np.ndarray:
         """K(shard rows r0..r1, cols); ``cols`` are the parts of the columns, in order, each
         resolved from the object store (never sent by the driver per task)."""
-        xs = self._rows_side(chain, slice(r0, r1), M, params, opts)
-        zs = self._cols_side(cols_key, cols, M, params, opts)
-        return kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"]).cpu().numpy()
+        xs = self._rows_side(chain, slice(r0, r1), M, basis, spec)
+        zs = self._cols_side(cols_key, cols, M, basis, spec)
+        return self._kernel(xs, zs, spec).cpu().numpy()
 
     def store_kernel_blocks(self, chain: list, blocks: list[tuple[int, int]], url: str,
-                            spec_fields: dict, name: str, shape: tuple[int, int],
-                            M: np.ndarray, params: dict, opts: Opts, cols_key: str,
-                            *cols: np.ndarray) -> int:
+                            store_spec: StoreSpec, name: str, shape: tuple[int, int], M,
+                            basis, spec: KernelSpec, cols_key: str, *cols: np.ndarray) -> int:
         """Compute the given blocks (i, j) of kernel ``name`` (rows of this shard) and write
         each to the store, then mark it; blocks already marked (by an earlier attempt) are
         skipped. Returns the number of blocks computed."""
-        store = KernelStore(url, StoreSpec(**spec_fields))
-        b = store.spec.block
-        missing = set(store.missing(name, shape))
-        todo = [(i, j) for i, j in blocks if (i, j) in missing]
-        if not todo:
-            return 0
-        zs = self._cols_side(cols_key, cols, M, params, opts)
-        for i in sorted({i for i, _ in todo}):
-            r0 = i * b - self.start
-            xs = self._rows_side(chain, slice(r0, r0 + b), M, params, opts)
-            for j in [j for k, j in todo if k == i]:
-                block = kernel_matrix(xs, zs.rows(j * b, (j + 1) * b), self._engine(opts),
-                                      opts["budget_mb"])
-                store.write_block(name, shape, i, j, block.cpu().numpy())
-        return len(todo)
+        store = KernelStore(url, store_spec)
+        zs = self._cols_side(cols_key, cols, M, basis, spec)
+        return store.fill(name, shape, blocks, lambda r0, r1: self._rows_side(
+                              chain, slice(r0 - self.start, r1 - self.start), M, basis, spec),
+                          zs, lambda xs, zs: self._kernel(xs, zs, spec))
 
-    def kernel_pair(self, rows: np.ndarray, M: np.ndarray, params: dict, opts: Opts,
-                    cols_key: str, *cols: np.ndarray) -> np.ndarray:
-        """K(rows, cols) for images the driver holds (a slice of validation images)."""
-        xs = self._prepare(rows, M, params, opts)
-        zs = self._cols_side(cols_key, cols, M, params, opts)
-        return kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"]).cpu().numpy()
+    def scores(self, rows: np.ndarray, chain: list, alpha: np.ndarray, M, basis,
+               spec: KernelSpec, cols_key: str, *centers: np.ndarray) -> np.ndarray:
+        """Class scores K(chain(rows), centers) @ alpha (float64) for a block of images the
+        driver sends (test or validation images); only (rows, classes) leaves the worker."""
+        Z = apply_chain(torch.from_numpy(np.asarray(rows)).to(self.device), chain)
+        K = self._kernel(self._prepare(Z, M, basis, spec),
+                         self._cols_side(cols_key, centers, M, basis, spec), spec)
+        return K.cpu().numpy().astype(np.float64) @ np.asarray(alpha, dtype=np.float64)
 
-    def scores(self, chain: list, r0: int, r1: int, alpha: np.ndarray, M: np.ndarray,
-               params: dict, opts: Opts, cols_key: str, *centres: np.ndarray) -> np.ndarray:
-        """Class scores K(shard rows r0..r1, centres) @ alpha (float64): predictions for a
-        shard of test images; only (rows, classes) leaves the worker."""
-        K = self.kernel_rows(chain, r0, r1, M, params, opts, cols_key, *centres)
-        return K.astype(np.float64) @ np.asarray(alpha, dtype=np.float64)
+    def kernel_pair(self, rows: np.ndarray, M, basis, spec: KernelSpec, cols_key: str,
+                    *cols: np.ndarray) -> np.ndarray:
+        """K(rows, cols) for images the driver holds (a block of validation images)."""
+        xs = self._prepare(rows, M, basis, spec)
+        zs = self._cols_side(cols_key, cols, M, basis, spec)
+        return self._kernel(xs, zs, spec).cpu().numpy()
 
-    def normal_equations_part(self, chain: list, Y: np.ndarray, centre_rows: np.ndarray,
-                              M: np.ndarray, params: dict, opts: Opts, stored: tuple | None,
-                              cols_key: str, *centres: np.ndarray):
-        """This shard's (K^T K, K^T Y) against the centres, the K rows of the centres it holds
-        (local indices ``centre_rows``) and the number of blocks computed: only m x m-sized
+    def normal_equations_part(self, chain: list, Y: np.ndarray, center_rows: np.ndarray, M,
+                              basis, spec: KernelSpec, block: int, stored: tuple | None,
+                              cols_key: str, *centers: np.ndarray):
+        """This shard's (K^T K, K^T Y) against the centers, the K rows of the centers it holds
+        (local indices ``center_rows``) and the number of blocks computed: only m x m-sized
         results leave the worker.
 
-        With ``stored`` = (url, spec fields, name, shape) the shard's rows of K(train, centres)
+        With ``stored`` = (url, store spec, name, shape) the shard's rows of K(train, centers)
         go through the store: missing blocks are computed and written, then the rows are read
         back, so a resumed fit computes only what an interrupted one left out.
         """
-        zs = self._cols_side(cols_key, centres, M, params, opts)
-        n, b = len(self.raw), int(opts.get("block", 256))
+        zs = self._cols_side(cols_key, centers, M, basis, spec)
+        n = len(self.raw)
         computed, store = 0, None
         if stored is not None:
-            url, spec_fields, name, shape = stored
-            b = spec_fields["block"]
-            blocks = [(i, j) for i in range(self.start // b, -(-(self.start + n) // b))
-                      for j in range(-(-shape[1] // b))]
-            computed = self.store_kernel_blocks(chain, blocks, url, spec_fields, name, shape, M,
-                                                params, opts, cols_key, *centres)
-            store = KernelStore(url, StoreSpec(**spec_fields)).kernel(name, shape)
+            url, store_spec, name, shape = stored
+            block = store_spec.block
+            blocks = [(i, j) for i in range(self.start // block, -(-(self.start + n) // block))
+                      for j in range(-(-shape[1] // block))]
+            computed = self.store_kernel_blocks(chain, blocks, url, store_spec, name, shape, M,
+                                                basis, spec, cols_key, *centers)
+            store = KernelStore(url, store_spec).kernel(name, shape)
         Y = torch.as_tensor(np.asarray(Y), device=self.device)
-        centre_rows = np.asarray(centre_rows, dtype=np.int64)
+        center_rows = np.asarray(center_rows, dtype=np.int64)
         KtK = KtY = None
         mine = []
-        for r0 in range(0, n, b):  # one block of rows at a time: memory set by the block
-            r1 = min(r0 + b, n)
+        for r0 in range(0, n, block):  # one block of rows at a time: memory set by the block
+            r1 = min(r0 + block, n)
             if store is None:
-                xs = self._rows_side(chain, slice(r0, r1), M, params, opts)
-                K = kernel_matrix(xs, zs, self._engine(opts), opts["budget_mb"])
+                K = self._kernel(self._rows_side(chain, slice(r0, r1), M, basis, spec), zs, spec)
             else:  # the stored values, so a resumed fit sums exactly what a fresh one does
                 K = torch.from_numpy(store[self.start + r0 : self.start + r1]).to(self.device)
             a, c = normal_equations(K, Y[r0:r1])
             KtK, KtY = (a, c) if KtK is None else (KtK + a, KtY + c)
-            here = centre_rows[(centre_rows >= r0) & (centre_rows < r1)] - r0
+            here = center_rows[(center_rows >= r0) & (center_rows < r1)] - r0
             mine.append(K[torch.as_tensor(here, device=K.device)].cpu().numpy())
         if KtK is None:
             m = zs.left.shape[0]
@@ -237,20 +225,21 @@ class ShardWorker:
         rows = np.concatenate(mine) if mine else np.zeros((0, zs.left.shape[0]), np.float32)
         return KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed
 
-    def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M: np.ndarray,
-                  params: dict, opts: Opts, cols_key: str, *train: np.ndarray) -> np.ndarray:
+    def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M, basis,
+                  spec: KernelSpec, cols_key: str, *train: np.ndarray) -> np.ndarray:
         """Unaveraged patch AGOP over this shard's sample images (local row indices).
 
-        The predictor involves every centre, so ``train`` (its parts) and ``coef`` arrive
+        The predictor involves every center, so ``train`` (its parts) and ``coef`` arrive
         whole through the object store; the result is a small (d, d) sum to be reduced.
         """
         d = M.shape[0]
         if len(sample_rows) == 0:
             return np.zeros((d, d))
-        xs = self._cols_side(cols_key, train, M, params, opts)
-        zs = self._rows_side(chain, sample_rows, M, params, opts)
+        xs = self._cols_side(cols_key, train, M, basis, spec)
+        zs = self._rows_side(chain, sample_rows, M, basis, spec)
         dt = xs.left.dtype
-        G = patch_agop(xs, torch.as_tensor(coef, dtype=dt, device=self.device), zs,
-                       torch.as_tensor(M, dtype=dt, device=self.device),
-                       engine=self._engine(opts), budget_mb=opts["budget_mb"], average=False)
+        engine = "torch" if self.device.type == "cuda" else spec.engine
+        G = agop_from_sides(xs, torch.as_tensor(coef, dtype=dt, device=self.device), zs,
+                            torch.as_tensor(M, dtype=dt, device=self.device), engine=engine,
+                            budget_mb=spec.memory_budget_mb, average=False)
         return G.to(torch.float64).cpu().numpy()

@@ -1,4 +1,4 @@
-"""Convolutional Neural Feature Ansatz (spec section 7): W^T W against the patch AGOP.
+"""Convolutional Neural Feature Ansatz (docs/math.md section 7): W^T W against the patch AGOP.
 
 For a conv layer y_p = W u_p + b (u_p: the layer's input patch at output position p, with the
 layer's own stride, padding and dilation), the gradient of any output f_k with respect to u_p is
@@ -18,7 +18,6 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ def agop_and_root(W: torch.Tensor, S: torch.Tensor, n: int) -> tuple[torch.Tenso
 
 
 def pearson(A: torch.Tensor, B: torch.Tensor) -> float:
-    """Pearson correlation of two matrices' entries (centre each, then cosine)."""
+    """Pearson correlation of two matrices' entries (center each, then cosine)."""
     a = A.reshape(-1).to(torch.float64)
     b = B.reshape(-1).to(torch.float64)
     a = a - a.mean()
@@ -178,7 +177,7 @@ class CNFARow:
 
 def measure_cnfa(model: nn.Module, images: torch.Tensor, initial_model: nn.Module | None = None,
                  *, class_chunk: int = 32, batch_size: int = 64) -> list[CNFARow]:
-    """Correlation of W^T W with AGOP^1 and AGOP^(1/2) for every conv layer (spec section 7).
+    """Correlation of W^T W with AGOP^1 and AGOP^(1/2) for every conv layer (docs/math.md 7).
 
     ``initial_model`` (same architecture, e.g. a copy taken before training) gives the baseline:
     the initial weights' W_0^T W_0 against the same (trained network's) AGOP, i.e. how much of
@@ -215,33 +214,6 @@ def to_table(rows: list[CNFARow]):
     for f in ("kernel_size", "stride", "dilation", "padding"):
         cols[f] = [str(v) for v in cols[f]]
     return pa.table(cols)
-
-
-def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Path:
-    """Bar chart of the correlations per layer, trained against initial weights."""
-    import numpy as np
-
-    from ray_convrfm.tools.viz import pyplot, save_figure
-
-    plt = pyplot()
-    names = [r.layer for r in rows]
-    x = np.arange(len(rows))
-    series = [("trained, AGOP^1/2", [r.corr_power_half for r in rows]),
-              ("trained, AGOP^1", [r.corr_power_1 for r in rows])]
-    if rows and rows[0].init_corr_power_half is not None:
-        series += [("initial, AGOP^1/2", [r.init_corr_power_half for r in rows]),
-                   ("initial, AGOP^1", [r.init_corr_power_1 for r in rows])]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 3.5), 3.4))
-    for i, (label, vals) in enumerate(series):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label)
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("Pearson correlation with W^T W")
-    ax.set_ylim(min(0.0, *(min(v) for _, v in series)) - 0.05, 1.0)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return save_figure(fig, path)
 
 
 def initial_copy(model: nn.Module) -> nn.Module:

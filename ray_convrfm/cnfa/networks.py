@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ray_convrfm.progress import progress_bar
+
 log = logging.getLogger(__name__)
 
 
@@ -34,8 +36,6 @@ def train_classifier(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: 
                      batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                      progress: bool = False) -> list[dict]:
     """Adam on cross-entropy; returns one dict per epoch (loss, train accuracy, seconds)."""
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     Xt = torch.as_tensor(X, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
@@ -48,16 +48,18 @@ def train_classifier(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: 
         order = torch.randperm(len(yt), generator=gen)
         total, correct, seen = 0.0, 0, 0
         batches = range(0, len(yt), batch_size)
-        for b in tqdm(batches, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            idx = order[b : b + batch_size]
-            out = model(Xt[idx])
-            loss = loss_fn(out, yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            correct += int((out.argmax(1) == yt[idx]).sum())
-            seen += len(idx)
+        with progress_bar(len(batches), f"epoch {epoch}", progress, unit="batch") as bar:
+            for b in batches:
+                idx = order[b : b + batch_size]
+                out = model(Xt[idx])
+                loss = loss_fn(out, yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                correct += int((out.argmax(1) == yt[idx]).sum())
+                seen += len(idx)
+                bar.update()
         rec = {"epoch": epoch, "loss": total / seen, "train_acc": correct / seen,
                "seconds": time.perf_counter() - t0}
         log.info("epoch %d: loss %.4f, train acc %.4f (%.0f s)", epoch, rec["loss"],

@@ -1,4 +1,4 @@
-"""Patch AGOP of a kernel predictor (spec section 4): the feature-learning step of ConvRFM.
+"""Patch AGOP of a kernel predictor (docs/math.md section 4): the feature-learning step of ConvRFM.
 
 For f(z) = sum_i coef_i K(x_i, z) (coef: (n, c), one column per class), the gradient with respect
 to the raw patch z_p is, by the chain rule through the first-layer patch products,
@@ -14,11 +14,12 @@ sum over sample images, so it can be split over sample shards and reduced.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ray_convrfm.kernels.kernel import KernelSide, bytes_per_pair, kernel_block_adjoint
+from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
 
 
 class Workspace:
@@ -40,8 +41,9 @@ class Workspace:
 
 
 def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
-                    engine: str, budget_mb: int, bar: tqdm | None = None,
-                    workspace: Workspace | None = None) -> torch.Tensor:
+                    engine: str, budget_mb: int,
+                    progress: Callable[[int, int], None] | None = None,
+                    workspace: Workspace | None = None, total: int = 0) -> torch.Tensor:
     """Patch gradients of every class output before the final M, shape (P1, s, c, d).
 
     Entry [p, z, k] is r = sum_i coef_ik dcross x_ip + 2 z_p sum_i coef_ik dself, so that
@@ -73,25 +75,27 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
         weighted = weighted.view(nb, P1, c * d)
         R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
         V += vself.to(dev)
-        if bar is not None:
-            bar.update(nb * s)
+        if progress is not None:
+            progress(nb * s, total or n * s)
     return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V.transpose(0, 1)[..., None],
                       value=2.0)
 
 
-def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor, *,
-               engine: str = "torch", budget_mb: int = 512, progress: bool = False,
-               average: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
-    """AGOP (d, d) = (1/s) sum_z sum_p sum_k grad_{z_p} f_k grad_{z_p} f_k^T (spec section 4).
+def agop_from_sides(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: torch.Tensor,
+                    *, engine: str = "torch", budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
+                    progress: Callable[[int, int], None] | None = None, average: bool = True,
+                    workspace: Workspace | None = None) -> torch.Tensor:
+    """AGOP (d, d) = (1/s) sum_z sum_p sum_k grad_{z_p} f_k grad_{z_p} f_k^T (docs/math.md 4).
 
     Parameters
     ----------
-    train : prepared training images (the predictor's centres), M inside
+    train : prepared training images (the predictor's centers), M inside
     coef : (n, c) coefficients of the predictor, already divided by any kernel normaliser
     sample : prepared sample images at which gradients are taken
     M : (d, d) the metric inside the kernel (the chain rule goes through it)
     average : divide by s (False returns the plain sum, for reductions over shards)
     workspace : scratch buffers to reuse across calls (e.g. the iterations of one fit)
+    progress : called as progress(pairs done now, total pairs); the caller draws any bar
     """
     workspace = workspace or Workspace()
     if len(sample) == 0:
@@ -103,13 +107,12 @@ def patch_agop(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M: tor
     P1 = sample.right.shape[1]
     # the (P1, chunk, c, d) gradient buffer takes at most a quarter of the budget
     chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * c * d * coef.element_size()))))
-    with tqdm(total=len(train) * s, desc="AGOP", disable=not progress, leave=False,
-              unit="pair") as bar:
-        for start in range(0, s, chunk):
-            part = sample.rows(start, start + chunk)
-            r = patch_gradients(train, coef, part, engine, budget_mb, bar, workspace)
-            r = r.reshape(-1, d)
-            G += r.T @ r
+    for start in range(0, s, chunk):
+        part = sample.rows(start, start + chunk)
+        r = patch_gradients(train, coef, part, engine, budget_mb, progress, workspace,
+                            total=len(train) * s)
+        r = r.reshape(-1, d)
+        G += r.T @ r
     G = M @ G @ M
     return G / s if average else G
 
@@ -121,7 +124,7 @@ def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
 
 
 def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-    """M = G^power / ||G^power||_F (spec section 5), negative eigenvalues clipped to 0.
+    """M = G^power / ||G^power||_F (docs/math.md section 5), negative eigenvalues clipped to 0.
 
     The kernel is positively homogeneous in M, so only M's direction matters; the Frobenius
     normalisation keeps its scale fixed from one iteration to the next.

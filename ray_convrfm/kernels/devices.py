@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -28,6 +29,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float64'; found {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_dtype_for(X, requested: str | torch.dtype | None) -> torch.dtype:
+    """Working dtype for images X: ``requested`` when given, else X's own precision.
+
+    ``requested=None`` means float64 for float64 input and float32 for everything else (float32,
+    half precision, integer or uint8 pixels). X is a numpy array or torch tensor; anything else
+    is read through ``np.asarray``. An explicit ``requested`` always wins.
+    """
+    if requested is not None:
+        return resolve_dtype(requested)
+    if isinstance(X, torch.Tensor):
+        return torch.float64 if X.dtype == torch.float64 else torch.float32
+    dt = X.dtype if isinstance(X, np.ndarray) else np.asarray(X).dtype
+    return torch.float64 if dt == np.float64 else torch.float32
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:

@@ -1,8 +1,9 @@
-"""The ConvRFM kernel (spec section 2): a convolutional NTK with a Mahalanobis patch metric.
+"""The ConvRFM kernel (docs/math.md section 2): a convolutional NTK with a Mahalanobis patch metric.
 
-All the mathematics of the kernel lives here and in its fused CPU twin ``_numba_engine.py``:
-pure functions of images, M and (depth, patch_size, padding); no Ray, no I/O. The fixed-kernel
-baseline (CNTK) is this kernel with M = I.
+All the mathematics of the kernel lives here and in its fused CPU twin ``numba_engine.py``:
+pure functions of prepared image batches, M and (depth, patch_size, padding); no Ray, no I/O.
+The fixed-kernel baseline (CNTK) is this kernel with M = I. The user-facing ``conv_ntk`` (input
+checks, dtypes, devices, numpy in / numpy out) lives in ``api.py``. See docs/math.md section 2.
 
 Reference: Beaglehole, Radhakrishnan, Pandit, Belkin, "Mechanism of feature learning in
 convolutional neural networks", arXiv 2309.00570 (2023).
@@ -12,16 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_convrfm.checks import as_images
-from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
 from ray_convrfm.kernels.patches import extract_patches, grid_shape
-from ray_convrfm.options import ComputeOptions
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
 
 def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams, grids,
                       channels: int) -> KernelSide:
-    """``prepare_side`` from patches (n, P1, d); each patch is its own variable (spec section 4)."""
+    """``prepare_side`` from patches (n, P1, d); each patch is its own variable (docs/math.md 4)."""
     n = right.shape[0]
     q = params.patch_size
     left = right @ M
@@ -334,62 +333,13 @@ def resolve_M(M, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return 0.5 * (M + M.T)
 
 
-def conv_ntk(X, Z=None, M=None, *, depth: int = 3, patch_size: int = 3, padding: bool = False,
-             dtype: str | None = None, device: str | None = None, engine: str = "auto",
-             memory_budget_mb: int | None = None, options: ComputeOptions | None = None,
-             progress: bool = False):
-    """ConvRFM kernel matrix K(X, Z) (spec section 2); M = None gives the fixed CNTK.
-
-    Parameters
-    ----------
-    X : array or tensor, shape (n, C, H, W)
-    Z : array or tensor, shape (m, C, H, W), or None for K(X, X) (computed once per symmetric pair)
-    M : (C*q*q, C*q*q) positive semi-definite patch metric, or None for the identity
-    depth, patch_size, padding : the network the kernel describes (spec section 2)
-    dtype, device, engine, memory_budget_mb : override the matching fields of ``options``.
-        Peak working memory is set by ``memory_budget_mb`` (rows x columns per block), not by n:
-        choose it as the memory you can spare; halving it doubles the number of blocks.
-
-    Returns
-    -------
-    K : (n, m) numpy array for numpy input, tensor for tensor input.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from ray_convrfm import conv_ntk
-    >>> X = np.random.default_rng(0).random((4, 1, 10, 10), dtype=np.float32)
-    >>> conv_ntk(X, depth=2).shape
-    (4, 4)
-    """
-    opts = options or ComputeOptions()
-    dev = resolve_device(device or opts.device)
-    dt = resolve_dtype(dtype or opts.dtype)
-    eng = resolve_engine(engine if engine != "auto" else opts.engine, dev)
-    budget = memory_budget_mb or opts.memory_budget_mb
-    params = KernelParams(depth, patch_size, padding)
-    numpy_out = not isinstance(X, torch.Tensor)
-    X = as_images(X, "X")
-    if Z is not None:
-        Z = as_images(Z, "Z", channels=X.shape[1])
-        if tuple(Z.shape[2:]) != tuple(X.shape[2:]):
-            raise ValueError(f"X and Z must have the same image size; found {tuple(X.shape[2:])} "
-                             f"and {tuple(Z.shape[2:])}")
-    Xt = as_tensor(X, dt, dev)
-    d = Xt.shape[1] * patch_size**2
-    Mt = resolve_M(M, d, dt, dev)
-    xs = prepare_side(Xt, Mt, params)
-    zs = xs if Z is None else prepare_side(as_tensor(Z, dt, dev), Mt, params)
-    K = kernel_matrix(xs, zs, eng, budget, symmetric=Z is None, progress=progress)
-    return K.cpu().numpy() if numpy_out else K
-
-
 def kernel_matrix(xs: KernelSide, zs: KernelSide, engine: str, budget_mb: int,
-                  symmetric: bool = False, progress: bool = False, desc: str = "kernel",
+                  symmetric: bool = False, progress: Callable[[int, int], None] | None = None,
                   scale: float = 1.0) -> torch.Tensor:
-    """K(xs, zs) in row-and-column blocks sized by the memory budget, divided by ``scale``."""
-    from tqdm.auto import tqdm
+    """K(xs, zs) in row-and-column blocks sized by the memory budget, divided by ``scale``.
 
+    ``progress(1, n_blocks)`` is called after every block (the caller draws any bar).
+    """
     n, m = len(xs), len(zs)
     if n == 0 or m == 0:  # e.g. an empty shard
         return torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
@@ -399,12 +349,12 @@ def kernel_matrix(xs: KernelSide, zs: KernelSide, engine: str, budget_mb: int,
     K = torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
     blocks = [(r, c) for r in range(0, n, rows) for c in range(0, m, cols)
               if not (symmetric and c + cols <= r)]
-    with tqdm(total=len(blocks), desc=desc, disable=not progress, leave=False) as bar:
-        for r, c in blocks:
-            xb, zb = xs.rows(r, r + rows), zs.rows(c, c + cols)
-            sym = symmetric and r == c and rows == cols
-            K[r : r + rows, c : c + cols] = kernel_block(xb, zb, engine, symmetric=sym) / scale
-            bar.update()
+    for r, c in blocks:
+        xb, zb = xs.rows(r, r + rows), zs.rows(c, c + cols)
+        sym = symmetric and r == c and rows == cols
+        K[r : r + rows, c : c + cols] = kernel_block(xb, zb, engine, symmetric=sym) / scale
+        if progress is not None:
+            progress(1, len(blocks))
     if symmetric:
         upper = torch.triu(K)
         K = upper + torch.triu(K, 1).T

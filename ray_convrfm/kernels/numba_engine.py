@@ -141,7 +141,7 @@ def _window_adjoint(g, ho, wo, q, tmp):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _relu(S, T, ax, rx, az, rz, L, snap):
-    """The sqrt(2)-ReLU step of spec section 2 on L positions of one pair, in place."""
+    """The sqrt(2)-ReLU step of docs/math.md section 2 on L positions of one pair, in place."""
     ZERO = _const(snap, 0.0)
     ONE = _const(snap, 1.0)
     _PI = _const(snap, math.pi)

@@ -1,4 +1,4 @@
-"""Patch extraction shared by the kernel, the AGOP and the feature maps (spec section 1)."""
+"""Patch extraction shared by the kernel, the AGOP and the feature maps (docs/math.md section 1)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def featurise(X: torch.Tensor, filters: torch.Tensor, padding: bool,
               batch_size: int = 256) -> torch.Tensor:
     """Bias-free q x q convolution of every image with ``filters`` (k, C, q, q), in batches.
 
-    This is Deep ConvRFM's feature map (spec section 6): with filters G M^(1/2) the next layer's
+    This is Deep ConvRFM's feature map (docs/math.md 6): with filters G M^(1/2) the next layer's
     patches carry the metric M learned at this layer. Output dtype and device follow X.
     """
     q = filters.shape[-1]

@@ -1,4 +1,4 @@
-"""Kernel ridge regression on the normalised kernel (spec section 3)."""
+"""Kernel ridge regression on the normalised kernel (docs/math.md section 3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ class SingularKernelError(ValueError):
 
 
 def kernel_scale(K: torch.Tensor) -> float:
-    """The normaliser of spec section 3: the largest entry of the training kernel."""
+    """The normaliser of docs/math.md section 3: the largest entry of the training kernel."""
     scale = float(K.max())
     if not scale > 0:
         raise SingularKernelError(
@@ -53,7 +53,7 @@ def normal_equations(K_block: torch.Tensor,
                      Y_block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One shard's share of the Nystrom system: (K^T K, K^T Y) for its rows K_block (n_s, m).
 
-    Sums over shards give K_nm^T K_nm and K_nm^T Y (spec section 9); float64 so that sums over
+    Sums over shards give K_nm^T K_nm and K_nm^T Y (docs/math.md 9); float64 so that sums over
     many shards keep their precision.
     """
     K = K_block.to(torch.float64)
@@ -62,9 +62,9 @@ def normal_equations(K_block: torch.Tensor,
 
 def solve_nystrom(KtK: torch.Tensor, KtY: torch.Tensor, K_mm: torch.Tensor,
                   ridge: float) -> torch.Tensor:
-    """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y (spec section 9), by Cholesky.
+    """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y (docs/math.md 9), by Cholesky.
 
-    Only m x m matrices: the n x n kernel is never needed. With the centres equal to the
+    Only m x m matrices: the n x n kernel is never needed. With the centers equal to the
     training set (m = n) and K invertible this equals ``solve_ridge``.
 
     Raises
@@ -84,6 +84,6 @@ def solve_nystrom(KtK: torch.Tensor, KtY: torch.Tensor, K_mm: torch.Tensor,
     if int(info) != 0:
         raise SingularKernelError(
             f"K_nm^T K_nm + ridge*K_mm is not positive definite for ridge={ridge:g} (Cholesky "
-            f"failed at column {int(info)} of {m}); use a larger ridge or fewer centres"
+            f"failed at column {int(info)} of {m}); use a larger ridge or fewer centers"
         )
     return torch.cholesky_solve(KtY.to(torch.float64), L)

@@ -1,4 +1,6 @@
-"""Throughput of the kernel and the AGOP on a standard shape (``ray-convrfm bench``)."""
+"""Measurements: throughput of the kernel and the AGOP on a standard shape (``ray-convrfm bench``),
+the per-worker rates the cost model predicts from (``measure_rates``), the distributed kernel
+stage's scaling and the Nystrom pipeline measured next to its prediction (``bench scale``)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ import time
 import numpy as np
 import torch
 
-from ray_convrfm.kernels.agop import Workspace, patch_agop
+from ray_convrfm.kernels.agop import Workspace, agop_from_sides
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
 from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side
+from ray_convrfm.tools import costmodel
 
 
 def _interleaved_medians(fns, repeats: int) -> list[float]:
@@ -65,7 +68,7 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
     workspace = Workspace()  # as in a fit: scratch buffers persist across AGOP calls
 
     def run_agop():
-        patch_agop(xs, coef, zs, M, engine=eng, budget_mb=1024, workspace=workspace)
+        agop_from_sides(xs, coef, zs, M, engine=eng, budget_mb=1024, workspace=workspace)
         sync()
 
     t_kernel, t_agop = _interleaved_medians([run_kernel, run_agop], repeats)
@@ -80,6 +83,66 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
     }
 
 
+def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
+                  repeats: int = 3, store_dir: str | None = None) -> costmodel.Rates:
+    """Measure ``costmodel.Rates`` in this process on one thread, as one worker would run them.
+
+    The kernel and AGOP are timed on a 512 x 128 block of random images of the workload's
+    shape; the GEMM and Cholesky at the workload's m; decoding on the first row group of
+    ``parquet_path`` (when given); store throughput by writing and reading blocks of
+    ``block`` x m float32 values into a zarr store under ``store_dir``.
+    """
+    import tempfile
+
+    import numba
+
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    try:
+        kb = kernel_and_agop_throughput(size=work.height, channels=work.channels,
+                                        depth=work.depth, patch_size=work.patch_size,
+                                        n_train=512, n_sample=128, classes=work.classes,
+                                        device="cpu", repeats=repeats)
+        rows = max(work.block, 512)
+        A = torch.randn(rows, work.m, dtype=torch.float64)
+        t0 = time.perf_counter()
+        A.T @ A
+        gemm = 2 * rows * work.m**2 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    B = torch.randn(work.m, work.m, dtype=torch.float64)
+    S = B @ B.T + work.m * torch.eye(work.m, dtype=torch.float64)
+    t0 = time.perf_counter()
+    torch.linalg.cholesky(S)
+    chol = (work.m**3 / 3) / (time.perf_counter() - t0)
+    decode = float("nan")
+    if parquet_path is not None:
+        from ray_convrfm.data.parquet import ParquetImages, read_rows
+
+        images = ParquetImages.open(parquet_path)
+        k = min(len(images), 1024)
+        t0 = time.perf_counter()
+        read_rows(images.manifest, "train", 0, k)
+        decode = k / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
+        import zarr
+
+        arr = zarr.open_array(f"{tmp}/k.zarr", mode="w", shape=(4 * work.block, work.m),
+                              chunks=(work.block, work.block), dtype="float32")
+        block = np.random.default_rng(0).random((work.block, work.m), dtype=np.float32)
+        t0 = time.perf_counter()
+        for i in range(4):
+            arr[i * work.block : (i + 1) * work.block] = block
+        arr[...]
+        store = 4 * block.nbytes / (time.perf_counter() - t0)
+    return costmodel.Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
+                           agop_over_kernel=kb["agop_over_kernel"], gemm_flops=gemm,
+                           cholesky_flops=chol, decode_images_per_s=decode,
+                           store_bytes_per_s=store)
+
+
 def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2), depth: int = 3,
                                patch_size: int = 3, gpus_per_worker: float = 0,
                                address: str | None = None) -> list[dict]:
@@ -92,18 +155,19 @@ def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2),
     import ray
 
     from ray_convrfm.backends.driver import ShardedImages, start_ray
+    from ray_convrfm.backends.protocol import KernelSpec
 
     started_here = not ray.is_initialized()
     start_ray(max(workers), address)
-    params = {"depth": depth, "patch_size": patch_size, "padding": False}
+    spec = KernelSpec(KernelParams(depth, patch_size, False))
     M = np.eye(X.shape[1] * patch_size**2, dtype=np.float32)
     rows = []
     try:
         for w in workers:
             with ShardedImages(X, w, threads=1, gpus_per_worker=gpus_per_worker) as shards:
-                shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+                shards.kernel(X[:4], M, None, spec)  # warm-up: workers load the compiled kernel
                 cpu0, t0 = time.process_time(), time.perf_counter()
-                K = shards.kernel(shards.parts(), M, params)
+                K = shards.kernel(shards.parts(), M, None, spec)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             rows.append({"workers": w, "seconds": wall, "entries_per_s": K.size / wall,
                          "driver_cpu_share": cpu / wall,
@@ -161,7 +225,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     """The distributed Nystrom pipeline end to end on ImageNet-shaped parquet data, measured
     per stage, next to what ``costmodel`` predicts from rates measured beforehand.
 
-    Writes the data as parquet shards, measures per-worker rates (``costmodel.measure_rates``),
+    Writes the data as parquet shards, measures per-worker rates (``measure_rates``),
     fits ``ConvRFM(solver="nystrom", workers=...)`` from the parquet set with a kernel store,
     predicts the test images on the workers, and returns measured and predicted seconds per
     stage, peak memory (driver, workers) and bytes stored. With ``calibration`` (the result of
@@ -174,7 +238,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
 
     from ray_convrfm.data.parquet import ParquetImages
     from ray_convrfm.models.convrfm import ConvRFM
-    from ray_convrfm.tools import costmodel
+    from ray_convrfm.options import Options
 
     root = Path(out)
     shutil.rmtree(root, ignore_errors=True)
@@ -192,7 +256,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
                               workers=workers, iters=iters, n_test=n_test)
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        rates = pool.submit(costmodel.measure_rates, work, str(data),
+        rates = pool.submit(measure_rates, work, str(data),
                             store_dir=str(root)).result()
     rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))
     predicted = costmodel.predict(work, rates)
@@ -203,7 +267,8 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
 
     t0 = time.perf_counter()
     model = ConvRFM(depth=work.depth, iters=iters, solver="nystrom", centers=centers,
-                    workers=workers, store=str(root / "kernels.zarr"), random_state=seed)
+                    random_state=seed,
+                    options=Options.of(workers=workers, store=str(root / "kernels.zarr")))
     model.fit(ParquetImages.open(data, "train"))
     seconds_fit = time.perf_counter() - t0
     timings = dict(model.timings_)
@@ -216,7 +281,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     hist = model.history_
     measured = {
         "load (read + decode parquet)": timings.get("load", 0.0),
-        "kernel K(train, centres)": timings.get("normal_equations_compute", 0.0),
+        "kernel K(train, centers)": timings.get("normal_equations_compute", 0.0),
         "Gram K^T K, K^T Y (float64)": None,  # inside the workers' kernel tasks
         "reduction of the m x m parts": timings.get("normal_equations_reduce", 0.0),
         "validation kernel": sum(h["seconds_kernel"] - h["seconds_normal_equations"]
@@ -226,7 +291,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         "predict (test shards)": seconds_predict,
     }
     # the workers compute kernel rows and their Gram in one task: compare the two together
-    predicted_kernel_and_gram = (predicted["kernel K(train, centres)"]
+    predicted_kernel_and_gram = (predicted["kernel K(train, centers)"]
                                  + predicted["Gram K^T K, K^T Y (float64)"])
     store_bytes = sum(f.stat().st_size for f in (root / "kernels.zarr").rglob("*")
                       if f.is_file())

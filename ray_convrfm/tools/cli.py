@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
+
 log = logging.getLogger("ray_convrfm.tools.cli")
 
 
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                         "the total number of convolutions (layer l has depth - l)")
     f.add_argument("--patch-size", type=int, default=3)
     f.add_argument("--layers", type=int, default=1,
-                   help="ConvRFM layers; more than 1 fits a Deep ConvRFM (spec section 6)")
+                   help="ConvRFM layers; more than 1 fits a Deep ConvRFM (docs/math.md section 6)")
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--padding", action="store_true")
     f.add_argument("--iters", type=int, default=None, help="default 5 (3 for the digits demo)")
@@ -54,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--agop-power", type=float, default=1.0)
     f.add_argument("--val-fraction", type=float, default=0.1)
     f.add_argument("--device", default="auto")
-    f.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    f.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="working precision (default: the data's own; images are float32)")
     f.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
-    f.add_argument("--memory-budget-mb", type=int, default=512)
+    f.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB)
     f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     f.add_argument("--workers", type=int, default=0,
                    help="Ray shard workers (0: compute in this process)")
@@ -72,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                         "missing blocks ('none': no store)")
     f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
     f.add_argument("--centers", type=int, default=None,
-                   help="Nystrom centres m (default min(n, 2000))")
+                   help="Nystrom centers m (default min(n, 2000))")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None,
                    help="output directory or URL (s3://..., uploaded at the end; default "
@@ -120,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="kernel: one block; distributed: kernel stage over worker counts; "
                         "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
                         "per stage next to the cost model's prediction")
-    b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centres")
+    b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centers")
     b.add_argument("--iters", type=int, default=2, help="for 'scale'")
     b.add_argument("--n-test", type=int, default=1000, help="for 'scale'")
     b.add_argument("--out", default=None, help="for 'scale': work directory and result JSON")
@@ -199,11 +202,9 @@ def _peak_rss_mb() -> float:
 
 def _store(args, out: Path) -> str | None:
     """--store, or OUT/kernels.zarr for a fit on workers (so a rerun resumes), 'none': none."""
-    if args.store == "none" or not args.workers:
-        if args.store not in (None, "none"):
-            raise SystemExit("--store needs --workers: the workers write the kernel blocks")
+    if args.store == "none":
         return None
-    if args.store:
+    if args.store or not args.workers:
         return args.store
     remote = getattr(args, "out_url", None)
     return f"{remote.rstrip('/')}/kernels.zarr" if remote else str(out / "kernels.zarr")
@@ -261,6 +262,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ray_convrfm.data.datasets import load_dataset, with_noise_frame
     from ray_convrfm.models.convrfm import ConvRFM
     from ray_convrfm.models.deep import DeepConvRFM
+    from ray_convrfm.options import Options
     from ray_convrfm.tools.viz import plot_deep_filters, plot_filters, plot_history
 
     _set_threads(args.threads)
@@ -278,22 +280,24 @@ def cmd_fit(args: argparse.Namespace) -> int:
     depth = args.depth if args.depth is not None else (2 if small else 3)
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
     out = _output_dir(args, Path("runs") / ds.name)
-    common = dict(patch_size=args.patch_size, padding=args.padding, iters=iters,
-                  ridges=args.ridges, agop_samples=args.agop_samples, agop_power=args.agop_power,
-                  val_fraction=args.val_fraction, device=args.device, dtype=args.dtype,
-                  engine=args.engine, memory_budget_mb=args.memory_budget_mb,
-                  workers=args.workers, address=args.address, store=_store(args, out),
-                  gpus_per_worker=args.gpus_per_worker,
-                  placement_timeout_s=args.placement_timeout or None,
-                  solver=args.solver, centers=args.centers, random_state=args.seed,
-                  verbose=not args.quiet)
+    options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,
+                         memory_budget_mb=args.memory_budget_mb, workers=args.workers,
+                         address=args.address, store=_store(args, out),
+                         gpus_per_worker=args.gpus_per_worker,
+                         placement_timeout_s=args.placement_timeout or None,
+                         verbose=not args.quiet)
+    layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
+                    ridges=args.ridges, agop_samples=args.agop_samples,
+                    agop_power=args.agop_power, val_fraction=args.val_fraction,
+                    solver=args.solver, centers=args.centers, random_state=args.seed,
+                    options=options)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
-        model = DeepConvRFM(layers=args.layers, width=args.width, total_depth=depth, **common)
+        model = DeepConvRFM(layer, layers=args.layers, width=args.width, total_depth=depth)
         what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
                 f"{', '.join(str(depth - i) for i in range(args.layers))}")
     else:
-        model = ConvRFM(depth=depth, **common)
+        model = layer
         what = f"ConvRFM, depth {depth}"
     print(f"{ds.name}: {len(ds.X_train)} train / {len(ds.y_test)} test images of shape "
           f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {args.out or out}", flush=True)
@@ -365,9 +369,10 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
     import torch
 
-    from ray_convrfm.cnfa.measure import initial_copy, measure_cnfa, plot_cnfa, to_table
+    from ray_convrfm.cnfa.measure import initial_copy, measure_cnfa, to_table
     from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_classifier
     from ray_convrfm.data.datasets import load_dataset
+    from ray_convrfm.tools.viz import plot_cnfa
 
     _set_threads(args.threads)
     ds = load_dataset(args.dataset, root=args.data_root, download=args.download)

@@ -2,13 +2,15 @@
 
 ``Workload`` describes a fit (n, m, image shape, patch size, depth, workers, ...) and counts,
 per stage, the kernel entries, floating-point operations, bytes moved and stored, and memory
-per worker and in the driver. ``Rates`` are per-worker costs measured on one machine
-(``measure_rates``: a kernel block and its AGOP at the run's image shape, a float64 GEMM, a
-Cholesky, PNG decoding, zarr block writes). ``predict`` combines the two into wall seconds per
-stage. ``ray-convrfm bench scale`` runs a real fit next to the prediction, and ``docs/scaling.md``
-extrapolates to ImageNet.
+per worker and in the driver. ``Rates`` are per-worker costs, given: measured on one machine by
+``ray_convrfm.tools.bench.measure_rates`` (a kernel block and its AGOP at the run's image shape,
+a float64 GEMM, a Cholesky, PNG decoding, zarr block writes), taken from a finished run
+(``calibrated``) or assumed (``ClusterAssumptions``). ``predict`` combines the two into wall
+seconds per stage. This module only does arithmetic: it measures nothing and imports nothing
+heavier than the standard library. ``ray-convrfm bench scale`` runs a real fit next to the
+prediction, and ``docs/scaling.md`` extrapolates to ImageNet.
 
-The kernel's cost per entry follows spec section 2: 2 P_1 r for the patch products of the
+The kernel's cost per entry follows docs/math.md section 2: 2 P_1 r for the patch products of the
 first layer (r = d = C q^2, or the patch-span dimension), and per position of every layer a
 ReLU step (about ``RELU_FLOPS``) and, between layers, q x q window sums of three covariances and
 theta (4 q^2 adds).
@@ -18,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
-import numpy as np
+from ray_convrfm.options import DEFAULT_BLOCK, DEFAULT_MEMORY_BUDGET_MB, REDUCE_FAN_IN
 
 #: Floating-point operations of one ReLU step of the kernel at one position (cosine, square
 #: root, polynomial arccos, sine from the cosine, the theta update).
@@ -32,7 +33,7 @@ WORKER_BASE_BYTES = 450 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One Nystrom ConvRFM fit: n training images, m centres, ``iters`` kernels."""
+    """One Nystrom ConvRFM fit: n training images, m centers, ``iters`` kernels."""
 
     n: int
     m: int
@@ -50,8 +51,9 @@ class Workload:
     n_test: int = 0
     basis_dim: int | None = None  # r < d when the patches span fewer dimensions
     dtype_bytes: int = 4
-    block: int = 256
-    budget_bytes: int = 512 * 2**20  # memory_budget_mb: the kernel's and AGOP's working memory
+    block: int = DEFAULT_BLOCK
+    # memory_budget_mb: the kernel's and AGOP's working memory
+    budget_bytes: int = DEFAULT_MEMORY_BUDGET_MB * 2**20
 
     @property
     def d(self) -> int:
@@ -80,7 +82,7 @@ class Workload:
         return out
 
     def flops_per_entry(self) -> float:
-        """Floating-point operations of one kernel entry (spec section 2)."""
+        """Floating-point operations of one kernel entry (docs/math.md section 2)."""
         P = self.positions()
         q2 = self.patch_size**2
         return 2 * P[0] * self.r + RELU_FLOPS * sum(P) + 4 * q2 * sum(P[1:]) + 2 * P[-1]
@@ -98,16 +100,16 @@ class Workload:
         shard = math.ceil(n / w)
         f = self.flops_per_entry()
         entries_k = n * m
-        # a worker holds its shard's pixels, the prepared centres, one prepared block of its
+        # a worker holds its shard's pixels, the prepared centers, one prepared block of its
         # rows with their kernel rows (float32 and float64), the kernel's working memory
         # (the budget) and the running m x m Gram
         kernel_worker = (WORKER_BASE_BYTES + shard * pixels * 4 + self.side_bytes(m)
                          + self.side_bytes(self.block) + self.budget_bytes
                          + self.block * m * (self.dtype_bytes + 8) + 2 * m * m * 8)
         per_iter = {
-            "kernel K(train, centres)": {
+            "kernel K(train, centers)": {
                 "entries": entries_k, "flops": entries_k * f,
-                "bytes_moved": w * m * pixels * 4,  # the centres, to every worker
+                "bytes_moved": w * m * pixels * 4,  # the centers, to every worker
                 "bytes_stored": entries_k * self.dtype_bytes,
                 "worker_memory": kernel_worker, "driver_memory": 0},
             "Gram K^T K, K^T Y (float64)": {
@@ -191,7 +193,7 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
         kernel += shard * work.m * work.dtype_bytes / rates.store_bytes_per_s
     out = {
         "load (read + decode parquet)": rates.worker_start_s + shard / rates.decode_images_per_s,
-        "kernel K(train, centres)": it * kernel,
+        "kernel K(train, centers)": it * kernel,
         "Gram K^T K, K^T Y (float64)": it * per["Gram K^T K, K^T Y (float64)"]["flops"] / w
         / rates.gemm_flops,
         "reduction of the m x m parts": it * _reduction_seconds(work, rates),
@@ -218,7 +220,7 @@ def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
     shard = math.ceil(work.n_fit / work.workers)
     gram = (2 * shard * work.m * (work.m + work.classes)) / rates.gemm_flops
     store = shard * work.m * work.dtype_bytes / rates.store_bytes_per_s
-    kernel_stage = run["measured"]["kernel K(train, centres)"] / work.iters - gram - store
+    kernel_stage = run["measured"]["kernel K(train, centers)"] / work.iters - gram - store
     entry = kernel_stage / (shard * work.m)
     agop_entries = (work.iters - 1) * math.ceil(work.agop_samples / work.workers) * work.m
     agop_ratio = run["measured"]["AGOP"] / (agop_entries * entry) if agop_entries else \
@@ -227,7 +229,7 @@ def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
     return dataclasses.replace(fresh, kernel_entry_s=entry * scale, agop_over_kernel=agop_ratio)
 
 
-def _reduction_seconds(work: Workload, rates: Rates, fan_in: int = 4) -> float:
+def _reduction_seconds(work: Workload, rates: Rates, fan_in: int = REDUCE_FAN_IN) -> float:
     """The driver's tree of sums: each level moves up to ``fan_in`` m x (m + c) float64 parts
     into one receiver, which adds them; levels run one after another."""
     part = work.m * (work.m + work.classes) * 8
@@ -247,68 +249,6 @@ def memory(work: Workload) -> dict[str, float]:
 def storage(work: Workload) -> float:
     """Bytes of kernel blocks a fit stores (one n x m kernel per iteration)."""
     return work.iters * work.n_fit * work.m * work.dtype_bytes
-
-
-def measure_rates(work: Workload, parquet_path: str | None = None, repeats: int = 3,
-                  store_dir: str | None = None) -> Rates:
-    """Measure ``Rates`` in this process on one thread, as one worker would run them.
-
-    The kernel and AGOP are timed on a 512 x 128 block of random images of the workload's
-    shape; the GEMM and Cholesky at the workload's m; decoding on the first row group of
-    ``parquet_path`` (when given); store throughput by writing and reading blocks of
-    ``block`` x m float32 values into a zarr store under ``store_dir``.
-    """
-    import tempfile
-
-    import numba
-    import torch
-
-    from ray_convrfm.tools.bench import kernel_and_agop_throughput
-
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    try:
-        kb = kernel_and_agop_throughput(size=work.height, channels=work.channels,
-                                        depth=work.depth, patch_size=work.patch_size,
-                                        n_train=512, n_sample=128, classes=work.classes,
-                                        device="cpu", repeats=repeats)
-        rows = max(work.block, 512)
-        A = torch.randn(rows, work.m, dtype=torch.float64)
-        t0 = time.perf_counter()
-        A.T @ A
-        gemm = 2 * rows * work.m**2 / (time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads[0])
-        numba.set_num_threads(threads[1])
-    B = torch.randn(work.m, work.m, dtype=torch.float64)
-    S = B @ B.T + work.m * torch.eye(work.m, dtype=torch.float64)
-    t0 = time.perf_counter()
-    torch.linalg.cholesky(S)
-    chol = (work.m**3 / 3) / (time.perf_counter() - t0)
-    decode = float("nan")
-    if parquet_path is not None:
-        from ray_convrfm.data.parquet import ParquetImages, read_rows
-
-        images = ParquetImages.open(parquet_path)
-        k = min(len(images), 1024)
-        t0 = time.perf_counter()
-        read_rows(images.manifest, "train", 0, k)
-        decode = k / (time.perf_counter() - t0)
-    with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
-        import zarr
-
-        arr = zarr.open_array(f"{tmp}/k.zarr", mode="w", shape=(4 * work.block, work.m),
-                              chunks=(work.block, work.block), dtype="float32")
-        block = np.random.default_rng(0).random((work.block, work.m), dtype=np.float32)
-        t0 = time.perf_counter()
-        for i in range(4):
-            arr[i * work.block : (i + 1) * work.block] = block
-        arr[...]
-        store = 4 * block.nbytes / (time.perf_counter() - t0)
-    return Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
-                 agop_over_kernel=kb["agop_over_kernel"], gemm_flops=gemm,
-                 cholesky_flops=chol, decode_images_per_s=decode, store_bytes_per_s=store)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +309,7 @@ def imagenet_rows(measured: Rates, assume: ClusterAssumptions = ClusterAssumptio
                          "predict_s": one["predict (test shards)"],
                          "store_bytes_per_iteration": storage(work),
                          "worker_bytes": mem["worker"], "driver_bytes": mem["driver"],
-                         "centres_side_bytes": work.side_bytes(m)})
+                         "centers_side_bytes": work.side_bytes(m)})
     return rows
 
 
@@ -386,7 +326,7 @@ def imagenet_table(rows: list[dict]) -> str:
         p = r["per_iteration"]
         out.append(
             f"| 3 x {r['size']} x {r['size']} | {r['gpus']} | "
-            f"{_fmt_s(p['kernel K(train, centres)'] + p['Gram K^T K, K^T Y (float64)'])} | "
+            f"{_fmt_s(p['kernel K(train, centers)'] + p['Gram K^T K, K^T Y (float64)'])} | "
             f"{_fmt_s(p['AGOP'])} | {_fmt_s(p['solve (Cholesky, every ridge)'])} | "
             f"{_fmt_s(p['reduction of the m x m parts'])} | **{_fmt_s(r['iteration_s'])}** | "
             f"{_fmt_s(r['load_s'])} | {_fmt_s(r['predict_s'])} | "

@@ -1,10 +1,15 @@
-"""Pictures of what ConvRFM learned: eigenvectors of M as filters, accuracy per iteration."""
+"""Pictures of what ConvRFM learned: eigenvectors of M as filters, accuracy per iteration;
+and of the CNFA measured on a CNN (``plot_cnfa``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ray_convrfm.cnfa.measure import CNFARow
 
 
 def pyplot():
@@ -144,4 +149,28 @@ def plot_deep_filters(layers: list[dict], image_channels: int, path: str | Path,
             else:
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_cnfa(rows: list[CNFARow], path: str | Path, title: str = "CNFA") -> Path:
+    """Bar chart of the CNFA correlations per layer (``cnfa.measure.measure_cnfa``'s rows),
+    trained against initial weights."""
+    plt = pyplot()
+    names = [r.layer for r in rows]
+    x = np.arange(len(rows))
+    series = [("trained, AGOP^1/2", [r.corr_power_half for r in rows]),
+              ("trained, AGOP^1", [r.corr_power_1 for r in rows])]
+    if rows and rows[0].init_corr_power_half is not None:
+        series += [("initial, AGOP^1/2", [r.init_corr_power_half for r in rows]),
+                   ("initial, AGOP^1", [r.init_corr_power_1 for r in rows])]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 3.5), 3.4))
+    for i, (label, vals) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("Pearson correlation with W^T W")
+    ax.set_ylim(min(0.0, *(min(v) for _, v in series)) - 0.05, 1.0)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)

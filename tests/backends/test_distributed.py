@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import random_psd, rel_err
 
-from ray_convrfm.kernels.agop import patch_agop
+from ray_convrfm import Options
+from ray_convrfm.backends import KernelSpec
+from ray_convrfm.kernels.agop import agop_from_sides
 from ray_convrfm.kernels.kernel import KernelParams, kernel_matrix, prepare_side
 
 ray = pytest.importorskip("ray")
@@ -28,20 +30,21 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
     Z = rng.random((7, 1, 12, 12), dtype=np.float32)
     M = random_psd(rng, 9).astype(np.float32)
     params = {"depth": 2, "patch_size": 3, "padding": False}
+    spec = KernelSpec(KernelParams(**params))
     with ShardedImages(X, workers=2, threads=1) as shards:
         assert shards.bounds == [(0, 11), (11, 23)]
-        K = shards.kernel(Z, M, params)
+        K = shards.kernel(Z, M, None, spec)
         coef = rng.standard_normal((23, 4)).astype(np.float32)
         sample = np.array([1, 5, 12, 20])  # rows in both shards
-        G = shards.agop(X, coef, sample, M, params)
-        G_parts = shards.agop(shards.parts(), coef, sample, M, params)  # columns from workers
+        G = shards.agop(X, coef, sample, M, None, spec)
+        G_parts = shards.agop(shards.parts(), coef, sample, M, None, spec)  # worker columns
 
     Mt = torch.from_numpy(M)
     xs = prepare_side(torch.from_numpy(X), Mt, KernelParams(**params))
     zs = prepare_side(torch.from_numpy(Z), Mt, KernelParams(**params))
     assert rel_err(K, kernel_matrix(xs, zs, "numba", 512).numpy()) < 1e-6
 
-    local = patch_agop(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
+    local = agop_from_sides(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
     assert rel_err(G, local.numpy()) < 1e-5
     np.testing.assert_array_equal(G_parts, G)
 
@@ -77,7 +80,8 @@ def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
 
     X = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
     y = np.arange(20) % 2
-    model = ConvRFM(depth=2, iters=1, workers=2, gpus_per_worker=1, placement_timeout_s=1)
+    model = ConvRFM(depth=2, iters=1,
+                    options=Options.of(workers=2, gpus_per_worker=1, placement_timeout_s=1))
     with pytest.raises(PlacementTimeoutError, match="2 workers of .*'GPU': 1.0.*in all"):
         model.fit(X, y)  # the embedded Ray cannot grow: refused at once
     from ray_convrfm.backends.driver import reserve_workers
@@ -85,7 +89,8 @@ def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
     with pytest.raises(PlacementTimeoutError, match="gave up after 1 s waiting for 3 workers"):
         reserve_workers(3, {"CPU": 1.0}, timeout_s=1, poll_s=0.5, elastic=True)  # autoscaler
     # the reservation was released: the same cluster still runs a CPU fit
-    assert ConvRFM(depth=2, iters=1, workers=2, placement_timeout_s=30).fit(X, y).score(X, y) > 0
+    two = Options.of(workers=2, placement_timeout_s=30)
+    assert ConvRFM(depth=2, iters=1, options=two).fit(X, y).score(X, y) > 0
 
 
 def test_convrfm_with_two_workers_equals_in_process(cluster):
@@ -96,7 +101,7 @@ def test_convrfm_with_two_workers_equals_in_process(cluster):
     X, y, Xt = ds.X_train[:120], ds.y_train[:120], ds.X_test[:30]
     kw = dict(depth=2, iters=2, agop_samples=20, random_state=3)
     local = ConvRFM(**kw).fit(X, y)
-    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    remote = ConvRFM(options=Options.of(workers=2), **kw).fit(X, y)
     assert remote.best_iter_ == local.best_iter_ and remote.ridge_ == local.ridge_
     torch.testing.assert_close(remote.M_path_[1], local.M_path_[1], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
@@ -105,16 +110,16 @@ def test_convrfm_with_two_workers_equals_in_process(cluster):
 
 
 def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
-    from ray_convrfm import DeepConvRFM
+    from ray_convrfm import ConvRFM, DeepConvRFM
     from ray_convrfm.data.datasets import load_digits
 
     ds = load_digits()
     pad = ((0, 0), (0, 0), (2, 2), (2, 2))
     X, y = np.pad(ds.X_train[:100], pad), ds.y_train[:100]
     Xt = np.pad(ds.X_test[:20], pad)
-    kw = dict(layers=2, width=4, iters=2, agop_samples=15, random_state=2)
-    local = DeepConvRFM(**kw).fit(X, y)
-    remote = DeepConvRFM(workers=2, **kw).fit(X, y)
+    kw = dict(iters=2, agop_samples=15, random_state=2)
+    local = DeepConvRFM(ConvRFM(**kw), layers=2, width=4).fit(X, y)
+    remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2), **kw), layers=2, width=4).fit(X, y)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
 
@@ -126,8 +131,8 @@ def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
 
     ds = load_digits()
     X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
-    kw = dict(depth=2, iters=2, agop_samples=20, random_state=4, workers=2,
-              store=str(tmp_path / "kernels.zarr"))
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=4,
+              options=Options.of(workers=2, store=str(tmp_path / "kernels.zarr")))
     first = ConvRFM(**kw).fit(X, y)
     computed = [h["stored_blocks_computed"] for h in first.history_]
     assert all(c > 0 for c in computed)
@@ -139,8 +144,13 @@ def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
                                rtol=1e-3, atol=1e-4)
     with pytest.raises(StoreMismatchError, match="another run"):
         ConvRFM(**kw).fit(X[:140], y[:140])
-    with pytest.raises(ValueError, match="needs workers"):
-        ConvRFM(store=str(tmp_path / "k2.zarr")).fit(X, y)
+    # the same store serves an in-process fit: nothing is recomputed
+    here = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=4,
+                   options=Options.of(store=str(tmp_path / "kernels.zarr"))).fit(X, y)
+    assert [h["stored_blocks_computed"] for h in here.history_] == [0, 0]
+    torch.testing.assert_close(here.alpha_, first.alpha_, rtol=0, atol=0)  # the same kernels
+    np.testing.assert_allclose(here.decision_function(Xt), first.decision_function(Xt),
+                               rtol=1e-9)
 
 
 def test_nystrom_on_workers_equals_in_process(cluster):
@@ -151,7 +161,7 @@ def test_nystrom_on_workers_equals_in_process(cluster):
     X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
     kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=60)
     local = ConvRFM(**kw).fit(X, y)
-    remote = ConvRFM(workers=2, **kw).fit(X, y)
+    remote = ConvRFM(options=Options.of(workers=2), **kw).fit(X, y)
     np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
@@ -163,13 +173,13 @@ def test_nystrom_kernel_goes_through_the_store(cluster, tmp_path):
 
     ds = load_digits()
     X, y, Xt = ds.X_train[:300], ds.y_train[:300], ds.X_test[:30]
-    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=40,
-              workers=2)
-    plain = ConvRFM(**kw).fit(X, y)
-    stored = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
-    # 270 fitting rows in blocks of 256: 2 row blocks x 1 centre block, per iteration
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=40)
+    plain = ConvRFM(options=Options.of(workers=2), **kw).fit(X, y)
+    stored_opts = Options.of(workers=2, store=str(tmp_path / "k.zarr"))
+    stored = ConvRFM(options=stored_opts, **kw).fit(X, y)
+    # 270 fitting rows in blocks of 256: 2 row blocks x 1 center block, per iteration
     assert [h["stored_blocks_computed"] for h in stored.history_] == [2, 2]
-    again = ConvRFM(store=str(tmp_path / "k.zarr"), **kw).fit(X, y)
+    again = ConvRFM(options=stored_opts, **kw).fit(X, y)
     assert [h["stored_blocks_computed"] for h in again.history_] == [0, 0]
     np.testing.assert_array_equal(again.decision_function(Xt), stored.decision_function(Xt))
     np.testing.assert_allclose(stored.decision_function(Xt), plain.decision_function(Xt),
@@ -187,14 +197,14 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
 
     rng = np.random.default_rng(7)
     M = np.eye(9, dtype=np.float32)
-    params = {"depth": 3, "patch_size": 3, "padding": False}
+    spec = KernelSpec(KernelParams(depth=3, patch_size=3, padding=False))
     landed = False
     for n in (500, 800, 1200):  # larger problems if the kill came too late on a busy machine
         X = rng.random((n, 1, 28, 28), dtype=np.float32)
         with ShardedImages(X, workers=2, threads=1) as shards:
-            shards.kernel(X[:4], M, params)  # warm-up: workers load the compiled kernel
+            shards.kernel(X[:4], M, None, spec)  # warm-up: workers load the compiled kernel
             t0 = time.perf_counter()
-            expected = shards.kernel(X, M, params)
+            expected = shards.kernel(X, M, None, spec)
             seconds = time.perf_counter() - t0
             victim = ray.get(shards.actors[1].pid.remote())
             killed_at = []
@@ -206,7 +216,7 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
 
             killer = threading.Thread(target=kill_midway)
             killer.start()
-            again = shards.kernel(X, M, params)
+            again = shards.kernel(X, M, None, spec)
             finished_at = time.perf_counter()
             killer.join()
             assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
@@ -299,7 +309,7 @@ def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, 
         return real_read_rows(m, split, start, stop, size)
 
     monkeypatch.setattr(pqmod, "read_rows", spy)
-    remote = ConvRFM(workers=2, **kw).fit(images)
+    remote = ConvRFM(options=Options.of(workers=2), **kw).fit(images)
     fit, val = images.split_validation(0.1, np.random.default_rng(9))
     assert len(val) >= 1 and sum(b - a for a, b in val) >= 20  # whole row groups held out
     assert all(any(a <= s and t <= b for a, b in val) for s, t in driver_reads)

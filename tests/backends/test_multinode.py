@@ -22,13 +22,14 @@ def two_node_cluster():
 
 
 def test_fit_through_address_uses_both_nodes(two_node_cluster):
-    from ray_convrfm import ConvRFM
+    from ray_convrfm import ConvRFM, Options
     from ray_convrfm.data.datasets import load_digits
 
     ds = load_digits()
     X, y, Xt = ds.X_train[:120], ds.y_train[:120], ds.X_test[:40]
     kw = dict(depth=2, iters=2, agop_samples=20, random_state=5)
-    remote = ConvRFM(workers=2, address=two_node_cluster.address, **kw).fit(X, y)
+    remote = ConvRFM(options=Options.of(workers=2, address=two_node_cluster.address),
+                     **kw).fit(X, y)
     nodes = {node for h in remote.history_ for node in h["worker_nodes"]}
     assert len(nodes) == 2  # one worker per node: the placement group spreads them
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}

@@ -1,4 +1,4 @@
-"""CNFA (spec section 7): conv-layer patch AGOPs against analytic values and finite differences."""
+"""CNFA (docs/math.md 7): conv-layer patch AGOPs against analytic values and finite differences."""
 
 import numpy as np
 import pytest
@@ -12,9 +12,9 @@ from ray_convrfm.cnfa.measure import (
     layer_patch_agops,
     measure_cnfa,
     pearson,
-    plot_cnfa,
     to_table,
 )
+from ray_convrfm.tools.viz import plot_cnfa
 
 
 class SmallCNN(nn.Module):
@@ -191,3 +191,17 @@ def test_torchvision_architectures(name):
                         batch_size=2)
     assert [r.layer for r in rows] == ["net." + n for n, _ in conv_layers(net)]
     assert all(np.isfinite(r.corr_power_half) for r in rows)
+
+
+def test_cnfa_package_does_not_import_the_tools():
+    """The library measures; pictures and commands (``ray_convrfm.tools``) sit on top of it."""
+    import ast
+    from pathlib import Path
+
+    import ray_convrfm.cnfa
+
+    for path in Path(ray_convrfm.cnfa.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("ray_convrfm.tools") for n in names), (path, names)

@@ -1,11 +1,11 @@
-"""Patch AGOP (spec section 4) against central finite differences."""
+"""Patch AGOP (docs/math.md section 4) against central finite differences."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import random_psd, rel_err
 
-from ray_convrfm.kernels.agop import metric_from_agop, patch_agop
+from ray_convrfm.kernels.agop import agop_from_sides, metric_from_agop
 from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side, side_from_patches
 
 
@@ -41,7 +41,7 @@ def test_agop_matches_finite_differences(engine, depth, padding):
     M = torch.from_numpy(random_psd(rng, C * 9))
     coef = torch.from_numpy(rng.standard_normal((5, 4)))
     xs, zs = prepare_side(X, M, params), prepare_side(Z, M, params)
-    G = patch_agop(xs, coef, zs, M, engine=engine)
+    G = agop_from_sides(xs, coef, zs, M, engine=engine)
     G_fd = _fd_agop(xs, coef, zs, M, params, params.grids(H, W))
     assert rel_err(G, G_fd) <= 1e-6
 
@@ -57,7 +57,7 @@ def test_agop_is_finite_with_blank_patches_and_duplicates():
     coef = torch.randn(6, 3)
     for engine in ("numba", "torch"):
         # the sample is drawn from the training images: identical pairs at every position
-        G = patch_agop(xs, coef, xs.take([0, 1, 2]), M, engine=engine)
+        G = agop_from_sides(xs, coef, xs.take([0, 1, 2]), M, engine=engine)
         assert torch.isfinite(G).all()
 
 
@@ -69,14 +69,14 @@ def test_engines_and_chunking_agree():
     xs = prepare_side(X, M, params)
     coef = torch.randn(23, 5)
     sample = xs.take(np.arange(0, 23, 3))
-    ref = patch_agop(xs, coef, sample, M, engine="torch")
-    fast = patch_agop(xs, coef, sample, M, engine="numba")
-    tiny = patch_agop(xs, coef, sample, M, engine="numba", budget_mb=0.05)
+    ref = agop_from_sides(xs, coef, sample, M, engine="torch")
+    fast = agop_from_sides(xs, coef, sample, M, engine="numba")
+    tiny = agop_from_sides(xs, coef, sample, M, engine="numba", budget_mb=0.05)
     assert rel_err(fast, ref) < 1e-4
     assert rel_err(tiny, fast) < 1e-5
     # the AGOP is a sum over sample shards: unaveraged halves add up to the whole
-    half = patch_agop(xs, coef, sample.rows(0, 4), M, engine="numba", average=False) + \
-        patch_agop(xs, coef, sample.rows(4, 8), M, engine="numba", average=False)
+    half = agop_from_sides(xs, coef, sample.rows(0, 4), M, engine="numba", average=False) + \
+        agop_from_sides(xs, coef, sample.rows(4, 8), M, engine="numba", average=False)
     assert rel_err(half / len(sample), fast) < 1e-5
 
 
@@ -107,8 +107,8 @@ def test_cuda_agop_matches_cpu():
     M = torch.from_numpy(random_psd(rng, 9).astype(np.float32))
     coef = torch.from_numpy(rng.standard_normal((20, 10)).astype(np.float32))
     xs = prepare_side(X, M, params)
-    cpu = patch_agop(xs, coef, xs.take(range(5)), M, engine="numba")
+    cpu = agop_from_sides(xs, coef, xs.take(range(5)), M, engine="numba")
     dev = torch.device("cuda")
     xg = prepare_side(X.to(dev), M.to(dev), params)
-    gpu = patch_agop(xg, coef.to(dev), xg.take(range(5)), M.to(dev), engine="torch")
+    gpu = agop_from_sides(xg, coef.to(dev), xg.take(range(5)), M.to(dev), engine="torch")
     assert rel_err(gpu.cpu().numpy(), cpu.numpy()) < 1e-4

@@ -1,4 +1,4 @@
-"""The kernel against the independent oracle of spec section 2 (tests/reference.py)."""
+"""The kernel against the independent oracle of docs/math.md section 2 (tests/reference.py)."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,7 @@ import reference
 import torch
 from conftest import random_psd, rel_err
 
-from ray_convrfm import conv_ntk
-from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.kernels import KernelParams, conv_ntk
 
 ENGINES = ["numba", "torch"]
 TOL = {"float32": 1e-5, "float64": 1e-10}

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_convrfm import ConvRFM
+from ray_convrfm import ConvRFM, Options
 from ray_convrfm.data.datasets import load_digits
 from ray_convrfm.kernels.patches import extract_patches, grid_shape, patch_span
 
@@ -36,7 +36,7 @@ def test_reduced_basis_gives_the_same_model():
     ds = load_digits()
     X = _features(torch.from_numpy(ds.X_train[:150]).double(), width=8).float().numpy()
     Xt = _features(torch.from_numpy(ds.X_test[:30]).double(), width=8).float().numpy()
-    kw = dict(depth=1, iters=2, agop_samples=20, dtype="float64")
+    kw = dict(depth=1, iters=2, agop_samples=20, options=Options.of(dtype="float64"))
     auto = ConvRFM(patch_basis="auto", **kw).fit(X, ds.y_train[:150])
     full = ConvRFM(patch_basis="full", **kw).fit(X, ds.y_train[:150])
     assert auto.patch_basis_.shape == (72, 25) and full.patch_basis_ is None

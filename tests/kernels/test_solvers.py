@@ -33,7 +33,7 @@ def test_bad_arguments():
         kernel_scale(torch.zeros(3, 3))
 
 
-def test_nystrom_with_all_points_as_centres_equals_exact():
+def test_nystrom_with_all_points_as_centers_equals_exact():
     from ray_convrfm.kernels.solvers import normal_equations, solve_nystrom
 
     rng = np.random.default_rng(1)
@@ -51,7 +51,7 @@ def test_nystrom_with_all_points_as_centres_equals_exact():
 def test_nystrom_errors():
     from ray_convrfm.kernels.solvers import solve_nystrom
 
-    with pytest.raises(SingularKernelError, match="fewer centres"):
+    with pytest.raises(SingularKernelError, match="fewer centers"):
         solve_nystrom(torch.zeros(3, 3), torch.zeros(3, 1), torch.zeros(3, 3), 1e-3)
     with pytest.raises(ValueError, match=r"\(m, m\)"):
         solve_nystrom(torch.eye(3), torch.zeros(2, 1), torch.eye(3), 1e-3)

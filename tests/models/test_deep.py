@@ -20,7 +20,7 @@ def digits():
 def test_one_layer_equals_convrfm(digits):
     X, y, Xv, yv, Xt, _ = digits
     kw = dict(patch_size=3, iters=2, agop_samples=30, random_state=5)
-    deep = DeepConvRFM(layers=1, total_depth=2, **kw).fit(X, y, X_val=Xv, y_val=yv)
+    deep = DeepConvRFM(ConvRFM(**kw), layers=1, total_depth=2).fit(X, y, X_val=Xv, y_val=yv)
     single = ConvRFM(depth=2, **kw).fit(X, y, X_val=Xv, y_val=yv)
     assert deep.layers_[0]["filters"] is None
     torch.testing.assert_close(deep.final_.M_, single.M_)
@@ -30,8 +30,8 @@ def test_one_layer_equals_convrfm(digits):
 @pytest.fixture(scope="module")
 def two_layers(digits):
     X, y, _, _, Xt, yt = digits
-    return DeepConvRFM(layers=2, width=8, iters=2, agop_samples=30,
-                       random_state=1).fit(X, y, monitor=(Xt, yt))
+    return DeepConvRFM(ConvRFM(iters=2, agop_samples=30, random_state=1), layers=2,
+                       width=8).fit(X, y, monitor=(Xt, yt))
 
 
 def test_two_layer_stack(digits, two_layers):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from ray_convrfm import ConvRFM
+from ray_convrfm import ConvRFM, Options
 from ray_convrfm.data.datasets import load_digits
 from ray_convrfm.models.convrfm import FORMAT_VERSION
 
@@ -132,9 +132,10 @@ def test_parameter_errors(digits, kwargs, message):
         ConvRFM(**kwargs).fit(X, y)
 
 
-def test_nystrom_with_every_image_as_centre_equals_exact(digits):
+def test_nystrom_with_every_image_as_center_equals_exact(digits):
     X, y, Xt, _ = digits
-    kw = dict(depth=2, iters=2, agop_samples=30, dtype="float64", ridges=(1e-5, 1e-3))
+    kw = dict(depth=2, iters=2, agop_samples=30, ridges=(1e-5, 1e-3),
+              options=Options.of(dtype="float64"))
     exact = ConvRFM(**kw).fit(X, y)
     n_fit = exact.X_fit_.shape[0]
     nys = ConvRFM(solver="nystrom", centers=n_fit, **kw).fit(X, y)
@@ -146,7 +147,7 @@ def test_nystrom_with_every_image_as_centre_equals_exact(digits):
         assert a["train_mse"] == pytest.approx(b["train_mse"], rel=1e-3, abs=1e-12)
 
 
-def test_nystrom_with_fewer_centres(tmp_path, digits):
+def test_nystrom_with_fewer_centers(tmp_path, digits):
     X, y, Xt, yt = digits
     m = ConvRFM(depth=2, iters=2, agop_samples=30, solver="nystrom", centers=80).fit(X, y)
     assert m.alpha_.shape == (80, 10) and m.X_fit_.shape[0] == 80

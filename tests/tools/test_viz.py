@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ray_convrfm.tools.viz import plot_filters, plot_history, top_filters
+from ray_convrfm.tools.viz import plot_cnfa, plot_filters, plot_history, top_filters
 
 
 def test_top_filters_are_leading_eigenvectors():
@@ -47,3 +47,15 @@ def test_effective_filters_compose_the_banks(tmp_path):
     direct = F.conv2d(F.conv2d(x, W0), torch.from_numpy(v))
     torch.testing.assert_close(F.conv2d(x, torch.from_numpy(E)), direct)
     assert plot_deep_filters(layers, 1, tmp_path / "d.png", count=3).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_cnfa_plot_is_written(tmp_path, baseline):
+    from ray_convrfm.cnfa.measure import CNFARow
+
+    init = {"init_corr_power_1": 0.1, "init_corr_power_half": -0.2} if baseline else {}
+    rows = [CNFARow(layer=f"conv{i}", filters=4, d=9, kernel_size=(3, 3), stride=(1, 1),
+                    padding=(1, 1), dilation=(1, 1), corr_power_1=0.5, corr_power_half=0.9,
+                    **init) for i in range(3)]
+    path = plot_cnfa(rows, tmp_path / "cnfa.png", title="CNFA")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,145 @@
+"""The in-process backend: the training images in this process, the kernel core called directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ray_convrfm.backends.protocol import KernelSpec
+from ray_convrfm.backends.store import KernelStore, RunStore, rows_fingerprint
+from ray_convrfm.backends.workers import apply_chain
+from ray_convrfm.kernels.agop import Workspace, agop_from_sides
+from ray_convrfm.kernels.kernel import KernelSide, block_rows, kernel_matrix, prepare_side
+from ray_convrfm.kernels.patches import featurise, patch_span
+from ray_convrfm.kernels.solvers import normal_equations
+from ray_convrfm.options import DEFAULT_BLOCK
+from ray_convrfm.progress import Bar
+
+
+class LocalBackend:
+    """``KernelBackend`` over images held here: one prepared side of them per metric.
+
+    With a kernel store (``configure(spec, store=url)``) the training kernels go through the
+    same zarr layout as the Ray workers write, so an in-process fit resumes too.
+    """
+
+    def __init__(self, X: torch.Tensor, progress: bool = False, block: int = DEFAULT_BLOCK):
+        self.X, self.progress, self.block = X, progress, block
+        self.workspace = Workspace()
+        self.spec: KernelSpec | None = None
+        self.store: str | None = None
+        self.blocks_computed = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.X)
+
+    def configure(self, spec: KernelSpec, store: str | None) -> None:
+        self.spec, self.store = spec, store
+        self.X = self.X.to(spec.torch_dtype)
+        if store:
+            self.run = RunStore.open(store, rows_fingerprint(self.X, self.block), spec,
+                                     self.block)
+
+    def patch_span(self) -> torch.Tensor | None:
+        p = self.spec.params
+        return patch_span(self.X, p.patch_size, p.padding)
+
+    def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
+        self.M, self.basis = M, basis
+        self.xs = self._side(self.X)
+
+    def _side(self, Z: torch.Tensor) -> KernelSide:
+        return prepare_side(Z.to(self.X.device, self.X.dtype), self.M, self.spec.params,
+                            self.basis)
+
+    def _columns(self, center_idx: np.ndarray | None) -> KernelSide:
+        return self.xs if center_idx is None else self.xs.take(center_idx)
+
+    def _kernel(self, xs: KernelSide, zs: KernelSide, desc: str | None = None,
+                symmetric: bool = False) -> torch.Tensor:
+        with Bar(desc or "kernel", enabled=self.progress and desc is not None) as bar:
+            return kernel_matrix(xs, zs, self.spec.engine, self.spec.memory_budget_mb,
+                                 symmetric=symmetric, progress=bar.callback())
+
+    def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
+        if not self.store:
+            return self._kernel(self.xs, self.xs, desc, symmetric=True)
+        return self._stored(self.xs, self.run.rows_fingerprint, desc)
+
+    def _fill(self, cols: KernelSide, cols_fp: str) -> tuple[KernelStore, tuple[int, int]]:
+        """K(train, cols) into the store: only blocks not yet marked are computed."""
+        store = KernelStore(*self.run.kernel(cols_fp, self.M, self.basis))
+        shape = (self.n, len(cols))
+        self.blocks_computed += store.fill("K", shape, store.blocks("K", shape),
+                                           lambda r0, r1: self.xs.rows(r0, r1), cols,
+                                           lambda xs, zs: self._kernel(xs, zs))
+        return store, shape
+
+    def _stored(self, cols: KernelSide, cols_fp: str, desc: str) -> torch.Tensor:
+        store, shape = self._fill(cols, cols_fp)
+        return torch.from_numpy(store.read("K", shape)).to(self.X.device)
+
+    def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
+                     desc: str = "kernel") -> torch.Tensor:
+        cols = self._columns(center_idx)
+        if self.store and center_idx is None:  # K(train, Z) stored like the Ray workers do
+            Zt = Z.to(self.X.device, self.X.dtype)
+            return self._stored(self._side(Zt), rows_fingerprint(Zt, self.block), desc).T
+        return self._kernel(self._side(Z), cols, desc)
+
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
+             center_idx: np.ndarray | None) -> torch.Tensor:
+        with Bar("AGOP", enabled=self.progress, unit="pair") as bar:
+            return agop_from_sides(self._columns(center_idx), coef, self.xs.take(sample_idx),
+                                   self.M, engine=self.spec.engine,
+                                   budget_mb=self.spec.memory_budget_mb,
+                                   progress=bar.callback(), workspace=self.workspace)
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        cs = self.xs.take(center_idx)
+        m = len(center_idx)
+        if self.store:  # the n x m kernel through the store, then summed block by block
+            store, shape = self._fill(cs, self.run.centers_fingerprint(center_idx))
+            stored = store.kernel("K", shape)
+            rows = self.block
+
+            def block(r):
+                return torch.from_numpy(stored[r : r + rows]).to(self.X.device)
+        else:
+            rows = max(1, min(self.n, block_rows(m, self.xs.grids, self.spec.engine,
+                                                 self.xs.left.element_size(),
+                                                 self.spec.memory_budget_mb)))
+
+            def block(r):
+                return self._kernel(self.xs.rows(r, r + rows), cs)
+        KtK = torch.zeros(m, m, dtype=torch.float64, device=Y.device)
+        KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=Y.device)
+        for r in range(0, self.n, rows):
+            a, b = normal_equations(block(r), Y[r : r + rows])
+            KtK += a
+            KtY += b
+        return KtK, KtY, self._kernel(cs, cs, symmetric=True)
+
+    def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
+        return self.X if center_idx is None else self.X[torch.as_tensor(center_idx)]
+
+    def featurise(self, filters: torch.Tensor, padding: bool) -> None:
+        self.X = featurise(self.X, filters, padding)
+
+    def scores(self, Z, coef: torch.Tensor, center_idx: np.ndarray | None,
+               chain: list) -> np.ndarray:
+        Z = torch.as_tensor(np.asarray(Z)) if not isinstance(Z, torch.Tensor) else Z
+        Z = apply_chain(Z.to(self.X.device, self.X.dtype), chain)
+        K = self._kernel(self._side(Z), self._columns(center_idx), "predict kernel")
+        return (K.to(torch.float64) @ coef.to(K.device, torch.float64)).cpu().numpy()
+
+    def report(self) -> dict:
+        computed, self.blocks_computed = self.blocks_computed, 0
+        return {"stored_blocks_computed": computed} if self.store else {}
+
+    def timings(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,107 @@
+"""The one interface between the RFM loop and where kernels are computed.
+
+``fit_rfm`` (``models/rfm.py``) and the estimators' predictions call only these methods, so a
+laptop fit (``LocalBackend``) and a cluster fit (``RayBackend``) run the same loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How one layer's kernels are computed, besides the images and M: sent with every task.
+
+    ``dtype`` and ``engine`` are resolved (no "auto"/None): a worker on a GPU still switches to
+    the torch engine, since numba runs on the CPU only.
+    """
+
+    params: KernelParams
+    dtype: str = "float32"
+    engine: str = "numba"
+    memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else torch.float64
+
+
+@runtime_checkable
+class KernelBackend(Protocol):
+    """Training images held somewhere, and the kernel work the RFM loop asks of them.
+
+    Row indices (``center_idx``, ``sample_idx``) are sorted positions in the training images;
+    ``center_idx=None`` means every training image. Results come back as tensors on the
+    driver's device (small: kernels against driver-held images, m x m sums, (d, d) AGOPs).
+    """
+
+    @property
+    def n(self) -> int:
+        """Number of training images."""
+        ...
+
+    def configure(self, spec: KernelSpec, store: str | None) -> None:
+        """Kernel parameters (and the kernel store, if any) of the calls that follow."""
+        ...
+
+    def patch_span(self) -> torch.Tensor | None:
+        """Orthonormal basis (d, r) of the training patches' span, or None when r = d."""
+        ...
+
+    def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
+        """The metric of the calls that follow (r x r in the basis' coordinates)."""
+        ...
+
+    def train_kernel(self, desc: str) -> torch.Tensor:
+        """K(train, train), (n, n): the exact solver's matrix."""
+        ...
+
+    def nystrom_system(self, center_idx: np.ndarray,
+                       Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K_nm^T K_nm, K_nm^T Y, K_mm) summed over row blocks: K_nm is never held whole."""
+        ...
+
+    def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
+                     desc: str) -> torch.Tensor:
+        """K(Z, centers), (len(Z), m), for images Z held by the driver (validation)."""
+        ...
+
+    def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
+             center_idx: np.ndarray | None) -> torch.Tensor:
+        """Patch AGOP (d, d) of f = coef^T K(centers, .) averaged over the sample images."""
+        ...
+
+    def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
+        """The predictor's centers (training images after any featurisation), in the driver."""
+        ...
+
+    def featurise(self, filters: torch.Tensor, padding: bool) -> None:
+        """Replace the training images by their convolution with ``filters`` (Deep ConvRFM)."""
+        ...
+
+    def scores(self, Z: torch.Tensor | np.ndarray, coef: torch.Tensor,
+               center_idx: np.ndarray | None, chain: list) -> np.ndarray:
+        """K(chain(Z), centers) @ coef (float64): predictions. ``chain`` is the filter banks
+        [(filters, padding), ...] applied to Z first (Deep ConvRFM's feature map)."""
+        ...
+
+    def report(self) -> dict:
+        """Facts to record for the iteration just ended (blocks computed since the previous
+        call, workers' peak memory)."""
+        ...
+
+    def timings(self) -> dict[str, float]:
+        """Seconds spent per distributed stage so far (empty in-process)."""
+        ...
+
+    def close(self) -> None:
+        """Release workers and their reservations."""
+        ...

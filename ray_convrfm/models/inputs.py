@@ -1,0 +1,127 @@
+"""Checked training, validation and monitor data for the estimators (one place for both).
+
+Labels become indices into ``classes_``; validation is carved from the training data unless
+given (stratified, seeded); parquet data sets keep their training rows unread, for the workers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ray_convrfm.checks import as_images, as_labels
+from ray_convrfm.kernels.kernel import as_tensor
+
+
+class FitInputs(NamedTuple):
+    """Checked training data: labels as indices into ``classes``; X_mon is None without monitor."""
+
+    classes: np.ndarray
+    X: np.ndarray | torch.Tensor
+    X_fit: np.ndarray | torch.Tensor
+    y_fit: np.ndarray
+    X_val: np.ndarray | torch.Tensor
+    y_val: np.ndarray
+    X_mon: np.ndarray | torch.Tensor | None
+    y_mon: np.ndarray | None
+
+
+def prepare_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
+                       rng: np.random.Generator, dtype: str = "float32") -> FitInputs:
+    """Check inputs, find the classes and carve the validation split (shared by estimators).
+
+    Without X_val, ``val_fraction`` of (X, y) is held out, stratified when every class has
+    at least two images; the split is drawn from ``rng``. ``dtype`` is what parquet rows are
+    decoded to where they are read.
+    """
+    from ray_convrfm.data.parquet import ParquetImages
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1); found {val_fraction}")
+    if isinstance(X, ParquetImages):
+        return _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction, rng, dtype)
+    X = as_images(X, "X")
+    if y is None:
+        raise ValueError("y is required (only parquet.ParquetImages carry their own labels)")
+    y = as_labels(y, X.shape[0], "y")
+    classes, y_idx, X_val, y_val = _classes_and_given_validation(y, X_val, y_val, X.shape)
+    if X_val is not None:
+        X_fit, y_fit = X, y_idx
+    else:
+        _, counts = np.unique(y_idx, return_counts=True)
+        n_val = max(1, int(round(val_fraction * len(y_idx))))
+        stratify = y_idx if counts.min() >= 2 and n_val >= len(counts) else None
+        fit_idx, val_idx = train_test_split(np.arange(len(y_idx)), test_size=n_val,
+                                            stratify=stratify,
+                                            random_state=int(rng.integers(2**31 - 1)))
+        X_fit, y_fit, X_val, y_val = X[fit_idx], y_idx[fit_idx], X[val_idx], y_idx[val_idx]
+    return FitInputs(classes, X, X_fit, y_fit, X_val, y_val,
+                     *_monitor(classes, monitor, X.shape))
+
+
+def _classes_and_given_validation(y: np.ndarray, X_val, y_val, shape: tuple[int, ...]):
+    """The classes, y as class indices and the checked validation data passed to ``fit``
+    (None, None when it is to be carved from the training data)."""
+    classes, y_idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"y must contain at least 2 classes; found {len(classes)}")
+    if (X_val is None) != (y_val is None):
+        raise ValueError("pass both X_val and y_val, or neither")
+    if X_val is not None:
+        X_val = as_images(X_val, "X_val", channels=shape[1], image_size=shape[2:])
+        y_val = encode_labels(classes, as_labels(y_val, X_val.shape[0], "y_val"), "y_val")
+    return classes, y_idx, X_val, y_val
+
+
+def _monitor(classes: np.ndarray, monitor, shape: tuple[int, ...]):
+    if monitor is None:
+        return None, None
+    X_mon = as_images(monitor[0], "monitor X", channels=shape[1], image_size=shape[2:])
+    y_mon = encode_labels(classes, as_labels(monitor[1], X_mon.shape[0], "monitor y"),
+                          "monitor y")
+    return X_mon, y_mon
+
+
+def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
+                        rng: np.random.Generator, dtype: str):
+    """Fit inputs from a parquet split: labels read here, validation rows held out in whole
+    row groups and read here, the fit rows left for the workers to read (``ParquetRows``)."""
+    from ray_convrfm.data.parquet import ParquetRows
+
+    labels = X.labels()
+    if y is not None:
+        y = as_labels(y, len(labels), "y")
+        if not np.array_equal(y, labels):
+            raise ValueError("y differs from the labels stored in the parquet data set; "
+                             "pass y=None to use the stored labels")
+    classes, y_idx, X_val, y_val = _classes_and_given_validation(labels, X_val, y_val, X.shape)
+    if X_val is not None:
+        fit = [(0, len(X))]
+    else:
+        fit, val = X.split_validation(val_fraction, rng)
+        X_val, _ = X.read(val)
+        y_val = np.concatenate([y_idx[a:b] for a, b in val])
+    X_fit = ParquetRows(X, tuple(fit), dtype=dtype)
+    y_fit = np.concatenate([y_idx[a:b] for a, b in fit])
+    return FitInputs(classes, X, X_fit, y_fit, X_val, y_val,
+                     *_monitor(classes, monitor, X.shape))
+
+
+def encode_labels(classes: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
+    """Indices of ``y`` in ``classes``; labels never seen in training are an error."""
+    pos = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)
+    unknown = classes[pos] != y
+    if unknown.any():
+        raise ValueError(f"{name} has labels not seen in y: {np.unique(y[unknown])[:10]}")
+    return pos
+
+
+def training_images(X_fit, dtype: torch.dtype, device: torch.device):
+    """Training images as a tensor, except parquet rows, which stay a description: Ray
+    workers read their own rows (``backends.open_backend`` reads them in-process)."""
+    if hasattr(X_fit, "load"):
+        return X_fit
+    return as_tensor(X_fit, dtype, device)

@@ -1,0 +1,255 @@
+"""The RFM loop of docs/math.md section 5, written once for every estimator and backend.
+
+``fit_rfm(backend, targets, validation, params, rng)`` alternates kernel ridge regression with
+the metric M and M <- AGOP^power of that predictor, and keeps the (M, ridge) with the best
+validation accuracy. ``ConvRFM`` calls it once; every ``DeepConvRFM`` layer calls it on the
+layer's inputs. What differs between the exact and the Nystrom solver is one small class each
+(``ExactRidge``, ``NystromRidge``); what differs between a laptop and a cluster is the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ray_convrfm.backends.protocol import KernelBackend
+from ray_convrfm.kernels.agop import metric_from_agop
+from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.kernels.solvers import (
+    SingularKernelError,
+    kernel_scale,
+    solve_nystrom,
+    solve_ridge,
+)
+from ray_convrfm.options import DEFAULT_CENTERS
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("exact", "nystrom")
+
+
+@dataclass(frozen=True)
+class RFMParams:
+    """What one ConvRFM layer learns with; checked on construction (errors name the field)."""
+
+    kernel: KernelParams = field(default_factory=KernelParams)
+    iters: int = 5
+    ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3)
+    agop_samples: int = 256
+    agop_power: float = 1.0
+    patch_basis: str = "auto"
+    solver: str = "exact"
+    centers: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _positive_int(self.iters):
+            raise ValueError(f"iters must be a positive integer; found {self.iters!r}")
+        ridges = tuple(float(r) for r in np.atleast_1d(np.asarray(self.ridges, dtype=float)))
+        if not ridges or min(ridges) < 0:
+            raise ValueError(f"ridges must be a non-empty list of values >= 0; found "
+                             f"{self.ridges}")
+        object.__setattr__(self, "ridges", ridges)
+        object.__setattr__(self, "iters", int(self.iters))
+        if not _positive_int(self.agop_samples):
+            raise ValueError(f"agop_samples must be a positive integer; found "
+                             f"{self.agop_samples!r}")
+        object.__setattr__(self, "agop_samples", int(self.agop_samples))
+        if not self.agop_power > 0:
+            raise ValueError(f"agop_power must be positive; found {self.agop_power}")
+        if self.patch_basis not in ("auto", "full"):
+            raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; found {self.solver!r}")
+        if self.centers is not None:
+            if not _positive_int(self.centers):
+                raise ValueError(f"centers must be a positive integer; found {self.centers!r}")
+            object.__setattr__(self, "centers", int(self.centers))
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Images held by the driver (validation, monitor) with labels as class indices."""
+
+    X: torch.Tensor
+    y: np.ndarray
+
+
+@dataclass
+class RFMResult:
+    """What ``fit_rfm`` learned: the chosen predictor and the record of every iteration."""
+
+    M: torch.Tensor  # (d, d) in pixel-patch coordinates
+    alpha: torch.Tensor  # (m, c) on the normalised kernel
+    ridge: float
+    kernel_scale: float
+    best_iter: int
+    history: list[dict]
+    M_path: list[torch.Tensor]
+    centers: torch.Tensor  # the images the predictor is built on
+    center_indices: np.ndarray | None
+    patch_basis: torch.Tensor | None
+    timings: dict[str, float]
+
+
+class ExactRidge:
+    """(K + ridge I) alpha = Y on the full normalised training kernel (docs/math.md section 3)."""
+
+    def __init__(self, backend: KernelBackend, Y: torch.Tensor, it: int):
+        t0 = time.perf_counter()
+        K = backend.train_kernel(desc=f"iter {it}: train kernel")
+        self.scale = kernel_scale(K)
+        self.K = K / self.scale
+        self.Y = Y
+        self.stages = {"train_kernel": time.perf_counter() - t0}
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        return solve_ridge(self.K, self.Y, ridge)
+
+    def train_mse(self, alpha: torch.Tensor) -> float:
+        return float(((self.K.to(torch.float64) @ alpha - self.Y) ** 2).mean())
+
+
+class NystromRidge:
+    """(K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y from sums over row blocks (section 9)."""
+
+    def __init__(self, backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray,
+                 it: int):
+        t0 = time.perf_counter()
+        KtK, KtY, K_mm = backend.nystrom_system(center_idx, Y)
+        self.scale = kernel_scale(K_mm)
+        self.KtK, self.KtY = KtK / self.scale**2, KtY / self.scale
+        self.K_mm = K_mm / self.scale
+        self.Y = Y
+        self.stages = {"normal_equations": time.perf_counter() - t0}
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        return solve_nystrom(self.KtK, self.KtY, self.K_mm, ridge)
+
+    def train_mse(self, alpha: torch.Tensor) -> float:
+        """||K_nm alpha - Y||^2 / (n c) from the normal equations, without K_nm."""
+        sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
+              + (alpha * (self.KtK @ alpha)).sum())
+        return float(sq / self.Y.numel())
+
+
+def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validation: Labelled,
+            params: RFMParams, rng: np.random.Generator, *, monitor: Labelled | None = None,
+            verbose: bool = False) -> RFMResult:
+    """Learn M on the training images held by ``backend`` (docs/math.md section 5).
+
+    Parameters
+    ----------
+    backend : holds the n training images, already ``configure``d with the kernel's spec
+    y_fit : (n,) class indices of the training images
+    n_classes : c, the number of one-hot target columns
+    validation : images and class indices that choose the ridge and the iteration
+    params : the loop's hyper-parameters
+    rng : draws the AGOP sample and the Nystrom centers
+    monitor : optional images evaluated at every iteration for reporting only
+    """
+    n = backend.n
+    dev, dt = validation.X.device, validation.X.dtype
+    Y = torch.zeros(n, n_classes, dtype=torch.float64, device=dev)
+    Y[torch.arange(n), torch.as_tensor(np.asarray(y_fit), device=dev)] = 1.0
+    sample_idx = np.sort(rng.choice(n, size=min(params.agop_samples, n), replace=False))
+    center_idx = None
+    if params.solver == "nystrom":
+        m = min(n, params.centers or DEFAULT_CENTERS)
+        center_idx = np.sort(rng.choice(n, size=m, replace=False))
+    d = int(validation.X.shape[1]) * params.kernel.patch_size**2
+    Q = backend.patch_span() if params.patch_basis == "auto" else None
+    if Q is not None:
+        log.info("training patches span %d of %d dimensions: working in that basis",
+                 Q.shape[1], d)
+        Q = Q.to(dev, dt)
+    M = torch.eye(d if Q is None else Q.shape[1], dtype=dt, device=dev)  # Q^T I Q = I_r
+    history: list[dict] = []
+    M_path: list[torch.Tensor] = []
+    best = None
+    for it in range(params.iters):
+        M_path.append(_full_metric(M, Q).cpu())
+        backend.set_metric(M, Q)
+        t0 = time.perf_counter()
+        problem = (ExactRidge(backend, Y, it) if center_idx is None
+                   else NystromRidge(backend, Y, center_idx, it))
+        Kv = backend.cross_kernel(validation.X, center_idx, f"iter {it}: val kernel")
+        Kv = Kv.to(torch.float64) / problem.scale
+        Kmon = None
+        if monitor is not None:
+            Kmon = backend.cross_kernel(monitor.X, center_idx, f"iter {it}: monitor kernel")
+            Kmon = Kmon.to(torch.float64) / problem.scale
+        t_kernel = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        record, (ridge, val_acc, alpha) = _choose_ridge(problem, Kv, validation.y,
+                                                        params.ridges, it)
+        train_mse = problem.train_mse(alpha)
+        record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
+                      seconds_kernel=t_kernel, seconds_solve=time.perf_counter() - t0,
+                      **{f"seconds_{k}": v for k, v in problem.stages.items()})
+        if Kmon is not None:
+            record["monitor_acc"] = _accuracy(Kmon @ alpha, monitor.y)
+        scale = problem.scale
+        if best is None or val_acc > best["val_acc"]:
+            best = {"val_acc": val_acc, "iter": it, "M": M.clone(), "alpha": alpha,
+                    "ridge": ridge, "scale": scale}
+        del problem, Kv, Kmon  # free the n x n kernel before the AGOP
+
+        t0 = time.perf_counter()
+        if it < params.iters - 1:
+            G = backend.agop((alpha / scale).to(dt), sample_idx, center_idx)
+            M = metric_from_agop(G, params.agop_power)
+        record["seconds_agop"] = time.perf_counter() - t0
+        record.update(backend.report())
+        history.append(record)
+        if verbose:
+            mon = record.get("monitor_acc")
+            log.info("iter %d  ridge %g  val acc %.4f%s  train mse %.3g  kernel %.1fs  "
+                     "solve %.1fs  AGOP %.1fs", it, ridge, val_acc,
+                     "" if mon is None else f"  monitor acc {mon:.4f}", train_mse, t_kernel,
+                     record["seconds_solve"], record["seconds_agop"])
+    return RFMResult(M=_full_metric(best["M"], Q).cpu(), alpha=best["alpha"].cpu(),
+                     ridge=best["ridge"], kernel_scale=best["scale"], best_iter=best["iter"],
+                     history=history, M_path=M_path, centers=backend.centers(center_idx).cpu(),
+                     center_indices=center_idx, patch_basis=None if Q is None else Q.cpu(),
+                     timings=backend.timings())
+
+
+def _choose_ridge(problem, Kv: torch.Tensor, y_val: np.ndarray, ridges: tuple[float, ...],
+                  it: int):
+    """Solve for every ridge; the best validation accuracy wins (the first on ties)."""
+    record = {"iter": it, "val_acc_by_ridge": {}, "failed_ridges": []}
+    chosen = None
+    for ridge in ridges:
+        try:
+            alpha = problem.solve(ridge)
+        except SingularKernelError as err:
+            record["failed_ridges"].append(ridge)
+            log.info("iteration %d: %s", it, err)
+            continue
+        val_acc = _accuracy(Kv @ alpha, y_val)
+        record["val_acc_by_ridge"][repr(ridge)] = val_acc
+        if chosen is None or val_acc > chosen[1]:
+            chosen = (ridge, val_acc, alpha)
+    if chosen is None:
+        raise SingularKernelError(f"iteration {it}: every ridge in {ridges} failed; pass "
+                                  "larger ridges")
+    return record, chosen
+
+
+def _accuracy(scores: torch.Tensor, target: np.ndarray) -> float:
+    return float((scores.argmax(1).cpu().numpy() == target).mean())
+
+
+def _full_metric(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """The (d, d) metric Q M Q^T of a metric M given in the patch-span coordinates."""
+    return M.clone() if Q is None else Q @ M @ Q.T
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1

@@ -1,0 +1,78 @@
+"""The one RFM loop: both estimators go through it; float64 fits match the float64 oracle."""
+
+import numpy as np
+import pytest
+import reference
+import torch
+from sklearn.exceptions import NotFittedError
+
+from ray_convrfm import ConvRFM, DeepConvRFM, Options, fit_rfm
+from ray_convrfm.backends import KernelBackend, KernelSpec
+from ray_convrfm.backends.distributed import RayBackend
+from ray_convrfm.backends.local import LocalBackend
+from ray_convrfm.data.datasets import load_digits
+from ray_convrfm.kernels import KernelParams
+from ray_convrfm.models.rfm import Labelled, RFMParams
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_digits()
+    return ds.X_train[:150], ds.y_train[:150], ds.X_train[150:190], ds.y_train[150:190]
+
+
+def test_both_backends_implement_the_protocol():
+    local = LocalBackend(torch.zeros(3, 1, 8, 8))
+    assert isinstance(local, KernelBackend)
+    members = {name for name in dir(KernelBackend) if not name.startswith("_")}
+    assert members <= set(dir(RayBackend)), members - set(dir(RayBackend))
+
+
+def test_fit_rfm_is_what_the_estimator_runs(digits):
+    X, y, Xv, yv = digits
+    params = RFMParams(kernel=KernelParams(depth=2), iters=2, agop_samples=20)
+    backend = LocalBackend(torch.from_numpy(X))
+    backend.configure(KernelSpec(params.kernel), None)
+    result = fit_rfm(backend, y, 10, Labelled(torch.from_numpy(Xv), yv), params,
+                     np.random.default_rng(3))
+    model = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=3).fit(
+        X, y, X_val=Xv, y_val=yv)
+    assert result.best_iter == model.best_iter_ and result.ridge == model.ridge_
+    torch.testing.assert_close(result.M, model.M_)
+    torch.testing.assert_close(result.alpha, model.alpha_)
+    assert [h["val_acc"] for h in result.history] == [h["val_acc"] for h in model.history_]
+
+
+def test_float64_input_fits_in_float64_and_matches_the_oracle(digits):
+    """No dtype asked for: float64 images give float64 kernels, scores equal to the oracle."""
+    X, y, Xv, yv = (a.astype(np.float64) if a.dtype.kind == "f" else a for a in digits)
+    model = ConvRFM(depth=2, iters=2, agop_samples=20, ridges=(1e-3,)).fit(
+        X[:60], y[:60], X_val=Xv, y_val=yv)
+    assert model.X_fit_.dtype == torch.float64 and model.alpha_.dtype == torch.float64
+    Xt = Xv[:4]
+    K = reference.kernel_matrix(Xt, model.X_fit_.numpy(), model.M_.numpy(), 2, 3, False)
+    expected = K @ model.alpha_.numpy() / model.kernel_scale_
+    scores = model.decision_function(Xt)
+    assert scores.dtype == np.float64
+    assert np.abs(scores - expected).max() <= 1e-10 * np.abs(expected).max()
+    single = ConvRFM(depth=2, iters=2, agop_samples=20, ridges=(1e-3,),
+                     options=Options.of(dtype="float32")).fit(X[:60], y[:60], X_val=Xv,
+                                                              y_val=yv)
+    assert single.X_fit_.dtype == torch.float32  # an explicit dtype wins
+
+
+def test_numpy_integers_are_accepted(digits):
+    X, y, _, _ = digits
+    model = ConvRFM(depth=np.int64(2), iters=np.int64(2), agop_samples=np.int32(10),
+                    centers=np.int64(40), solver="nystrom").fit(X, y)
+    assert len(model.history_) == 2 and model.alpha_.shape[0] == 40
+
+
+def test_deep_predict_before_fit_is_not_fitted(digits):
+    X, *_ = digits
+    with pytest.raises(NotFittedError):
+        DeepConvRFM().predict(X)
+    with pytest.raises(NotFittedError):
+        DeepConvRFM().decision_function(X)
+    with pytest.raises(TypeError, match="estimator must be a ConvRFM"):
+        DeepConvRFM(estimator="ConvRFM").fit(X, np.arange(len(X)) % 2)
