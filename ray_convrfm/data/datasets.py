@@ -1,29 +1,33 @@
-"""Image data sets for ConvRFM experiments.
+"""Image data sets for ConvRFM experiments, by name: Fashion-MNIST and the spec dispatcher.
 
-Every loader returns an :class:`ImageDataset` holding NCHW ``float32`` images with pixels in
-``[0, 1]`` and ``int64`` labels, so the models and the CLI never deal with file formats.
+:func:`load_dataset` turns a short spec (``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``,
+``"npz:PATH"``, ``"parquet:PATH_OR_URL"``) into an :class:`ImageDataset`. The loaders
+themselves live in :mod:`~ray_convrfm.data.images` (container, digits, ``.npz``, noise frame),
+:mod:`~ray_convrfm.data.idx` (IDX files) and :mod:`~ray_convrfm.data.parquet_io` (parquet
+shards); all but the parquet reader are re-exported here. Fashion-MNIST is found (or
+downloaded) here because its search locations are module settings that users and tests repoint.
 
-Sources:
-
-* MNIST-style IDX files (plain or gzip), e.g. Fashion-MNIST, read without torchvision;
-* ``.npz`` archives written by numpy (read with ``allow_pickle=False``: no code execution);
-* scikit-learn's bundled 8x8 digits, which need no download and suit quick tests;
-* a "digit in noise" transform that pastes small images into a larger noise frame, the task on
-  which a convolutional (local) feature matrix should beat a global one.
+Imports go one way: ``images`` <- ``idx``; ``images`` <- ``parquet_io``; both <- ``datasets``
+<- ``parquet`` (which holds ``convert``, as it needs this dispatcher).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import logging
 import os
 import tempfile
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from ray_convrfm.data.idx import GZIP_MAGIC, IDX_FILES, find_idx_files, load_idx_dir, read_idx
+from ray_convrfm.data.images import (
+    ImageDataset,
+    digit_in_noise,
+    load_digits,
+    load_npz,
+    with_noise_frame,
+)
 
 __all__ = [
     "CACHE_DIR",
@@ -65,289 +69,7 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "Bag",
     "Ankle boot",
 )
-
-#: Role -> canonical file name of the four MNIST-style IDX files.
-IDX_FILES: dict[str, str] = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-# IDX type code -> big-endian numpy dtype (http://yann.lecun.com/exdb/mnist/).
-_IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_GZIP_MAGIC = b"\x1f\x8b"
 _DOWNLOAD_TIMEOUT_S = 60.0
-_N_DIGITS_TEST = 297
-
-
-# --------------------------------------------------------------------------------------------
-# Container
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, eq=False)
-class ImageDataset:
-    """Train and test images with labels, in the layout every model of the package expects.
-
-    Attributes
-    ----------
-    X_train, X_test : np.ndarray
-        ``float32`` images of shape ``(n, C, H, W)``; pixels are in ``[0, 1]`` for the raw
-        loaders (derived variants such as :func:`with_noise_frame` may leave that range).
-        The test split may have 0 rows.
-    y_train, y_test : np.ndarray
-        ``int64`` class indices of shape ``(n,)``.
-    name : str
-        Short identifier used in logs and result files.
-    classes : tuple of str
-        Class names; ``classes[k]`` names label ``k``.
-
-    Notes
-    -----
-    Arrays are converted to the documented dtypes on construction and shapes are checked, so a
-    malformed data set fails here rather than deep inside a kernel computation. ``eq=False``
-    because element-wise array comparison has no single truth value.
-    """
-
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
-    name: str
-    classes: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        for split in ("train", "test"):
-            X = np.asarray(getattr(self, f"X_{split}"), dtype=np.float32)
-            y = np.asarray(getattr(self, f"y_{split}"))
-            if X.ndim != 4:
-                raise ValueError(f"X_{split} must have shape (n, C, H, W), got shape {X.shape}")
-            if y.ndim != 1 or y.shape[0] != X.shape[0]:
-                raise ValueError(
-                    f"y_{split} must have shape ({X.shape[0]},) to match X_{split}, "
-                    f"got shape {y.shape}"
-                )
-            if y.size and not np.issubdtype(y.dtype, np.integer):
-                raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
-            # Frozen dataclass: normalising the fields needs object.__setattr__.
-            object.__setattr__(self, f"X_{split}", X)
-            object.__setattr__(self, f"y_{split}", y.astype(np.int64, copy=False))
-        if self.X_test.shape[0] and self.X_test.shape[1:] != self.X_train.shape[1:]:
-            raise ValueError(
-                f"train and test images differ in (C, H, W): {self.X_train.shape[1:]} vs "
-                f"{self.X_test.shape[1:]}"
-            )
-        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        return tuple(self.X_train.shape[1:])  # type: ignore[return-value]
-
-    @property
-    def n_classes(self) -> int:
-        """Number of classes (``len(classes)``)."""
-        return len(self.classes)
-
-    def subset(self, n_train: int | None = None, n_test: int | None = None) -> ImageDataset:
-        """Return a data set with the first ``n_train`` / ``n_test`` rows (``None`` keeps all).
-
-        Taking a prefix rather than a random sample keeps runs reproducible and lets the caller
-        shuffle beforehand if it wants a random subset.
-
-        Raises
-        ------
-        ValueError
-            If a requested size is negative or larger than the split.
-        """
-        n_tr = _check_subset_size("n_train", n_train, self.X_train.shape[0])
-        n_te = _check_subset_size("n_test", n_test, self.X_test.shape[0])
-        return dataclasses.replace(
-            self,
-            X_train=self.X_train[:n_tr],
-            y_train=self.y_train[:n_tr],
-            X_test=self.X_test[:n_te],
-            y_test=self.y_test[:n_te],
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"ImageDataset(name={self.name!r}, train={self.X_train.shape}, "
-            f"test={self.X_test.shape}, n_classes={self.n_classes})"
-        )
-
-
-def _check_subset_size(arg: str, n: int | None, available: int) -> int:
-    if n is None:
-        return available
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"{arg} must be non-negative, got {n}")
-    if n > available:
-        raise ValueError(f"{arg}={n} requested but only {available} rows are available")
-    return n
-
-
-def _default_classes(*labels: np.ndarray) -> tuple[str, ...]:
-    """Name classes ``"0" .. str(max_label)`` when the source carries no names."""
-    top = max((int(y.max()) for y in labels if y.size), default=-1)
-    return tuple(str(k) for k in range(top + 1))
-
-
-# --------------------------------------------------------------------------------------------
-# IDX files
-# --------------------------------------------------------------------------------------------
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (the MNIST format), plain or gzip-compressed.
-
-    Compression is detected from the magic bytes ``1f 8b``, not the suffix, because mirrors
-    often store decompressed files under ``.gz`` names and vice versa.
-
-    Parameters
-    ----------
-    path : path-like
-        The file.
-
-    Returns
-    -------
-    np.ndarray
-        Array with the dimensions from the header, in native byte order.
-
-    Raises
-    ------
-    ValueError
-        On a bad magic number, an unknown type code, or a data size that does not match the
-        header (a truncated or padded file).
-    """
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, gzip.BadGzipFile) as exc:
-            raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
-    if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"{path}: bad IDX magic number {raw[:4].hex()} (must start with two zero bytes)"
-        )
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX type code 0x{code:02X} (known: {known})")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(
-            f"{path}: truncated IDX header: {ndim} dimensions need {header_len} bytes, "
-            f"file has {len(raw)}"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    actual = len(raw) - header_len
-    if actual != expected:
-        kind = "truncated" if actual < expected else "has trailing bytes"
-        raise ValueError(
-            f"{path}: IDX file {kind}: dimensions {dims} of {dtype.name} need {expected} data "
-            f"bytes, found {actual}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
-
-
-def _idx_candidates(canonical: str) -> list[str]:
-    """File names accepted for one IDX file: ``-`` or ``.`` before ``idxN``, optional ``.gz``."""
-    dotted = canonical.replace("-idx", ".idx")
-    return [canonical, canonical + ".gz", dotted, dotted + ".gz"]
-
-
-def _find_idx_files(directory: Path) -> dict[str, Path] | None:
-    """Map each role in :data:`IDX_FILES` to an existing file, or ``None`` if any is missing."""
-    found: dict[str, Path] = {}
-    for role, canonical in IDX_FILES.items():
-        for candidate in _idx_candidates(canonical):
-            if (directory / candidate).is_file():
-                found[role] = directory / candidate
-                break
-        else:
-            return None
-    return found
-
-
-def load_idx_dir(directory: str | os.PathLike[str], name: str = "idx") -> ImageDataset:
-    """Load an MNIST-style directory of four IDX files as an :class:`ImageDataset`.
-
-    Parameters
-    ----------
-    directory : path-like
-        Holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-        ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each optionally with ``.gz``
-        and with ``.`` instead of ``-`` before ``idx`` (``train-images.idx3-ubyte``).
-    name : str
-        Name of the returned data set.
-
-    Returns
-    -------
-    ImageDataset
-        Images ``(n, 1, H, W)`` scaled from ``uint8`` to ``[0, 1]``; class names ``"0"`` ...
-
-    Raises
-    ------
-    FileNotFoundError
-        If a file is missing; the message lists every name looked for.
-    ValueError
-        If a file is malformed, images are not ``uint8`` of shape ``(n, H, W)``, or label and
-        image counts differ.
-    """
-    directory = Path(directory)
-    files = _find_idx_files(directory)
-    if files is None:
-        missing = [
-            " or ".join(_idx_candidates(canonical))
-            for canonical in IDX_FILES.values()
-            if not any((directory / c).is_file() for c in _idx_candidates(canonical))
-        ]
-        raise FileNotFoundError(
-            f"IDX files missing in {directory}: looked for " + "; ".join(missing)
-        )
-    splits = {}
-    for split in ("train", "test"):
-        images = read_idx(files[f"{split}_images"])
-        labels = read_idx(files[f"{split}_labels"])
-        if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(
-                f"{files[f'{split}_images']}: expected uint8 images of shape (n, H, W), got "
-                f"{images.dtype} of shape {images.shape}"
-            )
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"{files[f'{split}_labels']}: {labels.shape} labels do not match "
-                f"{images.shape[0]} images in {files[f'{split}_images'].name}"
-            )
-        X = (images.astype(np.float32) / np.float32(255.0))[:, None, :, :]
-        splits[split] = (X, labels.astype(np.int64))
-    logger.info(
-        "loaded IDX data set %r from %s: %d train, %d test",
-        name,
-        directory,
-        splits["train"][0].shape[0],
-        splits["test"][0].shape[0],
-    )
-    return ImageDataset(
-        X_train=splits["train"][0],
-        y_train=splits["train"][1],
-        X_test=splits["test"][0],
-        y_test=splits["test"][1],
-        name=name,
-        classes=_default_classes(splits["train"][1], splits["test"][1]),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +102,7 @@ def _download_fashion_mnist(target: Path) -> None:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
             with open(tmp_name, "rb") as fh:
-                if fh.read(2) != _GZIP_MAGIC:
+                if fh.read(2) != GZIP_MAGIC:
                     raise ValueError(f"download of {url} is not a gzip file")
             os.replace(tmp_name, dest)
         except BaseException:
@@ -422,7 +144,7 @@ def load_fashion_mnist(
     locations.append(("cache", cache))
 
     for label, directory in locations:
-        if _find_idx_files(directory) is not None:
+        if find_idx_files(directory) is not None:
             logger.info("Fashion-MNIST found at %s (%s)", directory, label)
             ds = load_idx_dir(directory, name="fashion-mnist")
             return dataclasses.replace(ds, classes=FASHION_MNIST_CLASSES)
@@ -440,224 +162,6 @@ def load_fashion_mnist(
         "Fix: pass download=True (or --download) to fetch them into the cache, "
         "run `apt-get install dataset-fashion-mnist`, "
         f"or set {FASHION_MNIST_ENV_VAR} to a directory holding them."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# npz archives
-# --------------------------------------------------------------------------------------------
-_NPZ_ALIASES: dict[str, tuple[str, ...]] = {
-    "X_train": ("X_train", "x_train"),
-    "y_train": ("y_train", "Y_train"),
-    "X_test": ("X_test", "x_test"),
-    "y_test": ("y_test", "Y_test"),
-}
-
-
-def _first_key(keys: Sequence[str], aliases: Sequence[str]) -> str | None:
-    return next((k for k in aliases if k in keys), None)
-
-
-def _npz_images(X: np.ndarray, key: str, path: Path) -> np.ndarray:
-    """Convert stored images to NCHW ``float32`` in ``[0, 1]``."""
-    if X.ndim == 3:
-        X = X[:, None, :, :]
-    elif X.ndim == 4:
-        # NHWC is recognised only when unambiguous: last axis looks like channels, second not.
-        if X.shape[-1] in (1, 3) and X.shape[1] not in (1, 3):
-            X = np.transpose(X, (0, 3, 1, 2))
-    else:
-        raise ValueError(
-            f"{path}: {key} must have shape (n, H, W), (n, C, H, W) or (n, H, W, C), "
-            f"got {X.shape}"
-        )
-    if X.dtype == np.bool_ or np.issubdtype(X.dtype, np.integer):
-        if X.size and (X.min() < 0 or X.max() > 255):
-            raise ValueError(
-                f"{path}: integer images in {key} must be in [0, 255], found min {X.min()} "
-                f"and max {X.max()}"
-            )
-        return np.ascontiguousarray(X, dtype=np.float32) / np.float32(255.0)
-    if not np.issubdtype(X.dtype, np.floating):
-        raise ValueError(f"{path}: {key} has unsupported dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if X.size:
-        lo, hi = float(np.min(X)), float(np.max(X))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"{path}: float images in {key} must be in [0, 1], found min {lo} and max {hi} "
-                "(store uint8 pixels or rescale before saving)"
-            )
-    return X
-
-
-def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == 1:  # column vectors are a common way to save labels
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise ValueError(f"{path}: {key} must be 1-D, got shape {y.shape}")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
-            raise ValueError(f"{path}: {key} must hold integer class labels, got {y.dtype}")
-    y = y.astype(np.int64)
-    if y.size and y.min() < 0:
-        raise ValueError(f"{path}: {key} has negative labels (min {y.min()})")
-    return y
-
-
-def load_npz(path: str | os.PathLike[str]) -> ImageDataset:
-    """Load an :class:`ImageDataset` from a numpy ``.npz`` archive.
-
-    Keys ``X_train``/``x_train`` and ``y_train`` are required, ``X_test``/``x_test`` and
-    ``y_test`` optional (empty test split otherwise); alternatively ``images`` and ``labels``
-    give a train-only set. An optional string array ``classes`` names the classes.
-    Images may be ``(n, H, W)``, ``(n, C, H, W)`` or ``(n, H, W, C)`` (when the last axis is
-    1 or 3 and the second is not). Integer images are divided by 255; float images must already
-    be in ``[0, 1]``. The archive is opened with ``allow_pickle=False`` so that a crafted file
-    cannot execute code.
-
-    Raises
-    ------
-    KeyError
-        If the required keys are absent.
-    ValueError
-        On bad shapes, out-of-range pixels or non-integer labels.
-    """
-    path = Path(path)
-    with np.load(path, allow_pickle=False) as archive:
-        keys = list(archive.files)
-        x_tr = _first_key(keys, _NPZ_ALIASES["X_train"])
-        y_tr = _first_key(keys, _NPZ_ALIASES["y_train"])
-        if x_tr is None and y_tr is None and "images" in keys and "labels" in keys:
-            x_tr, y_tr = "images", "labels"
-        if x_tr is None or y_tr is None:
-            raise KeyError(
-                f"{path}: need keys X_train and y_train (or x_train, or images and labels); "
-                f"found {sorted(keys)}"
-            )
-        x_te = _first_key(keys, _NPZ_ALIASES["X_test"])
-        y_te = _first_key(keys, _NPZ_ALIASES["y_test"])
-        if (x_te is None) != (y_te is None):
-            raise KeyError(f"{path}: X_test and y_test must be given together; found {keys}")
-        X_train = _npz_images(archive[x_tr], x_tr, path)
-        y_train = _npz_labels(archive[y_tr], y_tr, path)
-        if x_te is not None:
-            X_test = _npz_images(archive[x_te], x_te, path)
-            y_test = _npz_labels(archive[y_te], y_te, path)
-        else:
-            X_test = np.zeros((0, *X_train.shape[1:]), dtype=np.float32)
-            y_test = np.zeros(0, dtype=np.int64)
-        classes = (
-            tuple(str(c) for c in archive["classes"].reshape(-1))
-            if "classes" in keys
-            else _default_classes(y_train, y_test)
-        )
-    for split, X, y in (("train", X_train, y_train), ("test", X_test, y_test)):
-        if X.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{path}: {split} has {X.shape[0]} images but {y.shape[0]} labels"
-            )
-    logger.info("loaded %s: %d train, %d test", path, X_train.shape[0], X_test.shape[0])
-    return ImageDataset(X_train, y_train, X_test, y_test, name=path.stem, classes=classes)
-
-
-# --------------------------------------------------------------------------------------------
-# scikit-learn digits
-# --------------------------------------------------------------------------------------------
-def load_digits() -> ImageDataset:
-    """scikit-learn's bundled 8x8 handwritten digits with a fixed 1500/297 split.
-
-    Ships with scikit-learn, so tests and examples work offline. Pixels (0..16) are divided
-    by 16; rows are shuffled with ``np.random.default_rng(0)`` and the last 297 form the test
-    split, so every call returns identical arrays.
-    """
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    bunch = _sk_load_digits()
-    images = np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0)
-    labels = np.asarray(bunch.target, dtype=np.int64)
-    order = np.random.default_rng(0).permutation(images.shape[0])
-    images, labels = images[order][:, None, :, :], labels[order]
-    n_train = images.shape[0] - _N_DIGITS_TEST
-    return ImageDataset(
-        X_train=images[:n_train],
-        y_train=labels[:n_train],
-        X_test=images[n_train:],
-        y_test=labels[n_train:],
-        name="digits",
-        classes=tuple(str(k) for k in range(10)),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Digit-in-noise transform
-# --------------------------------------------------------------------------------------------
-def digit_in_noise(
-    images: np.ndarray,
-    frame: int = 42,
-    noise_std: float = 0.5,
-    random_state: int | None = 0,
-) -> np.ndarray:
-    """Place each image at a random position inside a larger frame of Gaussian noise.
-
-    The class signal then occupies a small, moving window, which a local (patch-based) feature
-    matrix can find and a global one cannot. The frame is ``N(0, noise_std**2)`` noise
-    everywhere and the image's pixels are *added* onto the noise inside the window whose
-    top-left corner is uniform on ``[0, frame - h] x [0, frame - w]``.
-
-    Parameters
-    ----------
-    images : np.ndarray
-        Shape ``(n, C, h, w)``.
-    frame : int
-        Side of the square output frame; must be at least ``h`` and ``w``.
-    noise_std : float
-        Standard deviation of the noise (0 gives a clean zero background).
-    random_state : int or None
-        Seed for a local ``np.random.default_rng``; the global RNG is never used.
-
-    Returns
-    -------
-    np.ndarray
-        ``float32`` of shape ``(n, C, frame, frame)``.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape (n, C, h, w), got shape {images.shape}")
-    frame = int(frame)
-    n, c, h, w = images.shape
-    if h > frame or w > frame:
-        raise ValueError(f"image size {h}x{w} is larger than the {frame}x{frame} frame")
-    if not np.isfinite(noise_std) or noise_std < 0:
-        raise ValueError(f"noise_std must be a finite non-negative number, got {noise_std}")
-    rng = np.random.default_rng(random_state)
-    rows = rng.integers(0, frame - h, size=n, endpoint=True)
-    cols = rng.integers(0, frame - w, size=n, endpoint=True)
-    out = np.empty((n, c, frame, frame), dtype=np.float32)
-    # Draw straight into the float32 output: no float64 temporary of the full frame stack.
-    rng.standard_normal(dtype=np.float32, out=out)
-    out *= np.float32(noise_std)
-    src = images.astype(np.float32, copy=False)
-    for i in range(n):
-        r, q = rows[i], cols[i]
-        out[i, :, r : r + h, q : q + w] += src[i]
-    return out
-
-
-def with_noise_frame(
-    ds: ImageDataset, frame: int = 42, noise_std: float = 0.5, random_state: int = 0
-) -> ImageDataset:
-    """Apply :func:`digit_in_noise` to both splits of ``ds``.
-
-    Train uses seed ``random_state`` and test ``random_state + 1`` so the two splits do not
-    share positions or noise. Pixels are no longer in ``[0, 1]``; that is intended.
-    """
-    return dataclasses.replace(
-        ds,
-        X_train=digit_in_noise(ds.X_train, frame, noise_std, random_state),
-        X_test=digit_in_noise(ds.X_test, frame, noise_std, random_state + 1),
-        name=f"{ds.name}-noise{int(frame)}",
     )
 
 
@@ -700,7 +204,7 @@ def load_dataset(
     if key.endswith(".npz"):
         return load_npz(Path(s).expanduser())
     if key.startswith("parquet:") and len(s) > 8:
-        from ray_convrfm.data.parquet import load_parquet
+        from ray_convrfm.data.parquet_io import load_parquet  # pyarrow only when needed
 
         return load_parquet(s[8:])
     raise ValueError(f"unknown data set spec {spec!r}; accepted: {_SPEC_FORMS}")

@@ -1,0 +1,366 @@
+"""The in-memory image data set and the loaders that need no download.
+
+Every loader returns an :class:`ImageDataset` holding NCHW ``float32`` images with pixels in
+``[0, 1]`` and ``int64`` labels, so the models and the CLI never deal with file formats.
+
+* ``.npz`` archives written by numpy (read with ``allow_pickle=False``: no code execution);
+* scikit-learn's bundled 8x8 digits, which need no download and suit quick tests;
+* a "digit in noise" transform that pastes small images into a larger noise frame, the task on
+  which a convolutional (local) feature matrix should beat a global one.
+
+IDX files and Fashion-MNIST are read by :mod:`ray_convrfm.data.idx` and
+:mod:`ray_convrfm.data.datasets`, parquet shards by :mod:`ray_convrfm.data.parquet`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ImageDataset",
+    "default_classes",
+    "digit_in_noise",
+    "load_digits",
+    "load_npz",
+    "with_noise_frame",
+]
+
+logger = logging.getLogger(__name__)
+
+_N_DIGITS_TEST = 297
+
+
+# --------------------------------------------------------------------------------------------
+# Container
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Train and test images with labels, in the layout every model of the package expects.
+
+    Attributes
+    ----------
+    X_train, X_test : np.ndarray
+        ``float32`` images of shape ``(n, C, H, W)``; pixels are in ``[0, 1]`` for the raw
+        loaders (derived variants such as :func:`with_noise_frame` may leave that range).
+        The test split may have 0 rows.
+    y_train, y_test : np.ndarray
+        ``int64`` class indices of shape ``(n,)``.
+    name : str
+        Short identifier used in logs and result files.
+    classes : tuple of str
+        Class names; ``classes[k]`` names label ``k``.
+
+    Notes
+    -----
+    Arrays are converted to the documented dtypes on construction and shapes are checked, so a
+    malformed data set fails here rather than deep inside a kernel computation. ``eq=False``
+    because element-wise array comparison has no single truth value.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            X = np.asarray(getattr(self, f"X_{split}"), dtype=np.float32)
+            y = np.asarray(getattr(self, f"y_{split}"))
+            if X.ndim != 4:
+                raise ValueError(f"X_{split} must have shape (n, C, H, W), got shape {X.shape}")
+            if y.ndim != 1 or y.shape[0] != X.shape[0]:
+                raise ValueError(
+                    f"y_{split} must have shape ({X.shape[0]},) to match X_{split}, "
+                    f"got shape {y.shape}"
+                )
+            if y.size and not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"y_{split} must hold integer labels, got dtype {y.dtype}")
+            # Frozen dataclass: normalising the fields needs object.__setattr__.
+            object.__setattr__(self, f"X_{split}", X)
+            object.__setattr__(self, f"y_{split}", y.astype(np.int64, copy=False))
+        if self.X_test.shape[0] and self.X_test.shape[1:] != self.X_train.shape[1:]:
+            raise ValueError(
+                f"train and test images differ in (C, H, W): {self.X_train.shape[1:]} vs "
+                f"{self.X_test.shape[1:]}"
+            )
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.X_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes (``len(classes)``)."""
+        return len(self.classes)
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> ImageDataset:
+        """Return a data set with the first ``n_train`` / ``n_test`` rows (``None`` keeps all).
+
+        Taking a prefix rather than a random sample keeps runs reproducible and lets the caller
+        shuffle beforehand if it wants a random subset.
+
+        Raises
+        ------
+        ValueError
+            If a requested size is negative or larger than the split.
+        """
+        n_tr = _check_subset_size("n_train", n_train, self.X_train.shape[0])
+        n_te = _check_subset_size("n_test", n_test, self.X_test.shape[0])
+        return dataclasses.replace(
+            self,
+            X_train=self.X_train[:n_tr],
+            y_train=self.y_train[:n_tr],
+            X_test=self.X_test[:n_te],
+            y_test=self.y_test[:n_te],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, train={self.X_train.shape}, "
+            f"test={self.X_test.shape}, n_classes={self.n_classes})"
+        )
+
+
+def _check_subset_size(arg: str, n: int | None, available: int) -> int:
+    if n is None:
+        return available
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"{arg} must be non-negative, got {n}")
+    if n > available:
+        raise ValueError(f"{arg}={n} requested but only {available} rows are available")
+    return n
+
+
+def default_classes(*labels: np.ndarray) -> tuple[str, ...]:
+    """Name classes ``"0" .. str(max_label)`` when the source carries no names."""
+    top = max((int(y.max()) for y in labels if y.size), default=-1)
+    return tuple(str(k) for k in range(top + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# npz archives
+# --------------------------------------------------------------------------------------------
+_NPZ_ALIASES: dict[str, tuple[str, ...]] = {
+    "X_train": ("X_train", "x_train"),
+    "y_train": ("y_train", "Y_train"),
+    "X_test": ("X_test", "x_test"),
+    "y_test": ("y_test", "Y_test"),
+}
+
+
+def _first_key(keys: Sequence[str], aliases: Sequence[str]) -> str | None:
+    return next((k for k in aliases if k in keys), None)
+
+
+def _npz_images(X: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """Convert stored images to NCHW ``float32`` in ``[0, 1]``."""
+    if X.ndim == 3:
+        X = X[:, None, :, :]
+    elif X.ndim == 4:
+        # NHWC is recognised only when unambiguous: last axis looks like channels, second not.
+        if X.shape[-1] in (1, 3) and X.shape[1] not in (1, 3):
+            X = np.transpose(X, (0, 3, 1, 2))
+    else:
+        raise ValueError(
+            f"{path}: {key} must have shape (n, H, W), (n, C, H, W) or (n, H, W, C), "
+            f"got {X.shape}"
+        )
+    if X.dtype == np.bool_ or np.issubdtype(X.dtype, np.integer):
+        if X.size and (X.min() < 0 or X.max() > 255):
+            raise ValueError(
+                f"{path}: integer images in {key} must be in [0, 255], found min {X.min()} "
+                f"and max {X.max()}"
+            )
+        return np.ascontiguousarray(X, dtype=np.float32) / np.float32(255.0)
+    if not np.issubdtype(X.dtype, np.floating):
+        raise ValueError(f"{path}: {key} has unsupported dtype {X.dtype}")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.size:
+        lo, hi = float(np.min(X)), float(np.max(X))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"{path}: float images in {key} must be in [0, 1], found min {lo} and max {hi} "
+                "(store uint8 pixels or rescale before saving)"
+            )
+    return X
+
+
+def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:  # column vectors are a common way to save labels
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"{path}: {key} must be 1-D, got shape {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.all(np.mod(y, 1) == 0):
+            raise ValueError(f"{path}: {key} must hold integer class labels, got {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise ValueError(f"{path}: {key} has negative labels (min {y.min()})")
+    return y
+
+
+def load_npz(path: str | os.PathLike[str]) -> ImageDataset:
+    """Load an :class:`ImageDataset` from a numpy ``.npz`` archive.
+
+    Keys ``X_train``/``x_train`` and ``y_train`` are required, ``X_test``/``x_test`` and
+    ``y_test`` optional (empty test split otherwise); alternatively ``images`` and ``labels``
+    give a train-only set. An optional string array ``classes`` names the classes.
+    Images may be ``(n, H, W)``, ``(n, C, H, W)`` or ``(n, H, W, C)`` (when the last axis is
+    1 or 3 and the second is not). Integer images are divided by 255; float images must already
+    be in ``[0, 1]``. The archive is opened with ``allow_pickle=False`` so that a crafted file
+    cannot execute code.
+
+    Raises
+    ------
+    KeyError
+        If the required keys are absent.
+    ValueError
+        On bad shapes, out-of-range pixels or non-integer labels.
+    """
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as archive:
+        keys = list(archive.files)
+        x_tr = _first_key(keys, _NPZ_ALIASES["X_train"])
+        y_tr = _first_key(keys, _NPZ_ALIASES["y_train"])
+        if x_tr is None and y_tr is None and "images" in keys and "labels" in keys:
+            x_tr, y_tr = "images", "labels"
+        if x_tr is None or y_tr is None:
+            raise KeyError(
+                f"{path}: need keys X_train and y_train (or x_train, or images and labels); "
+                f"found {sorted(keys)}"
+            )
+        x_te = _first_key(keys, _NPZ_ALIASES["X_test"])
+        y_te = _first_key(keys, _NPZ_ALIASES["y_test"])
+        if (x_te is None) != (y_te is None):
+            raise KeyError(f"{path}: X_test and y_test must be given together; found {keys}")
+        X_train = _npz_images(archive[x_tr], x_tr, path)
+        y_train = _npz_labels(archive[y_tr], y_tr, path)
+        if x_te is not None:
+            X_test = _npz_images(archive[x_te], x_te, path)
+            y_test = _npz_labels(archive[y_te], y_te, path)
+        else:
+            X_test = np.zeros((0, *X_train.shape[1:]), dtype=np.float32)
+            y_test = np.zeros(0, dtype=np.int64)
+        classes = (
+            tuple(str(c) for c in archive["classes"].reshape(-1))
+            if "classes" in keys
+            else default_classes(y_train, y_test)
+        )
+    for split, X, y in (("train", X_train, y_train), ("test", X_test, y_test)):
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"{path}: {split} has {X.shape[0]} images but {y.shape[0]} labels"
+            )
+    logger.info("loaded %s: %d train, %d test", path, X_train.shape[0], X_test.shape[0])
+    return ImageDataset(X_train, y_train, X_test, y_test, name=path.stem, classes=classes)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn digits
+# --------------------------------------------------------------------------------------------
+def load_digits() -> ImageDataset:
+    """scikit-learn's bundled 8x8 handwritten digits with a fixed 1500/297 split.
+
+    Ships with scikit-learn, so tests and examples work offline. Pixels (0..16) are divided
+    by 16; rows are shuffled with ``np.random.default_rng(0)`` and the last 297 form the test
+    split, so every call returns identical arrays.
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    images = np.asarray(bunch.images, dtype=np.float32) / np.float32(16.0)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    order = np.random.default_rng(0).permutation(images.shape[0])
+    images, labels = images[order][:, None, :, :], labels[order]
+    n_train = images.shape[0] - _N_DIGITS_TEST
+    return ImageDataset(
+        X_train=images[:n_train],
+        y_train=labels[:n_train],
+        X_test=images[n_train:],
+        y_test=labels[n_train:],
+        name="digits",
+        classes=tuple(str(k) for k in range(10)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Digit-in-noise transform
+# --------------------------------------------------------------------------------------------
+def digit_in_noise(
+    images: np.ndarray,
+    frame: int = 42,
+    noise_std: float = 0.5,
+    random_state: int | None = 0,
+) -> np.ndarray:
+    """Place each image at a random position inside a larger frame of Gaussian noise.
+
+    The class signal then occupies a small, moving window, which a local (patch-based) feature
+    matrix can find and a global one cannot. The frame is ``N(0, noise_std**2)`` noise
+    everywhere and the image's pixels are *added* onto the noise inside the window whose
+    top-left corner is uniform on ``[0, frame - h] x [0, frame - w]``.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        Shape ``(n, C, h, w)``.
+    frame : int
+        Side of the square output frame; must be at least ``h`` and ``w``.
+    noise_std : float
+        Standard deviation of the noise (0 gives a clean zero background).
+    random_state : int or None
+        Seed for a local ``np.random.default_rng``; the global RNG is never used.
+
+    Returns
+    -------
+    np.ndarray
+        ``float32`` of shape ``(n, C, frame, frame)``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (n, C, h, w), got shape {images.shape}")
+    frame = int(frame)
+    n, c, h, w = images.shape
+    if h > frame or w > frame:
+        raise ValueError(f"image size {h}x{w} is larger than the {frame}x{frame} frame")
+    if not np.isfinite(noise_std) or noise_std < 0:
+        raise ValueError(f"noise_std must be a finite non-negative number, got {noise_std}")
+    rng = np.random.default_rng(random_state)
+    rows = rng.integers(0, frame - h, size=n, endpoint=True)
+    cols = rng.integers(0, frame - w, size=n, endpoint=True)
+    out = np.empty((n, c, frame, frame), dtype=np.float32)
+    # Draw straight into the float32 output: no float64 temporary of the full frame stack.
+    rng.standard_normal(dtype=np.float32, out=out)
+    out *= np.float32(noise_std)
+    src = images.astype(np.float32, copy=False)
+    for i in range(n):
+        r, q = rows[i], cols[i]
+        out[i, :, r : r + h, q : q + w] += src[i]
+    return out
+
+
+def with_noise_frame(
+    ds: ImageDataset, frame: int = 42, noise_std: float = 0.5, random_state: int = 0
+) -> ImageDataset:
+    """Apply :func:`digit_in_noise` to both splits of ``ds``.
+
+    Train uses seed ``random_state`` and test ``random_state + 1`` so the two splits do not
+    share positions or noise. Pixels are no longer in ``[0, 1]``; that is intended.
+    """
+    return dataclasses.replace(
+        ds,
+        X_train=digit_in_noise(ds.X_train, frame, noise_std, random_state),
+        X_test=digit_in_noise(ds.X_test, frame, noise_std, random_state + 1),
+        name=f"{ds.name}-noise{int(frame)}",
+    )

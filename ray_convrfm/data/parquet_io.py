@@ -1,0 +1,481 @@
+"""Image data sets stored as parquet shards: the layout, its writer and its reader.
+
+Large image sets fit neither in one ``.npz`` file nor in one worker's memory, so they are stored
+as public mirrors store them: parquet rows of an encoded image and a label. The driver plans
+shards from the file footers (:func:`open_parquet_dataset`), a Ray worker reads only the row
+groups of its rows (:func:`read_rows`). ``pyarrow.dataset`` writes and reads the files; this
+module adds what is specific to images. A set is a directory or a URL (``s3://``, ``gs://``, ...
+as ``pyarrow.fs.FileSystem.from_uri`` takes them, or any fsspec URL)::
+
+    ROOT/dataset.json       {"format": "ray_convrfm-parquet", "version": 1, "name": "digits",
+                             "channels": 1, "height": 8, "width": 8, "encoding": "png",
+                             "classes": ["0", ...], "splits": {"train": 1500, "test": 297}}
+    ROOT/train/part-0.parquet, part-1.parquet, ...   (columns image, label)
+    ROOT/test/part-0.parquet, ...                    (optional)
+
+``height``/``width`` are ``null`` for images of varying size (reading then needs ``size``). A
+split is every ``*.parquet`` file of its folder in natural order (``part-2`` before ``part-10``)
+but names starting with ``.``/``_``; their footers must hold the recorded rows, so a missing or
+stale shard is caught on opening, and ``dataset.json`` is written last, so an interrupted write
+is too. ``image`` is PNG or JPEG bytes (``binary``, or HuggingFace's ``struct<bytes, path>``),
+``label`` an integer class. Pixels are stored as ``round(255 * x)``: exact in PNG, lossy in JPEG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from ray_convrfm.data.images import ImageDataset, default_classes
+
+__all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetManifest", "RowGroup", "decode_image",
+           "encode_image", "load_parquet", "open_parquet_dataset", "read_rows",
+           "write_parquet_dataset"]
+
+logger = logging.getLogger(__name__)
+
+#: Value of ``"format"`` in ``dataset.json``.
+FORMAT = "ray_convrfm-parquet"
+#: Highest layout version this module reads (and the one it writes).
+VERSION = 1
+META_FILE = "dataset.json"
+SPLITS = ("train", "test")
+_ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
+_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
+_PARQUET = pads.ParquetFileFormat()
+
+
+def format_of(encoding: str) -> str:
+    """PIL format name (``"PNG"``, ``"JPEG"``) of an ``encoding`` argument."""
+    fmt = _ENCODINGS.get(str(encoding).lower())
+    if fmt is None:
+        raise ValueError(f"encoding must be 'png' or 'jpeg', got {encoding!r}")
+    return fmt
+
+
+def check_channels(channels: int) -> int:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be a pair (H, W) of positive integers, got {size!r}")
+    return h, w
+
+
+def quantise(x: np.ndarray, where: str) -> np.ndarray:
+    """``round(255 * x)`` as ``uint8``; NaN and values outside ``[0, 1]`` are refused."""
+    x = np.asarray(x)
+    ok = (x >= 0) & (x <= 1)  # NaN compares false, so it is refused too
+    if not ok.all():
+        bad = x[~ok]
+        raise ValueError(f"{where}: pixels must be in [0, 1] to be stored as 8-bit images; found "
+                         f"{bad.size} value(s) outside, e.g. {bad.flat[0]!r}: rescale or clip")
+    return np.rint(x.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
+
+
+def hwc(q: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> PIL's layout ``(H, W)`` or ``(H, W, 3)``."""
+    return q[0] if q.shape[0] == 1 else np.transpose(q, (1, 2, 0))
+
+
+def chw(pixels: np.ndarray) -> np.ndarray:
+    """PIL's layout ``(H, W)`` or ``(H, W, 3)`` -> ``(C, H, W)``."""
+    return pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
+
+
+def encode_uint8(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    """PNG or JPEG bytes of ``uint8`` pixels in PIL's layout."""
+    from PIL import Image
+
+    buf = io.BytesIO()  # PNG ignores quality
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format=fmt, quality=int(quality))
+    return buf.getvalue()
+
+
+def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``uint8`` pixels ``(H, W)`` or ``(H, W, 3)`` of PNG/JPEG bytes, resized (bilinear) to
+    ``size`` ``(H, W)`` when given. 16-bit grey is scaled down, not clipped as PIL would."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode.startswith("I;16"):
+                wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
+                image = Image.fromarray(np.rint(wide / np.float32(257.0)).astype(np.uint8))
+            image = image.convert("L" if channels == 1 else "RGB")
+            if size is not None and (image.height, image.width) != tuple(size):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def encode_image(x: np.ndarray, encoding: str = "png", quality: int = 95) -> bytes:
+    """PNG (lossless) or JPEG (``quality``) bytes of one ``(C, H, W)`` image, ``C`` = 1 or 3,
+    pixels in ``[0, 1]``: quantised to ``round(255 * x)`` first, so PNG round trips are exact."""
+    fmt = format_of(encoding)
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {x.shape}")
+    return encode_uint8(hwc(quantise(x, "image")), fmt, quality)
+
+
+def decode_image(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG or JPEG bytes -> ``float32`` ``(channels, H, W)`` image in ``[0, 1]``. Any mode
+    (palette, RGBA, 16-bit grey, ...) is converted to ``channels`` (1 or 3), so all images of a
+    set have one layout; ``size`` ``(H, W)`` resizes (bilinear, no crop)."""
+    pixels = decode_uint8(data, check_channels(channels), check_size(size))
+    return chw(pixels).astype(np.float32) / np.float32(255.0)
+
+
+def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, bool]:
+    """``(file system, path inside it, is local)``: pyarrow's own file systems first, any other
+    URL through fsspec, wrapped so that the rest sees one pyarrow interface."""
+    s = os.fspath(path)
+    if "://" not in s:
+        return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve()), True
+    try:
+        fs, inner = pafs.FileSystem.from_uri(s)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        ffs, inner = fsspec.core.url_to_fs(s)
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
+    return fs, inner.rstrip("/") or inner, isinstance(fs, pafs.LocalFileSystem)
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
+
+
+def _list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """The ``*.parquet`` files of ``directory`` in natural order (``part-2`` before ``part-10``)."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File
+             and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
+    return [_join(directory, n) for n in sorted(names, key=_natural_key)]
+
+
+def _batches(rows: Iterable[tuple[bytes, int]], size: int, bar) -> Iterator[pa.RecordBatch]:
+    it = iter(rows)
+    while chunk := list(itertools.islice(it, size)):
+        bar.update(len(chunk))
+        images, labels = zip(*chunk, strict=True)
+        yield pa.record_batch([pa.array(images, pa.binary()), pa.array(labels, pa.int64())],
+                              schema=_SCHEMA)
+
+
+def write_encoded(out: str | os.PathLike[str], meta: dict,
+                  splits: dict[str, tuple[int, Iterable[tuple[bytes, int]]]],
+                  rows_per_file: int = 16384, rows_per_group: int = 1024,
+                  overwrite: bool = False, progress: bool = False) -> Path | str:
+    """Write the ``(row count, encoded (image, label) rows)`` of each split, streamed one row
+    group at a time, then ``dataset.json`` (``meta`` plus format, version and row counts). See
+    :func:`write_parquet_dataset` for the arguments."""
+    from tqdm.auto import tqdm
+
+    for arg, value in (("rows_per_file", rows_per_file), ("rows_per_group", rows_per_group)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    group = int(min(rows_per_group, rows_per_file))
+    fs, root, local = resolve(out)
+    meta_path = _join(root, META_FILE)
+    old = {split: _list_parquet(fs, _join(root, split)) for split in SPLITS}
+    has_meta = fs.get_file_info(meta_path).type == pafs.FileType.File
+    n_old = sum(len(files) for files in old.values())
+    if (n_old or has_meta) and not overwrite:
+        raise FileExistsError(f"{out} already holds a parquet data set ({n_old} parquet file(s)"
+                              f"{', dataset.json' if has_meta else ''}); pass overwrite=True")
+    if has_meta:
+        fs.delete_file(meta_path)  # first, so a half-replaced set is never readable
+    for file in (f for split, files in old.items() if split not in splits for f in files):
+        fs.delete_file(file)  # splits being written are cleared by write_dataset
+    fs.create_dir(root, recursive=True)
+    # Encoded images are incompressible and unique: no dictionary, no statistics for them.
+    options = _PARQUET.make_write_options(use_dictionary=["label"], write_statistics=["label"])
+    counts = {split: n for split, (n, _) in splits.items()}
+    with tqdm(total=sum(counts.values()), desc=f"write {meta['name']}", disable=not progress,
+              leave=False, unit="img") as bar:
+        for split, (_, rows) in splits.items():
+            pads.write_dataset(
+                pa.RecordBatchReader.from_batches(_SCHEMA, _batches(rows, group, bar)),
+                _join(root, split), filesystem=fs, format=_PARQUET, file_options=options,
+                basename_template="part-{i}.parquet", max_rows_per_file=int(rows_per_file),
+                max_rows_per_group=group, min_rows_per_group=group, preserve_order=True,
+                existing_data_behavior="delete_matching" if overwrite else "error")
+    with fs.open_output_stream(meta_path) as fh:
+        meta = {"format": FORMAT, "version": VERSION, **meta, "splits": counts}
+        fh.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    logger.info("wrote parquet data set %r to %s: %s", meta["name"], out, counts)
+    return Path(root) if local else os.fspath(out)
+
+
+def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encoding: str = "png",
+                          rows_per_file: int = 16384, rows_per_group: int = 1024,
+                          progress: bool = False, *, quality: int = 95,
+                          overwrite: bool = False) -> Path | str:
+    """Write ``ds`` (1 or 3 channels, pixels in ``[0, 1]``) at the path or URL ``out``; returns
+    the root (an absolute ``Path`` when local, else the URL). An empty test split is skipped.
+
+    ``encoding``: ``"png"`` (lossless) or ``"jpeg"`` (``quality``). Files hold at most
+    ``rows_per_file`` rows in row groups of ``rows_per_group``, the unit a worker reads (it
+    bounds the memory and over-read of a :func:`read_rows`). ``overwrite`` replaces a set at
+    ``out`` (else ``FileExistsError``); ``progress`` shows a bar. Pixels that 8 bits cannot
+    store (NaN, outside ``[0, 1]``) raise a ``ValueError`` naming the image before anything is
+    written.
+    """
+    fmt = format_of(encoding)
+    c, h, w = ds.image_shape
+    if c not in (1, 3):
+        raise ValueError(f"{ds.name}: images must have 1 or 3 channels to encode, got {c}")
+    splits = {"train": (ds.X_train, ds.y_train)}
+    if len(ds.X_test):
+        splits["test"] = (ds.X_test, ds.y_test)
+    for split, (X, _) in splits.items():
+        for i in range(0, len(X), 1024):  # in chunks: no full-size mask in memory
+            ok = ((X[i : i + 1024] >= 0) & (X[i : i + 1024] <= 1)).reshape(-1, c * h * w)
+            if not ok.all():
+                j = i + int(np.argmin(ok.all(axis=1)))
+                quantise(X[j], f"{ds.name}: X_{split}[{j}]")
+
+    def rows(X: np.ndarray, y: np.ndarray, split: str) -> Iterator[tuple[bytes, int]]:
+        for i in range(len(X)):
+            yield encode_uint8(hwc(quantise(X[i], f"X_{split}[{i}]")), fmt, quality), int(y[i])
+
+    meta = {"name": ds.name, "channels": c, "height": h, "width": w, "encoding": fmt.lower(),
+            "classes": list(ds.classes)}
+    return write_encoded(out, meta, {s: (len(X), rows(X, y, s)) for s, (X, y) in splits.items()},
+                         rows_per_file, rows_per_group, overwrite, progress)
+
+
+class RowGroup(NamedTuple):
+    """One row group: its file (path inside the file system), index in the file and size."""
+
+    file: str
+    index: int
+    num_rows: int
+
+
+class GroupSlice(NamedTuple):
+    """Rows ``start:stop`` (offsets inside the group) of row group ``index`` of ``file``."""
+
+    file: str
+    index: int
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParquetManifest:
+    """An opened data set: ``dataset.json`` and, per split, its row groups in row order.
+
+    Small and picklable (so are pyarrow file systems): the driver opens a set once and ships it
+    to the Ray workers, which call :func:`read_rows` on their rows. ``height``/``width`` are
+    ``None`` when the images vary in size."""
+
+    root: str  # the path or URL it was opened from
+    filesystem: pafs.FileSystem
+    name: str
+    channels: int
+    height: int | None
+    width: int | None
+    encoding: str
+    classes: tuple[str, ...]
+    groups: dict[str, list[RowGroup]]
+
+    def rows(self, split: str) -> int:
+        """Number of rows of ``split`` (0 for an absent ``"test"`` split)."""
+        if split not in self.groups and split not in SPLITS:
+            raise ValueError(f"{self.root}: unknown split {split!r}; available: "
+                             f"{sorted(self.groups)}")
+        return sum(g.num_rows for g in self.groups.get(split, []))
+
+    def groups_for(self, split: str, start: int, stop: int) -> list[GroupSlice]:
+        """The row groups covering rows ``start:stop`` of ``split``, in order, with the offsets
+        to keep inside each; ``0 <= start <= stop <= rows(split)`` or ``ValueError``."""
+        n, start, stop = self.rows(split), int(start), int(stop)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows {start}:{stop} out of range for split {split!r} with {n} "
+                             "rows (need 0 <= start <= stop <= rows)")
+        out, first = [], 0
+        for g in self.groups.get(split, []):
+            lo, hi = max(start, first), min(stop, first + g.num_rows)
+            if hi > lo:
+                out.append(GroupSlice(g.file, g.index, lo - first, hi - first))
+            first += g.num_rows
+        return out
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={self.rows(s)}" for s in self.groups)
+        return (f"ParquetManifest(root={self.root!r}, name={self.name!r}, "
+                f"shape=({self.channels}, {self.height}, {self.width}), {sizes})")
+
+
+def _check_schema(schema: pa.Schema, path: str) -> None:
+    if "image" not in schema.names or "label" not in schema.names:
+        raise ValueError(f"{path}: parquet file needs columns 'image' and 'label'; "
+                         f"has {schema.names}")
+    image, label = schema.field("image").type, schema.field("label").type
+    if pa.types.is_struct(image) and image.get_field_index("bytes") >= 0:
+        image = image.field("bytes").type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
+        raise ValueError(f"{path}: column 'image' must be binary or struct<bytes: binary, "
+                         f"path: string>, got {schema.field('image').type}")
+    if not pa.types.is_integer(label):
+        raise ValueError(f"{path}: column 'label' must be an integer type, got {label}")
+
+
+def _read_meta(fs: pafs.FileSystem, root: str, display: str) -> dict:
+    where = f"{display}/{META_FILE}"
+    if fs.get_file_info(_join(root, META_FILE)).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{display}: no {META_FILE}, so not a {FORMAT} data set (or its "
+                                "writing did not finish); write one with ray_convrfm.data."
+                                "parquet.convert, or see ray_convrfm.data.parquet_io")
+    with fs.open_input_stream(_join(root, META_FILE)) as fh:
+        try:
+            meta = json.loads(fh.read())
+        except ValueError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{where}: format must be {FORMAT!r}, got {found!r}")
+    version, splits = meta.get("version"), meta.get("splits")
+    h, w, c, classes = (meta.get(k) for k in ("height", "width", "channels", "classes"))
+    checks = [
+        (isinstance(version, int) and 1 <= version <= VERSION,
+         f"unsupported version {version!r} (this reader handles 1..{VERSION}; upgrade it)"),
+        (c in (1, 3), f"channels must be 1 or 3, got {c!r}"),
+        (isinstance(classes, list), f"classes must be a list of names, got {classes!r}"),
+        (all(v is None or (isinstance(v, int) and v >= 1) for v in (h, w)),
+         f"height and width must be positive integers or null, got {h!r} and {w!r}"),
+        (isinstance(splits, dict) and all(isinstance(v, int) and v >= 0 for v in splits.values()),
+         f"splits must map split names to row counts, got {splits!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+    return meta
+
+
+def open_parquet_dataset(path: str | os.PathLike[str]) -> ParquetManifest:
+    """Open a data set from ``dataset.json`` and its files' footers (``pyarrow.dataset``
+    fragments), reading no image bytes: cheap even for ImageNet on object storage.
+
+    ``FileNotFoundError`` without ``dataset.json``; ``ValueError`` for a wrong format or version,
+    a file without usable ``image`` and ``label`` columns, or a split of another row count.
+    """
+    display = os.fspath(path)
+    fs, root, _ = resolve(path)
+    meta = _read_meta(fs, root, display)
+    groups: dict[str, list[RowGroup]] = {}
+    for split, expected in meta["splits"].items():
+        files = _list_parquet(fs, _join(root, split))
+        groups[split] = []
+        for fragment in pads.dataset(files, format=_PARQUET, filesystem=fs).get_fragments():
+            _check_schema(fragment.physical_schema, fragment.path)
+            groups[split] += [RowGroup(fragment.path, g.id, g.num_rows)
+                              for g in fragment.row_groups]
+        found = sum(g.num_rows for g in groups[split])
+        if found != expected:
+            raise ValueError(f"{display}: split {split!r} should have {expected} rows per "
+                             f"{META_FILE} but its {len(files)} parquet file(s) hold {found} "
+                             "(missing or stale shards?)")
+    return ParquetManifest(display, fs, str(meta.get("name") or Path(root).name or "parquet"),
+                           meta["channels"], meta.get("height"), meta.get("width"),
+                           str(meta.get("encoding", "png")), tuple(map(str, meta["classes"])),
+                           groups)
+
+
+def read_slices(m: ParquetManifest, slices: list[GroupSlice],
+                columns: list[str]) -> Iterator[tuple[GroupSlice, pa.Table]]:
+    """Each slice with a table of its rows, reading only its row groups (one fragment per
+    file, split by row group)."""
+    for file, in_file in itertools.groupby(slices, key=lambda s: s.file):
+        in_file = list(in_file)
+        fragment = _PARQUET.make_fragment(file, filesystem=m.filesystem,
+                                          row_groups=[s.index for s in in_file])
+        for s, group in zip(in_file, fragment.split_by_row_group(), strict=True):
+            yield s, group.to_table(columns=columns).slice(s.start, s.stop - s.start)
+
+
+def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split: str, start: int,
+              stop: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``float32`` images ``(stop - start, C, H, W)`` in ``[0, 1]`` and ``int64`` labels of rows
+    ``start:stop`` of ``split``, reading only the row groups that cover them (a worker's read).
+
+    ``manifest_or_path``: an opened set (cheaper when called repeatedly) or its root. ``size``
+    ``(H, W)`` resizes (bilinear); without it images must have the recorded size. A bad range,
+    a null or undecodable image or label, or another size raise a ``ValueError`` naming the row.
+    """
+    m = (manifest_or_path if isinstance(manifest_or_path, ParquetManifest)
+         else open_parquet_dataset(manifest_or_path))
+    size = check_size(size)
+    slices = m.groups_for(split, start, stop)
+    target = size or (m.height, m.width)
+    if None in target:
+        raise ValueError(f"{m.root}: images vary in size (no height/width in {META_FILE}); "
+                         "pass size=(H, W)")
+    X = np.empty((int(stop) - int(start), m.channels, *target), dtype=np.float32)
+    y = np.empty(len(X), dtype=np.int64)
+    row = 0
+    for s, table in read_slices(m, slices, ["image", "label"]):
+        if table.column("label").null_count:
+            raise ValueError(f"{s.file}: row group {s.index} has null labels")
+        y[row : row + table.num_rows] = table.column("label").to_numpy()
+        images = table.column("image")
+        if pa.types.is_struct(images.type):
+            images = pc.struct_field(images, "bytes")
+        for j, data in enumerate(images.to_pylist()):
+            try:
+                if data is None:
+                    raise ValueError("image is null")
+                pixels = decode_uint8(data, m.channels, size)
+                if pixels.shape[:2] != target:
+                    raise ValueError(f"image is {pixels.shape[0]}x{pixels.shape[1]}, but "
+                                     f"{META_FILE} says {target[0]}x{target[1]}; pass "
+                                     "size=(H, W) to resize")
+            except ValueError as exc:
+                raise ValueError(f"{s.file}: row group {s.index}, row {s.start + j}: "
+                                 f"{exc}") from exc
+            np.divide(chw(pixels), np.float32(255.0), out=X[row + j])
+        row += table.num_rows
+    return X, y
+
+
+def load_parquet(path: str | os.PathLike[str] | ParquetManifest,
+                 size: tuple[int, int] | None = None) -> ImageDataset:
+    """A whole parquet data set in memory, for sets that fit (and tests); large sets are read
+    in shards with :func:`read_rows`."""
+    m = path if isinstance(path, ParquetManifest) else open_parquet_dataset(path)
+    X_tr, y_tr = read_rows(m, "train", 0, m.rows("train"), size=size)
+    X_te, y_te = read_rows(m, "test", 0, m.rows("test"), size=size)
+    logger.info("loaded parquet data set %s: %d train, %d test", m.root, len(y_tr), len(y_te))
+    return ImageDataset(X_tr, y_tr, X_te, y_te, name=m.name,
+                        classes=m.classes or default_classes(y_tr, y_te))
