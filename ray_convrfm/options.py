@@ -23,6 +23,9 @@ DEFAULT_BLOCK = 256
 #: workers once there are more parts than this, so the driver receives one sum, not one per worker.
 REDUCE_FAN_IN = 4
 
+#: Kernel engines (``ComputeOptions.engine``); devices.resolve_engine picks one for "auto".
+ENGINES = ("auto", "numba", "torch", "triton")
+
 #: Nystrom centers when none are given: an m x m Cholesky that takes seconds.
 DEFAULT_CENTERS = 2000
 
@@ -38,9 +41,10 @@ class ComputeOptions:
         else (float32, integers) in float32.
     device : str
         "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-    engine : {"auto", "numba", "torch"}
-        "numba" is the fused CPU path (one pass per image pair, in cache); "torch" is the
-        vectorised path that runs on any torch device. "auto" takes numba on CPU, torch on GPU.
+    engine : {"auto", "numba", "torch", "triton"}
+        "numba" is the fused CPU path (one pass per image pair, in cache); "triton" the fused
+        CUDA path (the ``[gpu]`` extra); "torch" the eager path that runs on any torch device.
+        "auto" takes numba on the CPU, Triton on CUDA when installed, else torch.
     memory_budget_mb : int
         Working memory one block may use; block sizes are derived from it, never from n.
     """
@@ -53,8 +57,8 @@ class ComputeOptions:
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "float64"):
             raise ValueError(f"dtype must be None, 'float32' or 'float64'; found {self.dtype!r}")
-        if self.engine not in ("auto", "numba", "torch"):
-            raise ValueError(f"engine must be 'auto', 'numba' or 'torch'; found {self.engine!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}; found {self.engine!r}")
         if not _is_int(self.memory_budget_mb) or self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be a positive integer; found "
                              f"{self.memory_budget_mb!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import torch
 
@@ -47,9 +49,16 @@ def resolve_dtype_for(X, requested: str | torch.dtype | None) -> torch.dtype:
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
-    """numba on CPU, torch elsewhere, unless the caller insists."""
+    """numba on the CPU, fused Triton on CUDA when installed, else eager torch; unless the
+    caller insists."""
     if engine == "auto":
-        return "numba" if device.type == "cpu" else "torch"
+        if device.type == "cpu":
+            return "numba"
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "torch"
     if engine == "numba" and device.type != "cpu":
         raise ValueError(f"engine='numba' runs on the CPU only; device is {device}")
+    if engine == "triton" and device.type != "cuda":
+        raise ValueError(f"engine='triton' runs on CUDA only; device is {device}")
     return engine
