@@ -274,6 +274,10 @@ def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
     """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same."""
     if engine == "numba":
         return _numba_call(xs, zs, adjoint=False, symmetric=symmetric)
+    if engine == "triton":  # imported here: triton is an optional extra
+        from ray_convrfm.kernels.triton_engine import kernel_block_triton
+
+        return kernel_block_triton(xs, zs, symmetric=symmetric)
     return _torch_forward(xs, zs)
 
 
@@ -290,6 +294,10 @@ def kernel_block_adjoint(xs: KernelSide, zs: KernelSide, coef: torch.Tensor,
     """
     if engine == "numba":
         return _numba_call(xs, zs, adjoint=True, coef=coef, out=out)
+    if engine == "triton":
+        from ray_convrfm.kernels.triton_engine import kernel_block_adjoint_triton
+
+        return kernel_block_adjoint_triton(xs, zs, coef)
     K, (dcross, dself) = _torch_forward(xs, zs, adjoint=True)
     return K, dcross, dself @ coef.to(dself.dtype)
 
@@ -300,6 +308,9 @@ def bytes_per_pair(grids, engine: str, itemsize: int, adjoint: bool = False) -> 
     if engine == "numba":
         # one output entry (+ the (P1) derivative row when differentiating)
         return itemsize * (1 + (p1 if adjoint else 0))
+    if engine == "triton":
+        # K (+ the dcross/dself rows); the launch scratch is bounded by triton_engine.tile_shape
+        return itemsize * (1 + (2 * p1 if adjoint else 0))
     ptot = sum(h * w for h, w in grids)
     # about eight live (pairs x positions) temporaries, plus two saved per layer for the adjoint
     return itemsize * (8 * p1 + (2 * ptot + 6 * p1 if adjoint else 0))
@@ -322,14 +333,27 @@ def as_tensor(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def resolve_M(M, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """M as a symmetric (d, d) tensor; None means the identity (the fixed CNTK baseline)."""
+    """M as a symmetric (d, d) tensor; None means the identity (the fixed CNTK baseline).
+
+    M must be finite, symmetric and positive semi-definite within ``checks.check_psd``'s
+    relative tolerance (of the coarser of M's own and the working dtype); anything else is
+    refused with its smallest eigenvalue, since K_M of an indefinite M is no kernel.
+    """
+    from ray_convrfm.checks import check_psd, psd_tolerance
+
     if M is None:
         return torch.eye(d, dtype=dtype, device=device)
+    given = M.dtype if isinstance(M, torch.Tensor) else getattr(M, "dtype", None)
     M = as_tensor(M, dtype, device)
     if M.shape != (d, d):
         raise ValueError(f"M must have shape ({d}, {d}) = (C*q*q, C*q*q); found {tuple(M.shape)}")
     if not torch.isfinite(M).all():
         raise ValueError("M contains NaN or inf entries")
+    tol = psd_tolerance(dtype, d)
+    if given is not None and (isinstance(given, torch.dtype) and given.is_floating_point
+                              or isinstance(given, np.dtype) and given.kind == "f"):
+        tol = max(tol, psd_tolerance(given, d))
+    check_psd(M, "M", tol)
     return 0.5 * (M + M.T)
 
 

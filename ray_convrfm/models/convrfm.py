@@ -20,15 +20,22 @@ from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for, resol
 from ray_convrfm.kernels.kernel import KernelParams, as_tensor
 from ray_convrfm.models.inputs import FitInputs, prepare_fit_inputs, training_images
 from ray_convrfm.models.persistence import (
+    DIGEST,
     FORMAT_VERSION,
+    ModelFile,
     hyper_parameters,
     read_model,
+    saved_parameter_names,
     write_model,
 )
 from ray_convrfm.models.rfm import Labelled, RFMParams, RFMResult, fit_rfm
 from ray_convrfm.options import ComputeOptions, Options, as_options
 
 __all__ = ["FORMAT_VERSION", "ConvRFM"]
+
+#: What ``save`` writes into ``config.json`` besides the format version, type and digest.
+_CONFIG_KEYS = {"params", "classes", "classes_dtype", "ridge", "kernel_scale", "best_iter",
+                "image_shape", "history", "center_indices"}
 
 
 class ConvRFM(ClassifierMixin, BaseEstimator):
@@ -231,28 +238,89 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path, options: Options | None = None) -> ConvRFM:
-        """Read a model written by ``save``; ``options`` say how to compute its predictions."""
-        config, tensors = read_model(path, cls.__name__)
-        return cls.from_saved(config, tensors, options)
+        """Read a model written by ``save``; ``options`` say how to compute its predictions.
+
+        Nothing in the files is trusted: a ``ValueError`` (``persistence.ModelFileError``)
+        naming the file refuses unreadable JSON or safetensors, other format versions, missing
+        or unknown keys (compute and cluster settings are never read from a file), tensors
+        that are missing, unexpected, not finite or shaped unlike the config, metrics that are
+        not symmetric positive semi-definite, a kernel scale that is not positive, and content
+        that does not match the digest recorded at save (an edited file).
+        """
+        return read_model(path, cls.__name__,
+                          lambda config, tensors, file: cls.from_saved(config, tensors,
+                                                                       options, file))
 
     @classmethod
-    def from_saved(cls, config: dict, tensors: dict, options: Options | None) -> ConvRFM:
-        params = dict(config["params"])
+    def from_saved(cls, config: dict, tensors: dict, options: Options | None,
+                   file: ModelFile | None = None) -> ConvRFM:
+        """The model of a parsed ``config.json`` and its tensors, every field checked against
+        the others (``file`` names the files in errors; the digest is ``load``'s to verify)."""
+        file = file or ModelFile("<saved model>")
+        file.keys(config, "the config", _CONFIG_KEYS | {"format_version", "model", DIGEST})
+        params = dict(file.keys(
+            config["params"], "params", saved_parameter_names(cls),
+            hint=" (a saved model holds no compute or cluster settings: pass them as "
+                 "options to load)"))
+        if not isinstance(params["ridges"], list):
+            raise file.bad_config(f"params.ridges must be a list; found {params['ridges']!r}")
         params["ridges"] = tuple(params["ridges"])
+        if not isinstance(params["padding"], bool):
+            raise file.bad_config(f"params.padding must be true or false; found "
+                                  f"{params['padding']!r}")
         model = cls(**params, options=options)
-        model.M_, model.alpha_, model.X_fit_ = tensors["M"], tensors["alpha"], tensors["X_fit"]
-        model.patch_basis_ = tensors.get("patch_basis")
-        model.classes_ = np.asarray(config["classes"], dtype=config["classes_dtype"])
-        model.ridge_ = config["ridge"]
-        model.kernel_scale_ = config["kernel_scale"]
-        model.best_iter_ = config["best_iter"]
-        model.image_shape_ = tuple(config["image_shape"])
-        model.n_features_in_ = model.M_.shape[0]
-        model.history_ = config["history"]
+        try:
+            rfm = model.rfm_params()
+        except (ValueError, TypeError) as err:
+            raise file.bad_config(f"params: {err}") from err
+        kernel = rfm.kernel
+        model.classes_ = file.classes(config)
+        model.image_shape_ = file.shape(config["image_shape"], "image_shape", 3)
+        channels, height, width = model.image_shape_
+        try:
+            kernel.grids(height, width)
+        except ValueError as err:
+            raise file.bad_config(f"image_shape {list(model.image_shape_)}: {err}") from err
+        model.history_ = file.history(config["history"], "history", rfm.iters)
+        iters = len(model.history_)
+        model.best_iter_ = file.integer(config["best_iter"], "best_iter", 0, iters - 1)
+        model.ridge_ = file.number(config["ridge"], "ridge", 0.0)
+        model.kernel_scale_ = file.number(config["kernel_scale"], "kernel_scale", 0.0,
+                                          strict=True)
+        d, c = channels * kernel.patch_size**2, len(model.classes_)
+        file.tensor_names(tensors, {"M", "alpha", "X_fit", *(f"M_path.{t}" for t in
+                                                             range(iters))},
+                          optional={"patch_basis"})
+        model.M_ = file.tensor(tensors, "M", (d, d), psd=True)
+        model.M_path_ = [file.tensor(tensors, f"M_path.{t}", (d, d), psd=True)
+                         for t in range(iters)]
+        model.X_fit_ = file.tensor(tensors, "X_fit", (None, *model.image_shape_))
+        m = model.X_fit_.shape[0]
+        if m < 1:
+            raise file.bad_tensors("tensor X_fit holds no images")
+        model.alpha_ = file.tensor(tensors, "alpha", (m, c))
+        model.patch_basis_ = None
+        if "patch_basis" in tensors:
+            Q = file.tensor(tensors, "patch_basis", (d, None))
+            gram = Q.T.to(torch.float64) @ Q.to(torch.float64)
+            if not 1 <= Q.shape[1] <= d or not torch.allclose(
+                    gram, torch.eye(Q.shape[1], dtype=torch.float64), atol=1e-4):
+                raise file.bad_tensors(f"tensor patch_basis {tuple(Q.shape)} must have 1 to "
+                                       f"{d} orthonormal columns")
+            model.patch_basis_ = Q
+        centers = config["center_indices"]
+        if (centers is None) != (rfm.solver == "exact"):
+            raise file.bad_config(f"center_indices must be given for solver 'nystrom' only; "
+                                  f"found {str(centers)[:40]} with solver {rfm.solver!r}")
+        if centers is not None:
+            if not isinstance(centers, list) or len(centers) != m \
+                    or len(set(file.integer(i, "center_indices", 0) for i in centers)) != m:
+                raise file.bad_config(f"center_indices must be {m} distinct row numbers (one "
+                                      f"per row of X_fit); found {str(centers)[:80]}")
+            centers = np.asarray(centers)
+        model.center_indices_ = centers
+        model.n_features_in_ = d
         model.timings_ = {}
-        centers = config.get("center_indices")
-        model.center_indices_ = None if centers is None else np.asarray(centers)
-        model.M_path_ = [tensors[f"M_path.{t}"] for t in range(len(model.history_))]
         return model
 
 

@@ -24,10 +24,20 @@ from sklearn.utils.validation import check_is_fitted
 from ray_convrfm.backends import open_backend
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.agop import psd_power
-from ray_convrfm.kernels.patches import featurise
+from ray_convrfm.kernels.patches import featurise, grid_shape
 from ray_convrfm.models.convrfm import ConvRFM, driver_sets, kernel_spec
 from ray_convrfm.models.inputs import prepare_fit_inputs, training_images
-from ray_convrfm.models.persistence import hyper_parameters, read_model, write_model
+from ray_convrfm.models.persistence import (
+    DIGEST,
+    ModelFile,
+    ModelFileError,
+    hyper_parameters,
+    jsonable,
+    read_model,
+    saved_digest,
+    saved_parameter_names,
+    write_model,
+)
 from ray_convrfm.models.rfm import Labelled, fit_rfm
 from ray_convrfm.options import as_options
 
@@ -174,7 +184,10 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         return self.classes_[self.decision_function(X).argmax(1)]
 
     def save(self, path: str | Path) -> Path:
-        """``config.json`` + ``model.safetensors`` (metrics, filters) + ``final/`` (no pickle)."""
+        """``config.json`` + ``model.safetensors`` (metrics, filters) + ``final/`` (no pickle).
+
+        The config records the digest of ``final/`` too, so the two are only loaded together.
+        """
         check_is_fitted(self, "final_")
         path = Path(path)
         self.final_.save(path / _FINAL)
@@ -187,23 +200,102 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         params["estimator"] = hyper_parameters(self._base())
         config = {"params": params, "classes": self.classes_.tolist(),
                   "classes_dtype": str(self.classes_.dtype),
-                  "image_shape": list(self.image_shape_), "layers": layers}
+                  "image_shape": list(self.image_shape_), "layers": layers,
+                  "final_digest": saved_digest(path / _FINAL)}
         return write_model(path, type(self).__name__, config, tensors)
 
     @classmethod
     def load(cls, path: str | Path, options=None) -> DeepConvRFM:
-        """Read a model written by ``save``; ``options`` say how to compute its predictions."""
-        config, tensors = read_model(path, cls.__name__)
-        params = dict(config["params"])
-        layer_params = dict(params.pop("estimator"))
+        """Read a model written by ``save``; ``options`` say how to compute its predictions.
+
+        Checked as ``ConvRFM.load`` checks (a ``ValueError`` naming the file), for the layers'
+        metrics and filters, the ``final/`` model and their agreement: the final model must be
+        the one saved with this config (its digest), with the last layer's depth, metric and
+        feature shape.
+        """
+        path = Path(path)
+        return read_model(path, cls.__name__,
+                          lambda config, tensors, file: cls._from_saved(config, tensors,
+                                                                        options, file))
+
+    @classmethod
+    def _from_saved(cls, config: dict, tensors: dict, options, file: ModelFile) -> DeepConvRFM:
+        file.keys(config, "the config", {"format_version", "model", DIGEST, "params", "classes",
+                                         "classes_dtype", "image_shape", "layers",
+                                         "final_digest"})
+        hint = (" (a saved model holds no compute or cluster settings: pass them as options "
+                "to load)")
+        params = dict(file.keys(config["params"], "params", saved_parameter_names(cls),
+                                hint=hint))
+        layer_params = dict(file.keys(params.pop("estimator"), "params.estimator",
+                                      saved_parameter_names(ConvRFM), hint=hint))
+        if not isinstance(layer_params["ridges"], list):
+            raise file.bad_config(f"params.estimator.ridges must be a list; found "
+                                  f"{layer_params['ridges']!r}")
         layer_params["ridges"] = tuple(layer_params["ridges"])
         model = cls(estimator=ConvRFM(**layer_params, options=options), **params)
-        model.layers_ = [dict(info, M=tensors[f"layer{i}.M"],
-                              filters=tensors.get(f"layer{i}.filters"))
-                         for i, info in enumerate(config["layers"])]
-        model.classes_ = np.asarray(config["classes"], dtype=config["classes_dtype"])
-        model.image_shape_ = tuple(config["image_shape"])
-        model.final_ = ConvRFM.load(Path(path) / _FINAL, options=options)
+        base = model._base()
+        try:
+            depths = model._depths(base)
+            q = base.rfm_params().kernel.patch_size
+        except (ValueError, TypeError) as err:
+            raise file.bad_config(f"params: {err}") from err
+        model.classes_ = file.classes(config)
+        model.image_shape_ = file.shape(config["image_shape"], "image_shape", 3)
+        layers = config["layers"]
+        if not isinstance(layers, list) or len(layers) != len(depths):
+            raise file.bad_config(f"layers must be a list of {len(depths)} records (params."
+                                  f"layers); found {str(layers)[:80]}")
+        file.tensor_names(tensors, {f"layer{i}.M" for i in range(len(depths))}
+                          | {f"layer{i}.filters" for i in range(len(depths) - 1)})
+        channels, height, width = model.image_shape_
+        width_ = int(model.width)
+        padding = bool(base.padding)
+        model.layers_ = []
+        for i, (info, depth) in enumerate(zip(layers, depths, strict=True)):
+            what = f"layers[{i}]"
+            info = dict(file.keys(info, what, {"depth", "learned", "best_iter", "ridge",
+                                               "history", "val_acc"}))
+            if file.integer(info["depth"], f"{what}.depth") != depth:
+                raise file.bad_config(f"{what}.depth is {info['depth']}; params give {depth}")
+            if not isinstance(info["learned"], bool):
+                raise file.bad_config(f"{what}.learned must be true or false; found "
+                                      f"{info['learned']!r}")
+            history = file.history(info["history"], f"{what}.history", int(base.iters))
+            file.integer(info["best_iter"], f"{what}.best_iter", 0, len(history) - 1)
+            file.number(info["ridge"], f"{what}.ridge", 0.0)
+            file.number(info["val_acc"], f"{what}.val_acc", 0.0)
+            d = channels * q * q
+            info["M"] = file.tensor(tensors, f"layer{i}.M", (d, d), psd=True)
+            info["filters"] = None
+            if i < len(depths) - 1:
+                info["filters"] = file.tensor(tensors, f"layer{i}.filters",
+                                              (width_, channels, q, q))
+                channels = width_
+                height, width = grid_shape(height, width, q, padding)
+                if height < 1 or width < 1:
+                    raise file.bad_config(f"image_shape {list(model.image_shape_)} is too "
+                                          f"small for {len(depths)} layers of {q} x {q} filters")
+            model.layers_.append(info)
+        final = ConvRFM.load(file.path / _FINAL, options=options)
+        if saved_digest(file.path / _FINAL) != config["final_digest"]:
+            raise ModelFileError(f"{file.path / _FINAL} is not the final model saved with "
+                                 f"{file.config_file} (its digest differs from final_digest)")
+        expected = dict(hyper_parameters(base), depth=depths[-1],
+                        random_state=int(base.random_state) + len(depths) - 1)
+        problems = [f"params {k}" for k, v in expected.items()
+                    if jsonable(v) != jsonable(hyper_parameters(final)[k])]
+        if tuple(final.image_shape_) != (channels, height, width):
+            problems.append(f"image_shape {list(final.image_shape_)} (the layers give "
+                            f"{[channels, height, width]})")
+        if not np.array_equal(final.classes_, model.classes_):
+            problems.append("classes")
+        if not torch.equal(final.M_, model.layers_[-1]["M"]):
+            problems.append(f"M (layer{len(depths) - 1}.M differs)")
+        if problems:
+            raise ModelFileError(f"{file.path / _FINAL} does not match {file.config_file}: "
+                                 f"its {', '.join(problems)}")
+        model.final_ = final
         return model
 
 

@@ -49,10 +49,14 @@ class RFMParams:
     def __post_init__(self) -> None:
         if not _positive_int(self.iters):
             raise ValueError(f"iters must be a positive integer; found {self.iters!r}")
-        ridges = tuple(float(r) for r in np.atleast_1d(np.asarray(self.ridges, dtype=float)))
-        if not ridges or min(ridges) < 0:
-            raise ValueError(f"ridges must be a non-empty list of values >= 0; found "
-                             f"{self.ridges}")
+        try:
+            ridges = tuple(float(r) for r in np.atleast_1d(np.asarray(self.ridges, dtype=float)))
+        except (TypeError, ValueError):
+            ridges = ()
+        if not ridges or np.asarray(self.ridges).ndim > 1 \
+                or not all(np.isfinite(r) and r >= 0 for r in ridges):
+            raise ValueError(f"ridges must be a non-empty list of finite values >= 0; found "
+                             f"{self.ridges!r}")
         object.__setattr__(self, "ridges", ridges)
         object.__setattr__(self, "iters", int(self.iters))
         if not _positive_int(self.agop_samples):

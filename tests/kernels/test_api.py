@@ -264,3 +264,48 @@ def test_conv_ntk_names_mismatched_arguments():
         conv_ntk(X, rng.random((2, 3, 9, 9)))
     with pytest.raises(ValueError, match=r"M must have shape \(9, 9\)"):
         conv_ntk(X, M=np.eye(27))
+
+
+# ---------------------------------------------------------------------------------------------
+# M must be a metric: symmetric positive semi-definite within a small relative tolerance
+
+
+def _not_psd_metrics(rng, d=9):
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    indefinite = (U * np.r_[1.0, np.ones(d - 2), -1e-3]) @ U.T  # smallest eigenvalue -1e-3
+    asymmetric = np.eye(d) + np.triu(np.full((d, d), 0.1), 1)
+    return [(-np.eye(d), r"smallest eigenvalue is -1 "),
+            (-random_psd(rng, d) - np.eye(d), "smallest eigenvalue is -"),
+            (indefinite, r"smallest eigenvalue is -0.001 "),
+            (asymmetric, "M must be symmetric"),
+            (torch.from_numpy(-np.eye(d)).float(), r"smallest eigenvalue is -1 ")]
+
+
+@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("function", ["conv_ntk", "patch_agop"])
+def test_a_metric_that_is_not_psd_is_refused_naming_M(function, case):
+    rng = np.random.default_rng(11)
+    M, message = _not_psd_metrics(rng)[case]
+    X, Z = rng.random((4, 1, 9, 9)), rng.random((2, 1, 9, 9))
+    with pytest.raises(ValueError, match=r"^M must be (positive semi-definite|symmetric)") as e:
+        if function == "conv_ntk":
+            conv_ntk(X, Z, M, depth=2)
+        else:
+            patch_agop(X, np.ones((4, 2)), Z, M, depth=2)
+    assert e.match(message)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_metric_psd_up_to_rounding_is_accepted(dtype):
+    rng = np.random.default_rng(12)
+    d = 9
+    U, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    low_rank = (U * np.r_[np.ones(4), np.zeros(d - 4)]) @ U.T  # eigenvalues 1 and (about) 0
+    nearly = (U * np.r_[np.ones(d - 1), -5e-7]) @ U.T  # -5e-7 x the largest: rounding
+    skew = nearly + 1e-9 * np.triu(np.ones((d, d)), 1)  # symmetric up to rounding
+    X = rng.random((3, 1, 9, 9))
+    for M in (low_rank, nearly, skew, low_rank.astype(np.float32)):
+        K = conv_ntk(X, M=M, depth=2, dtype=dtype)
+        assert np.isfinite(K).all()
+        G = patch_agop(X, np.ones(3), X[:1], M, depth=2, dtype=dtype)
+        assert np.isfinite(G).all()
