@@ -60,6 +60,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     solver : "exact" (Cholesky of the n x n kernel) or "nystrom" (m centers, a seeded uniform
         sample of the training images; only m x m systems, section 9)
     centers : m for the Nystrom solver (default min(n, ``options.DEFAULT_CENTERS``))
+    patience : stop after this many iterations without a better validation score (``iters``
+        is then the maximum); None runs all ``iters``. Scores compare accuracy first, then the
+        squared error on the one-hot targets, so equal accuracies do not hide a better fit
     random_state : seed of the validation split and the AGOP sample (a local generator)
     options : how and where to compute (``ray_convrfm.Options``: dtype, device, engine, memory
         budget, Ray workers and cluster address, kernel store, progress); None: in this
@@ -93,7 +96,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", solver: str = "exact", centers: int | None = None,
-                 random_state: int | None = 0, options: Options | None = None):
+                 patience: int | None = None, random_state: int | None = 0,
+                 options: Options | None = None):
         self.depth = depth
         self.patch_size = patch_size
         self.padding = padding
@@ -105,6 +109,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.patch_basis = patch_basis
         self.solver = solver
         self.centers = centers
+        self.patience = patience
         self.random_state = random_state
         self.options = options
 
@@ -152,7 +157,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                               _as_int(self.patch_size), bool(self.padding))
         return RFMParams(kernel=kernel, iters=self.iters, ridges=self.ridges,
                          agop_samples=self.agop_samples, agop_power=self.agop_power,
-                         patch_basis=self.patch_basis, solver=self.solver, centers=self.centers)
+                         patch_basis=self.patch_basis, solver=self.solver, centers=self.centers,
+                         patience=self.patience)
 
     def set_result(self, result: RFMResult, image_shape: tuple[int, ...]) -> None:
         """Take the learned state from ``fit_rfm``'s result (used by ``DeepConvRFM`` layers)."""

@@ -45,6 +45,7 @@ class RFMParams:
     patch_basis: str = "auto"
     solver: str = "exact"
     centers: int | None = None
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         if not _positive_int(self.iters):
@@ -69,6 +70,11 @@ class RFMParams:
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; found {self.solver!r}")
+        if self.patience is not None:
+            if not _positive_int(self.patience):
+                raise ValueError(f"patience must be a positive integer or None; found "
+                                 f"{self.patience!r}")
+            object.__setattr__(self, "patience", int(self.patience))
         if self.centers is not None:
             if not _positive_int(self.centers):
                 raise ValueError(f"centers must be a positive integer; found {self.centers!r}")
@@ -175,6 +181,8 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
     history: list[dict] = []
     M_path: list[torch.Tensor] = []
     best = None
+    Y_val = torch.zeros(len(validation.y), n_classes, dtype=torch.float64, device=dev)
+    Y_val[torch.arange(len(validation.y)), torch.as_tensor(validation.y, device=dev)] = 1.0
     for it in range(params.iters):
         M_path.append(_full_metric(M, Q).cpu())
         backend.set_metric(M, Q)
@@ -190,22 +198,23 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
         t_kernel = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        record, (ridge, val_acc, alpha) = _choose_ridge(problem, Kv, validation.y,
-                                                        params.ridges, it)
+        record, (ridge, score, alpha) = _choose_ridge(problem, Kv, Y_val, params.ridges, it)
+        val_acc = score.acc
         train_mse = problem.train_mse(alpha)
-        record.update(ridge=ridge, val_acc=val_acc, train_mse=train_mse,
+        record.update(ridge=ridge, val_acc=val_acc, val_loss=score.loss, train_mse=train_mse,
                       seconds_kernel=t_kernel, seconds_solve=time.perf_counter() - t0,
                       **{f"seconds_{k}": v for k, v in problem.stages.items()})
         if Kmon is not None:
             record["monitor_acc"] = _accuracy(Kmon @ alpha, monitor.y)
         scale = problem.scale
-        if best is None or val_acc > best["val_acc"]:
-            best = {"val_acc": val_acc, "iter": it, "M": M.clone(), "alpha": alpha,
+        if best is None or score.beats(best["score"]):
+            best = {"score": score, "iter": it, "M": M.clone(), "alpha": alpha,
                     "ridge": ridge, "scale": scale}
         del problem, Kv, Kmon  # free the n x n kernel before the AGOP
+        stop = stops_early(it, best["iter"], params.patience)
 
         t0 = time.perf_counter()
-        if it < params.iters - 1:
+        if it < params.iters - 1 and not stop:
             G = backend.agop((alpha / scale).to(dt), sample_idx, center_idx)
             M = metric_from_agop(G, params.agop_power)
         record["seconds_agop"] = time.perf_counter() - t0
@@ -217,6 +226,10 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
                      "solve %.1fs  AGOP %.1fs", it, ridge, val_acc,
                      "" if mon is None else f"  monitor acc {mon:.4f}", train_mse, t_kernel,
                      record["seconds_solve"], record["seconds_agop"])
+        if stop:
+            log.info("no better validation score for %d iterations: stopping after iteration "
+                     "%d (best: %d)", params.patience, it, best["iter"])
+            break
     return RFMResult(M=_full_metric(best["M"], Q).cpu(), alpha=best["alpha"].cpu(),
                      ridge=best["ridge"], kernel_scale=best["scale"], best_iter=best["iter"],
                      history=history, M_path=M_path, centers=backend.centers(center_idx).cpu(),
@@ -224,10 +237,34 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
                      timings=backend.timings())
 
 
-def _choose_ridge(problem, Kv: torch.Tensor, y_val: np.ndarray, ridges: tuple[float, ...],
+@dataclass(frozen=True)
+class Score:
+    """A validation score: higher accuracy wins, and equal accuracies (common with a few hundred
+    validation images) go to the lower squared error on the one-hot targets."""
+
+    acc: float
+    loss: float
+
+    def beats(self, other: Score | None) -> bool:
+        return (other is None or self.acc > other.acc
+                or (self.acc == other.acc and self.loss < other.loss))
+
+
+def validation_score(scores: torch.Tensor, Y_val: torch.Tensor) -> Score:
+    """Accuracy and mean squared error (summed over classes) of class scores on validation."""
+    acc = float((scores.argmax(1) == Y_val.argmax(1)).double().mean())
+    return Score(acc=acc, loss=float(((scores - Y_val) ** 2).sum(1).mean()))
+
+
+def stops_early(it: int, best_iter: int, patience: int | None) -> bool:
+    """Whether iteration ``it`` is the last: ``patience`` iterations without a better score."""
+    return patience is not None and it - best_iter >= patience
+
+
+def _choose_ridge(problem, Kv: torch.Tensor, Y_val: torch.Tensor, ridges: tuple[float, ...],
                   it: int):
-    """Solve for every ridge; the best validation accuracy wins (the first on ties)."""
-    record = {"iter": it, "val_acc_by_ridge": {}, "failed_ridges": []}
+    """Solve for every ridge; the best validation ``Score`` wins (the first on exact ties)."""
+    record = {"iter": it, "val_acc_by_ridge": {}, "val_loss_by_ridge": {}, "failed_ridges": []}
     chosen = None
     for ridge in ridges:
         try:
@@ -236,10 +273,11 @@ def _choose_ridge(problem, Kv: torch.Tensor, y_val: np.ndarray, ridges: tuple[fl
             record["failed_ridges"].append(ridge)
             log.info("iteration %d: %s", it, err)
             continue
-        val_acc = _accuracy(Kv @ alpha, y_val)
-        record["val_acc_by_ridge"][repr(ridge)] = val_acc
-        if chosen is None or val_acc > chosen[1]:
-            chosen = (ridge, val_acc, alpha)
+        score = validation_score(Kv @ alpha, Y_val)
+        record["val_acc_by_ridge"][repr(ridge)] = score.acc
+        record["val_loss_by_ridge"][repr(ridge)] = score.loss
+        if chosen is None or score.beats(chosen[1]):
+            chosen = (ridge, score, alpha)
     if chosen is None:
         raise SingularKernelError(f"iteration {it}: every ridge in {ridges} failed; pass "
                                   "larger ridges")

@@ -76,3 +76,48 @@ def test_deep_predict_before_fit_is_not_fitted(digits):
         DeepConvRFM().decision_function(X)
     with pytest.raises(TypeError, match="estimator must be a ConvRFM"):
         DeepConvRFM(estimator="ConvRFM").fit(X, np.arange(len(X)) % 2)
+
+
+def test_ties_in_accuracy_go_to_the_lower_validation_loss():
+    from ray_convrfm.models.rfm import Score
+
+    assert Score(0.9, 0.5).beats(Score(0.8, 0.1))  # accuracy first
+    assert Score(0.9, 0.2).beats(Score(0.9, 0.3))  # then the squared error
+    assert not Score(0.9, 0.3).beats(Score(0.9, 0.3))  # exact ties keep the earlier one
+    assert Score(0.5, 9.0).beats(None)
+
+
+@pytest.mark.parametrize("curve,patience,last,best", [
+    ([0.5, 0.6, 0.7, 0.8, 0.9], 2, 4, 4),  # still rising: runs to the maximum
+    ([0.5, 0.7, 0.6, 0.65, 0.9], 2, 3, 1),  # two iterations without a better score
+    ([0.5, 0.7, 0.6, 0.65, 0.9], 3, 4, 4),  # more patience sees the late gain
+    ([0.5, 0.5, 0.5, 0.5, 0.5], 1, 1, 0),  # flat: stops at once
+    ([0.5, 0.4, 0.3, 0.2, 0.1], None, 4, 0),  # no patience: every iteration
+])
+def test_early_stopping_on_constructed_validation_curves(curve, patience, last, best):
+    from ray_convrfm.models.rfm import Score, stops_early
+
+    best_iter, best_score = None, None
+    for it, acc in enumerate(curve):
+        score = Score(acc, 1.0)
+        if score.beats(best_score):
+            best_iter, best_score = it, score
+        if stops_early(it, best_iter, patience):
+            break
+    assert (it, best_iter) == (last, best)
+
+
+def test_fit_stops_when_validation_stops_improving(digits):
+    """Equal validation accuracies at every iteration: the loss decides, and patience stops."""
+    X, y, Xv, yv = digits
+    full = ConvRFM(depth=2, iters=6, agop_samples=20).fit(X, y, X_val=Xv, y_val=yv)
+    scores = [(h["val_acc"], -h["val_loss"]) for h in full.history_]
+    assert full.best_iter_ == max(range(6), key=lambda i: (scores[i], -i))
+    early = ConvRFM(depth=2, iters=6, agop_samples=20, patience=1).fit(X, y, X_val=Xv,
+                                                                       y_val=yv)
+    stop = next((i for i in range(1, 6) if scores[i] <= max(scores[:i])), 5)
+    assert len(early.history_) == stop + 1
+    same = [h["val_acc"] for h in full.history_[: stop + 1]]
+    assert [h["val_acc"] for h in early.history_] == same
+    with pytest.raises(ValueError, match="patience"):
+        ConvRFM(patience=0).fit(X, y)
