@@ -49,6 +49,7 @@ class RayBackend:
         self.block = shards.block
         self.spec: KernelSpec | None = None
         self.store: str | None = None
+        self.runs: list[RunStore] = []  # each holds its store's lease until close()
         self.blocks_computed = 0
 
     @classmethod
@@ -63,6 +64,7 @@ class RayBackend:
         self.spec, self.store = spec, store
         if store:
             self.run = RunStore.open(store, self.shards.fingerprint(), spec, self.block)
+            self.runs.append(self.run)
 
     def patch_span(self) -> torch.Tensor | None:
         p = self.spec.params
@@ -145,5 +147,9 @@ class RayBackend:
         return dict(self.shards.timings)
 
     def close(self) -> None:
-        if self.owns:
-            self.shards.close()
+        try:
+            if self.owns:
+                self.shards.close()
+        finally:
+            while self.runs:  # give the stores' leases back once no worker writes
+                self.runs.pop().close()

@@ -28,6 +28,7 @@ class LocalBackend:
         self.workspace = Workspace()
         self.spec: KernelSpec | None = None
         self.store: str | None = None
+        self.runs: list[RunStore] = []  # each holds its store's lease until close()
         self.blocks_computed = 0
 
     @property
@@ -40,6 +41,7 @@ class LocalBackend:
         if store:
             self.run = RunStore.open(store, rows_fingerprint(self.X, self.block), spec,
                                      self.block)
+            self.runs.append(self.run)
 
     def patch_span(self) -> torch.Tensor | None:
         p = self.spec.params
@@ -67,18 +69,24 @@ class LocalBackend:
             return self._kernel(self.xs, self.xs, desc, symmetric=True)
         return self._stored(self.xs, self.run.rows_fingerprint, desc)
 
-    def _fill(self, cols: KernelSide, cols_fp: str) -> tuple[KernelStore, tuple[int, int]]:
-        """K(train, cols) into the store: only blocks not yet marked are computed."""
+    def _fill(self, cols: KernelSide, cols_fp: str):
+        """K(train, cols) into the store: only blocks not yet marked are computed. Returns the
+        store, the kernel's shape and ``compute(blocks)``, which (re)computes blocks whose
+        marks are cleared (what a read found damaged)."""
         store = KernelStore(*self.run.kernel(cols_fp, self.M, self.basis))
         shape = (self.n, len(cols))
-        self.blocks_computed += store.fill("K", shape, store.blocks("K", shape),
-                                           lambda r0, r1: self.xs.rows(r0, r1), cols,
-                                           lambda xs, zs: self._kernel(xs, zs))
-        return store, shape
+
+        def compute(blocks: list[tuple[int, int]]) -> None:
+            self.blocks_computed += store.fill("K", shape, blocks,
+                                               lambda r0, r1: self.xs.rows(r0, r1), cols,
+                                               lambda xs, zs: self._kernel(xs, zs))
+
+        compute(store.blocks("K", shape))
+        return store, shape, compute
 
     def _stored(self, cols: KernelSide, cols_fp: str, desc: str) -> torch.Tensor:
-        store, shape = self._fill(cols, cols_fp)
-        return torch.from_numpy(store.read("K", shape)).to(self.X.device)
+        store, shape, compute = self._fill(cols, cols_fp)
+        return torch.from_numpy(store.read("K", shape, recompute=compute)).to(self.X.device)
 
     def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
                      desc: str = "kernel") -> torch.Tensor:
@@ -100,12 +108,13 @@ class LocalBackend:
         cs = self.xs.take(center_idx)
         m = len(center_idx)
         if self.store:  # the n x m kernel through the store, then summed block by block
-            store, shape = self._fill(cs, self.run.centers_fingerprint(center_idx))
-            stored = store.kernel("K", shape)
+            store, shape, compute = self._fill(cs, self.run.centers_fingerprint(center_idx))
             rows = self.block
 
-            def block(r):
-                return torch.from_numpy(stored[r : r + rows]).to(self.X.device)
+            def block(r):  # one block row, each block checked against its digest
+                i = r // rows
+                return torch.from_numpy(store.read("K", shape, recompute=compute,
+                                                   block_rows=(i, i + 1))).to(self.X.device)
         else:
             rows = max(1, min(self.n, block_rows(m, self.xs.grids, self.spec.engine,
                                                  self.xs.left.element_size(),
@@ -142,4 +151,5 @@ class LocalBackend:
         return {}
 
     def close(self) -> None:
-        pass
+        while self.runs:  # give the stores' leases back
+            self.runs.pop().close()

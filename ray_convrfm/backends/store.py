@@ -1,34 +1,76 @@
 """Kernel matrices in zarr stores (v3): blocks that outlive any process.
 
 One group per store; one array per kernel (e.g. ``train_train``, ``test_train``), chunked by the
-block size so that one block is one chunk, written by whoever computed it. Beside each kernel
-array a boolean ``<name>.done`` array (one chunk per block) records finished blocks: a block's
-values are written first and only then marked, so a block marked done is never half-written,
-and a rerun computes only the unmarked ones. The group's attributes record exactly what the
-kernels are of (a fingerprint of the images and of M, the kernel parameters, dtype, block size
-and library version); opening a store made for other inputs is refused, never silently reused.
-Nothing is pickled: values are plain arrays and the metadata is JSON.
+block size so that one block is one chunk, written by whoever computed it, with a crc32c
+checksum in its codecs and NaN as fill value (a missing chunk never reads as plausible zeros).
+Beside each kernel array a ``<name>.digest`` array (uint8, one 32-byte chunk per block) holds the
+SHA-256 of each finished block's values, its (i, j) and the kernel's identity: a block's values
+are written first and only then its digest, so a block with a digest is finished, and a rerun
+computes only the blocks without one. Every read checks each block against its digest, so a
+missing, corrupted or swapped-in chunk is never used: it is recomputed (with a warning naming
+it) or refused with ``DamagedBlockError``.
+
+The group's attributes record exactly what the kernels are of (a fingerprint of the images and
+of M, the kernel parameters, dtype, block size and library version); opening a store made for
+other inputs is refused, never silently reused. A run holds its store's lease (``StoreLease``)
+while it fits, so a second run on the same store is refused with ``StoreBusyError``. Nothing
+is pickled: values are plain arrays and the metadata is JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.errors import ContainsArrayError
 
 from ray_convrfm import __version__
 
+try:
+    import fcntl as _flock
+except ImportError:  # no flock (Windows): local paths use the lease object too
+    _flock = None
+
+log = logging.getLogger(__name__)
+
 #: Bumped when the layout changes; stores of other layouts are refused.
-STORE_FORMAT = 2
+STORE_FORMAT = 3
+
+#: Bytes of a block digest (SHA-256), kept per block in ``<name>.digest``.
+DIGEST_BYTES = 32
+
+#: The lease file (local paths) or object (fsspec URLs) at the root of a run's store.
+LEASE_NAME = "run.lease"
+
+#: An fsspec lease whose heartbeat is older than this is taken over (its holder is gone).
+LEASE_TTL_S = 600.0
 
 
 class StoreMismatchError(ValueError):
     """The store holds kernels of other inputs (images, M, parameters, dtype or block size)."""
+
+
+class DamagedBlockError(ValueError):
+    """A stored block is missing, corrupted or not the block its digest names, and no
+    recomputation was offered (or the recomputed block read back damaged again)."""
+
+
+class StoreBusyError(OSError):
+    """Another live run holds the store's lease: two fits never write one store at once (an
+    ``OSError``, like any other store that cannot be used as asked)."""
 
 
 def fingerprint(*arrays, extra: Any = None) -> str:
@@ -116,20 +158,87 @@ class KernelStore:
                 f"{self.url} holds kernels of other inputs; differing (store, now): {diff}. "
                 "Use another store path, or delete this one to recompute."
             )
+        self._arrays: dict[str, zarr.Array] = {}
+        self._identities: dict[str, bytes] = {}
+        #: warnings about damaged blocks met by this instance (workers send them back)
+        self.reports: list[str] = []
 
     def kernel(self, name: str, shape: tuple[int, int]) -> zarr.Array:
-        """The (rows, cols) kernel array ``name``, created on first use (one chunk per block)."""
+        """The (rows, cols) kernel array ``name`` and its digests, created on first use (one
+        chunk per block); creation is race-free (an array another writer just made is opened)."""
         b = self.spec.block
-        if name in self.group.array_keys():
-            arr = self.group[name]
-            if tuple(arr.shape) != tuple(shape):
-                raise StoreMismatchError(f"{self.url}/{name} has shape {arr.shape}; "
-                                         f"expected {shape}")
-            return arr
-        self.group.create_array(f"{name}.done", shape=_grid(shape, b), chunks=(1, 1),
-                                dtype="bool", fill_value=False)
-        return self.group.create_array(name, shape=shape, chunks=(b, b),
-                                       dtype=self.spec.dtype, fill_value=0)
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._array(name, shape=shape, chunks=(b, b), dtype=self.spec.dtype,
+                              fill_value=np.nan,
+                              compressors=(ZstdCodec(level=0), Crc32cCodec()))
+        if tuple(arr.shape) != tuple(shape):
+            raise StoreMismatchError(f"{self.url}/{name} has shape {arr.shape}; "
+                                     f"expected {shape}")
+        if name not in self._arrays:
+            grid = (*_grid(shape, b), DIGEST_BYTES)
+            digests = self._array(f"{name}.digest", shape=grid, chunks=(1, 1, DIGEST_BYTES),
+                                  dtype="uint8", fill_value=0, compressors=(Crc32cCodec(),))
+            if tuple(digests.shape) != grid:
+                raise StoreMismatchError(f"{self.url}/{name}.digest has shape {digests.shape}; "
+                                         f"expected {grid}")
+            self._arrays[name], self._arrays[f"{name}.digest"] = arr, digests
+        return arr
+
+    def _array(self, key: str, **create) -> zarr.Array:
+        """Open array ``key``, or create it; another writer creating it first is no error."""
+        try:
+            return self.group[key]
+        except KeyError:
+            pass
+        try:
+            return self.group.create_array(key, **create)
+        except ContainsArrayError:
+            return self.group[key]
+
+    def _digests(self, name: str, shape: tuple[int, int]) -> zarr.Array:
+        self.kernel(name, shape)
+        return self._arrays[f"{name}.digest"]
+
+    def marks(self, name: str, shape: tuple[int, int],
+              block_rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The digests of block rows ``lo..hi`` (all zeros: not finished). A digest chunk that
+        fails its checksum counts as unmarked (with a warning): its block is recomputed."""
+        digests = self._digests(name, shape)
+        lo, hi = (0, digests.shape[0]) if block_rows is None else block_rows
+        try:
+            return digests[lo:hi]
+        except OSError:
+            raise
+        except Exception:
+            out = np.zeros((hi - lo, *digests.shape[1:]), dtype=np.uint8)
+            for i in range(lo, hi):
+                for j in range(digests.shape[1]):
+                    try:
+                        out[i - lo, j] = digests[i, j]
+                    except OSError:
+                        raise
+                    except Exception as err:
+                        log.warning("kernel store %s: the digest of block (%d, %d) of kernel "
+                                    "%s is unreadable (%s); recomputing the block",
+                                    self.url, i, j, name, err)
+            return out
+
+    def _identity(self, name: str) -> bytes:
+        """What a block's digest binds it to besides (i, j): this store's spec and ``name``."""
+        if name not in self._identities:
+            self._identities[name] = fingerprint(extra=[asdict(self.spec), name]).encode()
+        return self._identities[name]
+
+    def block_digest(self, name: str, i: int, j: int, values: np.ndarray) -> np.ndarray:
+        """SHA-256 (32 uint8) of block (i, j) of ``name``: its values, dtype, shape, position
+        and the kernel's identity, so neither a flipped byte nor a chunk copied from another
+        block or kernel matches."""
+        values = np.ascontiguousarray(values)
+        h = hashlib.sha256(self._identity(name))
+        h.update(f":{i}:{j}:{values.dtype.str}{values.shape}:".encode())
+        h.update(values.tobytes())
+        return np.frombuffer(h.digest(), dtype=np.uint8)
 
     def blocks(self, name: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
         """Every block index (i, j) of kernel ``name``."""
@@ -138,13 +247,18 @@ class KernelStore:
         return [(i, j) for i in range(gi) for j in range(gj)]
 
     def missing(self, name: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
-        """Blocks of ``name`` not yet marked done (all of them for a new store)."""
-        self.kernel(name, shape)
-        done = self.group[f"{name}.done"][...]
+        """Blocks of ``name`` without a digest yet (all of them for a new store)."""
+        done = self.marks(name, shape).any(axis=-1)
         return [(int(i), int(j)) for i, j in np.argwhere(~done)]
 
+    def unmark(self, name: str, shape: tuple[int, int], blocks: list[tuple[int, int]]) -> None:
+        """Clear the digests of ``blocks``: they count as missing until written again."""
+        digests = self._digests(name, shape)
+        for i, j in blocks:
+            digests[i, j] = 0
+
     def write_block(self, name: str, shape: tuple[int, int], i: int, j: int, values) -> None:
-        """Write block (i, j), then mark it done: a marked block is always complete."""
+        """Write block (i, j), then its digest: a block with a digest is always complete."""
         arr = self.kernel(name, shape)
         b = self.spec.block
         r0, c0 = i * b, j * b
@@ -153,8 +267,9 @@ class KernelStore:
         if values.shape != expected:
             raise ValueError(f"block ({i}, {j}) of {name} must have shape {expected}; "
                              f"found {values.shape}")
+        values = np.ascontiguousarray(values, dtype=arr.dtype)  # digest what is stored
         arr[r0 : r0 + expected[0], c0 : c0 + expected[1]] = values
-        self.group[f"{name}.done"][i, j] = True
+        self._digests(name, shape)[i, j] = self.block_digest(name, i, j, values)
 
     def fill(self, name: str, shape: tuple[int, int], blocks: list[tuple[int, int]],
              rows_side, cols_side, kernel_fn) -> int:
@@ -174,17 +289,285 @@ class KernelStore:
                 self.write_block(name, shape, i, j, block)
         return len(todo)
 
-    def read(self, name: str, shape: tuple[int, int]) -> np.ndarray:
-        """The whole kernel; refuses to return one with blocks still missing."""
-        missing = self.missing(name, shape)
-        if missing:
-            raise ValueError(f"{self.url}/{name} still misses {len(missing)} blocks, "
-                             f"e.g. {missing[:3]}")
-        return self.kernel(name, shape)[...]
+    def read(self, name: str, shape: tuple[int, int],
+             recompute: Callable[[list[tuple[int, int]]], Any] | None = None,
+             block_rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The kernel (or its block rows ``lo..hi``), every block checked against its digest.
+
+        Refuses a kernel with blocks still unmarked. A marked block that is missing, corrupted
+        or swapped is never returned: with ``recompute`` its mark is cleared, a warning names
+        it, ``recompute(blocks)`` writes it again and it is read back (checked once more);
+        without, ``DamagedBlockError``. Only the blocks read are hashed.
+        """
+        arr = self.kernel(name, shape)
+        b = self.spec.block
+        gi, gj = _grid(shape, b)
+        lo, hi = (0, gi) if block_rows is None else block_rows
+        digests = self.marks(name, shape, (lo, hi))
+        unmarked = [(lo + int(i), int(j)) for i, j in np.argwhere(~digests.any(axis=-1))]
+        if unmarked:
+            raise ValueError(f"{self.url}/{name} still misses {len(unmarked)} blocks, "
+                             f"e.g. {unmarked[:3]}")
+        r0, r1 = lo * b, min(hi * b, shape[0])
+        bad: dict[tuple[int, int], str] = {}
+        try:
+            K = arr[r0:r1]
+        except OSError:  # the store could not be reached: not damage, nothing to recompute
+            raise
+        except Exception:  # a chunk fails its checksum or cannot be decoded: find which
+            K = np.full((r1 - r0, shape[1]), np.nan, dtype=arr.dtype)
+            for i in range(lo, hi):
+                for j in range(gj):
+                    try:
+                        K[_slices(i, j, b, shape, r0)] = arr[_slices(i, j, b, shape)]
+                    except OSError:
+                        raise
+                    except Exception as err:
+                        bad[(i, j)] = f"is unreadable ({type(err).__name__}: {err})"
+        for i in range(lo, hi):
+            for j in range(gj):
+                if (i, j) in bad:
+                    continue
+                got = self.block_digest(name, i, j, K[_slices(i, j, b, shape, r0)])
+                if not np.array_equal(got, digests[i - lo, j]):
+                    bad[(i, j)] = ("is missing its chunk" if not self._chunk_exists(arr, i, j)
+                                   else "does not match its digest (corrupted, or another "
+                                        "block's chunk)")
+        if bad:
+            self._recompute(name, shape, bad, recompute)
+            for i, j in sorted(bad):
+                K[_slices(i, j, b, shape, r0)] = self.read_block(name, shape, i, j)
+        return K
+
+    def read_block(self, name: str, shape: tuple[int, int], i: int, j: int) -> np.ndarray:
+        """Block (i, j), checked against its digest (``DamagedBlockError`` if it fails)."""
+        arr = self.kernel(name, shape)
+        expected = self.marks(name, shape, (i, i + 1))[0, j]
+        where = f"block ({i}, {j}) of kernel {name} in store {self.url}"
+        if not expected.any():
+            raise DamagedBlockError(f"{where} is not marked finished")
+        try:
+            values = arr[_slices(i, j, self.spec.block, shape)]
+        except OSError:
+            raise
+        except Exception as err:
+            raise DamagedBlockError(f"{where} is unreadable: {err}") from err
+        if not np.array_equal(self.block_digest(name, i, j, values), expected):
+            raise DamagedBlockError(f"{where} does not match its digest; the store is being "
+                                    "changed by something else, or its storage is failing")
+        return values
+
+    def _recompute(self, name: str, shape: tuple[int, int], bad: dict, recompute) -> None:
+        """Warn about each damaged block, clear its mark and have ``recompute`` write it."""
+        listed = "; ".join(f"({i}, {j}) {why}" for (i, j), why in sorted(bad.items()))
+        if recompute is None:
+            raise DamagedBlockError(f"kernel store {self.url}: kernel {name} has damaged "
+                                    f"blocks: {listed}. Rerun the fit to recompute them, or "
+                                    "delete the store.")
+        for (i, j), why in sorted(bad.items()):
+            message = (f"kernel store {self.url}: block ({i}, {j}) of kernel {name} {why}; "
+                       "recomputing it")
+            log.warning(message)
+            self.reports.append(message)
+        self.unmark(name, shape, list(bad))
+        recompute(sorted(bad))
+
+    @staticmethod
+    def _chunk_exists(arr: zarr.Array, i: int, j: int) -> bool:
+        """Whether block (i, j)'s chunk is in the store (only to word a warning)."""
+        try:
+            from zarr.core.sync import sync
+
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((i, j))}".lstrip("/")
+            return bool(sync(arr.store.exists(key)))
+        except Exception:  # a zarr internal moved: the warning just says less
+            return True
+
+
+def _slices(i: int, j: int, block: int, shape: tuple[int, int],
+            r0: int = 0) -> tuple[slice, slice]:
+    """Where block (i, j) of a kernel of ``shape`` lies, rows counted from global row r0."""
+    rows = slice(i * block - r0, min((i + 1) * block, shape[0]) - r0)
+    return rows, slice(j * block, min((j + 1) * block, shape[1]))
 
 
 def _grid(shape: tuple[int, int], block: int) -> tuple[int, int]:
     return (-(-shape[0] // block), -(-shape[1] // block))
+
+
+def _local_path(url: str) -> str | None:
+    """The local path of a store URL (``file://`` stripped), None for other fsspec URLs."""
+    url = str(url)
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def _holder(token: str) -> dict:
+    now = time.time()
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now)),
+            "heartbeat": now}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _busy(url: str, holder: dict | None) -> StoreBusyError:
+    who = ("holder not recorded yet" if not holder else
+           f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}")
+    return StoreBusyError(
+        f"kernel store {url} is in use by another run ({who}). A store serves one fit at a "
+        "time: wait for that run to finish, or use another store path.")
+
+
+class StoreLease:
+    """One run's exclusive use of a store, held from ``acquire`` to ``release``.
+
+    On a local path it is an ``flock`` on ``<store>/run.lease``: the operating system drops it
+    when its holder dies however it dies, so a crashed run never blocks the next one, and the
+    file names the holder (host, pid, start) for the refusal message. On an fsspec URL it is a
+    lease object created if absent, refreshed by a heartbeat; one whose holder is a dead process
+    on this host or whose heartbeat is older than ``ttl_s`` is taken over (object stores give
+    weaker guarantees than local files: two takers racing can both believe they won, although
+    block digests still keep either from using the other's half-written blocks).
+    """
+
+    def __init__(self, url: str, path: str, token: str, fd: int | None = None, fs=None):
+        self.url, self.path, self.token, self.fd, self.fs = url, path, token, fd, fs
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @classmethod
+    def acquire(cls, url: str, wait_s: float = 0.0, ttl_s: float = LEASE_TTL_S,
+                poll_s: float = 0.5) -> StoreLease:
+        """Take the store's lease, waiting up to ``wait_s`` for a holder to finish; then
+        ``StoreBusyError`` naming the store and the holder."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                local = _local_path(url)
+                if local is not None and _flock is not None:
+                    return cls._acquire_local(str(url), local)
+                return cls._acquire_fsspec(str(url), ttl_s)
+            except StoreBusyError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(poll_s)
+
+    @classmethod
+    def _acquire_local(cls, url: str, root: str) -> StoreLease:
+        os.makedirs(root, exist_ok=True)
+        path = os.path.join(root, LEASE_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
+        try:
+            _flock.flock(fd, _flock.LOCK_EX | _flock.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _busy(url, _read_local_holder(path)) from None
+        token = uuid.uuid4().hex
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder(token)).encode(), 0)
+        return cls(url, path, token, fd=fd)
+
+    @classmethod
+    def _acquire_fsspec(cls, url: str, ttl_s: float) -> StoreLease:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url)
+        path = f"{root.rstrip('/')}/{LEASE_NAME}"
+        fs.makedirs(root, exist_ok=True)
+        held = _read_fs_holder(fs, path)
+        if held is not None:
+            stale = (time.time() - float(held.get("heartbeat", 0)) > ttl_s
+                     or (held.get("host") == socket.gethostname()
+                         and not _pid_alive(int(held.get("pid", -1)))))
+            if not stale:
+                raise _busy(url, held)
+            log.warning("kernel store %s: taking over the stale lease of pid %s on %s",
+                        url, held.get("pid"), held.get("host"))
+            fs.rm(path)
+        token = uuid.uuid4().hex
+        data = json.dumps(_holder(token)).encode()
+        try:
+            with fs.open(path, "xb") as f:  # create only if absent, where the store can
+                f.write(data)
+        except FileExistsError:
+            raise _busy(url, _read_fs_holder(fs, path)) from None
+        except (NotImplementedError, ValueError):
+            fs.pipe_file(path, data)
+        held = _read_fs_holder(fs, path)
+        if not held or held.get("token") != token:  # another taker wrote last
+            raise _busy(url, held)
+        lease = cls(url, path, token, fs=fs)
+        lease._beat = threading.Thread(target=lease._heartbeat, args=(ttl_s / 4,), daemon=True,
+                                       name=f"lease {url}")
+        lease._beat.start()
+        return lease
+
+    def _heartbeat(self, every_s: float) -> None:
+        """Refresh the lease object's heartbeat while it is still this run's."""
+        while not self._stop.wait(every_s):
+            try:
+                held = _read_fs_holder(self.fs, self.path)
+                if not held or held.get("token") != self.token:
+                    log.warning("kernel store %s: this run's lease was taken over", self.url)
+                    return
+                held["heartbeat"] = time.time()
+                self.fs.pipe_file(self.path, json.dumps(held).encode())
+            except Exception as err:  # a transient storage error: try again next beat
+                log.warning("kernel store %s: lease heartbeat failed: %s", self.url, err)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None or (self.fs is not None and not self._stop.is_set())
+
+    def release(self) -> None:
+        """Give the store back (idempotent)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.ftruncate(fd, 0)  # the file stays: removing it would race a new holder
+            finally:
+                os.close(fd)  # drops the flock
+        elif self.fs is not None and not self._stop.is_set():
+            self._stop.set()
+            held = _read_fs_holder(self.fs, self.path)
+            if held and held.get("token") == self.token:
+                self.fs.rm(self.path)
+
+    def __enter__(self) -> StoreLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_local_holder(path: str) -> dict | None:
+    """The holder a lease file names; a holder still writing it is waited for briefly."""
+    for _ in range(20):
+        try:
+            with open(path, "rb") as f:
+                return json.loads(f.read())
+        except (OSError, ValueError):
+            time.sleep(0.025)
+    return None
+
+
+def _read_fs_holder(fs, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # half-written or foreign: treat as held, holder unknown
+        return {}
 
 
 def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
@@ -226,16 +609,30 @@ class RunStore:
     padding: bool
     dtype: str
     block: int
+    lease: StoreLease | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def open(cls, url: str, rows_fingerprint: str, spec, block: int) -> RunStore:
-        """Open (or create) the run's store for a ``KernelSpec``; refuses another run's."""
+    def open(cls, url: str, rows_fingerprint: str, spec, block: int,
+             wait_s: float = 0.0) -> RunStore:
+        """Take the store's lease (``StoreBusyError`` while another run holds it), then open
+        (or create) the run's store for a ``KernelSpec``; refuses another run's store.
+        ``close()`` gives the lease back."""
         p = spec.params
-        run = cls(str(url), rows_fingerprint, p.depth, p.patch_size, p.padding, spec.dtype,
-                  block)
-        open_run_store(run.url, rows_fingerprint, {"depth": p.depth, "patch_size": p.patch_size,
-                                                   "padding": p.padding}, spec.dtype, block)
-        return run
+        lease = StoreLease.acquire(str(url), wait_s=wait_s)
+        try:
+            open_run_store(str(url), rows_fingerprint,
+                           {"depth": p.depth, "patch_size": p.patch_size, "padding": p.padding},
+                           spec.dtype, block)
+        except BaseException:
+            lease.release()
+            raise
+        return cls(str(url), rows_fingerprint, p.depth, p.patch_size, p.padding, spec.dtype,
+                   block, lease)
+
+    def close(self) -> None:
+        """Release the store's lease (another run may use the store from now on)."""
+        if self.lease is not None:
+            self.lease.release()
 
     def kernel(self, cols_fingerprint: str, M, basis=None) -> tuple[str, StoreSpec]:
         """(url, spec) of the kernel of the training rows against some columns, under M."""

@@ -186,12 +186,14 @@ class ShardWorker:
                               basis, spec: KernelSpec, block: int, stored: tuple | None,
                               cols_key: str, *centers: np.ndarray):
         """This shard's (K^T K, K^T Y) against the centers, the K rows of the centers it holds
-        (local indices ``center_rows``) and the number of blocks computed: only m x m-sized
-        results leave the worker.
+        (local indices ``center_rows``), the number of blocks computed and warnings about
+        damaged stored blocks (for the driver to log): only m x m-sized results leave the
+        worker.
 
         With ``stored`` = (url, store spec, name, shape) the shard's rows of K(train, centers)
         go through the store: missing blocks are computed and written, then the rows are read
-        back, so a resumed fit computes only what an interrupted one left out.
+        back block row by block row, each block checked against its digest (a damaged one is
+        recomputed here), so a resumed fit computes only what an interrupted one left out.
         """
         zs = self._cols_side(cols_key, centers, M, basis, spec)
         n = len(self.raw)
@@ -203,7 +205,13 @@ class ShardWorker:
                       for j in range(-(-shape[1] // block))]
             computed = self.store_kernel_blocks(chain, blocks, url, store_spec, name, shape, M,
                                                 basis, spec, cols_key, *centers)
-            store = KernelStore(url, store_spec).kernel(name, shape)
+            store = KernelStore(url, store_spec)
+
+            def recompute(damaged: list[tuple[int, int]]) -> None:  # rows of this shard
+                nonlocal computed
+                computed += self.store_kernel_blocks(chain, damaged, url, store_spec, name,
+                                                     shape, M, basis, spec, cols_key, *centers)
+
         Y = torch.as_tensor(np.asarray(Y), device=self.device)
         center_rows = np.asarray(center_rows, dtype=np.int64)
         KtK = KtY = None
@@ -213,7 +221,9 @@ class ShardWorker:
             if store is None:
                 K = self._kernel(self._rows_side(chain, slice(r0, r1), M, basis, spec), zs, spec)
             else:  # the stored values, so a resumed fit sums exactly what a fresh one does
-                K = torch.from_numpy(store[self.start + r0 : self.start + r1]).to(self.device)
+                i = (self.start + r0) // block
+                K = torch.from_numpy(store.read(name, shape, recompute=recompute,
+                                                block_rows=(i, i + 1))).to(self.device)
             a, c = normal_equations(K, Y[r0:r1])
             KtK, KtY = (a, c) if KtK is None else (KtK + a, KtY + c)
             here = center_rows[(center_rows >= r0) & (center_rows < r1)] - r0
@@ -223,7 +233,8 @@ class ShardWorker:
             KtK = torch.zeros(m, m, dtype=torch.float64)
             KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64)
         rows = np.concatenate(mine) if mine else np.zeros((0, zs.left.shape[0]), np.float32)
-        return KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed
+        reports = [] if store is None else list(store.reports)
+        return KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed, reports
 
     def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M, basis,
                   spec: KernelSpec, cols_key: str, *train: np.ndarray) -> np.ndarray:

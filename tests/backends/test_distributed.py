@@ -233,7 +233,8 @@ def _done_blocks(store_path) -> int:
     total = 0
     for path in store_path.glob("K-*"):
         try:  # a kernel's folder exists before its metadata and arrays are complete
-            total += int(zarr.open_group(str(path), mode="r")["K.done"][...].sum())
+            digests = zarr.open_group(str(path), mode="r")["K.digest"][...]
+            total += int(digests.any(axis=-1).sum())  # a finished block has its digest
         except (FileNotFoundError, KeyError, ValueError):
             continue
     return total

@@ -96,3 +96,92 @@ def test_rows_fingerprint_does_not_depend_on_sharding():
     assert combine_digests(parts, X.shape[1:], X.dtype.str) == rows_fingerprint(X, 2)
     assert rows_fingerprint(X, 2) != rows_fingerprint(X, 5)
     assert rows_fingerprint(X, 2) != rows_fingerprint(X[:9], 2)
+
+
+def test_every_read_checks_blocks_against_their_digests(tmp_path):
+    """A deleted chunk, a chunk copied from another block and flipped bytes are never returned
+    (a bare zarr read would give NaN or wrong values): refused, or recomputed when offered."""
+    import shutil
+
+    from ray_convrfm.backends.store import DamagedBlockError
+
+    shape = (12, 12)
+    K = np.random.default_rng(1).random(shape).astype(np.float32)
+    store = KernelStore(tmp_path / "k.zarr", _spec())
+    for i, j in store.blocks("K", shape):
+        store.write_block("K", shape, i, j, K[4 * i : 4 * i + 4, 4 * j : 4 * j + 4])
+    chunks = tmp_path / "k.zarr" / "K" / "c"
+    (chunks / "0" / "1").unlink()
+    shutil.copyfile(chunks / "2" / "2", chunks / "1" / "1")  # same shape, another block
+    data = bytearray((chunks / "2" / "0").read_bytes())
+    data[len(data) // 2] ^= 1
+    (chunks / "2" / "0").write_bytes(bytes(data))
+    assert np.isnan(store.kernel("K", shape)[0:4, 4:8]).all()  # never plausible zeros
+    with pytest.raises(DamagedBlockError, match=r"k.zarr: kernel K has damaged blocks: "
+                       r"\(0, 1\) is missing its chunk; \(1, 1\) does not match its digest.*"
+                       r"\(2, 0\) is unreadable"):
+        store.read("K", shape)
+    asked = []
+
+    def recompute(blocks):
+        asked.append(blocks)
+        assert store.missing("K", shape) == blocks  # their marks were cleared first
+        for i, j in blocks:
+            store.write_block("K", shape, i, j, K[4 * i : 4 * i + 4, 4 * j : 4 * j + 4])
+
+    np.testing.assert_array_equal(store.read("K", shape, recompute=recompute), K)
+    assert asked == [[(0, 1), (1, 1), (2, 0)]]
+    np.testing.assert_array_equal(store.read("K", shape, block_rows=(1, 2)), K[4:8])
+    digest = tmp_path / "k.zarr" / "K.digest" / "c" / "1" / "2" / "0"  # block (1, 2)'s digest
+    data = bytearray(digest.read_bytes())
+    data[5] ^= 1
+    digest.write_bytes(bytes(data))
+    assert store.missing("K", shape) == [(1, 2)]  # unreadable mark: the block is redone
+
+
+def test_arrays_created_by_racing_writers_are_opened_not_refused(tmp_path):
+    """Writers creating a kernel's arrays at the same moment: none fails (today one gets
+    ``ContainsArrayError``), and all see the same arrays."""
+    import threading
+
+    for round_ in range(5):
+        url = tmp_path / f"k{round_}.zarr"
+        KernelStore(url, _spec())  # the group exists; its kernels do not yet
+        start, errors = threading.Barrier(6), []
+
+        def create(url=url, start=start, errors=errors):
+            store = KernelStore(url, _spec())
+            start.wait()
+            try:
+                store.write_block("K", (8, 8), 0, 0, np.ones((4, 4)))
+            except Exception as err:  # any failure is the finding
+                errors.append(err)
+
+        threads = [threading.Thread(target=create) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert KernelStore(url, _spec()).missing("K", (8, 8)) == [(0, 1), (1, 0), (1, 1)]
+
+
+def test_a_store_is_leased_to_one_run_at_a_time(tmp_path):
+    """A second opening of a store in use is refused naming the store and holder; closing the
+    first gives it back. (Two processes and a holder killed mid-run: test_store_damage.py.)"""
+    import os
+
+    from ray_convrfm.backends import KernelSpec
+    from ray_convrfm.backends.store import RunStore, StoreBusyError
+    from ray_convrfm.kernels.kernel import KernelParams
+
+    spec = KernelSpec(KernelParams(depth=2, patch_size=3, padding=False))
+    url = str(tmp_path / "k.zarr")
+    first = RunStore.open(url, "rows", spec, 4)
+    with pytest.raises(StoreBusyError, match=rf"{url} is in use by another run \(pid "
+                       rf"{os.getpid()} on .* since .*\)"):
+        RunStore.open(url, "rows", spec, 4)
+    first.close()
+    with pytest.raises(StoreMismatchError):  # refused for other inputs: the lease is released
+        RunStore.open(url, "other rows", spec, 4)
+    RunStore.open(url, "rows", spec, 4).close()
