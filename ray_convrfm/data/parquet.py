@@ -56,19 +56,53 @@ class _FolderImage(NamedTuple):
         return 1 if self.mode in _GREY_MODES else 3
 
 
-def _scan_folder(directory: Path) -> tuple[dict[str, list[_FolderImage]], tuple[str, ...]]:
+def _check_link(path: Path, root: Path, follow_symlinks: bool) -> Path:
+    """``path``, unless it is a symbolic link leading out of ``root`` (the resolved folder being
+    converted) and ``follow_symlinks`` is off: then a ``ValueError`` naming both."""
+    if not follow_symlinks and path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(
+                f"{path} is a symbolic link to {target}, outside the folder {root} being "
+                "converted; pass follow_symlinks=True (ray-convrfm convert --follow-symlinks) "
+                "to read what links outside it point to")
+    return path
+
+
+def _files_under(folder: Path, root: Path, follow_symlinks: bool) -> list[Path]:
+    """Every file under ``folder`` in sorted order, each link checked (``_check_link``); a
+    folder linked from inside itself is visited once."""
+    out, stack, seen = [], [folder], {folder.resolve()}
+    while stack:
+        for p in stack.pop().iterdir():
+            _check_link(p, root, follow_symlinks)
+            if p.is_dir():
+                if p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    stack.append(p)
+            elif p.is_file():
+                out.append(p)
+    return sorted(out)
+
+
+def _scan_folder(directory: Path, follow_symlinks: bool = False
+                 ) -> tuple[dict[str, list[_FolderImage]], tuple[str, ...]]:
     """The images of ``DIR/[train|test]/<class>/`` (or ``DIR/<class>/``: all train) with their
-    headers, and the sorted class names of both splits."""
+    headers, and the sorted class names of both splits. Symbolic links that lead out of
+    ``DIR`` are refused unless ``follow_symlinks``."""
     from PIL import Image
 
     if not directory.is_dir():
         raise FileNotFoundError(f"folder data set {directory} is not a directory")
-    dirs = {s: directory / s for s in pio.SPLITS if (directory / s).is_dir()}
+    root = directory.resolve()
+    dirs = {s: _check_link(directory / s, root, follow_symlinks) for s in pio.SPLITS
+            if (directory / s).is_dir()}
     if dirs and "train" not in dirs:
         raise ValueError(f"{directory}: has a test/ folder but no train/ folder")
     dirs = dirs or {"train": directory}
     classes = tuple(sorted({p.name for d in dirs.values() for p in d.iterdir()
-                            if p.is_dir() and not p.name.startswith(".")}))
+                            if _check_link(p, root, follow_symlinks).is_dir()
+                            and not p.name.startswith(".")}))
     if not classes:
         raise ValueError(f"{directory}: no class folders found; expected "
                          f"{directory}/[train|test]/<class>/*.png|jpg|jpeg")
@@ -76,9 +110,10 @@ def _scan_folder(directory: Path) -> tuple[dict[str, list[_FolderImage]], tuple[
     for split, d in dirs.items():
         out[split] = []
         for label, cls in enumerate(classes):
-            for p in sorted((d / cls).rglob("*")):
-                if (not p.is_file() or p.suffix.lower() not in _FOLDER_SUFFIXES
-                        or p.name.startswith(".")):
+            if not (d / cls).is_dir():
+                continue
+            for p in _files_under(d / cls, root, follow_symlinks):
+                if p.suffix.lower() not in _FOLDER_SUFFIXES or p.name.startswith("."):
                     continue
                 try:
                     with Image.open(p) as im:  # lazy: reads the header only
@@ -93,8 +128,9 @@ def _scan_folder(directory: Path) -> tuple[dict[str, list[_FolderImage]], tuple[
 
 def _convert_folder(directory: Path, out: str | os.PathLike[str], fmt: str,
                     size: tuple[int, int] | None, channels: int | None, quality: int,
-                    shuffle_seed: int | None, name: str | None, **write) -> Path | str:
-    images, classes = _scan_folder(directory)
+                    shuffle_seed: int | None, name: str | None, follow_symlinks: bool,
+                    **write) -> Path | str:
+    images, classes = _scan_folder(directory, follow_symlinks)
     first = images["train"][0]
     c = first.channels if channels is None else pio.check_channels(channels)
     h, w = size or (first.height, first.width)
@@ -150,7 +186,7 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
             rows_per_file: int = 16384, rows_per_group: int = 1024,
             shuffle_seed: int | None = 0, name: str | None = None, overwrite: bool = False,
             progress: bool = False, root: str | os.PathLike[str] | None = None,
-            download: bool = False) -> Path | str:
+            download: bool = False, follow_symlinks: bool = False) -> Path | str:
     """Write a data set in the parquet layout; returns what :func:`write_parquet_dataset` does.
 
     ``source_spec``: anything ``load_dataset`` accepts (``root`` and ``download`` go to it), or
@@ -161,7 +197,9 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
     have the size of the first, and without ``channels`` (1 or 3) its channel count, else a
     ``ValueError`` names the file. ``shuffle_seed`` shuffles folder rows, which come class by
     class (contiguous worker shards would each see few classes); ``None`` keeps that order.
-    ``name`` renames the set; the rest is as in :func:`write_parquet_dataset`.
+    ``name`` renames the set. A symbolic link in ``DIR`` that leads out of it (a file or a
+    folder) is refused with a ``ValueError`` naming it, unless ``follow_symlinks``; links that
+    stay inside ``DIR`` are read. The rest is as in :func:`write_parquet_dataset`.
     """
     fmt, size = pio.format_of(encoding), pio.check_size(size)
     write = {"rows_per_file": rows_per_file, "rows_per_group": rows_per_group,
@@ -169,7 +207,7 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
     s = source_spec.strip()
     if s.lower().startswith("folder:") and len(s) > len("folder:"):
         return _convert_folder(Path(s[len("folder:"):]).expanduser(), out, fmt, size, channels,
-                               quality, shuffle_seed, name, **write)
+                               quality, shuffle_seed, name, follow_symlinks, **write)
     try:
         ds = load_dataset(s, root=root, download=download)
     except ValueError as exc:
@@ -231,8 +269,13 @@ class ParquetImages:
     def labels(self) -> np.ndarray:
         """All labels, reading only the ``label`` column."""
         slices = self.manifest.groups_for(self.split, 0, len(self))
-        parts = [t.column("label").to_numpy() for _, t in
-                 pio.read_slices(self.manifest, slices, ["label"])]
+        parts = []
+        for s, t in pio.read_slices(self.manifest, slices, ["label"]):
+            if t.column("label").null_count:
+                raise ValueError(f"{s.file}: row group {s.index} has null labels")
+            parts.append(pio.check_labels(self.manifest, t.column("label").to_numpy(),
+                                          f"{s.file} (split {self.split!r}), row group "
+                                          f"{s.index}"))
         return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64)
 
     def read(self, ranges: Sequence[tuple[int, int]] | None = None

@@ -14,11 +14,17 @@ as ``pyarrow.fs.FileSystem.from_uri`` takes them, or any fsspec URL)::
     ROOT/test/part-0.parquet, ...                    (optional)
 
 ``height``/``width`` are ``null`` for images of varying size (reading then needs ``size``). A
-split is every ``*.parquet`` file of its folder in natural order (``part-2`` before ``part-10``)
-but names starting with ``.``/``_``; their footers must hold the recorded rows, so a missing or
-stale shard is caught on opening, and ``dataset.json`` is written last, so an interrupted write
-is too. ``image`` is PNG or JPEG bytes (``binary``, or HuggingFace's ``struct<bytes, path>``),
-``label`` an integer class. Pixels are stored as ``round(255 * x)``: exact in PNG, lossy in JPEG.
+split is the files ``"files"`` names for it (``{"train": ["part-0.parquet", ...], ...}``, written
+by this module), or, in a ``dataset.json`` without ``"files"`` (a mirror's, written by hand),
+every ``*.parquet`` file of its folder in natural order (``part-2`` before ``part-10``) but names
+starting with ``.``/``_``. Their footers must hold the recorded rows, so a missing or stale shard
+is caught on opening, and ``dataset.json`` is written last, so an interrupted write is too.
+``image`` is PNG or JPEG bytes (``binary``, or HuggingFace's ``struct<bytes, path>``), ``label``
+an integer class in ``0 .. len(classes) - 1`` (others are refused on reading). Pixels are stored
+as ``round(255 * x)``: exact in PNG, lossy in JPEG.
+
+Overwriting a set deletes only the files its ``dataset.json`` names (and those an interrupted
+write had announced in ``ROOT/_writing.json``), never other files of its folders.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ import pyarrow.fs as pafs
 
 from ray_convrfm.data.images import ImageDataset, default_classes
 
-__all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetManifest", "RowGroup", "decode_image",
-           "encode_image", "load_parquet", "open_parquet_dataset", "read_rows",
+__all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetManifest", "RowGroup", "check_labels",
+           "decode_image", "encode_image", "load_parquet", "open_parquet_dataset", "read_rows",
            "write_parquet_dataset"]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ FORMAT = "ray_convrfm-parquet"
 #: Highest layout version this module reads (and the one it writes).
 VERSION = 1
 META_FILE = "dataset.json"
+#: Written before a set's files, removed after its ``dataset.json``: the files an interrupted
+#: write may have left, which ``overwrite`` may delete.
+PENDING_FILE = "_writing.json"
 SPLITS = ("train", "test")
 _ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
 _SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
@@ -192,13 +201,53 @@ def _batches(rows: Iterable[tuple[bytes, int]], size: int, bar) -> Iterator[pa.R
                               schema=_SCHEMA)
 
 
+def _planned_files(n: int, rows_per_file: int) -> list[str]:
+    """The names ``write_dataset`` gives the files of a split of ``n`` rows, written in order."""
+    return [f"part-{i}.parquet" for i in range(-(-int(n) // int(rows_per_file)))]
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> object:
+    """A JSON file's content, or None when it is missing or not JSON."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as fh:
+        try:
+            return json.loads(fh.read())
+        except ValueError:
+            return None
+
+
+def _written_files(fs: pafs.FileSystem, root: str) -> dict[str, set[str]]:
+    """Per split folder, the file names this module wrote at ``root``: those the ``"files"`` of
+    its ``dataset.json`` names and those an interrupted write announced in ``_writing.json``
+    (plain names only: a manifest cannot point a deletion outside its split folders)."""
+    out: dict[str, set[str]] = {}
+    for name in (META_FILE, PENDING_FILE):
+        doc = _read_json(fs, _join(root, name))
+        files = doc.get("files") if isinstance(doc, dict) else None
+        for split, names in (files.items() if isinstance(files, dict) else ()):
+            if _plain_split(split) and isinstance(names, list):
+                out.setdefault(split, set()).update(n for n in names if _plain_file(n))
+    return out
+
+
+def _plain_split(name: object) -> bool:
+    return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
+
+
+def _plain_file(name: object) -> bool:
+    """A file name inside a split folder: no folders, no ``..``, ending in ``.parquet``."""
+    return (isinstance(name, str) and name.endswith(".parquet") and "/" not in name
+            and "\\" not in name and not name.startswith("."))
+
+
 def write_encoded(out: str | os.PathLike[str], meta: dict,
                   splits: dict[str, tuple[int, Iterable[tuple[bytes, int]]]],
                   rows_per_file: int = 16384, rows_per_group: int = 1024,
                   overwrite: bool = False, progress: bool = False) -> Path | str:
     """Write the ``(row count, encoded (image, label) rows)`` of each split, streamed one row
-    group at a time, then ``dataset.json`` (``meta`` plus format, version and row counts). See
-    :func:`write_parquet_dataset` for the arguments."""
+    group at a time, then ``dataset.json`` (``meta`` plus format, version, row counts and the
+    files of each split). See :func:`write_parquet_dataset` for the arguments."""
     from tqdm.auto import tqdm
 
     for arg, value in (("rows_per_file", rows_per_file), ("rows_per_group", rows_per_group)):
@@ -206,21 +255,40 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     group = int(min(rows_per_group, rows_per_file))
     fs, root, local = resolve(out)
-    meta_path = _join(root, META_FILE)
+    meta_path, pending_path = _join(root, META_FILE), _join(root, PENDING_FILE)
     old = {split: _list_parquet(fs, _join(root, split)) for split in SPLITS}
     has_meta = fs.get_file_info(meta_path).type == pafs.FileType.File
     n_old = sum(len(files) for files in old.values())
     if (n_old or has_meta) and not overwrite:
         raise FileExistsError(f"{out} already holds a parquet data set ({n_old} parquet file(s)"
                               f"{', dataset.json' if has_meta else ''}); pass overwrite=True")
-    if has_meta:
-        fs.delete_file(meta_path)  # first, so a half-replaced set is never readable
-    for file in (f for split, files in old.items() if split not in splits for f in files):
-        fs.delete_file(file)  # splits being written are cleared by write_dataset
+    ours = _written_files(fs, root) if overwrite else {}
+    planned = {split: _planned_files(n, rows_per_file) for split, (n, _) in splits.items()}
+    for split, names in planned.items():  # never write over a file this module did not write
+        clash = [_join(root, split, n) for n in names if n not in ours.get(split, ())
+                 and fs.get_file_info(_join(root, split, n)).type != pafs.FileType.NotFound]
+        if clash:
+            why = (f"its {META_FILE} lists no files (an older writer's): delete that set's "
+                   "files yourself" if has_meta and not ours else
+                   f"no {META_FILE} of this writer names them: move or delete them")
+            raise FileExistsError(f"{out}: {len(clash)} file(s) in the way of the new set, e.g. "
+                                  f"{clash[0]}, that overwrite does not delete; {why}")
     fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(pending_path) as fh:  # before any file is deleted or written
+        files = {s: sorted(set(planned.get(s, ())) | ours.get(s, set()), key=_natural_key)
+                 for s in sorted({*planned, *ours})}
+        fh.write((json.dumps({"files": files}, indent=2) + "\n").encode("utf-8"))
+    if has_meta:
+        fs.delete_file(meta_path)  # before its files, so a half-replaced set is never readable
+    for split, names in ours.items():
+        for name in sorted(names, key=_natural_key):
+            path = _join(root, split, name)
+            if fs.get_file_info(path).type == pafs.FileType.File:
+                fs.delete_file(path)
     # Encoded images are incompressible and unique: no dictionary, no statistics for them.
     options = _PARQUET.make_write_options(use_dictionary=["label"], write_statistics=["label"])
     counts = {split: n for split, (n, _) in splits.items()}
+    written: dict[str, list[str]] = {split: [] for split in splits}
     with tqdm(total=sum(counts.values()), desc=f"write {meta['name']}", disable=not progress,
               leave=False, unit="img") as bar:
         for split, (_, rows) in splits.items():
@@ -229,10 +297,13 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
                 _join(root, split), filesystem=fs, format=_PARQUET, file_options=options,
                 basename_template="part-{i}.parquet", max_rows_per_file=int(rows_per_file),
                 max_rows_per_group=group, min_rows_per_group=group, preserve_order=True,
-                existing_data_behavior="delete_matching" if overwrite else "error")
+                existing_data_behavior="overwrite_or_ignore",
+                file_visitor=lambda f, s=split: written[s].append(f.path.rsplit("/", 1)[-1]))
     with fs.open_output_stream(meta_path) as fh:
-        meta = {"format": FORMAT, "version": VERSION, **meta, "splits": counts}
+        meta = {"format": FORMAT, "version": VERSION, **meta, "splits": counts,
+                "files": {s: sorted(names, key=_natural_key) for s, names in written.items()}}
         fh.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    fs.delete_file(pending_path)
     logger.info("wrote parquet data set %r to %s: %s", meta["name"], out, counts)
     return Path(root) if local else os.fspath(out)
 
@@ -247,7 +318,9 @@ def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encodin
     ``encoding``: ``"png"`` (lossless) or ``"jpeg"`` (``quality``). Files hold at most
     ``rows_per_file`` rows in row groups of ``rows_per_group``, the unit a worker reads (it
     bounds the memory and over-read of a :func:`read_rows`). ``overwrite`` replaces a set at
-    ``out`` (else ``FileExistsError``); ``progress`` shows a bar. Pixels that 8 bits cannot
+    ``out`` (else ``FileExistsError``), deleting only the files its ``dataset.json`` names (a
+    file of another origin where a new one would go is a ``FileExistsError``, and stays);
+    ``progress`` shows a bar. Pixels that 8 bits cannot
     store (NaN, outside ``[0, 1]``) raise a ``ValueError`` naming the image before anything is
     written.
     """
@@ -375,9 +448,18 @@ def _read_meta(fs: pafs.FileSystem, root: str, display: str) -> dict:
         (isinstance(classes, list), f"classes must be a list of names, got {classes!r}"),
         (all(v is None or (isinstance(v, int) and v >= 1) for v in (h, w)),
          f"height and width must be positive integers or null, got {h!r} and {w!r}"),
-        (isinstance(splits, dict) and all(isinstance(v, int) and v >= 0 for v in splits.values()),
+        (isinstance(splits, dict) and all(isinstance(v, int) and v >= 0 for v in splits.values())
+         and all(_plain_split(k) for k in splits),
          f"splits must map split names to row counts, got {splits!r}"),
     ]
+    files = meta.get("files")
+    if files is not None:
+        checks.append((
+            isinstance(files, dict) and isinstance(splits, dict) and set(files) == set(splits)
+            and all(isinstance(v, list) and all(_plain_file(n) for n in v)
+                    and len(set(v)) == len(v) for v in files.values()),
+            "files must map each split to a list of distinct *.parquet file names in its "
+            f"folder, got {files!r}"))
     for ok, message in checks:
         if not ok:
             raise ValueError(f"{where}: {message}")
@@ -396,7 +478,16 @@ def open_parquet_dataset(path: str | os.PathLike[str]) -> ParquetManifest:
     meta = _read_meta(fs, root, display)
     groups: dict[str, list[RowGroup]] = {}
     for split, expected in meta["splits"].items():
-        files = _list_parquet(fs, _join(root, split))
+        if "files" in meta:
+            files = [_join(root, split, name) for name in meta["files"][split]]
+            missing = [f for f, info in zip(files, fs.get_file_info(files), strict=True)
+                       if info.type != pafs.FileType.File]
+            if missing:
+                raise FileNotFoundError(f"{display}: {META_FILE} names {len(missing)} file(s) "
+                                        f"of split {split!r} that are missing, e.g. "
+                                        f"{missing[0]}")
+        else:
+            files = _list_parquet(fs, _join(root, split))
         groups[split] = []
         for fragment in pads.dataset(files, format=_PARQUET, filesystem=fs).get_fragments():
             _check_schema(fragment.physical_schema, fragment.path)
@@ -411,6 +502,21 @@ def open_parquet_dataset(path: str | os.PathLike[str]) -> ParquetManifest:
                            meta["channels"], meta.get("height"), meta.get("width"),
                            str(meta.get("encoding", "png")), tuple(map(str, meta["classes"])),
                            groups)
+
+
+def check_labels(m: ParquetManifest, labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels`` when every one is a class of ``m`` (``0 .. len(classes) - 1``; any
+    non-negative one when ``classes`` is empty), else a ``ValueError`` naming ``where``."""
+    n = len(m.classes)
+    bad = (labels < 0) | (labels >= n) if n else labels < 0
+    if bad.any():
+        values = np.unique(labels[bad]).tolist()
+        known = f"the {n} classes (0..{n - 1})" if n else "classes (labels are >= 0)"
+        raise ValueError(
+            f"{where}: {int(bad.sum())} label(s) outside {known} of {m.root}/{META_FILE}: "
+            f"{values[:10]}{' ...' if len(values) > 10 else ''}; fix the labels, or the "
+            "classes in the manifest")
+    return labels
 
 
 def read_slices(m: ParquetManifest, slices: list[GroupSlice],
@@ -448,7 +554,9 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
     for s, table in read_slices(m, slices, ["image", "label"]):
         if table.column("label").null_count:
             raise ValueError(f"{s.file}: row group {s.index} has null labels")
-        y[row : row + table.num_rows] = table.column("label").to_numpy()
+        y[row : row + table.num_rows] = check_labels(
+            m, table.column("label").to_numpy(), f"{s.file} (split {split!r}), row group "
+            f"{s.index}")
         images = table.column("image")
         if pa.types.is_struct(images.type):
             images = pc.struct_field(images, "bytes")

@@ -11,9 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
+from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB, ENGINES
 
 log = logging.getLogger("ray_convrfm.tools.cli")
+
+#: What an earlier ``fit`` leaves in its ``--out`` (a kernel store alone is a run to resume).
+RESULTS = ("model", "summary.json", "metrics.parquet")
+#: ``cnfa``'s results.
+CNFA_RESULTS = ("cnfa.parquet", "summary.json")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given: reported in one line, exit status 2."""
 
 
 def _ridges(text: str) -> tuple[float, ...]:
@@ -25,9 +34,16 @@ def _ridges(text: str) -> tuple[float, ...]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ray-convrfm", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the Python traceback, not only the message")
+    # --debug after the command works too (it then overrides the default above)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fit", help="fit ConvRFM on a dataset and report accuracy per iteration")
+    f = sub.add_parser("fit", parents=[common],
+                       help="fit ConvRFM on a dataset and report accuracy per iteration")
     f.add_argument("--dataset", default="digits",
                    help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH | "
                         "parquet:PATH_OR_URL (each Ray worker reads its own row groups)")
@@ -58,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default="auto")
     f.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="working precision (default: the data's own; images are float32)")
-    f.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    f.add_argument("--engine", default="auto", choices=ENGINES)
     f.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB)
     f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     f.add_argument("--workers", type=int, default=0,
@@ -74,15 +90,22 @@ def _parser() -> argparse.ArgumentParser:
                         "with --workers the default is OUT/kernels.zarr; a rerun computes only "
                         "missing blocks ('none': no store)")
     f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
+    f.add_argument("--patience", type=int, default=None,
+                   help="stop after this many iterations without a better validation score "
+                        "(--iters is then the maximum)")
     f.add_argument("--centers", type=int, default=None,
                    help="Nystrom centers m (default min(n, 2000))")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None,
                    help="output directory or URL (s3://..., uploaded at the end; default "
-                        "runs/<dataset>)")
+                        "runs/<dataset>); one holding an earlier run's results is refused "
+                        "without --overwrite (a kernel store alone is resumed)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    c = sub.add_parser("cnfa", help="train a small CNN, then measure the CNFA per conv layer")
+    c = sub.add_parser("cnfa", parents=[common],
+                       help="train a small CNN, then measure the CNFA per conv layer")
     c.add_argument("--dataset", default="fashion-mnist",
                    help="fashion-mnist (default) | digits | idx:DIR | npz:PATH")
     c.add_argument("--data-root", default=None)
@@ -99,10 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="output directory (default runs/cnfa-<dataset>)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out")
     c.add_argument("--quiet", action="store_true")
 
-    v = sub.add_parser("convert", help="write a data set as parquet shards (encoded images + "
-                                       "labels) for fits at scale")
+    v = sub.add_parser("convert", parents=[common],
+                       help="write a data set as parquet shards (encoded images + labels) for "
+                            "fits at scale")
     v.add_argument("source", help="digits | fashion-mnist | idx:DIR | npz:PATH | folder:DIR "
                                   "(DIR/[train|test]/<class>/*.png|jpg)")
     v.add_argument("out", help="output directory or URL (s3://..., gs://...)")
@@ -114,11 +140,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="rows per parquet row group: the unit a worker reads")
     v.add_argument("--data-root", default=None)
     v.add_argument("--download", action="store_true")
-    v.add_argument("--overwrite", action="store_true")
+    v.add_argument("--overwrite", action="store_true",
+                   help="replace the data set at OUT: deletes only the files its dataset.json "
+                        "names (files this command wrote), never others")
+    v.add_argument("--follow-symlinks", action="store_true",
+                   help="folder:DIR: read symbolic links that lead out of DIR (refused "
+                        "otherwise)")
     v.add_argument("--quiet", action="store_true")
 
-    b = sub.add_parser("bench", help="kernel and AGOP throughput on a standard shape; "
-                                     "'bench distributed': Ray workers' kernel-stage scaling")
+    b = sub.add_parser("bench", parents=[common],
+                       help="kernel and AGOP throughput on a standard shape; 'bench "
+                            "distributed': Ray workers' kernel-stage scaling")
     b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed", "scale"),
                    help="kernel: one block; distributed: kernel stage over worker counts; "
                         "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
@@ -147,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", type=int, default=10)
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--device", default="auto")
-    b.add_argument("--engine", default="auto", choices=("auto", "numba", "torch"))
+    b.add_argument("--engine", default="auto", choices=ENGINES)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true", help="print one JSON object")
@@ -170,7 +202,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"sizes are HxW, e.g. 64x64; found {text!r}") from None
+        raise UsageError(f"sizes are HxW, e.g. 64x64; found {text!r}") from None
     return h, w
 
 
@@ -182,7 +214,7 @@ def _parquet_fit_data(args: argparse.Namespace):
     from ray_convrfm.data.parquet import ParquetImages
 
     if args.noise_frame:
-        raise SystemExit("--noise-frame works on in-memory data sets, not parquet:")
+        raise UsageError("--noise-frame works on in-memory data sets, not parquet:")
     path = args.dataset[len("parquet:"):]
     size = _size(args.resize)
     train = ParquetImages.open(path, "train", size=size, limit=args.n_train)
@@ -221,6 +253,27 @@ def _output_dir(args, default: Path) -> Path:
     out = Path(args.out or default)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _refuse_earlier_run(args, out: Path, results: tuple[str, ...] = RESULTS) -> None:
+    """A ``UsageError`` when --out (a folder, or the URL the staged ``out`` goes to) already
+    holds ``results`` of an earlier run, unless --overwrite; called before any work."""
+    url = getattr(args, "out_url", None)
+    if url:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        found = [r for r in results if fs.exists(f"{path.rstrip('/')}/{r}")]
+    else:
+        found = [r for r in results if (out / r).exists()]
+    if found and not args.overwrite:
+        if url:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # the (empty) local staging folder
+        raise UsageError(
+            f"--out {url or out} already holds the results of an earlier run ({', '.join(found)}); "
+            "pass --overwrite to replace them, or choose another --out")
 
 
 def _upload(args, out: Path) -> str:
@@ -270,7 +323,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         ds = _parquet_fit_data(args)
     else:
         if args.resize:
-            raise SystemExit("--resize works with parquet: data sets (convert with --size)")
+            raise UsageError("--resize works with parquet: data sets (convert with --size)")
         ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
         ds = ds.subset(args.n_train, args.n_test)
         if args.noise_frame:
@@ -280,6 +333,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     depth = args.depth if args.depth is not None else (2 if small else 3)
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
     out = _output_dir(args, Path("runs") / ds.name)
+    _refuse_earlier_run(args, out)
     options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,
                          memory_budget_mb=args.memory_budget_mb, workers=args.workers,
                          address=args.address, store=_store(args, out),
@@ -289,7 +343,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
                     ridges=args.ridges, agop_samples=args.agop_samples,
                     agop_power=args.agop_power, val_fraction=args.val_fraction,
-                    solver=args.solver, centers=args.centers, random_state=args.seed,
+                    solver=args.solver, centers=args.centers, patience=args.patience,
+                    random_state=args.seed,
                     options=options)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
@@ -378,6 +433,7 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
     ds = ds.subset(min(args.n_train, len(ds.y_train)), min(args.n_test, len(ds.y_test)))
     out = Path(args.out or Path("runs") / f"cnfa-{ds.name}")
+    _refuse_earlier_run(args, out, CNFA_RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = SmallCNN(ds.X_train.shape[1], ds.n_classes, args.width, args.conv_layers)
@@ -418,7 +474,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = convert(args.source, args.out, encoding=args.encoding, size=size, quality=args.quality,
                   rows_per_file=args.rows_per_file, rows_per_group=args.rows_per_group,
                   overwrite=args.overwrite, progress=not args.quiet, root=args.data_root,
-                  download=args.download)
+                  download=args.download, follow_symlinks=args.follow_symlinks)
     m = open_parquet_dataset(out)
     print(f"wrote {out}: {m!r} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -506,12 +562,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a problem with the input, the files or the cluster (bad values,
+    missing or existing files, a Ray that cannot be confined), not a bug."""
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
+    try:
+        from ray_convrfm.backends.driver import RayConfinementError
+    except ImportError:
+        return errors
+    return (*errors, RayConfinementError)
+
+
+def _message(exc: BaseException) -> str:
+    """The one-line report of ``exc``: a Ray task's error as its cause (without the remote
+    traceback Ray adds to it)."""
+    cause = getattr(exc, "cause", None)
+    if type(exc).__module__.startswith("ray.") and isinstance(cause, BaseException):
+        exc = cause
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns its exit status. An error in the input, the files or the cluster
+    is a message on stderr, ``ray-convrfm: error: ...``, and status 2 (as for argparse's
+    usage errors), without a traceback; ``--debug`` raises it instead, traceback and all."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     np.set_printoptions(precision=4)
     commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench, "convert": cmd_convert}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except SystemExit as exc:
+        if args.debug or not isinstance(exc.code, str):
+            raise
+        message = exc.code
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        message = _message(exc)
+    sys.stdout.flush()
+    print(f"ray-convrfm: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -391,3 +391,156 @@ def test_validation_split_holds_out_whole_row_groups(tmp_path):
     part = ParquetRows(images, tuple(fit)).slice(10, 130)  # what one worker is given
     expected = np.concatenate([np.arange(a, b) for a, b in fit])[10:130]
     np.testing.assert_allclose(part.load(), images.read()[0][expected])
+
+
+# --------------------------------------------------------------------------------------------
+# Trust: what overwrite deletes, labels outside the classes, links out of a folder
+# --------------------------------------------------------------------------------------------
+def test_overwrite_deletes_only_the_files_the_manifest_names(tmp_path, digits):
+    """A set's dataset.json records its files; overwriting deletes those and nothing else in
+    the split folders (another *.parquet file there, a note, a file a manifest names by a path
+    leading outside), and the files it does not name are not read either."""
+    out = tmp_path / "set"
+    write_parquet_dataset(digits.subset(30, 10), out, rows_per_file=10, rows_per_group=5)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["files"] == {"train": ["part-0.parquet", "part-1.parquet", "part-2.parquet"],
+                             "test": ["part-0.parquet"]}
+    foreign = {out / "train" / "mine.parquet": pq.read_table(out / "train" / "part-0.parquet"),
+               out / "test" / "extra.parquet": pq.read_table(out / "test" / "part-0.parquet")}
+    for path, table in foreign.items():
+        pq.write_table(table, path)  # someone else's files, in the layout's own format
+    (out / "train" / "NOTES.txt").write_text("keep me")
+    victim = tmp_path / "victim.parquet"
+    victim.write_bytes(b"not the writer's")
+    meta["files"]["train"].append("../../victim.parquet")  # a manifest cannot point outside
+    (out / "dataset.json").write_text(json.dumps(meta))
+
+    write_parquet_dataset(digits.subset(15, 0), out, rows_per_file=10, rows_per_group=5,
+                          overwrite=True)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "NOTES.txt", "mine.parquet", "part-0.parquet", "part-1.parquet"]  # part-2 was ours
+    assert [p.name for p in (out / "test").iterdir()] == ["extra.parquet"]  # part-0 was ours
+    assert (out / "train" / "NOTES.txt").read_text() == "keep me"
+    assert victim.read_bytes() == b"not the writer's"
+    for path, table in foreign.items():
+        assert pq.read_table(path).equals(table)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["files"] == {"train": ["part-0.parquet", "part-1.parquet"]}
+    assert not (out / "_writing.json").exists()
+    back = load_parquet(out)  # the foreign files in the folders are not part of the set
+    assert back.X_train.shape[0] == 15 and back.X_test.shape[0] == 0
+    np.testing.assert_array_equal(back.y_train, digits.y_train[:15])
+
+
+def test_overwrite_refuses_to_replace_a_file_it_did_not_write(tmp_path, digits):
+    """A file in the way of the new set that no manifest names is never replaced."""
+    out = tmp_path / "set"
+    (out / "train").mkdir(parents=True)
+    theirs = pq.read_table(write_parquet_dataset(digits.subset(5, 0), tmp_path / "other")
+                           / "train" / "part-0.parquet")
+    pq.write_table(theirs, out / "train" / "part-0.parquet")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_parquet_dataset(digits.subset(20, 0), out)
+    with pytest.raises(FileExistsError, match=r"train/part-0\.parquet, that overwrite does "
+                                              r"not delete; no dataset\.json .* names them"):
+        write_parquet_dataset(digits.subset(20, 0), out, overwrite=True)
+    assert pq.read_table(out / "train" / "part-0.parquet").equals(theirs)
+    assert not (out / "dataset.json").exists()
+
+
+def test_overwrite_after_an_interrupted_write_removes_its_files(tmp_path, digits):
+    """An interrupted write leaves files but no dataset.json; _writing.json, written first,
+    names them, so overwrite replaces them (and still keeps files it never wrote)."""
+    from ray_convrfm.data.parquet_io import encode_image, write_encoded
+
+    out = tmp_path / "set"
+    meta = {"name": "d", "channels": 1, "height": 8, "width": 8, "encoding": "png",
+            "classes": [str(k) for k in range(10)]}
+    image = encode_image(digits.X_train[0])
+
+    def rows(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise KeyboardInterrupt  # Ctrl-C halfway
+            yield image, i % 10
+
+    with pytest.raises(KeyboardInterrupt):  # after pyarrow has written some of the files
+        write_encoded(out, meta, {"train": (400, rows(400, fail_at=390))}, rows_per_file=10,
+                      rows_per_group=5)
+    assert not (out / "dataset.json").exists() and (out / "_writing.json").exists()
+    left = {p.name for p in (out / "train").iterdir()}
+    assert len(left) > 2 and left <= {f"part-{k}.parquet" for k in range(40)}
+    (out / "train" / "keep.parquet").write_bytes(b"someone else's")
+    write_encoded(out, meta, {"train": (12, rows(12))}, rows_per_file=10, rows_per_group=5,
+                  overwrite=True)
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "keep.parquet", "part-0.parquet", "part-1.parquet"]
+    assert (out / "train" / "keep.parquet").read_bytes() == b"someone else's"
+    assert open_parquet_dataset(out).rows("train") == 12
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_labels_outside_the_manifest_classes_are_refused(tmp_path, bad):
+    """dataset.json says 10 classes: a label 10 (or -1) in a file is an error naming the file,
+    the split and the labels, wherever labels are read; not an 11th class."""
+    from ray_convrfm.data.parquet import ParquetImages
+
+    root = tmp_path / "set"
+    (root / "train").mkdir(parents=True)
+    image = _png_bytes(np.zeros((4, 4), np.uint8))
+    labels = [0, 9, 3, bad, 2, bad]
+    pq.write_table(pa.table({"image": pa.array([image] * 6, pa.binary()),
+                             "label": pa.array(labels, pa.int64())}),
+                   root / "train" / "part-0.parquet", row_group_size=3)
+    (root / "dataset.json").write_text(json.dumps({
+        "format": "ray_convrfm-parquet", "version": 1, "name": "t", "channels": 1,
+        "height": 4, "width": 4, "encoding": "png", "classes": [str(k) for k in range(10)],
+        "splits": {"train": 6}}))
+    match = rf"part-0\.parquet \(split 'train'\), row group 1: 2 label\(s\) outside the 10 " \
+            rf"classes \(0\.\.9\) of .*dataset\.json: \[{bad}\]"
+    with pytest.raises(ValueError, match=match):
+        read_rows(root, "train", 0, 6)
+    with pytest.raises(ValueError, match=match):
+        ParquetImages.open(root).labels()
+    with pytest.raises(ValueError, match=match):
+        load_parquet(root)
+    X, y = read_rows(root, "train", 0, 3)  # the rows before are fine
+    np.testing.assert_array_equal(y, [0, 9, 3])
+
+
+def _outside_image(tmp_path: Path, rng) -> Path:
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(_png_bytes(rng.integers(0, 256, size=(6, 5, 3), dtype=np.uint8)))
+    return secret
+
+
+def test_convert_folder_refuses_links_out_of_the_folder(tmp_path, rng):
+    """folder:DIR reads no file outside DIR through a symbolic link (file or folder) unless
+    follow_symlinks=True; links that stay inside DIR are read."""
+    tree = tmp_path / "tree"
+    _make_tree(tree, rng)
+    secret = _outside_image(tmp_path, rng)
+    (tree / "train" / "ant" / "copy.png").symlink_to(tree / "train" / "cat" / "0.png")
+    out = convert(f"folder:{tree}", tmp_path / "inside", rows_per_group=2)
+    assert open_parquet_dataset(out).rows("train") == 7  # a link inside the tree is fine
+
+    link = tree / "train" / "ant" / "evil.png"
+    link.symlink_to(secret)
+    with pytest.raises(ValueError, match=r"evil\.png is a symbolic link to .*secret\.png, "
+                                         r"outside the folder .*follow_symlinks=True"):
+        convert(f"folder:{tree}", tmp_path / "out")
+    assert not (tmp_path / "out" / "dataset.json").exists()
+    out = convert(f"folder:{tree}", tmp_path / "out", follow_symlinks=True)
+    table = pq.read_table(tmp_path / "out" / "train")
+    assert secret.read_bytes() in table.column("image").to_pylist()
+
+    link.unlink()
+    (tree / "test" / "dog").symlink_to(secret.parent, target_is_directory=True)
+    with pytest.raises(ValueError, match=r"test/dog is a symbolic link to .*elsewhere"):
+        convert(f"folder:{tree}", tmp_path / "out2")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "ant").symlink_to(tree / "train" / "ant", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"flat/ant is a symbolic link"):
+        convert(f"folder:{flat}", tmp_path / "out3")

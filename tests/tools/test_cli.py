@@ -113,8 +113,9 @@ def test_convert_then_fit_from_parquet(tmp_path, small_npz, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 150 and summary["n_test"] == 40
     assert json.loads((out / "model" / "config.json").read_text())["image_shape"] == [1, 10, 10]
-    with pytest.raises(SystemExit, match="--resize works with parquet"):
-        main(["fit", "--dataset", f"npz:{small_npz}", "--resize", "10x10"])
+    capsys.readouterr()
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--resize", "10x10"]) == 2
+    assert "--resize works with parquet" in capsys.readouterr().err
 
 
 def test_fit_writes_results_to_a_url(small_npz, capsys):
@@ -128,3 +129,132 @@ def test_fit_writes_results_to_a_url(small_npz, capsys):
     assert {"summary.json", "metrics.parquet", "config.json", "model.safetensors"} <= names
     assert json.loads(fs.cat("/results/run1/summary.json"))["n_train"] == 150
     assert "wrote memory://results/run1/model" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, earlier runs, convert's overwrite and links
+# --------------------------------------------------------------------------------------------
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    """A bad input is `ray-convrfm: error: ...` on stderr and status 2; --debug (before or
+    after the command) raises it with its traceback instead."""
+    missing = tmp_path / "missing.npz"
+    assert main(["fit", "--dataset", f"npz:{missing}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ray-convrfm: error: ") and str(missing) in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["convert", "nonsense", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("ray-convrfm: error: unknown data set spec")
+    assert main(["fit", "--dataset", f"npz:{missing}", "--noise-frame", "12",
+                 "--resize", "4x4"]) == 2
+    assert "--resize works with parquet" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        main(["--debug", "fit", "--dataset", f"npz:{missing}"])
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        main(["fit", "--dataset", f"npz:{missing}", "--debug"])
+
+
+def test_cli_process_reports_errors_without_traceback(tmp_path):
+    """The real command: exit status 2 and one line; with --debug Python's traceback."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ray_convrfm.tools.cli", "convert", "npz:" + str(
+        tmp_path / "missing.npz"), str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"ray-convrfm: error: [Errno 2] No such file or directory: '{tmp_path / 'missing.npz'}'"]
+    debug = subprocess.run([*cmd[:3], "--debug", *cmd[3:]], capture_output=True, text=True,
+                           timeout=300)
+    assert debug.returncode == 1
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "FileNotFoundError" in debug.stderr
+
+
+def test_fit_refuses_an_out_holding_an_earlier_run(tmp_path, small_npz, capsys):
+    """--out with an earlier run's results (model/, summary.json or metrics.parquet) is
+    refused before any work unless --overwrite; a folder holding only a killed run's kernel
+    store is not an earlier run: the same command resumes it."""
+    import fsspec
+
+    def fit(out, *extra):
+        return main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "60", "--n-test",
+                     "20", "--depth", "2", "--iters", "1", "--agop-samples", "10", "--out",
+                     str(out), "--quiet", *extra])
+
+    out = tmp_path / "run"
+    assert fit(out) == 0
+    (out / "summary.json").write_text('{"earlier": true}')
+    capsys.readouterr()
+    assert fit(out) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds the results of an earlier run" in err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert json.loads((out / "summary.json").read_text()) == {"earlier": True}
+    assert fit(out, "--overwrite") == 0
+    assert json.loads((out / "summary.json").read_text())["n_train"] == 60
+
+    for name in ("model", "summary.json", "metrics.parquet"):
+        earlier = tmp_path / f"only-{name}"
+        earlier.mkdir()
+        if name == "model":
+            (earlier / name).mkdir()
+        else:
+            (earlier / name).write_text("x")
+        assert fit(earlier) == 2
+        assert f"({name})" in capsys.readouterr().err
+
+    killed = tmp_path / "killed"
+    (killed / "kernels.zarr").mkdir(parents=True)  # what a fit killed mid-kernel leaves
+    assert fit(killed) == 0
+    assert (killed / "summary.json").exists()
+
+    url = "memory://results/refuse-earlier"
+    assert fit(url) == 0
+    capsys.readouterr()
+    assert fit(url) == 2
+    assert f"--out {url} already holds" in capsys.readouterr().err
+    assert fit(url, "--overwrite") == 0
+    assert fsspec.filesystem("memory").exists("/results/refuse-earlier/model/config.json")
+
+    cnfa = tmp_path / "cnfa"
+    cnfa.mkdir()
+    (cnfa / "cnfa.parquet").write_text("earlier")
+    assert main(["cnfa", "--dataset", f"npz:{small_npz}", "--out", str(cnfa), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_convert_overwrite_keeps_files_it_did_not_write_and_refuses_links(tmp_path, small_npz,
+                                                                         capsys):
+    from ray_convrfm.data.parquet import load_parquet
+
+    data = tmp_path / "pq"
+    args = ["convert", f"npz:{small_npz}", str(data), "--rows-per-file", "50", "--quiet"]
+    assert main(args) == 0
+    foreign = data / "train" / "theirs.parquet"
+    pq.write_table(pq.read_table(data / "train" / "part-0.parquet"), foreign)
+    (data / "test" / "README").write_text("mine")
+    assert main(args) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert main([*args[:-1], "--rows-per-file", "100", "--overwrite", "--quiet"]) == 0
+    assert sorted(p.name for p in (data / "train").iterdir()) == [
+        "part-0.parquet", "part-1.parquet", "theirs.parquet"]
+    assert (data / "test" / "README").read_text() == "mine" and foreign.exists()
+    assert len(load_parquet(data).y_train) == 150
+
+    from PIL import Image
+
+    tree = tmp_path / "tree" / "train"
+    for cls in ("a", "b"):
+        (tree / cls).mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(np.full((5, 5), 40 * k, np.uint8)).save(tree / cls / f"{k}.png")
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.full((5, 5), 200, np.uint8)).save(outside)
+    (tree / "a" / "link.png").symlink_to(outside)
+    convert = ["convert", f"folder:{tmp_path / 'tree'}", str(tmp_path / "folder"), "--quiet"]
+    assert main(convert) == 2
+    err = capsys.readouterr().err
+    assert "link.png is a symbolic link to" in err and "--follow-symlinks" in err
+    assert main([*convert, "--follow-symlinks"]) == 0
+    assert len(load_parquet(tmp_path / "folder").y_train) == 5
