@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ray_convrfm.kernels.patches import extract_patches, grid_shape
+from ray_convrfm.kernels.sides import SNAP_ULPS, KernelSide, snap_width  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-#: Cosines within this many machine epsilons of +-1 are snapped to +-1 (see ``_numba_engine``).
-SNAP_ULPS = 8
 
 
 @dataclass(frozen=True)
@@ -67,45 +66,6 @@ class KernelParams:
         q = self.patch_size
         pad = 2 * (q // 2) if self.padding else 0
         return self.depth * (q - 1) + 1 - pad
-
-
-@dataclass(frozen=True)
-class KernelSide:
-    """Everything the kernel needs about one batch of images, computed once per batch.
-
-    Attributes
-    ----------
-    left : (n, P1, r) patches multiplied by M (used when the batch is the left argument).
-    right : (n, P1, r) raw patches (used when the batch is the right argument); r = d = C*q*q,
-        or fewer coordinates in an orthonormal basis of the patches' span (``prepare_side``).
-    sq, rsq : (n, P_total) sqrt and safe 1/sqrt of the diagonal covariances s_l(x, x) of every
-        layer, concatenated over layers (1/sqrt(0) is taken as 0).
-    grids : position grid (H_l, W_l) of every layer.
-    channels : C, the number of input channels (the first-layer covariances are divided by it).
-    patch_size : q, the window of the kernel's later layers.
-    """
-
-    left: torch.Tensor
-    right: torch.Tensor
-    sq: torch.Tensor
-    rsq: torch.Tensor
-    grids: tuple[tuple[int, int], ...]
-    channels: int
-    patch_size: int
-
-    def __len__(self) -> int:
-        return self.left.shape[0]
-
-    def rows(self, start: int, stop: int) -> KernelSide:
-        """Images start..stop-1 (views, no copy)."""
-        return KernelSide(self.left[start:stop], self.right[start:stop], self.sq[start:stop],
-                          self.rsq[start:stop], self.grids, self.channels, self.patch_size)
-
-    def take(self, index) -> KernelSide:
-        """Images at the given indices (e.g. the AGOP sample)."""
-        t = torch.as_tensor(index, device=self.left.device)
-        return KernelSide(self.left[t], self.right[t], self.sq[t], self.rsq[t], self.grids,
-                          self.channels, self.patch_size)
 
 
 def safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
@@ -164,10 +124,6 @@ def side_from_patches(right: torch.Tensor, M: torch.Tensor, params: KernelParams
         per_layer.append(layer.reshape(n, layer.shape[-2] * layer.shape[-1]))
     diag = torch.cat(per_layer, dim=1).clamp_min(0)
     return KernelSide(left, right, diag.sqrt(), safe_rsqrt(diag), tuple(grids), channels, q)
-
-
-def snap_width(dtype: torch.dtype) -> float:
-    return SNAP_ULPS * torch.finfo(dtype).eps
 
 
 def _relu_cosine(S: torch.Tensor, rx: torch.Tensor, rz: torch.Tensor, snap: float) -> torch.Tensor:

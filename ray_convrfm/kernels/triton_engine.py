@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ray_convrfm.kernels.kernel import KernelSide, snap_width
+from ray_convrfm.kernels.sides import KernelSide, snap_width
 from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
 
 #: Pairs (columns z_j) per Triton program; one program shares its x_i loads across them.

@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB, ENGINES
+from ray_convrfm.tools.outputs import (
+    CNFA_RESULTS,
+    UsageError,
+    output_dir,
+    peak_rss_mb,
+    refuse_earlier_run,
+    store_url,
+    upload,
+)
 
 log = logging.getLogger("ray_convrfm.tools.cli")
 
-#: What an earlier ``fit`` leaves in its ``--out`` (a kernel store alone is a run to resume).
-RESULTS = ("model", "summary.json", "metrics.parquet")
-#: ``cnfa``'s results.
-CNFA_RESULTS = ("cnfa.parquet", "summary.json")
-
-
-class UsageError(ValueError):
-    """A command line that cannot run as given: reported in one line, exit status 2."""
 
 
 def _ridges(text: str) -> tuple[float, ...]:
@@ -224,76 +225,6 @@ def _parquet_fit_data(args: argparse.Namespace):
                            X_test=X_test, y_test=y_test)
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def _store(args, out: Path) -> str | None:
-    """--store, or OUT/kernels.zarr for a fit on workers (so a rerun resumes), 'none': none."""
-    if args.store == "none":
-        return None
-    if args.store or not args.workers:
-        return args.store
-    remote = getattr(args, "out_url", None)
-    return f"{remote.rstrip('/')}/kernels.zarr" if remote else str(out / "kernels.zarr")
-
-
-def _output_dir(args, default: Path) -> Path:
-    """Where a command writes: --out, or a local staging folder when --out is a URL
-    (``s3://bucket/run``; uploaded by ``_upload`` at the end, so cluster jobs keep results)."""
-    if args.out and "://" in args.out:
-        import tempfile
-
-        args.out_url = args.out
-        return Path(tempfile.mkdtemp(prefix="ray-convrfm-out-"))
-    out = Path(args.out or default)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _refuse_earlier_run(args, out: Path, results: tuple[str, ...] = RESULTS) -> None:
-    """A ``UsageError`` when --out (a folder, or the URL the staged ``out`` goes to) already
-    holds ``results`` of an earlier run, unless --overwrite; called before any work."""
-    url = getattr(args, "out_url", None)
-    if url:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-        found = [r for r in results if fs.exists(f"{path.rstrip('/')}/{r}")]
-    else:
-        found = [r for r in results if (out / r).exists()]
-    if found and not args.overwrite:
-        if url:
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)  # the (empty) local staging folder
-        raise UsageError(
-            f"--out {url or out} already holds the results of an earlier run ({', '.join(found)}); "
-            "pass --overwrite to replace them, or choose another --out")
-
-
-def _upload(args, out: Path) -> str:
-    """Copy the staged outputs to --out's URL (fsspec); returns where the results are."""
-    url = getattr(args, "out_url", None)
-    if not url:
-        return str(out)
-    import shutil
-
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path, exist_ok=True)
-    for f in sorted(out.rglob("*")):
-        if f.is_file():
-            fs.put_file(str(f), f"{path.rstrip('/')}/{f.relative_to(out).as_posix()}")
-    shutil.rmtree(out, ignore_errors=True)
-    return url
-
-
 def _format_table(rows: list[dict]) -> str:
     head = f"{'iter':>4} {'ridge':>8} {'val acc':>8} {'test acc':>8} {'train mse':>10} " \
            f"{'kernel s':>9} {'solve s':>8} {'AGOP s':>7}"
@@ -332,11 +263,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     small = min(ds.X_train.shape[2:]) < 10
     depth = args.depth if args.depth is not None else (2 if small else 3)
     iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
-    out = _output_dir(args, Path("runs") / ds.name)
-    _refuse_earlier_run(args, out)
+    out = output_dir(args, Path("runs") / ds.name)
+    refuse_earlier_run(args, out)
     options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,
                          memory_budget_mb=args.memory_budget_mb, workers=args.workers,
-                         address=args.address, store=_store(args, out),
+                         address=args.address, store=store_url(args, out),
                          gpus_per_worker=args.gpus_per_worker,
                          placement_timeout_s=args.placement_timeout or None,
                          verbose=not args.quiet)
@@ -377,7 +308,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
         "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
         "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
-        "driver_peak_rss_mb": _peak_rss_mb(),
+        "driver_peak_rss_mb": peak_rss_mb(),
     }
     worker_peaks = [max(h["worker_peak_rss_mb"]) for la in layers for h in la["history"]
                     if h.get("worker_peak_rss_mb")]
@@ -415,7 +346,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
                      title=f"{ds.name}: top eigenvectors of M (iteration {first['best_iter']})")
     plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
-    where = _upload(args, out)
+    where = upload(args, out)
     print(f"wrote {where}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
     return 0
 
@@ -433,7 +364,7 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
     ds = ds.subset(min(args.n_train, len(ds.y_train)), min(args.n_test, len(ds.y_test)))
     out = Path(args.out or Path("runs") / f"cnfa-{ds.name}")
-    _refuse_earlier_run(args, out, CNFA_RESULTS)
+    refuse_earlier_run(args, out, CNFA_RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = SmallCNN(ds.X_train.shape[1], ds.n_classes, args.width, args.conv_layers)

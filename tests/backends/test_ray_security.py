@@ -16,7 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 import psutil  # noqa: E402  (Ray's own dependency: importable once ray is)
 
-from ray_convrfm.backends import driver  # noqa: E402
+from ray_convrfm.backends import embedded_ray  # noqa: E402
 
 
 def _external_addresses() -> list[str]:
@@ -43,14 +43,14 @@ def test_a_ray_that_cannot_be_confined_is_refused(monkeypatch):
     def unconfined():  # token auth on, but Ray left to pick its node address
         with monkeypatch.context() as m:
             m.setenv("RAY_AUTH_MODE", "token")
-            driver._reload_ray_auth()
+            embedded_ray._reload_ray_auth()
             yield
 
-    monkeypatch.setattr(driver, "_embedded_settings", unconfined)
-    with pytest.raises(driver.RayConfinementError,
+    monkeypatch.setattr(embedded_ray, "_embedded_settings", unconfined)
+    with pytest.raises(embedded_ray.RayConfinementError,
                        match=r"could not be confined.*gcs_server \(pid \d+\) listens on "
                              r"(::|0\.0\.0\.0|[0-9.]+):\d+.*--address"):
-        driver.start_ray(1)
+        embedded_ray.start_ray(1)
     assert not ray.is_initialized()
 
 
@@ -65,7 +65,7 @@ def embedded():
     with pytest.MonkeyPatch.context() as m:
         m.setenv("RAY_AUTH_MODE", "disabled")
         m.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-        driver.start_ray(2)
+        embedded_ray.start_ray(2)
         env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",
                                                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         yield {"env": env, "token_env": keep}
@@ -96,7 +96,7 @@ def test_every_listener_is_on_loopback_while_a_fit_runs(embedded):
     thread.start()
     seen: set[tuple[int, str, str, int]] = set()
     while not done.is_set():
-        seen |= set(driver.listening_sockets([*driver.embedded_ray_processes(), me]))
+        seen |= set(embedded_ray.listening_sockets([*embedded_ray.embedded_ray_processes(), me]))
         time.sleep(0.1)
     thread.join()
     assert not errors, errors
@@ -105,7 +105,7 @@ def test_every_listener_is_on_loopback_while_a_fit_runs(embedded):
     workers = {pid for pid, name, _, _ in seen if name.startswith("ray::ShardWorker")}
     assert {"gcs_server", "raylet"} <= names and len(workers) >= 2, sorted(seen)
     assert me.pid in {pid for pid, _, _, _ in seen}  # the driver's own gRPC server
-    wide = sorted(s for s in seen if not driver._is_loopback(s[2]))
+    wide = sorted(s for s in seen if not embedded_ray._is_loopback(s[2]))
     assert not wide, f"listening beyond loopback: {wide}"
 
     head = [port for _, name, _, port in seen if name in ("gcs_server", "raylet")]
@@ -117,14 +117,15 @@ def test_no_dashboard_process(embedded):
     """Neither Ray's dashboard nor its API server runs; the dashboard agent, which the raylet
     requires, listens on loopback only (checked above with every other listener)."""
     cmdlines = {}
-    for p in driver.embedded_ray_processes():
+    for p in embedded_ray.embedded_ray_processes():
         with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):  # a worker ended
             cmdlines[p] = " ".join(p.cmdline())
     assert any("ray::DashboardAgent" in c for c in cmdlines.values())  # Ray's processes
     assert not [c for c in cmdlines.values() if "dashboard/dashboard.py" in c]
     assert "dashboard" not in ray._private.worker._global_node.all_processes
     agents = [p for p, c in cmdlines.items() if "DashboardAgent" in c or "dashboard/agent" in c]
-    assert all(driver._is_loopback(ip) for *_, ip, _ in driver.listening_sockets(agents))
+    sockets = embedded_ray.listening_sockets(agents)
+    assert all(embedded_ray._is_loopback(ip) for *_, ip, _ in sockets)
 
 
 def test_token_authentication_is_on_and_the_environment_is_restored(embedded):

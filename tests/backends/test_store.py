@@ -172,7 +172,8 @@ def test_a_store_is_leased_to_one_run_at_a_time(tmp_path):
     import os
 
     from ray_convrfm.backends import KernelSpec
-    from ray_convrfm.backends.store import RunStore, StoreBusyError
+    from ray_convrfm.backends.lease import StoreBusyError
+    from ray_convrfm.backends.store import RunStore
     from ray_convrfm.kernels.kernel import KernelParams
 
     spec = KernelSpec(KernelParams(depth=2, patch_size=3, padding=False))

@@ -194,7 +194,7 @@ def test_damage_read_by_the_driver_is_recomputed_by_the_workers(cluster, tmp_pat
 # ---------------------------------------------------------------------------- two processes
 _HOLD = """
 import sys, time
-from ray_convrfm.backends.store import StoreLease
+from ray_convrfm.backends.lease import StoreLease
 lease = StoreLease.acquire(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
@@ -233,7 +233,7 @@ def test_a_store_in_use_is_refused_naming_its_holder_until_the_holder_dies(tmp_p
     once that process is SIGKILLed (no chance to clean up), its lease is gone and the fit runs."""
     import socket
 
-    from ray_convrfm.backends.store import StoreBusyError
+    from ray_convrfm.backends.lease import StoreBusyError
 
     store = tmp_path / "k.zarr"
     holder = _python(_HOLD, store)
@@ -289,7 +289,7 @@ def test_a_lease_object_on_an_fsspec_store_is_taken_over_only_when_stale(caplog)
 
     import fsspec
 
-    from ray_convrfm.backends.store import LEASE_NAME, StoreBusyError, StoreLease
+    from ray_convrfm.backends.lease import LEASE_NAME, StoreBusyError, StoreLease
 
     url = f"memory://lease-test-{time.time_ns()}/k.zarr"
     fs, root = fsspec.core.url_to_fs(url)
