@@ -23,6 +23,20 @@ DEFAULT_BLOCK = 256
 #: workers once there are more parts than this, so the driver receives one sum, not one per worker.
 REDUCE_FAN_IN = 4
 
+#: Conjugate gradient of the iterative Nystrom solver stops at this relative residual of the
+#: preconditioned system: far below the noise of the validation choice, and reached in a few
+#: dozen steps with Falkon's preconditioner (tests/kernels/test_pcg.py).
+CG_TOLERANCE = 1e-8
+
+#: ...or after this many steps (with a warning): a preconditioned system that needs more is
+#: ill-posed for this ridge, and more steps would not help.
+CG_MAX_ITERATIONS = 500
+
+#: "exact": Cholesky of the n x n kernel; "nystrom": m centers, Falkon-preconditioned conjugate
+#: gradient over resident rows of K_nm (docs/math.md 9a; nothing m x m is formed from K_nm);
+#: "nystrom-direct": the m x m normal equations summed and solved by Cholesky (small m).
+SOLVERS = ("exact", "nystrom", "nystrom-direct")
+
 #: Kernel engines (``ComputeOptions.engine``); devices.resolve_engine picks one for "auto".
 ENGINES = ("auto", "numba", "torch", "triton")
 

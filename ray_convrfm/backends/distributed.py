@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ray_convrfm.backends.driver import ShardedImages, resolve_gpus_per_worker, start_ray
-from ray_convrfm.backends.protocol import KernelSpec
+from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
 from ray_convrfm.backends.store import RunStore, rows_fingerprint
 from ray_convrfm.kernels.patches import span_from_gram
 from ray_convrfm.options import Options
@@ -108,7 +108,20 @@ class RayBackend:
                              self.M, self.basis, self.spec)
         return self._tensor(G).to(coef.dtype)
 
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
+        """The workers keep their rows of K(train, centers); a product moves m x c only."""
+        import uuid
+
+        keep = uuid.uuid4().hex
+        _, KtY, K_mm = self.nystrom_system(center_idx, Y, keep=keep)
+
+        def gram(V: torch.Tensor) -> torch.Tensor:
+            return self._tensor(self.shards.gram_matvec(keep, V.cpu().numpy())).to(V.device)
+
+        return NystromOperator(K_mm=K_mm, KtY=KtY, gram_matvec=gram,
+                               release=lambda: self.shards.release(keep))
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor, keep: str | None = None):
         """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9);
         with a store the n x m kernel's blocks are stored, so an interrupted fit resumes."""
         store = None
@@ -116,9 +129,10 @@ class RayBackend:
             store = self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis)
         KtK, KtY, K_mm, computed = self.shards.nystrom_system(
             self.shards.parts(center_idx), center_idx, Y.cpu().numpy(), self.M, self.basis,
-            self.spec, store)
+            self.spec, store, keep)
         self.blocks_computed += computed
-        return self._tensor(KtK), self._tensor(KtY), self._tensor(K_mm)
+        return (None if KtK is None else self._tensor(KtK)), self._tensor(KtY), \
+            self._tensor(K_mm)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         return self._tensor(self.shards.gather(center_idx))

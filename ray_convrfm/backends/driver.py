@@ -343,9 +343,14 @@ class ShardedImages:
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, alpha.shape[1]))
 
     def nystrom_system(self, centers, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
-                       basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None):
+                       basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None,
+                       keep: str | None = None):
         """Sum of per-shard (K^T K, K^T Y), K_mm assembled from the shards' center rows, and
-        the blocks computed; with ``store`` = (url, store spec) K(train, centers) is stored."""
+        the blocks computed; with ``store`` = (url, store spec) K(train, centers) is stored.
+
+        With ``keep`` (a key) the workers keep their rows of K(train, centers) for
+        ``gram_matvec`` and K^T K is neither formed nor returned (None): the iterative solver.
+        """
         import ray
 
         key, refs = self._columns(centers)
@@ -360,15 +365,18 @@ class ShardedImages:
             shape = (self.n, len(center_idx))
             KernelStore(url, store_spec).kernel("K", shape)  # created before the workers write
             stored = (url, store_spec, "K", shape)
+        args = [(self.chain_ref, Y[a:b], rows, M, basis, spec, self.block, stored, key, *refs)
+                for (a, b), rows in zip(self.bounds, mine, strict=True)]
         futures = [actor.normal_equations_part.options(num_returns=5).remote(
-                       self.chain_ref, Y[a:b], rows, M, basis, spec, self.block, stored, key,
-                       *refs)
-                   for actor, (a, b), rows in zip(self.actors, self.bounds, mine, strict=True)]
+                       *arg[:8], keep, *arg[8:])
+                   for actor, arg in zip(self.actors, args, strict=True)]
+        if keep is not None:  # what a restarted worker needs to rebuild its rows
+            self._kept = (keep, args)
         t0 = time.perf_counter()
         wait_all([f[0] for f in futures], "Nystrom normal equations", self.progress)
         self._time("normal_equations_compute", t0)
         t0 = time.perf_counter()
-        KtK = self.reduce([f[0] for f in futures])
+        KtK = None if keep is not None else self.reduce([f[0] for f in futures])
         KtY = self.reduce([f[1] for f in futures])
         self._time("normal_equations_reduce", t0)
         K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted center order
@@ -376,6 +384,29 @@ class ShardedImages:
             for message in reports:
                 log.warning("%s (on a shard worker)", message)
         return KtK, KtY, K_mm, int(sum(ray.get([f[3] for f in futures])))
+
+    def gram_matvec(self, keep: str, V: np.ndarray) -> np.ndarray:
+        """K_nm^T (K_nm V) summed over the workers' resident rows (m x c in, m x c out): one
+        conjugate-gradient step moves only m x c vectors."""
+        import ray
+
+        kept, args = getattr(self, "_kept", None) or (None, None)
+        if kept != keep:
+            raise ValueError(f"no resident rows for {keep!r}; call nystrom_system(keep=...) first")
+        V_ref = ray.put(np.ascontiguousarray(V, dtype=np.float64))
+        t0 = time.perf_counter()
+        out = self.reduce([actor.gram_matvec.remote(keep, V_ref, self.block, *arg)
+                           for actor, arg in zip(self.actors, args, strict=True)])
+        self._time("gram_matvec", t0)
+        return out
+
+    def release(self, keep: str) -> None:
+        """The workers drop the resident rows of a finished solve."""
+        import ray
+
+        ray.get([actor.release.remote(keep) for actor in self.actors])
+        if getattr(self, "_kept", (None,))[0] == keep:
+            self._kept = None
 
     def agop(self, train, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
              basis: np.ndarray | None, spec: KernelSpec) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ray_convrfm.backends.protocol import KernelSpec
+from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
 from ray_convrfm.backends.store import KernelStore, RunStore, rows_fingerprint
 from ray_convrfm.backends.workers import apply_chain
 from ray_convrfm.kernels.agop import Workspace, agop_from_sides
@@ -104,7 +104,24 @@ class LocalBackend:
                                    budget_mb=self.spec.memory_budget_mb,
                                    progress=bar.callback(), workspace=self.workspace)
 
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
+        rows: list[torch.Tensor] = []
+        _, KtY, K_mm = self.nystrom_system(center_idx, Y, keep=rows)
+        K = torch.cat(rows) if rows else torch.zeros(0, len(center_idx), dtype=self.X.dtype)
+
+        def gram(V: torch.Tensor) -> torch.Tensor:  # float64, one block of rows at a time
+            out = torch.zeros(K.shape[1], V.shape[1], dtype=torch.float64, device=V.device)
+            for r in range(0, len(K), self.block):
+                Kb = K[r : r + self.block].to(V.device, torch.float64)
+                out += Kb.T @ (Kb @ V)
+            return out
+
+        return NystromOperator(K_mm=K_mm, KtY=KtY, gram_matvec=gram, release=rows.clear)
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor,
+                       keep: list | None = None):
+        """(K^T K, K^T Y, K_mm) summed over blocks of rows; with ``keep`` (a list) the rows are
+        appended to it instead and K^T K is not formed (None)."""
         cs = self.xs.take(center_idx)
         m = len(center_idx)
         if self.store:  # the n x m kernel through the store, then summed block by block
@@ -122,11 +139,17 @@ class LocalBackend:
 
             def block(r):
                 return self._kernel(self.xs.rows(r, r + rows), cs)
-        KtK = torch.zeros(m, m, dtype=torch.float64, device=Y.device)
+        KtK = None if keep is not None else torch.zeros(m, m, dtype=torch.float64,
+                                                        device=Y.device)
         KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=Y.device)
         for r in range(0, self.n, rows):
-            a, b = normal_equations(block(r), Y[r : r + rows])
-            KtK += a
+            K = block(r)
+            if keep is None:
+                a, b = normal_equations(K, Y[r : r + rows])
+                KtK += a
+            else:
+                keep.append(K)
+                b = K.T.to(torch.float64) @ Y[r : r + rows].to(torch.float64)
             KtY += b
         return KtK, KtY, self._kernel(cs, cs, symmetric=True)
 

@@ -6,6 +6,7 @@ laptop fit (``LocalBackend``) and a cluster fit (``RayBackend``) run the same lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +33,17 @@ class KernelSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype == "float32" else torch.float64
+
+
+@dataclass
+class NystromOperator:
+    """The Nystrom problem without K_nm^T K_nm (docs/math.md 9a): the training rows K(train,
+    centers) stay where they were computed and are applied through ``gram_matvec``."""
+
+    K_mm: torch.Tensor  # (m, m) the centers' kernel
+    KtY: torch.Tensor  # (m, c) K_nm^T Y, float64
+    gram_matvec: Callable[[torch.Tensor], torch.Tensor]  # V (m, c) -> K_nm^T (K_nm V), float64
+    release: Callable[[], None]  # frees the resident rows
 
 
 @runtime_checkable
@@ -67,6 +79,10 @@ class KernelBackend(Protocol):
     def nystrom_system(self, center_idx: np.ndarray,
                        Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K_nm^T K_nm, K_nm^T Y, K_mm) summed over row blocks: K_nm is never held whole."""
+        ...
+
+    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
+        """K_mm, K_nm^T Y and the product V -> K_nm^T (K_nm V) over resident rows of K_nm."""
         ...
 
     def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,

@@ -184,7 +184,7 @@ class ShardWorker:
 
     def normal_equations_part(self, chain: list, Y: np.ndarray, center_rows: np.ndarray, M,
                               basis, spec: KernelSpec, block: int, stored: tuple | None,
-                              cols_key: str, *centers: np.ndarray):
+                              keep: str | None, cols_key: str, *centers: np.ndarray):
         """This shard's (K^T K, K^T Y) against the centers, the K rows of the centers it holds
         (local indices ``center_rows``), the number of blocks computed and warnings about
         damaged stored blocks (for the driver to log): only m x m-sized results leave the
@@ -194,6 +194,9 @@ class ShardWorker:
         go through the store: missing blocks are computed and written, then the rows are read
         back block row by block row, each block checked against its digest (a damaged one is
         recomputed here), so a resumed fit computes only what an interrupted one left out.
+
+        With ``keep`` (a key) the rows stay resident here for ``gram_matvec`` (the iterative
+        solver) and K^T K is not formed (None is returned in its place).
         """
         zs = self._cols_side(cols_key, centers, M, basis, spec)
         n = len(self.raw)
@@ -215,7 +218,7 @@ class ShardWorker:
         Y = torch.as_tensor(np.asarray(Y), device=self.device)
         center_rows = np.asarray(center_rows, dtype=np.int64)
         KtK = KtY = None
-        mine = []
+        mine, kept = [], []
         for r0 in range(0, n, block):  # one block of rows at a time: memory set by the block
             r1 = min(r0 + block, n)
             if store is None:
@@ -224,17 +227,45 @@ class ShardWorker:
                 i = (self.start + r0) // block
                 K = torch.from_numpy(store.read(name, shape, recompute=recompute,
                                                 block_rows=(i, i + 1))).to(self.device)
-            a, c = normal_equations(K, Y[r0:r1])
-            KtK, KtY = (a, c) if KtK is None else (KtK + a, KtY + c)
+            if keep is None:
+                a, c = normal_equations(K, Y[r0:r1])
+            else:  # K^T Y only; the rows stay for the iterative solver's products
+                a, c = None, K.T.to(torch.float64) @ Y[r0:r1].to(torch.float64)
+                kept.append(K)
+            KtK = a if KtK is None or a is None else KtK + a
+            KtY = c if KtY is None else KtY + c
             here = center_rows[(center_rows >= r0) & (center_rows < r1)] - r0
             mine.append(K[torch.as_tensor(here, device=K.device)].cpu().numpy())
-        if KtK is None:
-            m = zs.left.shape[0]
-            KtK = torch.zeros(m, m, dtype=torch.float64)
+        m = zs.left.shape[0]
+        if KtY is None:
+            KtK = None if keep else torch.zeros(m, m, dtype=torch.float64)
             KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64)
-        rows = np.concatenate(mine) if mine else np.zeros((0, zs.left.shape[0]), np.float32)
+        if keep is not None:
+            self._resident = (keep, torch.cat(kept) if kept
+                              else torch.zeros(0, m, dtype=spec.torch_dtype))
+        rows = np.concatenate(mine) if mine else np.zeros((0, m), np.float32)
         reports = [] if store is None else list(store.reports)
-        return KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed, reports
+        return (None if KtK is None else KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed,
+                reports)
+
+    def gram_matvec(self, keep: str, V: np.ndarray, block: int, *rebuild) -> np.ndarray:
+        """K_s^T (K_s V) (float64, m x c) with this shard's resident rows K_s of K(train,
+        centers): one conjugate-gradient step's share. A restarted worker, which lost them,
+        rebuilds them first from ``rebuild`` (``normal_equations_part``'s arguments)."""
+        if getattr(self, "_resident", (None,))[0] != keep:
+            self.normal_equations_part(*rebuild[:8], keep, *rebuild[8:])
+        K = self._resident[1]
+        V = torch.as_tensor(np.asarray(V), dtype=torch.float64, device=K.device)
+        out = torch.zeros(K.shape[1], V.shape[1], dtype=torch.float64, device=K.device)
+        for r in range(0, len(K), block):  # float64 products, one block of rows at a time
+            Kb = K[r : r + block].to(torch.float64)
+            out += Kb.T @ (Kb @ V)
+        return out.cpu().numpy()
+
+    def release(self, keep: str) -> None:
+        """Drop the resident rows of a finished solve."""
+        if getattr(self, "_resident", (None,))[0] == keep:
+            self._resident = None
 
     def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M, basis,
                   spec: KernelSpec, cols_key: str, *train: np.ndarray) -> np.ndarray:

@@ -57,8 +57,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     patch_basis : "auto" works in an orthonormal basis of the training patches' span when they
         span fewer than d dimensions (features of a linear conv layer do; raw images do not),
         which is exact for inputs in that span and far cheaper; "full" always uses all d
-    solver : "exact" (Cholesky of the n x n kernel) or "nystrom" (m centers, a seeded uniform
-        sample of the training images; only m x m systems, section 9)
+    solver : "exact" (Cholesky of the n x n kernel), "nystrom" (m centers, a seeded uniform
+        sample of the training images, solved by Falkon-preconditioned conjugate gradient over
+        rows of K_nm that stay with the backend; section 9a) or "nystrom-direct" (the same
+        problem through its m x m normal equations and a Cholesky, for small m)
     centers : m for the Nystrom solver (default min(n, ``options.DEFAULT_CENTERS``))
     patience : stop after this many iterations without a better validation score (``iters``
         is then the maximum); None runs all ``iters``. Scores compare accuracy first, then the
@@ -316,7 +318,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             model.patch_basis_ = Q
         centers = config["center_indices"]
         if (centers is None) != (rfm.solver == "exact"):
-            raise file.bad_config(f"center_indices must be given for solver 'nystrom' only; "
+            raise file.bad_config(f"center_indices must be given for the Nystrom solvers only; "
                                   f"found {str(centers)[:40]} with solver {rfm.solver!r}")
         if centers is not None:
             if not isinstance(centers, list) or len(centers) != m \

@@ -20,17 +20,17 @@ import torch
 from ray_convrfm.backends.protocol import KernelBackend
 from ray_convrfm.kernels.agop import metric_from_agop
 from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.kernels.pcg import solve_nystrom_pcg
 from ray_convrfm.kernels.solvers import (
     SingularKernelError,
     kernel_scale,
     solve_nystrom,
     solve_ridge,
 )
-from ray_convrfm.options import DEFAULT_CENTERS
+from ray_convrfm.options import CG_MAX_ITERATIONS, CG_TOLERANCE, DEFAULT_CENTERS, SOLVERS
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("exact", "nystrom")
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,55 @@ class NystromRidge:
         return float(sq / self.Y.numel())
 
 
+class NystromPCG:
+    """The same problem as ``NystromRidge`` by preconditioned CG (docs/math.md 9a): K_nm stays
+    with the backend (resident rows), and a step moves m x c vectors only. Every ridge is
+    solved from the same rows; iterations and residuals go to the iteration's record."""
+
+    def __init__(self, backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray,
+                 it: int):
+        t0 = time.perf_counter()
+        self.op = backend.nystrom_operator(center_idx, Y)
+        self.scale = kernel_scale(self.op.K_mm)
+        self.K_mm = self.op.K_mm.to(torch.float64) / self.scale
+        self.KtY = self.op.KtY.to(torch.float64) / self.scale
+        self.Y, self.n = Y, len(Y)
+        self.cg: dict[str, dict] = {"cg_iterations_by_ridge": {}, "cg_residual_by_ridge": {}}
+        self.stages = {"nystrom_rows": time.perf_counter() - t0}
+
+    def gram(self, V: torch.Tensor) -> torch.Tensor:
+        """K_nm^T K_nm V on the normalised kernel."""
+        return self.op.gram_matvec(V) / self.scale**2
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        res = solve_nystrom_pcg(self.gram, self.K_mm, self.KtY, ridge, self.n,
+                                tol=CG_TOLERANCE, max_iter=CG_MAX_ITERATIONS)
+        self.cg["cg_iterations_by_ridge"][repr(ridge)] = res.iterations
+        self.cg["cg_residual_by_ridge"][repr(ridge)] = res.relative_residual
+        if not res.converged:
+            log.warning("ridge %g: conjugate gradient stopped after %d steps at relative "
+                        "residual %.2g (tolerance %g)", ridge, res.iterations,
+                        res.relative_residual, CG_TOLERANCE)
+        return res.x
+
+    def train_mse(self, alpha: torch.Tensor) -> float:
+        sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
+              + (alpha * self.gram(alpha)).sum())
+        return float(sq / self.Y.numel())
+
+    def close(self) -> None:
+        self.op.release()
+
+
+def _ridge_problem(backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray | None,
+                   solver: str, it: int):
+    if center_idx is None:
+        return ExactRidge(backend, Y, it)
+    if solver == "nystrom-direct":
+        return NystromRidge(backend, Y, center_idx, it)
+    return NystromPCG(backend, Y, center_idx, it)
+
+
 def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validation: Labelled,
             params: RFMParams, rng: np.random.Generator, *, monitor: Labelled | None = None,
             verbose: bool = False) -> RFMResult:
@@ -168,7 +217,7 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
     Y[torch.arange(n), torch.as_tensor(np.asarray(y_fit), device=dev)] = 1.0
     sample_idx = np.sort(rng.choice(n, size=min(params.agop_samples, n), replace=False))
     center_idx = None
-    if params.solver == "nystrom":
+    if params.solver != "exact":
         m = min(n, params.centers or DEFAULT_CENTERS)
         center_idx = np.sort(rng.choice(n, size=m, replace=False))
     d = int(validation.X.shape[1]) * params.kernel.patch_size**2
@@ -187,8 +236,7 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
         M_path.append(_full_metric(M, Q).cpu())
         backend.set_metric(M, Q)
         t0 = time.perf_counter()
-        problem = (ExactRidge(backend, Y, it) if center_idx is None
-                   else NystromRidge(backend, Y, center_idx, it))
+        problem = _ridge_problem(backend, Y, center_idx, params.solver, it)
         Kv = backend.cross_kernel(validation.X, center_idx, f"iter {it}: val kernel")
         Kv = Kv.to(torch.float64) / problem.scale
         Kmon = None
@@ -201,6 +249,9 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
         record, (ridge, score, alpha) = _choose_ridge(problem, Kv, Y_val, params.ridges, it)
         val_acc = score.acc
         train_mse = problem.train_mse(alpha)
+        record.update(getattr(problem, "cg", {}))
+        if hasattr(problem, "close"):
+            problem.close()
         record.update(ridge=ridge, val_acc=val_acc, val_loss=score.loss, train_mse=train_mse,
                       seconds_kernel=t_kernel, seconds_solve=time.perf_counter() - t0,
                       **{f"seconds_{k}": v for k, v in problem.stages.items()})

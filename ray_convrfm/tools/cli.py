@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB, ENGINES
+from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB, ENGINES, SOLVERS
 from ray_convrfm.tools.outputs import (
     CNFA_RESULTS,
     UsageError,
@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="zarr store (path or fsspec URL such as s3://...) for kernel blocks; "
                         "with --workers the default is OUT/kernels.zarr; a rerun computes only "
                         "missing blocks ('none': no store)")
-    f.add_argument("--solver", default="exact", choices=("exact", "nystrom"))
+    f.add_argument("--solver", default="exact", choices=SOLVERS,
+                   help="exact (n x n Cholesky), nystrom (preconditioned CG over resident "
+                        "kernel rows) or nystrom-direct (m x m normal equations)")
     f.add_argument("--patience", type=int, default=None,
                    help="stop after this many iterations without a better validation score "
                         "(--iters is then the maximum)")

@@ -157,3 +157,21 @@ def test_nystrom_with_fewer_centers(tmp_path, digits):
     np.testing.assert_array_equal(loaded.predict(Xt), m.predict(Xt))
     with pytest.raises(ValueError, match="solver"):
         ConvRFM(solver="lsqr").fit(X, y)
+
+
+def test_iterative_nystrom_equals_the_direct_solve(digits):
+    """Preconditioned CG over resident rows (the default) against the m x m normal equations."""
+    X, y, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=30, centers=60, ridges=(1e-5, 1e-3),
+              options=Options.of(dtype="float64"))
+    pcg = ConvRFM(solver="nystrom", **kw).fit(X, y)
+    direct = ConvRFM(solver="nystrom-direct", **kw).fit(X, y)
+    assert pcg.best_iter_ == direct.best_iter_ and pcg.ridge_ == direct.ridge_
+    rel = float((pcg.alpha_ - direct.alpha_).norm() / direct.alpha_.norm())
+    assert rel <= 1e-4
+    np.testing.assert_array_equal(pcg.predict(Xt), direct.predict(Xt))
+    for h in pcg.history_:
+        assert set(h["cg_iterations_by_ridge"]) == {repr(1e-5), repr(1e-3)}
+        assert all(0 < k < 200 for k in h["cg_iterations_by_ridge"].values())
+        assert all(r <= 1e-8 for r in h["cg_residual_by_ridge"].values())
+    assert "cg_iterations_by_ridge" not in direct.history_[0]

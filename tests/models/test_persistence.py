@@ -151,7 +151,7 @@ def test_a_forged_digest_still_meets_the_value_checks(model_dir):
                                r"\(\*, 1, 9, 9\)"),
     ("image_shape", [2, 8, 8], r"tensor M has shape \(9, 9\); the config says \(18, 18\)"),
     ("history", [], "history must be a list of 1 to 2"),
-    ("center_indices", [0, 1], "center_indices must be given for solver 'nystrom' only"),
+    ("center_indices", [0, 1], "center_indices must be given for the Nystrom solvers only"),
 ])
 def test_bad_config_values_are_refused(model_dir, key, value, match):
     edit_config(model_dir, lambda c: c.update({key: value}))
