@@ -365,8 +365,9 @@ class ShardedImages:
             shape = (self.n, len(center_idx))
             KernelStore(url, store_spec).kernel("K", shape)  # created before the workers write
             stored = (url, store_spec, "K", shape)
-        args = [(self.chain_ref, Y[a:b], rows, M, basis, spec, self.block, stored, key, *refs)
-                for (a, b), rows in zip(self.bounds, mine, strict=True)]
+        # put once: with ``keep`` every CG step carries them again (for a restarted worker)
+        args = [(self.chain_ref, ray.put(Y[a:b]), rows, M, basis, spec, self.block, stored, key,
+                 *refs) for (a, b), rows in zip(self.bounds, mine, strict=True)]
         futures = [actor.normal_equations_part.options(num_returns=5).remote(
                        *arg[:8], keep, *arg[8:])
                    for actor, arg in zip(self.actors, args, strict=True)]

@@ -15,6 +15,7 @@ IDX files and Fashion-MNIST are read by :mod:`ray_convrfm.data.idx` and
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -364,3 +365,102 @@ def with_noise_frame(
         X_test=digit_in_noise(ds.X_test, frame, noise_std, random_state + 1),
         name=f"{ds.name}-noise{int(frame)}",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# PNG/JPEG codecs (the parquet layout's images)
+# --------------------------------------------------------------------------------------------
+_ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
+
+
+def format_of(encoding: str) -> str:
+    """PIL format name (``"PNG"``, ``"JPEG"``) of an ``encoding`` argument."""
+    fmt = _ENCODINGS.get(str(encoding).lower())
+    if fmt is None:
+        raise ValueError(f"encoding must be 'png' or 'jpeg', got {encoding!r}")
+    return fmt
+
+
+def check_channels(channels: int) -> int:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be a pair (H, W) of positive integers, got {size!r}")
+    return h, w
+
+
+def quantise(x: np.ndarray, where: str) -> np.ndarray:
+    """``round(255 * x)`` as ``uint8``; NaN and values outside ``[0, 1]`` are refused."""
+    x = np.asarray(x)
+    ok = (x >= 0) & (x <= 1)  # NaN compares false, so it is refused too
+    if not ok.all():
+        bad = x[~ok]
+        raise ValueError(f"{where}: pixels must be in [0, 1] to be stored as 8-bit images; found "
+                         f"{bad.size} value(s) outside, e.g. {bad.flat[0]!r}: rescale or clip")
+    return np.rint(x.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
+
+
+def hwc(q: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` -> PIL's layout ``(H, W)`` or ``(H, W, 3)``."""
+    return q[0] if q.shape[0] == 1 else np.transpose(q, (1, 2, 0))
+
+
+def chw(pixels: np.ndarray) -> np.ndarray:
+    """PIL's layout ``(H, W)`` or ``(H, W, 3)`` -> ``(C, H, W)``."""
+    return pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
+
+
+def encode_uint8(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
+    """PNG or JPEG bytes of ``uint8`` pixels in PIL's layout."""
+    from PIL import Image
+
+    buf = io.BytesIO()  # PNG ignores quality
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format=fmt, quality=int(quality))
+    return buf.getvalue()
+
+
+def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``uint8`` pixels ``(H, W)`` or ``(H, W, 3)`` of PNG/JPEG bytes, resized (bilinear) to
+    ``size`` ``(H, W)`` when given. 16-bit grey is scaled down, not clipped as PIL would."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode.startswith("I;16"):
+                wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
+                image = Image.fromarray(np.rint(wide / np.float32(257.0)).astype(np.uint8))
+            image = image.convert("L" if channels == 1 else "RGB")
+            if size is not None and (image.height, image.width) != tuple(size):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def encode_image(x: np.ndarray, encoding: str = "png", quality: int = 95) -> bytes:
+    """PNG (lossless) or JPEG (``quality``) bytes of one ``(C, H, W)`` image, ``C`` = 1 or 3,
+    pixels in ``[0, 1]``: quantised to ``round(255 * x)`` first, so PNG round trips are exact."""
+    fmt = format_of(encoding)
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {x.shape}")
+    return encode_uint8(hwc(quantise(x, "image")), fmt, quality)
+
+
+def decode_image(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG or JPEG bytes -> ``float32`` ``(channels, H, W)`` image in ``[0, 1]``. Any mode
+    (palette, RGBA, 16-bit grey, ...) is converted to ``channels`` (1 or 3), so all images of a
+    set have one layout; ``size`` ``(H, W)`` resizes (bilinear, no crop)."""
+    pixels = decode_uint8(data, check_channels(channels), check_size(size))
+    return chw(pixels).astype(np.float32) / np.float32(255.0)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ray_convrfm.data import images as img
 from ray_convrfm.data import parquet_io as pio
 from ray_convrfm.data.datasets import ImageDataset, load_dataset
 from ray_convrfm.data.parquet_io import (  # the public names of the layout, re-exported
@@ -57,8 +58,7 @@ class _FolderImage(NamedTuple):
 
 
 def _check_link(path: Path, root: Path, follow_symlinks: bool) -> Path:
-    """``path``, unless it is a symbolic link leading out of ``root`` (the resolved folder being
-    converted) and ``follow_symlinks`` is off: then a ``ValueError`` naming both."""
+    """``path``, unless a symbolic link out of ``root`` and not ``follow_symlinks``."""
     if not follow_symlinks and path.is_symlink():
         target = path.resolve()
         if not target.is_relative_to(root):
@@ -70,8 +70,7 @@ def _check_link(path: Path, root: Path, follow_symlinks: bool) -> Path:
 
 
 def _files_under(folder: Path, root: Path, follow_symlinks: bool) -> list[Path]:
-    """Every file under ``folder`` in sorted order, each link checked (``_check_link``); a
-    folder linked from inside itself is visited once."""
+    """Every file under ``folder``, sorted, links checked; a folder is visited once."""
     out, stack, seen = [], [folder], {folder.resolve()}
     while stack:
         for p in stack.pop().iterdir():
@@ -132,7 +131,7 @@ def _convert_folder(directory: Path, out: str | os.PathLike[str], fmt: str,
                     **write) -> Path | str:
     images, classes = _scan_folder(directory, follow_symlinks)
     first = images["train"][0]
-    c = first.channels if channels is None else pio.check_channels(channels)
+    c = first.channels if channels is None else img.check_channels(channels)
     h, w = size or (first.height, first.width)
     for im in itertools.chain(*images.values()):
         if ((size is None and (im.height, im.width) != (h, w))
@@ -149,7 +148,7 @@ def _convert_folder(directory: Path, out: str | os.PathLike[str], fmt: str,
             if (im.fmt != fmt or not data.startswith(_MAGIC[fmt]) or im.mode != mode
                     or (im.height, im.width) != (h, w)):
                 try:  # re-encode; images already in the wanted form are stored byte for byte
-                    data = pio.encode_uint8(pio.decode_uint8(data, c, (h, w)), fmt, quality)
+                    data = img.encode_uint8(img.decode_uint8(data, c, (h, w)), fmt, quality)
                 except ValueError as exc:
                     raise ValueError(f"{im.path}: {exc}") from exc
             yield data, im.label
@@ -171,8 +170,8 @@ def _resize(ds: ImageDataset, size: tuple[int, int]) -> ImageDataset:
     def resize(X: np.ndarray, split: str) -> np.ndarray:
         out = np.empty((len(X), X.shape[1], *size), dtype=np.float32)
         for i in range(len(X)):
-            im = Image.fromarray(pio.hwc(pio.quantise(X[i], f"{ds.name}: X_{split}[{i}]")))
-            out[i] = pio.chw(np.asarray(im.resize(size[::-1], Image.Resampling.BILINEAR)))
+            im = Image.fromarray(img.hwc(img.quantise(X[i], f"{ds.name}: X_{split}[{i}]")))
+            out[i] = img.chw(np.asarray(im.resize(size[::-1], Image.Resampling.BILINEAR)))
         return out / np.float32(255.0)
 
     if ds.image_shape[1:] == size or ds.image_shape[0] not in (1, 3):
@@ -189,19 +188,16 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
             download: bool = False, follow_symlinks: bool = False) -> Path | str:
     """Write a data set in the parquet layout; returns what :func:`write_parquet_dataset` does.
 
-    ``source_spec``: anything ``load_dataset`` accepts (``root`` and ``download`` go to it), or
-    ``"folder:DIR"``: ``DIR/train/<class>/*.png|jpg|jpeg`` and optionally ``DIR/test/...``
-    (without them ``DIR`` is the train split); classes are the sorted class-folder names. Folder
-    images already in ``encoding``, mode (``L``/``RGB``) and size are stored byte for byte,
-    others re-encoded. ``size`` ``(H, W)`` resizes (bilinear); without it all folder images must
-    have the size of the first, and without ``channels`` (1 or 3) its channel count, else a
-    ``ValueError`` names the file. ``shuffle_seed`` shuffles folder rows, which come class by
-    class (contiguous worker shards would each see few classes); ``None`` keeps that order.
-    ``name`` renames the set. A symbolic link in ``DIR`` that leads out of it (a file or a
-    folder) is refused with a ``ValueError`` naming it, unless ``follow_symlinks``; links that
-    stay inside ``DIR`` are read. The rest is as in :func:`write_parquet_dataset`.
+    ``source_spec``: anything ``load_dataset`` accepts (``root``, ``download`` go to it), or
+    ``"folder:DIR"``: ``DIR/[train|test]/<class>/*.png|jpg|jpeg`` (without ``train/``, ``DIR`` is
+    the train split), classes the sorted class-folder names. Folder images already in
+    ``encoding``, mode (``L``/``RGB``) and size are stored byte for byte, others re-encoded.
+    ``size`` ``(H, W)`` resizes (bilinear); without it all must have the first image's size, and
+    without ``channels`` (1 or 3) its channels. ``shuffle_seed`` (``None``: keep) shuffles folder
+    rows, which come class by class. ``name`` renames the set. Symbolic links leading out of
+    ``DIR`` are refused unless ``follow_symlinks``. The rest is as in :func:`write_parquet_dataset`.
     """
-    fmt, size = pio.format_of(encoding), pio.check_size(size)
+    fmt, size = img.format_of(encoding), img.check_size(size)
     write = {"rows_per_file": rows_per_file, "rows_per_group": rows_per_group,
              "overwrite": overwrite, "progress": progress}
     s = source_spec.strip()
@@ -214,7 +210,7 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
         if str(exc).startswith("unknown data set spec"):
             raise ValueError(f'{exc}, or "folder:DIR"') from exc
         raise
-    if channels is not None and pio.check_channels(channels) != ds.image_shape[0]:
+    if channels is not None and img.check_channels(channels) != ds.image_shape[0]:
         raise ValueError(f"{ds.name}: channels={channels} requested but the images have "
                          f"{ds.image_shape[0]}; channel conversion is for folder sources only")
     ds = ds if size is None else _resize(ds, size)
@@ -252,7 +248,7 @@ class ParquetImages:
     @classmethod
     def open(cls, path: str | os.PathLike[str], split: str = "train",
              size: tuple[int, int] | None = None, limit: int | None = None) -> ParquetImages:
-        return cls(open_parquet_dataset(path), split, pio.check_size(size), limit)
+        return cls(open_parquet_dataset(path), split, img.check_size(size), limit)
 
     def __len__(self) -> int:
         n = self.manifest.rows(self.split)
@@ -269,13 +265,7 @@ class ParquetImages:
     def labels(self) -> np.ndarray:
         """All labels, reading only the ``label`` column."""
         slices = self.manifest.groups_for(self.split, 0, len(self))
-        parts = []
-        for s, t in pio.read_slices(self.manifest, slices, ["label"]):
-            if t.column("label").null_count:
-                raise ValueError(f"{s.file}: row group {s.index} has null labels")
-            parts.append(pio.check_labels(self.manifest, t.column("label").to_numpy(),
-                                          f"{s.file} (split {self.split!r}), row group "
-                                          f"{s.index}"))
+        parts = [y for *_, y in pio.read_slices(self.manifest, self.split, slices, ["label"])]
         return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64)
 
     def read(self, ranges: Sequence[tuple[int, int]] | None = None
@@ -291,10 +281,9 @@ class ParquetImages:
 
     def split_validation(self, fraction: float, rng: np.random.Generator
                          ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """(fit ranges, validation ranges): a seeded random ``fraction`` of the rows held out
-        in whole row groups, so the driver reads only the validation groups and each worker
-        only its own. Sets of fewer than ``MIN_GROUPS_FOR_GROUP_SPLIT`` groups are split in
-        chunks of about 1% of the rows instead (they are small enough to read anywhere)."""
+        """(fit ranges, validation ranges): a random ``fraction`` of the rows held out in whole
+        row groups, so the driver reads only those and each worker only its own; with fewer
+        than ``MIN_GROUPS_FOR_GROUP_SPLIT`` groups, in chunks of about 1% of the rows."""
         n = len(self)
         sizes = [s.stop - s.start for s in self.manifest.groups_for(self.split, 0, n)]
         units = [(end - k, end) for k, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
@@ -333,13 +322,10 @@ class ParquetRows:
 
     def slice(self, start: int, stop: int) -> ParquetRows:
         """Rows ``start:stop`` of this selection (positions counted across the ranges)."""
-        out, pos = [], 0
-        for a, b in self.ranges:
-            lo, hi = max(start, pos), min(stop, pos + b - a)
-            if hi > lo:
-                out.append((a + lo - pos, a + hi - pos))
-            pos += b - a
-        return dataclasses.replace(self, ranges=tuple(out))
+        r = self.ranges
+        return dataclasses.replace(self, ranges=tuple(
+            (r[i][0] + lo, r[i][0] + hi) for i, lo, hi in pio.overlaps(
+                (b - a for a, b in r), start, stop)))
 
     def load(self) -> np.ndarray:
         """Read and decode these rows: ``(len, C, H, W)`` in ``dtype``."""

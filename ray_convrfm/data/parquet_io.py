@@ -3,26 +3,24 @@
 Large image sets fit neither in one ``.npz`` file nor in one worker's memory, so they are stored
 as public mirrors store them: parquet rows of an encoded image and a label. The driver plans
 shards from the file footers (:func:`open_parquet_dataset`), a Ray worker reads only the row
-groups of its rows (:func:`read_rows`). ``pyarrow.dataset`` writes and reads the files; this
-module adds what is specific to images. A set is a directory or a URL (``s3://``, ``gs://``, ...
+groups of its rows (:func:`read_rows`). A set is a directory or a URL (``s3://``, ``gs://``, ...
 as ``pyarrow.fs.FileSystem.from_uri`` takes them, or any fsspec URL)::
 
     ROOT/dataset.json       {"format": "ray_convrfm-parquet", "version": 1, "name": "digits",
                              "channels": 1, "height": 8, "width": 8, "encoding": "png",
-                             "classes": ["0", ...], "splits": {"train": 1500, "test": 297}}
+                             "classes": ["0", ...], "splits": {"train": 1500, "test": 297},
+                             "files": {"train": ["part-0.parquet", ...], ...}}
     ROOT/train/part-0.parquet, part-1.parquet, ...   (columns image, label)
     ROOT/test/part-0.parquet, ...                    (optional)
 
 ``height``/``width`` are ``null`` for images of varying size (reading then needs ``size``). A
-split is the files ``"files"`` names for it (``{"train": ["part-0.parquet", ...], ...}``, written
-by this module), or, in a ``dataset.json`` without ``"files"`` (a mirror's, written by hand),
-every ``*.parquet`` file of its folder in natural order (``part-2`` before ``part-10``) but names
-starting with ``.``/``_``. Their footers must hold the recorded rows, so a missing or stale shard
-is caught on opening, and ``dataset.json`` is written last, so an interrupted write is too.
-``image`` is PNG or JPEG bytes (``binary``, or HuggingFace's ``struct<bytes, path>``), ``label``
-an integer class in ``0 .. len(classes) - 1`` (others are refused on reading). Pixels are stored
-as ``round(255 * x)``: exact in PNG, lossy in JPEG.
-
+split is the files ``"files"`` names for it or, in a ``dataset.json`` without ``"files"`` (a
+mirror's, written by hand), every ``*.parquet`` file of its folder in natural order (``part-2``
+before ``part-10``) but names starting with ``.``/``_``. Their footers must hold the recorded
+rows, so a missing or stale shard is caught on opening; ``dataset.json`` is written last, so an
+interrupted write is too. ``image`` is PNG or JPEG bytes (``binary``, or HuggingFace's
+``struct<bytes, path>``), ``label`` an integer class in ``0 .. len(classes) - 1`` (others are
+refused on reading). Pixels are stored as ``round(255 * x)``: exact in PNG, lossy in JPEG.
 Overwriting a set deletes only the files its ``dataset.json`` names (and those an interrupted
 write had announced in ``ROOT/_writing.json``), never other files of its folders.
 """
@@ -30,7 +28,6 @@ write had announced in ``ROOT/_writing.json``), never other files of its folders
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import logging
@@ -47,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from ray_convrfm.data.images import ImageDataset, default_classes
+from ray_convrfm.data import images as img
+from ray_convrfm.data.images import ImageDataset, decode_image, default_classes, encode_image
 
 __all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetManifest", "RowGroup", "check_labels",
            "decode_image", "encode_image", "load_parquet", "open_parquet_dataset", "read_rows",
@@ -64,102 +62,8 @@ META_FILE = "dataset.json"
 #: write may have left, which ``overwrite`` may delete.
 PENDING_FILE = "_writing.json"
 SPLITS = ("train", "test")
-_ENCODINGS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
 _SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
 _PARQUET = pads.ParquetFileFormat()
-
-
-def format_of(encoding: str) -> str:
-    """PIL format name (``"PNG"``, ``"JPEG"``) of an ``encoding`` argument."""
-    fmt = _ENCODINGS.get(str(encoding).lower())
-    if fmt is None:
-        raise ValueError(f"encoding must be 'png' or 'jpeg', got {encoding!r}")
-    return fmt
-
-
-def check_channels(channels: int) -> int:
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-    return int(channels)
-
-
-def check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        h = w = 0
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be a pair (H, W) of positive integers, got {size!r}")
-    return h, w
-
-
-def quantise(x: np.ndarray, where: str) -> np.ndarray:
-    """``round(255 * x)`` as ``uint8``; NaN and values outside ``[0, 1]`` are refused."""
-    x = np.asarray(x)
-    ok = (x >= 0) & (x <= 1)  # NaN compares false, so it is refused too
-    if not ok.all():
-        bad = x[~ok]
-        raise ValueError(f"{where}: pixels must be in [0, 1] to be stored as 8-bit images; found "
-                         f"{bad.size} value(s) outside, e.g. {bad.flat[0]!r}: rescale or clip")
-    return np.rint(x.astype(np.float32) * np.float32(255.0)).astype(np.uint8)
-
-
-def hwc(q: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` -> PIL's layout ``(H, W)`` or ``(H, W, 3)``."""
-    return q[0] if q.shape[0] == 1 else np.transpose(q, (1, 2, 0))
-
-
-def chw(pixels: np.ndarray) -> np.ndarray:
-    """PIL's layout ``(H, W)`` or ``(H, W, 3)`` -> ``(C, H, W)``."""
-    return pixels[None] if pixels.ndim == 2 else np.transpose(pixels, (2, 0, 1))
-
-
-def encode_uint8(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
-    """PNG or JPEG bytes of ``uint8`` pixels in PIL's layout."""
-    from PIL import Image
-
-    buf = io.BytesIO()  # PNG ignores quality
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format=fmt, quality=int(quality))
-    return buf.getvalue()
-
-
-def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """``uint8`` pixels ``(H, W)`` or ``(H, W, 3)`` of PNG/JPEG bytes, resized (bilinear) to
-    ``size`` ``(H, W)`` when given. 16-bit grey is scaled down, not clipped as PIL would."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode.startswith("I;16"):
-                wide = np.asarray(image, dtype=np.uint16).astype(np.float32)
-                image = Image.fromarray(np.rint(wide / np.float32(257.0)).astype(np.uint8))
-            image = image.convert("L" if channels == 1 else "RGB")
-            if size is not None and (image.height, image.width) != tuple(size):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
-
-
-def encode_image(x: np.ndarray, encoding: str = "png", quality: int = 95) -> bytes:
-    """PNG (lossless) or JPEG (``quality``) bytes of one ``(C, H, W)`` image, ``C`` = 1 or 3,
-    pixels in ``[0, 1]``: quantised to ``round(255 * x)`` first, so PNG round trips are exact."""
-    fmt = format_of(encoding)
-    x = np.asarray(x)
-    if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"image must have shape (C, H, W) with C = 1 or 3, got {x.shape}")
-    return encode_uint8(hwc(quantise(x, "image")), fmt, quality)
-
-
-def decode_image(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """PNG or JPEG bytes -> ``float32`` ``(channels, H, W)`` image in ``[0, 1]``. Any mode
-    (palette, RGBA, 16-bit grey, ...) is converted to ``channels`` (1 or 3), so all images of a
-    set have one layout; ``size`` ``(H, W)`` resizes (bilinear, no crop)."""
-    pixels = decode_uint8(data, check_channels(channels), check_size(size))
-    return chw(pixels).astype(np.float32) / np.float32(255.0)
 
 
 def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, bool]:
@@ -206,24 +110,32 @@ def _planned_files(n: int, rows_per_file: int) -> list[str]:
     return [f"part-{i}.parquet" for i in range(-(-int(n) // int(rows_per_file)))]
 
 
+def _is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def _read_json(fs: pafs.FileSystem, path: str) -> object:
-    """A JSON file's content, or None when it is missing or not JSON."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    """A JSON file's content (None when it is missing; ``ValueError`` when not JSON)."""
+    if not _is_file(fs, path):
         return None
     with fs.open_input_stream(path) as fh:
-        try:
-            return json.loads(fh.read())
-        except ValueError:
-            return None
+        return json.loads(fh.read())
+
+
+def _write_json(fs: pafs.FileSystem, path: str, doc: dict) -> None:
+    with fs.open_output_stream(path) as fh:
+        fh.write((json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
 def _written_files(fs: pafs.FileSystem, root: str) -> dict[str, set[str]]:
-    """Per split folder, the file names this module wrote at ``root``: those the ``"files"`` of
-    its ``dataset.json`` names and those an interrupted write announced in ``_writing.json``
+    """Per split folder, the file names ``dataset.json`` and ``_writing.json`` list at ``root``
     (plain names only: a manifest cannot point a deletion outside its split folders)."""
     out: dict[str, set[str]] = {}
     for name in (META_FILE, PENDING_FILE):
-        doc = _read_json(fs, _join(root, name))
+        try:
+            doc = _read_json(fs, _join(root, name))
+        except ValueError:
+            continue
         files = doc.get("files") if isinstance(doc, dict) else None
         for split, names in (files.items() if isinstance(files, dict) else ()):
             if _plain_split(split) and isinstance(names, list):
@@ -235,10 +147,19 @@ def _plain_split(name: object) -> bool:
     return isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None
 
 
-def _plain_file(name: object) -> bool:
-    """A file name inside a split folder: no folders, no ``..``, ending in ``.parquet``."""
+def _plain_file(name: object) -> bool:  # a *.parquet name inside a split folder, no ".."
     return (isinstance(name, str) and name.endswith(".parquet") and "/" not in name
             and "\\" not in name and not name.startswith("."))
+
+
+def overlaps(sizes: Iterable[int], start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+    """``(i, lo, hi)``: rows ``lo:hi`` of piece ``i`` (pieces of ``sizes`` laid end to end) fall
+    in ``start:stop``."""
+    first = 0
+    for i, n in enumerate(sizes):
+        if min(stop, first + n) > max(start, first):
+            yield i, max(start, first) - first, min(stop, first + n) - first
+        first += n
 
 
 def write_encoded(out: str | os.PathLike[str], meta: dict,
@@ -257,7 +178,7 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
     fs, root, local = resolve(out)
     meta_path, pending_path = _join(root, META_FILE), _join(root, PENDING_FILE)
     old = {split: _list_parquet(fs, _join(root, split)) for split in SPLITS}
-    has_meta = fs.get_file_info(meta_path).type == pafs.FileType.File
+    has_meta = _is_file(fs, meta_path)
     n_old = sum(len(files) for files in old.values())
     if (n_old or has_meta) and not overwrite:
         raise FileExistsError(f"{out} already holds a parquet data set ({n_old} parquet file(s)"
@@ -274,16 +195,14 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
             raise FileExistsError(f"{out}: {len(clash)} file(s) in the way of the new set, e.g. "
                                   f"{clash[0]}, that overwrite does not delete; {why}")
     fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(pending_path) as fh:  # before any file is deleted or written
-        files = {s: sorted(set(planned.get(s, ())) | ours.get(s, set()), key=_natural_key)
-                 for s in sorted({*planned, *ours})}
-        fh.write((json.dumps({"files": files}, indent=2) + "\n").encode("utf-8"))
+    _write_json(fs, pending_path, {"files": {  # before any file is deleted or written
+        s: sorted(set(planned.get(s, ())) | ours.get(s, set()), key=_natural_key)
+        for s in sorted({*planned, *ours})}})
     if has_meta:
         fs.delete_file(meta_path)  # before its files, so a half-replaced set is never readable
     for split, names in ours.items():
         for name in sorted(names, key=_natural_key):
-            path = _join(root, split, name)
-            if fs.get_file_info(path).type == pafs.FileType.File:
+            if _is_file(fs, path := _join(root, split, name)):
                 fs.delete_file(path)
     # Encoded images are incompressible and unique: no dictionary, no statistics for them.
     options = _PARQUET.make_write_options(use_dictionary=["label"], write_statistics=["label"])
@@ -299,10 +218,9 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
                 max_rows_per_group=group, min_rows_per_group=group, preserve_order=True,
                 existing_data_behavior="overwrite_or_ignore",
                 file_visitor=lambda f, s=split: written[s].append(f.path.rsplit("/", 1)[-1]))
-    with fs.open_output_stream(meta_path) as fh:
-        meta = {"format": FORMAT, "version": VERSION, **meta, "splits": counts,
-                "files": {s: sorted(names, key=_natural_key) for s, names in written.items()}}
-        fh.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    _write_json(fs, meta_path, {
+        "format": FORMAT, "version": VERSION, **meta, "splits": counts,
+        "files": {s: sorted(names, key=_natural_key) for s, names in written.items()}})
     fs.delete_file(pending_path)
     logger.info("wrote parquet data set %r to %s: %s", meta["name"], out, counts)
     return Path(root) if local else os.fspath(out)
@@ -316,15 +234,13 @@ def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encodin
     the root (an absolute ``Path`` when local, else the URL). An empty test split is skipped.
 
     ``encoding``: ``"png"`` (lossless) or ``"jpeg"`` (``quality``). Files hold at most
-    ``rows_per_file`` rows in row groups of ``rows_per_group``, the unit a worker reads (it
-    bounds the memory and over-read of a :func:`read_rows`). ``overwrite`` replaces a set at
-    ``out`` (else ``FileExistsError``), deleting only the files its ``dataset.json`` names (a
-    file of another origin where a new one would go is a ``FileExistsError``, and stays);
-    ``progress`` shows a bar. Pixels that 8 bits cannot
-    store (NaN, outside ``[0, 1]``) raise a ``ValueError`` naming the image before anything is
-    written.
+    ``rows_per_file`` rows in row groups of ``rows_per_group``, the unit a worker reads.
+    ``overwrite`` replaces a set at ``out`` (else ``FileExistsError``), deleting only the files
+    its ``dataset.json`` names (a foreign file in the way is a ``FileExistsError``, and stays);
+    ``progress`` shows a bar. Pixels 8 bits cannot store (NaN, outside ``[0, 1]``) raise a
+    ``ValueError`` naming the image before anything is written.
     """
-    fmt = format_of(encoding)
+    fmt = img.format_of(encoding)
     c, h, w = ds.image_shape
     if c not in (1, 3):
         raise ValueError(f"{ds.name}: images must have 1 or 3 channels to encode, got {c}")
@@ -336,11 +252,12 @@ def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encodin
             ok = ((X[i : i + 1024] >= 0) & (X[i : i + 1024] <= 1)).reshape(-1, c * h * w)
             if not ok.all():
                 j = i + int(np.argmin(ok.all(axis=1)))
-                quantise(X[j], f"{ds.name}: X_{split}[{j}]")
+                img.quantise(X[j], f"{ds.name}: X_{split}[{j}]")
 
     def rows(X: np.ndarray, y: np.ndarray, split: str) -> Iterator[tuple[bytes, int]]:
         for i in range(len(X)):
-            yield encode_uint8(hwc(quantise(X[i], f"X_{split}[{i}]")), fmt, quality), int(y[i])
+            q = img.quantise(X[i], f"X_{split}[{i}]")
+            yield img.encode_uint8(img.hwc(q), fmt, quality), int(y[i])
 
     meta = {"name": ds.name, "channels": c, "height": h, "width": w, "encoding": fmt.lower(),
             "classes": list(ds.classes)}
@@ -350,7 +267,6 @@ def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encodin
 
 class RowGroup(NamedTuple):
     """One row group: its file (path inside the file system), index in the file and size."""
-
     file: str
     index: int
     num_rows: int
@@ -358,7 +274,6 @@ class RowGroup(NamedTuple):
 
 class GroupSlice(NamedTuple):
     """Rows ``start:stop`` (offsets inside the group) of row group ``index`` of ``file``."""
-
     file: str
     index: int
     start: int
@@ -367,11 +282,9 @@ class GroupSlice(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ParquetManifest:
-    """An opened data set: ``dataset.json`` and, per split, its row groups in row order.
-
-    Small and picklable (so are pyarrow file systems): the driver opens a set once and ships it
-    to the Ray workers, which call :func:`read_rows` on their rows. ``height``/``width`` are
-    ``None`` when the images vary in size."""
+    """An opened data set: ``dataset.json`` and, per split, its row groups in row order. Small
+    and picklable (as pyarrow file systems are): the driver ships it to the Ray workers, which
+    call :func:`read_rows` on their rows. ``height``/``width`` are ``None`` for varying sizes."""
 
     root: str  # the path or URL it was opened from
     filesystem: pafs.FileSystem
@@ -397,13 +310,9 @@ class ParquetManifest:
         if not 0 <= start <= stop <= n:
             raise ValueError(f"rows {start}:{stop} out of range for split {split!r} with {n} "
                              "rows (need 0 <= start <= stop <= rows)")
-        out, first = [], 0
-        for g in self.groups.get(split, []):
-            lo, hi = max(start, first), min(stop, first + g.num_rows)
-            if hi > lo:
-                out.append(GroupSlice(g.file, g.index, lo - first, hi - first))
-            first += g.num_rows
-        return out
+        gs = self.groups.get(split, [])
+        return [GroupSlice(gs[i].file, gs[i].index, lo, hi)
+                for i, lo, hi in overlaps((g.num_rows for g in gs), start, stop)]
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.rows(s)}" for s in self.groups)
@@ -427,15 +336,14 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
 
 def _read_meta(fs: pafs.FileSystem, root: str, display: str) -> dict:
     where = f"{display}/{META_FILE}"
-    if fs.get_file_info(_join(root, META_FILE)).type != pafs.FileType.File:
+    if not _is_file(fs, _join(root, META_FILE)):
         raise FileNotFoundError(f"{display}: no {META_FILE}, so not a {FORMAT} data set (or its "
                                 "writing did not finish); write one with ray_convrfm.data."
                                 "parquet.convert, or see ray_convrfm.data.parquet_io")
-    with fs.open_input_stream(_join(root, META_FILE)) as fh:
-        try:
-            meta = json.loads(fh.read())
-        except ValueError as exc:
-            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+    try:
+        meta = _read_json(fs, _join(root, META_FILE))
+    except ValueError as exc:
+        raise ValueError(f"{where} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{where}: format must be {FORMAT!r}, got {found!r}")
@@ -467,12 +375,9 @@ def _read_meta(fs: pafs.FileSystem, root: str, display: str) -> dict:
 
 
 def open_parquet_dataset(path: str | os.PathLike[str]) -> ParquetManifest:
-    """Open a data set from ``dataset.json`` and its files' footers (``pyarrow.dataset``
-    fragments), reading no image bytes: cheap even for ImageNet on object storage.
-
+    """Open a data set from ``dataset.json`` and its files' footers, reading no image bytes.
     ``FileNotFoundError`` without ``dataset.json``; ``ValueError`` for a wrong format or version,
-    a file without usable ``image`` and ``label`` columns, or a split of another row count.
-    """
+    a file without usable ``image`` and ``label`` columns, or a split of another row count."""
     display = os.fspath(path)
     fs, root, _ = resolve(path)
     meta = _read_meta(fs, root, display)
@@ -519,30 +424,32 @@ def check_labels(m: ParquetManifest, labels: np.ndarray, where: str) -> np.ndarr
     return labels
 
 
-def read_slices(m: ParquetManifest, slices: list[GroupSlice],
-                columns: list[str]) -> Iterator[tuple[GroupSlice, pa.Table]]:
-    """Each slice with a table of its rows, reading only its row groups (one fragment per
-    file, split by row group)."""
+def read_slices(m: ParquetManifest, split: str, slices: list[GroupSlice], columns: list[str]
+                ) -> Iterator[tuple[GroupSlice, pa.Table, np.ndarray]]:
+    """Each slice with a table of its rows and its checked labels, reading only its row groups
+    (one fragment per file, split by row group)."""
     for file, in_file in itertools.groupby(slices, key=lambda s: s.file):
         in_file = list(in_file)
         fragment = _PARQUET.make_fragment(file, filesystem=m.filesystem,
                                           row_groups=[s.index for s in in_file])
         for s, group in zip(in_file, fragment.split_by_row_group(), strict=True):
-            yield s, group.to_table(columns=columns).slice(s.start, s.stop - s.start)
+            table = group.to_table(columns=columns).slice(s.start, s.stop - s.start)
+            if table.column("label").null_count:
+                raise ValueError(f"{s.file}: row group {s.index} has null labels")
+            yield s, table, check_labels(m, table.column("label").to_numpy(),
+                                         f"{s.file} (split {split!r}), row group {s.index}")
 
 
 def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split: str, start: int,
               stop: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``float32`` images ``(stop - start, C, H, W)`` in ``[0, 1]`` and ``int64`` labels of rows
-    ``start:stop`` of ``split``, reading only the row groups that cover them (a worker's read).
-
-    ``manifest_or_path``: an opened set (cheaper when called repeatedly) or its root. ``size``
-    ``(H, W)`` resizes (bilinear); without it images must have the recorded size. A bad range,
-    a null or undecodable image or label, or another size raise a ``ValueError`` naming the row.
-    """
+    ``start:stop`` of ``split`` (of an opened set, or its root), reading only the row groups that
+    cover them. ``size`` ``(H, W)`` resizes (bilinear); without it images must have the recorded
+    size. A bad range, a null or undecodable image or label, or another size raise a
+    ``ValueError`` naming the row."""
     m = (manifest_or_path if isinstance(manifest_or_path, ParquetManifest)
          else open_parquet_dataset(manifest_or_path))
-    size = check_size(size)
+    size = img.check_size(size)
     slices = m.groups_for(split, start, stop)
     target = size or (m.height, m.width)
     if None in target:
@@ -551,12 +458,8 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
     X = np.empty((int(stop) - int(start), m.channels, *target), dtype=np.float32)
     y = np.empty(len(X), dtype=np.int64)
     row = 0
-    for s, table in read_slices(m, slices, ["image", "label"]):
-        if table.column("label").null_count:
-            raise ValueError(f"{s.file}: row group {s.index} has null labels")
-        y[row : row + table.num_rows] = check_labels(
-            m, table.column("label").to_numpy(), f"{s.file} (split {split!r}), row group "
-            f"{s.index}")
+    for s, table, labels in read_slices(m, split, slices, ["image", "label"]):
+        y[row : row + table.num_rows] = labels
         images = table.column("image")
         if pa.types.is_struct(images.type):
             images = pc.struct_field(images, "bytes")
@@ -564,7 +467,7 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
             try:
                 if data is None:
                     raise ValueError("image is null")
-                pixels = decode_uint8(data, m.channels, size)
+                pixels = img.decode_uint8(data, m.channels, size)
                 if pixels.shape[:2] != target:
                     raise ValueError(f"image is {pixels.shape[0]}x{pixels.shape[1]}, but "
                                      f"{META_FILE} says {target[0]}x{target[1]}; pass "
@@ -572,15 +475,14 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
             except ValueError as exc:
                 raise ValueError(f"{s.file}: row group {s.index}, row {s.start + j}: "
                                  f"{exc}") from exc
-            np.divide(chw(pixels), np.float32(255.0), out=X[row + j])
+            np.divide(img.chw(pixels), np.float32(255.0), out=X[row + j])
         row += table.num_rows
     return X, y
 
 
 def load_parquet(path: str | os.PathLike[str] | ParquetManifest,
                  size: tuple[int, int] | None = None) -> ImageDataset:
-    """A whole parquet data set in memory, for sets that fit (and tests); large sets are read
-    in shards with :func:`read_rows`."""
+    """A whole parquet data set in memory, for sets that fit; else see :func:`read_rows`."""
     m = path if isinstance(path, ParquetManifest) else open_parquet_dataset(path)
     X_tr, y_tr = read_rows(m, "train", 0, m.rows("train"), size=size)
     X_te, y_te = read_rows(m, "test", 0, m.rows("test"), size=size)
