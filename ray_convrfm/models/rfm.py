@@ -106,6 +106,36 @@ class RFMResult:
     timings: dict[str, float]
 
 
+def available_memory_bytes() -> int | None:
+    """Memory this machine can still give (Linux: MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ExactTooLargeError(MemoryError, ValueError):
+    """The exact solver's n x n matrices do not fit this machine (a ValueError too: the
+    choice of solver and n is the caller's to change; the command line reports it in a line)."""
+
+
+def check_exact_fits(n: int, itemsize: int) -> None:
+    """Refuse, before any kernel is computed, an exact solve this process cannot hold: the
+    n x n kernel, its float64 copy and Cholesky factor, and the float64 kernel for the MSE."""
+    need = n * n * (itemsize + 24)
+    have = available_memory_bytes()
+    if have is not None and need > have:
+        raise ExactTooLargeError(
+            f"solver='exact' needs about {need / 2**30:.1f} GiB for n = {n:,} training images "
+            f"(the n x n kernel, its float64 Cholesky and copies); this machine has "
+            f"{have / 2**30:.1f} GiB available. Use solver='nystrom' with centers=m (memory "
+            "m x m), or fewer training images")
+
+
 class ExactRidge:
     """(K + ridge I) alpha = Y on the full normalised training kernel (docs/math.md section 3)."""
 
@@ -226,6 +256,8 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
         log.info("training patches span %d of %d dimensions: working in that basis",
                  Q.shape[1], d)
         Q = Q.to(dev, dt)
+    if center_idx is None:
+        check_exact_fits(n, validation.X.element_size())
     M = torch.eye(d if Q is None else Q.shape[1], dtype=dt, device=dev)  # Q^T I Q = I_r
     history: list[dict] = []
     M_path: list[torch.Tensor] = []

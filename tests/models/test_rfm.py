@@ -121,3 +121,17 @@ def test_fit_stops_when_validation_stops_improving(digits):
     assert [h["val_acc"] for h in early.history_] == same
     with pytest.raises(ValueError, match="patience"):
         ConvRFM(patience=0).fit(X, y)
+
+
+def test_exact_refuses_an_n_it_cannot_hold(digits, monkeypatch):
+    """Before any kernel is computed, with the memory it would need and what is available."""
+    from ray_convrfm.models import rfm
+
+    X, y, Xv, yv = digits
+    monkeypatch.setattr(rfm, "available_memory_bytes", lambda: 100_000)  # 0.1 MB left
+    with pytest.raises(MemoryError, match=r"solver='exact' needs about 0\.0 GiB for n = 150 "
+                                          r"training images.*available.*solver='nystrom'"):
+        ConvRFM(depth=2, iters=1).fit(X, y, X_val=Xv, y_val=yv)
+    model = ConvRFM(depth=2, iters=1, solver="nystrom", centers=20).fit(X, y, X_val=Xv,
+                                                                       y_val=yv)
+    assert model.alpha_.shape[0] == 20  # Nystrom needs m x m, not n x n
