@@ -153,6 +153,13 @@ class ExactRidge:
     def train_mse(self, alpha: torch.Tensor) -> float:
         return float(((self.K.to(torch.float64) @ alpha - self.Y) ** 2).mean())
 
+    def report(self) -> dict:
+        """Facts of the solve to record (none for a Cholesky)."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing held beyond this object."""
+
 
 class NystromRidge:
     """(K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y from sums over row blocks (section 9)."""
@@ -175,6 +182,9 @@ class NystromRidge:
         sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
               + (alpha * (self.KtK @ alpha)).sum())
         return float(sq / self.Y.numel())
+
+    report = ExactRidge.report
+    close = ExactRidge.close
 
 
 class NystromPCG:
@@ -213,7 +223,12 @@ class NystromPCG:
               + (alpha * self.gram(alpha)).sum())
         return float(sq / self.Y.numel())
 
+    def report(self) -> dict:
+        """CG iterations and final residual of every ridge."""
+        return self.cg
+
     def close(self) -> None:
+        """The backend drops the resident rows of K_nm."""
         self.op.release()
 
 
@@ -281,9 +296,8 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
         record, (ridge, score, alpha) = _choose_ridge(problem, Kv, Y_val, params.ridges, it)
         val_acc = score.acc
         train_mse = problem.train_mse(alpha)
-        record.update(getattr(problem, "cg", {}))
-        if hasattr(problem, "close"):
-            problem.close()
+        record.update(problem.report())
+        problem.close()
         record.update(ridge=ridge, val_acc=val_acc, val_loss=score.loss, train_mse=train_mse,
                       seconds_kernel=t_kernel, seconds_solve=time.perf_counter() - t0,
                       **{f"seconds_{k}": v for k, v in problem.stages.items()})
