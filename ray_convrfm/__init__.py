@@ -16,9 +16,10 @@ from ray_convrfm.options import (  # noqa: E402
     ClusterOptions,
     ComputeOptions,
     Options,
+    SolveOptions,
     StoreOptions,
 )
 
 __all__ = ["ClusterOptions", "ComputeOptions", "ConvRFM", "DeepConvRFM", "Options",
-           "RFMParams", "RFMResult", "StoreOptions", "conv_ntk", "fit_rfm", "patch_agop",
-           "__version__"]
+           "RFMParams", "RFMResult", "SolveOptions", "StoreOptions", "conv_ntk", "fit_rfm",
+           "patch_agop", "__version__"]

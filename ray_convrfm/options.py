@@ -147,18 +147,50 @@ class StoreOptions:
 
 
 @dataclass(frozen=True)
+class SolveOptions:
+    """How the iterative Nystrom solver (``solver="nystrom"``) holds its rows and factors.
+
+    Parameters
+    ----------
+    resident_mb : int or None
+        Memory per worker (or per process, in-process) for the resident rows of K(train,
+        centers) between conjugate-gradient steps. Row slabs beyond it live in zarr (the run's
+        kernel store, or a temporary store on the worker's disk) and are read back, checked,
+        at every step. None keeps every row in memory.
+    preconditioner_rank : int or None
+        None factors the centers' m x m kernel (Falkon's preconditioner, 8 m^2 bytes on one
+        worker); q < m builds a rank-q spectral preconditioner from q of the centers (8 m q
+        bytes), for an m whose m x m factor fits nowhere.
+    """
+
+    resident_mb: int | None = None
+    preconditioner_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.resident_mb is not None and (not _is_int(self.resident_mb)
+                                             or self.resident_mb < 0):
+            raise ValueError(f"resident_mb must be an integer >= 0 or None; found "
+                             f"{self.resident_mb!r}")
+        if self.preconditioner_rank is not None and (not _is_int(self.preconditioner_rank)
+                                                     or self.preconditioner_rank < 1):
+            raise ValueError(f"preconditioner_rank must be a positive integer or None; found "
+                             f"{self.preconditioner_rank!r}")
+
+
+@dataclass(frozen=True)
 class Options:
     """Everything about how (not what) an estimator computes; the model does not depend on it.
 
     Parameters
     ----------
-    compute, cluster, store : the subsystems' options
+    compute, cluster, store, solve : the subsystems' options
     verbose : progress bars on long stages and one log line per iteration
     """
 
     compute: ComputeOptions = field(default_factory=ComputeOptions)
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     store: StoreOptions = field(default_factory=StoreOptions)
+    solve: SolveOptions = field(default_factory=SolveOptions)
     verbose: bool = False
 
     @classmethod
@@ -189,7 +221,8 @@ def _is_int(value: Any) -> bool:
 
 
 _OWNER = {f.name: part for part, sub in (("compute", ComputeOptions),
-                                         ("cluster", ClusterOptions), ("store", StoreOptions))
+                                         ("cluster", ClusterOptions), ("store", StoreOptions),
+                                         ("solve", SolveOptions))
           for f in dataclasses.fields(sub)}
 _FLAT_NAMES = (set(_OWNER) - {"url"}) | {"store", "verbose"}
 

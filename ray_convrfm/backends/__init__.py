@@ -25,4 +25,5 @@ def open_backend(X, options: Options, device: torch.device) -> KernelBackend:
 
     if hasattr(X, "load"):  # parquet rows without workers: read them here
         X = torch.from_numpy(X.load())
-    return LocalBackend(X.to(device), progress=options.verbose, block=options.store.block)
+    return LocalBackend(X.to(device), progress=options.verbose, block=options.store.block,
+                        solve=options.solve)

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from ray_convrfm.backends.driver import ShardedImages, resolve_gpus_per_worker, start_ray
+from ray_convrfm.backends.nystrom import nystrom_operator
 from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
-from ray_convrfm.backends.store import RunStore, rows_fingerprint
+from ray_convrfm.backends.store import RunStore
 from ray_convrfm.kernels.patches import span_from_gram
-from ray_convrfm.options import Options
+from ray_convrfm.options import Options, SolveOptions
 
 
 def open_shards(X, options: Options) -> ShardedImages:
@@ -44,8 +45,10 @@ class RayBackend:
     it whole).
     """
 
-    def __init__(self, shards: ShardedImages, device: torch.device, owns_shards: bool = True):
-        self.shards, self.device, self.owns = shards, device, owns_shards
+    def __init__(self, shards: ShardedImages, device: torch.device, owns_shards: bool = True,
+                 solve: SolveOptions | None = None):
+        self.shards, self._device, self.owns = shards, device, owns_shards
+        self.solve = solve or SolveOptions()
         self.block = shards.block
         self.spec: KernelSpec | None = None
         self.store: str | None = None
@@ -54,11 +57,23 @@ class RayBackend:
 
     @classmethod
     def open(cls, X, options: Options, device: torch.device) -> RayBackend:
-        return cls(open_shards(X, options), device)
+        return cls(open_shards(X, options), device, solve=options.solve)
 
     @property
     def n(self) -> int:
         return self.shards.n
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.shards.row_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.spec.torch_dtype
 
     def configure(self, spec: KernelSpec, store: str | None) -> None:
         self.spec, self.store = spec, store
@@ -93,46 +108,50 @@ class RayBackend:
         return self._tensor(self._rows_against(self.shards.parts(), self.n,
                                                lambda: self.run.rows_fingerprint, desc))
 
-    def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
-                     desc: str = "kernel") -> torch.Tensor:
-        Z = Z.cpu().numpy()
-        if center_idx is not None:  # against the Nystrom centers: Z in blocks over workers
-            return self._tensor(self.shards.map_kernel(
-                Z, self.shards.parts(center_idx), self.M, self.basis, self.spec, desc))
-        K = self._rows_against(Z, len(Z), lambda: rows_fingerprint(Z, self.block), desc)
-        return self._tensor(K.T)
+    def holdout(self, name: str, X, y: np.ndarray) -> None:
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        self.shards.add_holdout(name, X, y)
+
+    def evaluate(self, name: str, coefs: list[torch.Tensor],
+                 center_idx: np.ndarray | None) -> np.ndarray:
+        stacked = np.stack([c.detach().cpu().numpy() for c in coefs])
+        return self.shards.evaluate(name, stacked, self.shards.center_blocks(center_idx),
+                                    self.M, self.basis, self.spec, desc=f"{name} scores")
 
     def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
              center_idx: np.ndarray | None) -> torch.Tensor:
-        G = self.shards.agop(self.shards.parts(center_idx), coef.cpu().numpy(), sample_idx,
-                             self.M, self.basis, self.spec)
+        G = self.shards.agop(self.shards.center_blocks(center_idx), coef.cpu().numpy(),
+                             sample_idx, self.M, self.basis, self.spec)
         return self._tensor(G).to(coef.dtype)
 
+    def _store(self, center_idx: np.ndarray):
+        """(url, spec) of K(train, centers) in row slabs, or None without a store."""
+        if not self.store:
+            return None
+        return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
+                               layout="slabs")
+
     def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        """The workers keep their rows of K(train, centers); a product moves m x c only."""
-        import uuid
-
-        keep = uuid.uuid4().hex
-        _, KtY, K_mm = self.nystrom_system(center_idx, Y, keep=keep)
-
-        def gram(V: torch.Tensor) -> torch.Tensor:
-            return self._tensor(self.shards.gram_matvec(keep, V.cpu().numpy())).to(V.device)
-
-        return NystromOperator(K_mm=K_mm, KtY=KtY, gram_matvec=gram,
-                               release=lambda: self.shards.release(keep))
-
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor, keep: str | None = None):
-        """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9);
-        with a store the n x m kernel's blocks are stored, so an interrupted fit resumes."""
-        store = None
-        if self.store:
-            store = self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis)
-        KtK, KtY, K_mm, computed = self.shards.nystrom_system(
-            self.shards.parts(center_idx), center_idx, Y.cpu().numpy(), self.M, self.basis,
-            self.spec, store, keep)
+        """The workers keep their rows of K(train, centers); a CG step moves m x c only, and
+        the preconditioner's factor is built and applied on the first worker."""
+        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
+                                        self.spec, self._store(center_idx), self.solve,
+                                        self.device)
         self.blocks_computed += computed
-        return (None if KtK is None else self._tensor(KtK)), self._tensor(KtY), \
-            self._tensor(K_mm)
+        return op
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9), and
+        K_mm from the shards' center rows; with a store the rows go through zarr slabs, so an
+        interrupted fit resumes. For small m: K_mm and K^T K are m x m here."""
+        import ray
+
+        KtK, KtY, C_parts, _, computed = self.shards.nystrom(
+            center_idx, Y.cpu().numpy(), self.M, self.basis, self.spec, self._store(center_idx))
+        self.blocks_computed += computed
+        K_mm = np.concatenate(ray.get(C_parts), axis=0)
+        return self._tensor(KtK), self._tensor(KtY), self._tensor(K_mm)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         return self._tensor(self.shards.gather(center_idx))
@@ -146,12 +165,13 @@ class RayBackend:
         chain = [(np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f), bool(p))
                  for f, p in chain]
         return self.shards.map_scores(Z.astype(self.spec.dtype, copy=False), chain,
-                                      self.shards.parts(center_idx), coef.cpu().numpy(),
-                                      self.M, self.basis, self.spec)
+                                      self.shards.center_blocks(center_idx),
+                                      coef.cpu().numpy(), self.M, self.basis, self.spec)
 
     def report(self) -> dict:
         out = {"worker_peak_rss_mb": self.shards.peak_rss_mb(),
-               "worker_nodes": self.shards.nodes()}
+               "worker_nodes": self.shards.nodes(),
+               "seconds_reading_rows": self.shards.read_seconds()}
         if self.store:
             out["stored_blocks_computed"] = self.blocks_computed
         self.blocks_computed = 0

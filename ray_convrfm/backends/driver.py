@@ -23,7 +23,7 @@ from ray_convrfm.backends.embedded_ray import (  # noqa: F401  (the driver's ent
 )
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import StoreSpec
-from ray_convrfm.backends.workers import ShardWorker
+from ray_convrfm.backends.workers import CenterBlocks, NystromTask, ShardWorker
 from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN
 from ray_convrfm.progress import progress_bar
 
@@ -163,6 +163,9 @@ class ShardedImages:
             for k, (ref, (a, b)) in enumerate(zip(self.shard_refs, self.bounds, strict=True))]
         self.chain: list = []
         self.chain_ref = ray.put(self.chain)
+        #: held-out sets (validation, monitor): per worker, its part and the part's labels
+        self.holdouts: dict[str, list[tuple]] = {}
+        self._tasks: tuple[str, list[NystromTask]] | None = None
         #: seconds spent per stage (driver wall time): for benchmarks and the cost model
         self.timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -312,49 +315,81 @@ class ShardedImages:
         K = store.read(name, shape, recompute=lambda blocks: computed.append(compute(blocks)))
         return K, sum(computed)
 
-    def map_kernel(self, rows: np.ndarray, cols, M: np.ndarray, basis: np.ndarray | None,
-                   spec: KernelSpec, desc: str = "kernel") -> np.ndarray:
-        """K(rows, cols) for images not held by the workers: blocks of rows over the actors."""
-        key, refs = self._columns(cols)
-        rows = np.asarray(rows)
-        futures = [self.actors[k % len(self.actors)].kernel_pair.remote(
-                       rows[r : r + self.block], M, basis, spec, key, *refs)
-                   for k, r in enumerate(range(0, len(rows), self.block))]
-        return np.concatenate(wait_all(futures, desc, self.progress), axis=0)
+    def center_blocks(self, idx: np.ndarray | None = None) -> CenterBlocks:
+        """The (featurised) rows ``idx`` (None: all) as blocks of at most ``block`` images, each
+        made by and left on the worker that owns it: kernels against them fetch one block at a
+        time where they are computed."""
+        parts, sizes = [], []
+        for actor, rows, (a, b) in zip(self.actors, self._local(idx), self.bounds, strict=True):
+            rows = np.arange(b - a) if rows is None else rows
+            for k in range(0, len(rows), self.block):
+                parts.append(actor.images.remote(self.chain_ref, rows[k : k + self.block]))
+                sizes.append(len(rows[k : k + self.block]))
+        selection = "all" if idx is None else hashlib.sha256(
+            np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
+        return CenterBlocks(f"centers:{self.chain_ref.hex()}:{selection}:{self.block}",
+                            tuple(parts), tuple(sizes))
 
-    def map_scores(self, rows: np.ndarray, chain: list, centers, alpha: np.ndarray,
-                   M: np.ndarray, basis: np.ndarray | None, spec: KernelSpec,
-                   desc: str = "predict") -> np.ndarray:
+    def map_scores(self, rows: np.ndarray, chain: list, centers: CenterBlocks,
+                   alpha: np.ndarray, M: np.ndarray, basis: np.ndarray | None,
+                   spec: KernelSpec, desc: str = "predict") -> np.ndarray:
         """K(chain(rows), centers) @ alpha for images the driver sends, in blocks over the
         actors: each block is featurised and scored where it lands; only scores return."""
         import ray
 
-        key, refs = self._columns(centers)
         alpha = np.asarray(alpha)
         alpha_ref, chain_ref = ray.put(alpha), ray.put(list(chain))
         rows = np.asarray(rows)
         futures = [self.actors[k % len(self.actors)].scores.remote(
-                       rows[r : r + self.block], chain_ref, alpha_ref, M, basis, spec, key,
-                       *refs)
+                       rows[r : r + self.block], chain_ref, alpha_ref, M, basis, spec, centers)
                    for k, r in enumerate(range(0, len(rows), self.block))]
         t0 = time.perf_counter()
         parts = wait_all(futures, desc, self.progress)
         self._time("scores", t0)
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, alpha.shape[1]))
 
-    def nystrom_system(self, centers, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
-                       basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None,
-                       keep: str | None = None):
-        """Sum of per-shard (K^T K, K^T Y), K_mm assembled from the shards' center rows, and
-        the blocks computed; with ``store`` = (url, store spec) K(train, centers) is stored.
-
-        With ``keep`` (a key) the workers keep their rows of K(train, centers) for
-        ``gram_matvec`` and K^T K is neither formed nor returned (None): the iterative solver.
-        """
+    def add_holdout(self, name: str, X, y: np.ndarray) -> None:
+        """Spread a held-out set (validation, monitor) over the workers: images as an array
+        (one object per worker, put once) or parquet rows (each worker reads its part when
+        first asked); labels stay beside them. ``evaluate`` returns only numbers."""
         import ray
 
-        key, refs = self._columns(centers)
-        mine = self._local(center_idx)
+        y = np.asarray(y)
+        edges = np.linspace(0, len(y), len(self.actors) + 1).astype(int)
+        parts = []
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            part = X.slice(a, b) if hasattr(X, "load") else ray.put(np.asarray(X[a:b]))
+            parts.append((part, ray.put(y[a:b])))
+        self.holdouts[name] = parts
+
+    def evaluate(self, name: str, coefs: np.ndarray, centers: CenterBlocks, M: np.ndarray,
+                 basis: np.ndarray | None, spec: KernelSpec, desc: str = "validation"):
+        """[correct, summed squared error, count] per coefficient matrix (R, m, c) over the
+        held-out set ``name``, summed over the workers that hold its parts."""
+        import ray
+
+        coefs_ref = ray.put(np.ascontiguousarray(coefs, dtype=np.float64))
+        futures = [actor.evaluate.remote(name, images, labels, self.chain_ref, coefs_ref, M,
+                                         basis, spec, centers, self.block)
+                   for actor, (images, labels) in zip(self.actors, self.holdouts[name],
+                                                      strict=True)]
+        t0 = time.perf_counter()
+        out = sum(wait_all(futures, desc, self.progress))
+        self._time("evaluate", t0)
+        return out
+
+    def nystrom(self, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
+                basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None,
+                key: str | None = None, resident_bytes: int | None = None,
+                preconditioner_cols: np.ndarray | None = None):
+        """Every worker's rows of K(train, centers) (the centers' blocks fetched from their
+        owners one at a time), summed: returns (K^T K or None, K^T Y, refs of the shards'
+        K_mm rows, max of K_mm, slabs computed). With ``store`` = (url, store spec) the rows go
+        through zarr slabs, so an interrupted fit resumes. With ``key`` the workers keep their
+        rows for ``hessian_matvec`` and K^T K is not formed (the iterative solver)."""
+        import ray
+
+        centers = self.center_blocks(center_idx)
         stored = None
         if store is not None:
             from ray_convrfm.backends.store import KernelStore
@@ -365,60 +400,83 @@ class ShardedImages:
             shape = (self.n, len(center_idx))
             KernelStore(url, store_spec).kernel("K", shape)  # created before the workers write
             stored = (url, store_spec, "K", shape)
-        # put once: with ``keep`` every CG step carries them again (for a restarted worker)
-        args = [(self.chain_ref, ray.put(Y[a:b]), rows, M, basis, spec, self.block, stored, key,
-                 *refs) for (a, b), rows in zip(self.bounds, mine, strict=True)]
-        futures = [actor.normal_equations_part.options(num_returns=5).remote(
-                       *arg[:8], keep, *arg[8:])
-                   for actor, arg in zip(self.actors, args, strict=True)]
-        if keep is not None:  # what a restarted worker needs to rebuild its rows
-            self._kept = (keep, args)
+        tasks, offset = [], 0
+        for (a, b), rows in zip(self.bounds, self._local(center_idx), strict=True):
+            tasks.append(NystromTask(key=key, chain=self.chain, Y=ray.put(Y[a:b]),
+                                     center_rows=rows.astype(np.int64), center_offset=offset,
+                                     M=M, basis=basis, spec=spec, block=self.block,
+                                     centers=centers, stored=stored,
+                                     resident_bytes=resident_bytes,
+                                     preconditioner_cols=preconditioner_cols))
+            offset += len(rows)
+        futures = [actor.nystrom_rows.options(num_returns=6).remote(task)
+                   for actor, task in zip(self.actors, tasks, strict=True)]
+        if key is not None:  # what hessian_matvec sends (a restarted worker rebuilds from it)
+            self._tasks = (key, tasks)
         t0 = time.perf_counter()
-        wait_all([f[0] for f in futures], "Nystrom normal equations", self.progress)
-        self._time("normal_equations_compute", t0)
+        wait_all([f[1] for f in futures], "Nystrom rows", self.progress)
+        self._time("nystrom_rows", t0)
         t0 = time.perf_counter()
-        KtK = None if keep is not None else self.reduce([f[0] for f in futures])
+        KtK = None if key is not None else self.reduce([f[0] for f in futures])
         KtY = self.reduce([f[1] for f in futures])
-        self._time("normal_equations_reduce", t0)
-        K_mm = np.concatenate(ray.get([f[2] for f in futures]), axis=0)  # sorted center order
-        for reports in ray.get([f[4] for f in futures]):  # damaged blocks the workers redid
+        self._time("nystrom_reduce", t0)
+        for reports in ray.get([f[5] for f in futures]):  # damaged slabs the workers redid
             for message in reports:
                 log.warning("%s (on a shard worker)", message)
-        return KtK, KtY, K_mm, int(sum(ray.get([f[3] for f in futures])))
+        kmax = max(ray.get([f[3] for f in futures]))
+        computed = int(sum(ray.get([f[4] for f in futures])))
+        return KtK, KtY, [f[2] for f in futures], kmax, computed
 
-    def gram_matvec(self, keep: str, V: np.ndarray) -> np.ndarray:
-        """K_nm^T (K_nm V) summed over the workers' resident rows (m x c in, m x c out): one
-        conjugate-gradient step moves only m x c vectors."""
+    def hessian_matvec(self, key: str, V: np.ndarray, ridge: float, scale: float) -> np.ndarray:
+        """(K^T K + ridge K_mm) V on the kernel divided by ``scale``, summed over the workers'
+        resident rows: one CG step moves m x c in and m x c out per worker, never m x m."""
+        kept, tasks = self._tasks or (None, None)
+        if kept != key:
+            raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
         import ray
 
-        kept, args = getattr(self, "_kept", None) or (None, None)
-        if kept != keep:
-            raise ValueError(f"no resident rows for {keep!r}; call nystrom_system(keep=...) first")
         V_ref = ray.put(np.ascontiguousarray(V, dtype=np.float64))
         t0 = time.perf_counter()
-        out = self.reduce([actor.gram_matvec.remote(keep, V_ref, self.block, *arg)
-                           for actor, arg in zip(self.actors, args, strict=True)])
-        self._time("gram_matvec", t0)
+        out = self.reduce([actor.hessian_matvec.remote(task, V_ref, ridge, scale)
+                           for actor, task in zip(self.actors, tasks, strict=True)])
+        self._time("cg_step", t0)
+        self.timings["cg_steps"] = self.timings.get("cg_steps", 0) + 1
         return out
 
-    def release(self, keep: str) -> None:
-        """The workers drop the resident rows of a finished solve."""
+    def precondition(self, key: str, n: int, ridge: float, v: np.ndarray, transpose: bool,
+                     build: tuple) -> np.ndarray:
+        """B v (B^T v) on the first worker, which holds the preconditioner's factor."""
         import ray
 
-        ray.get([actor.release.remote(keep) for actor in self.actors])
-        if getattr(self, "_kept", (None,))[0] == keep:
-            self._kept = None
+        t0 = time.perf_counter()
+        out = ray.get(self.actors[0].precondition.remote(key, n, ridge, v, transpose, build))
+        self._time("precondition", t0)
+        return out
 
-    def agop(self, train, coef: np.ndarray, sample_idx: np.ndarray, M: np.ndarray,
-             basis: np.ndarray | None, spec: KernelSpec) -> np.ndarray:
+    def read_seconds(self) -> float:
+        """Seconds the workers spent reading spilled rows back (the out-of-core tier) since
+        the previous call, summed over workers."""
+        import ray
+
+        return float(sum(ray.get([a.read_seconds.remote() for a in self.actors])))
+
+    def release(self, key: str) -> None:
+        """The workers drop the resident rows and the factor of a finished solve."""
+        import ray
+
+        ray.get([actor.release.remote(key) for actor in self.actors])
+        if self._tasks is not None and self._tasks[0] == key:
+            self._tasks = None
+
+    def agop(self, centers: CenterBlocks, coef: np.ndarray, sample_idx: np.ndarray,
+             M: np.ndarray, basis: np.ndarray | None, spec: KernelSpec) -> np.ndarray:
         """Patch AGOP averaged over sorted ``sample_idx`` (global rows): per-shard sums of the
-        predictor f = coef^T K(train, .), reduced here; ``train`` as in ``kernel``."""
+        predictor f = coef^T K(centers, .), reduced here."""
         import ray
 
-        key, refs = self._columns(train)
         coef_ref = ray.put(np.asarray(coef))
-        futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, basis, spec, key,
-                                          *refs)
+        futures = [actor.agop_part.remote(self.chain_ref, rows, coef_ref, M, basis, spec,
+                                          centers)
                    for actor, rows in zip(self.actors, self._local(sample_idx), strict=True)]
         t0 = time.perf_counter()
         wait_all(futures, "AGOP", self.progress)

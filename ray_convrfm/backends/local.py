@@ -2,18 +2,84 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+
 import numpy as np
 import torch
 
+from ray_convrfm.backends.nystrom import nystrom_operator
 from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
 from ray_convrfm.backends.store import KernelStore, RunStore, rows_fingerprint
-from ray_convrfm.backends.workers import apply_chain
+from ray_convrfm.backends.workers import CenterBlocks, NystromTask, ShardWorker, apply_chain
 from ray_convrfm.kernels.agop import Workspace, agop_from_sides
-from ray_convrfm.kernels.kernel import KernelSide, block_rows, kernel_matrix, prepare_side
+from ray_convrfm.kernels.kernel import KernelSide, kernel_matrix, prepare_side
 from ray_convrfm.kernels.patches import featurise, patch_span
-from ray_convrfm.kernels.solvers import normal_equations
-from ray_convrfm.options import DEFAULT_BLOCK
+from ray_convrfm.options import DEFAULT_BLOCK, SolveOptions
 from ray_convrfm.progress import Bar
+
+_versions = itertools.count()
+
+
+class LocalShards:
+    """The training images as one shard of an in-process ``ShardWorker``, with the driver-side
+    methods of ``driver.ShardedImages`` that the Nystrom solver uses: the rows, slabs, stores
+    and preconditioner factor of an in-process fit run the workers' code."""
+
+    def __init__(self, X: torch.Tensor, block: int, progress: bool):
+        self.worker = ShardWorker(X.detach().cpu().numpy(), 0,
+                                  gpus=1 if X.device.type == "cuda" else 0)
+        self.X, self.block, self.progress = X, block, progress
+        self.version = next(_versions)  # tells these images' centers from earlier ones'
+        self.task: NystromTask | None = None
+
+    def center_blocks(self, idx: np.ndarray | None) -> CenterBlocks:
+        idx = np.arange(len(self.X)) if idx is None else np.asarray(idx)
+        raw = self.worker.raw
+        parts = tuple(raw[idx[k : k + self.block]] for k in range(0, len(idx), self.block))
+        digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
+        return CenterBlocks(f"local:{self.version}:{digest}:{self.block}", parts,
+                            tuple(len(p) for p in parts))
+
+    def nystrom(self, center_idx, Y, M, basis, spec, store=None, key=None, resident_bytes=None,
+                preconditioner_cols=None):
+        """As ``ShardedImages.nystrom``, for the one in-process shard."""
+        stored = None
+        if store is not None:
+            url, store_spec = store
+            shape = (len(self.X), len(center_idx))
+            KernelStore(url, store_spec).kernel("K", shape)
+            stored = (url, store_spec, "K", shape)
+        task = NystromTask(key=key, chain=[], Y=np.asarray(Y),
+                           center_rows=np.asarray(center_idx, dtype=np.int64), center_offset=0,
+                           M=M, basis=basis, spec=spec, block=self.block,
+                           centers=self.center_blocks(center_idx), stored=stored,
+                           resident_bytes=resident_bytes,
+                           preconditioner_cols=preconditioner_cols)
+        with Bar("Nystrom rows", enabled=self.progress, unit="row") as bar:
+            self.worker.progress = bar.callback()
+            try:
+                KtK, KtY, C, kmax, computed, _ = self.worker.nystrom_rows(task)
+            finally:
+                self.worker.progress = None
+        self.task = task if key is not None else None
+        return KtK, KtY, [C], kmax, computed
+
+    def hessian_matvec(self, key: str, V: np.ndarray, ridge: float, scale: float) -> np.ndarray:
+        if self.task is None or self.task.key != key:
+            raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
+        return self.worker.hessian_matvec(self.task, V, ridge, scale)
+
+    def precondition(self, key, n, ridge, v, transpose, build) -> np.ndarray:
+        return self.worker.precondition(key, n, ridge, v, transpose, build)
+
+    def release(self, key: str) -> None:
+        self.worker.release(key)
+        if self.task is not None and self.task.key == key:
+            self.task = None
+
+    def read_seconds(self) -> float:
+        return self.worker.read_seconds()
 
 
 class LocalBackend:
@@ -23,8 +89,13 @@ class LocalBackend:
     same zarr layout as the Ray workers write, so an in-process fit resumes too.
     """
 
-    def __init__(self, X: torch.Tensor, progress: bool = False, block: int = DEFAULT_BLOCK):
+    def __init__(self, X: torch.Tensor, progress: bool = False, block: int = DEFAULT_BLOCK,
+                 solve: SolveOptions | None = None):
         self.X, self.progress, self.block = X, progress, block
+        self.solve = solve or SolveOptions()
+        self.chain: list = []  # filter banks applied so far (to held-out sets when scored)
+        self.holdouts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._shards: LocalShards | None = None
         self.workspace = Workspace()
         self.spec: KernelSpec | None = None
         self.store: str | None = None
@@ -34,6 +105,25 @@ class LocalBackend:
     @property
     def n(self) -> int:
         return len(self.X)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.X.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.X.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    @property
+    def shards(self) -> LocalShards:
+        """The in-process shard worker (rebuilt after the images change)."""
+        if self._shards is None or self._shards.X is not self.X:
+            self._shards = LocalShards(self.X, self.block, self.progress)
+        return self._shards
 
     def configure(self, spec: KernelSpec, store: str | None) -> None:
         self.spec, self.store = spec, store
@@ -88,13 +178,21 @@ class LocalBackend:
         store, shape, compute = self._fill(cols, cols_fp)
         return torch.from_numpy(store.read("K", shape, recompute=compute)).to(self.X.device)
 
-    def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
-                     desc: str = "kernel") -> torch.Tensor:
-        cols = self._columns(center_idx)
-        if self.store and center_idx is None:  # K(train, Z) stored like the Ray workers do
-            Zt = Z.to(self.X.device, self.X.dtype)
-            return self._stored(self._side(Zt), rows_fingerprint(Zt, self.block), desc).T
-        return self._kernel(self._side(Z), cols, desc)
+    def holdout(self, name: str, X, y: np.ndarray) -> None:
+        if hasattr(X, "load"):  # parquet rows: read here (there are no workers)
+            X = X.load()
+        X = X.detach().cpu().numpy() if isinstance(X, torch.Tensor) else np.asarray(X)
+        self.holdouts[name] = (X, np.asarray(y))
+
+    def evaluate(self, name: str, coefs: list[torch.Tensor],
+                 center_idx: np.ndarray | None) -> np.ndarray:
+        X, y = self.holdouts[name]
+        stacked = np.stack([c.detach().cpu().numpy() for c in coefs])
+        shards = self.shards
+        with Bar(f"{name} scores", enabled=self.progress):
+            return shards.worker.evaluate(name, X, y, self.chain, stacked, self.M, self.basis,
+                                          self.spec, shards.center_blocks(center_idx),
+                                          self.block)
 
     def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
              center_idx: np.ndarray | None) -> torch.Tensor:
@@ -104,60 +202,36 @@ class LocalBackend:
                                    budget_mb=self.spec.memory_budget_mb,
                                    progress=bar.callback(), workspace=self.workspace)
 
+    def _store(self, center_idx: np.ndarray):
+        if not self.store:
+            return None
+        return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
+                               layout="slabs")
+
     def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        rows: list[torch.Tensor] = []
-        _, KtY, K_mm = self.nystrom_system(center_idx, Y, keep=rows)
-        K = torch.cat(rows) if rows else torch.zeros(0, len(center_idx), dtype=self.X.dtype)
+        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
+                                        self.spec, self._store(center_idx), self.solve,
+                                        Y.device)
+        self.blocks_computed += computed
+        return op
 
-        def gram(V: torch.Tensor) -> torch.Tensor:  # float64, one block of rows at a time
-            out = torch.zeros(K.shape[1], V.shape[1], dtype=torch.float64, device=V.device)
-            for r in range(0, len(K), self.block):
-                Kb = K[r : r + self.block].to(V.device, torch.float64)
-                out += Kb.T @ (Kb @ V)
-            return out
-
-        return NystromOperator(K_mm=K_mm, KtY=KtY, gram_matvec=gram, release=rows.clear)
-
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor,
-                       keep: list | None = None):
-        """(K^T K, K^T Y, K_mm) summed over blocks of rows; with ``keep`` (a list) the rows are
-        appended to it instead and K^T K is not formed (None)."""
-        cs = self.xs.take(center_idx)
-        m = len(center_idx)
-        if self.store:  # the n x m kernel through the store, then summed block by block
-            store, shape, compute = self._fill(cs, self.run.centers_fingerprint(center_idx))
-            rows = self.block
-
-            def block(r):  # one block row, each block checked against its digest
-                i = r // rows
-                return torch.from_numpy(store.read("K", shape, recompute=compute,
-                                                   block_rows=(i, i + 1))).to(self.X.device)
-        else:
-            rows = max(1, min(self.n, block_rows(m, self.xs.grids, self.spec.engine,
-                                                 self.xs.left.element_size(),
-                                                 self.spec.memory_budget_mb)))
-
-            def block(r):
-                return self._kernel(self.xs.rows(r, r + rows), cs)
-        KtK = None if keep is not None else torch.zeros(m, m, dtype=torch.float64,
-                                                        device=Y.device)
-        KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=Y.device)
-        for r in range(0, self.n, rows):
-            K = block(r)
-            if keep is None:
-                a, b = normal_equations(K, Y[r : r + rows])
-                KtK += a
-            else:
-                keep.append(K)
-                b = K.T.to(torch.float64) @ Y[r : r + rows].to(torch.float64)
-            KtY += b
-        return KtK, KtY, self._kernel(cs, cs, symmetric=True)
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        """(K^T K, K^T Y, K_mm) summed over slabs of rows (through the store when there is
+        one), as the Ray workers compute them."""
+        KtK, KtY, C, _, computed = self.shards.nystrom(center_idx, Y.cpu().numpy(), self.M,
+                                                       self.basis, self.spec,
+                                                       self._store(center_idx))
+        self.blocks_computed += computed
+        dev = Y.device
+        return (torch.as_tensor(KtK).to(dev), torch.as_tensor(KtY).to(dev),
+                torch.as_tensor(C[0]).to(dev))
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         return self.X if center_idx is None else self.X[torch.as_tensor(center_idx)]
 
     def featurise(self, filters: torch.Tensor, padding: bool) -> None:
         self.X = featurise(self.X, filters, padding)
+        self.chain = [*self.chain, (filters.detach().cpu().numpy(), bool(padding))]
 
     def scores(self, Z, coef: torch.Tensor, center_idx: np.ndarray | None,
                chain: list) -> np.ndarray:
@@ -168,7 +242,10 @@ class LocalBackend:
 
     def report(self) -> dict:
         computed, self.blocks_computed = self.blocks_computed, 0
-        return {"stored_blocks_computed": computed} if self.store else {}
+        out = {"seconds_reading_rows": self.shards.read_seconds()} if self._shards else {}
+        if self.store:
+            out["stored_blocks_computed"] = computed
+        return out
 
     def timings(self) -> dict[str, float]:
         return {}

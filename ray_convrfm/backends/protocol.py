@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.kernels.pcg import Preconditioner
 from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
 
 
@@ -37,13 +38,17 @@ class KernelSpec:
 
 @dataclass
 class NystromOperator:
-    """The Nystrom problem without K_nm^T K_nm (docs/math.md 9a): the training rows K(train,
-    centers) stay where they were computed and are applied through ``gram_matvec``."""
+    """The Nystrom problem (docs/math.md 9a) on the kernel divided by ``scale`` (the largest
+    entry of K_mm), without K_nm^T K_nm: the rows of K(train, centers) stay where they were
+    computed, and only m x c vectors travel to and from them."""
 
-    K_mm: torch.Tensor  # (m, m) the centers' kernel
-    KtY: torch.Tensor  # (m, c) K_nm^T Y, float64
-    gram_matvec: Callable[[torch.Tensor], torch.Tensor]  # V (m, c) -> K_nm^T (K_nm V), float64
-    release: Callable[[], None]  # frees the resident rows
+    scale: float
+    KtY: torch.Tensor  # (m, c) float64: (K_nm / scale)^T Y
+    #: (V, ridge) -> ((K_nm^T K_nm) / scale^2 + ridge K_mm / scale) V, float64 (m, c)
+    hessian: Callable[[torch.Tensor, float], torch.Tensor]
+    #: ridge -> B with B^T H B ~ I (its factor lives where K_mm's rows were gathered)
+    preconditioner: Callable[[float], Preconditioner]
+    release: Callable[[], None]  # frees the resident rows and the factor
 
 
 @runtime_checkable
@@ -52,7 +57,8 @@ class KernelBackend(Protocol):
 
     Row indices (``center_idx``, ``sample_idx``) are sorted positions in the training images;
     ``center_idx=None`` means every training image. Results come back as tensors on the
-    driver's device (small: kernels against driver-held images, m x m sums, (d, d) AGOPs).
+    driver's device, and are small: m x c vectors, (d, d) AGOPs, scores per ridge (and the
+    n x n kernel or m x m sums only for the exact and direct solvers, which are for small sizes).
     """
 
     @property
@@ -72,22 +78,43 @@ class KernelBackend(Protocol):
         """The metric of the calls that follow (r x r in the basis' coordinates)."""
         ...
 
+    @property
+    def device(self) -> torch.device:
+        """Where the driver's small results (m x c vectors, (d, d) metrics) live."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working dtype (after ``configure``)."""
+        ...
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the training images as the kernel sees them (after any featurisation)."""
+        ...
+
     def train_kernel(self, desc: str) -> torch.Tensor:
         """K(train, train), (n, n): the exact solver's matrix."""
         ...
 
     def nystrom_system(self, center_idx: np.ndarray,
                        Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(K_nm^T K_nm, K_nm^T Y, K_mm) summed over row blocks: K_nm is never held whole."""
+        """(K_nm^T K_nm, K_nm^T Y, K_mm) summed over row blocks: the direct solver (small m)."""
         ...
 
     def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        """K_mm, K_nm^T Y and the product V -> K_nm^T (K_nm V) over resident rows of K_nm."""
+        """The iterative solver's operator over resident rows of K_nm (nothing m x m here)."""
         ...
 
-    def cross_kernel(self, Z: torch.Tensor, center_idx: np.ndarray | None,
-                     desc: str) -> torch.Tensor:
-        """K(Z, centers), (len(Z), m), for images Z held by the driver (validation)."""
+    def holdout(self, name: str, X, y: np.ndarray) -> None:
+        """Keep held-out images (validation, monitor) and their class indices where kernels
+        are computed; ``featurise`` applies to them too."""
+        ...
+
+    def evaluate(self, name: str, coefs: list[torch.Tensor],
+                 center_idx: np.ndarray | None) -> np.ndarray:
+        """(R, 3): [correct, summed squared error on one-hot targets, count] of the predictor
+        K(., centers) @ coef for every coef (m, c) in ``coefs`` on held-out set ``name``."""
         ...
 
     def agop(self, coef: torch.Tensor, sample_idx: np.ndarray,
@@ -100,7 +127,8 @@ class KernelBackend(Protocol):
         ...
 
     def featurise(self, filters: torch.Tensor, padding: bool) -> None:
-        """Replace the training images by their convolution with ``filters`` (Deep ConvRFM)."""
+        """Replace the training (and held-out) images by their convolution with ``filters``
+        (Deep ConvRFM)."""
         ...
 
     def scores(self, Z: torch.Tensor | np.ndarray, coef: torch.Tensor,

@@ -38,7 +38,7 @@ from ray_convrfm.backends.lease import StoreLease
 log = logging.getLogger(__name__)
 
 #: Bumped when the layout changes; stores of other layouts are refused.
-STORE_FORMAT = 3
+STORE_FORMAT = 4
 
 #: Bytes of a block digest (SHA-256), kept per block in ``<name>.digest``.
 DIGEST_BYTES = 32
@@ -108,6 +108,10 @@ class StoreSpec:
     padding: bool
     dtype: str
     block: int
+    #: "blocks": chunks of block x block (kernels against all training images); "slabs":
+    #: chunks of block rows x every column (K(train, centers): one chunk per row slab, the
+    #: unit a worker computes, marks and reads back at every conjugate-gradient step)
+    layout: str = "blocks"
     library_version: str = __version__
     format: int = STORE_FORMAT
 
@@ -149,17 +153,17 @@ class KernelStore:
     def kernel(self, name: str, shape: tuple[int, int]) -> zarr.Array:
         """The (rows, cols) kernel array ``name`` and its digests, created on first use (one
         chunk per block); creation is race-free (an array another writer just made is opened)."""
-        b = self.spec.block
+        chunk = self.chunk(shape)
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._array(name, shape=shape, chunks=(b, b), dtype=self.spec.dtype,
+            arr = self._array(name, shape=shape, chunks=chunk, dtype=self.spec.dtype,
                               fill_value=np.nan,
                               compressors=(ZstdCodec(level=0), Crc32cCodec()))
         if tuple(arr.shape) != tuple(shape):
             raise StoreMismatchError(f"{self.url}/{name} has shape {arr.shape}; "
                                      f"expected {shape}")
         if name not in self._arrays:
-            grid = (*_grid(shape, b), DIGEST_BYTES)
+            grid = (*_grid(shape, chunk), DIGEST_BYTES)
             digests = self._array(f"{name}.digest", shape=grid, chunks=(1, 1, DIGEST_BYTES),
                                   dtype="uint8", fill_value=0, compressors=(Crc32cCodec(),))
             if tuple(digests.shape) != grid:
@@ -167,6 +171,12 @@ class KernelStore:
                                          f"expected {grid}")
             self._arrays[name], self._arrays[f"{name}.digest"] = arr, digests
         return arr
+
+    def chunk(self, shape: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of one block of a kernel of ``shape``: square blocks, or row slabs
+        that span every column (``StoreSpec.layout``)."""
+        b = self.spec.block
+        return (b, max(1, shape[1])) if self.spec.layout == "slabs" else (b, b)
 
     def _array(self, key: str, **create) -> zarr.Array:
         """Open array ``key``, or create it; another writer creating it first is no error."""
@@ -226,7 +236,7 @@ class KernelStore:
     def blocks(self, name: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
         """Every block index (i, j) of kernel ``name``."""
         self.kernel(name, shape)
-        gi, gj = _grid(shape, self.spec.block)
+        gi, gj = _grid(shape, self.chunk(shape))
         return [(i, j) for i in range(gi) for j in range(gj)]
 
     def missing(self, name: str, shape: tuple[int, int]) -> list[tuple[int, int]]:
@@ -243,10 +253,10 @@ class KernelStore:
     def write_block(self, name: str, shape: tuple[int, int], i: int, j: int, values) -> None:
         """Write block (i, j), then its digest: a block with a digest is always complete."""
         arr = self.kernel(name, shape)
-        b = self.spec.block
-        r0, c0 = i * b, j * b
+        rb, cb = self.chunk(shape)
+        r0, c0 = i * rb, j * cb
         values = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
-        expected = (min(b, shape[0] - r0), min(b, shape[1] - c0))
+        expected = (min(rb, shape[0] - r0), min(cb, shape[1] - c0))
         if values.shape != expected:
             raise ValueError(f"block ({i}, {j}) of {name} must have shape {expected}; "
                              f"found {values.shape}")
@@ -262,13 +272,13 @@ class KernelStore:
         ``cols_side.rows(c0, c1)`` gives the columns, ``kernel_fn(xs, zs)`` the block. The one
         loop that the in-process backend and the Ray workers share.
         """
-        b = self.spec.block
+        rb, cb = self.chunk(shape)
         missing = set(self.missing(name, shape))
         todo = [(i, j) for i, j in blocks if (i, j) in missing]
         for i in sorted({i for i, _ in todo}):
-            xs = rows_side(i * b, min((i + 1) * b, shape[0]))
+            xs = rows_side(i * rb, min((i + 1) * rb, shape[0]))
             for j in [j for k, j in todo if k == i]:
-                block = kernel_fn(xs, cols_side.rows(j * b, (j + 1) * b))
+                block = kernel_fn(xs, cols_side.rows(j * cb, (j + 1) * cb))
                 self.write_block(name, shape, i, j, block)
         return len(todo)
 
@@ -283,7 +293,7 @@ class KernelStore:
         without, ``DamagedBlockError``. Only the blocks read are hashed.
         """
         arr = self.kernel(name, shape)
-        b = self.spec.block
+        b = self.chunk(shape)
         gi, gj = _grid(shape, b)
         lo, hi = (0, gi) if block_rows is None else block_rows
         digests = self.marks(name, shape, (lo, hi))
@@ -291,7 +301,7 @@ class KernelStore:
         if unmarked:
             raise ValueError(f"{self.url}/{name} still misses {len(unmarked)} blocks, "
                              f"e.g. {unmarked[:3]}")
-        r0, r1 = lo * b, min(hi * b, shape[0])
+        r0, r1 = lo * b[0], min(hi * b[0], shape[0])
         bad: dict[tuple[int, int], str] = {}
         try:
             K = arr[r0:r1]
@@ -330,7 +340,7 @@ class KernelStore:
         if not expected.any():
             raise DamagedBlockError(f"{where} is not marked finished")
         try:
-            values = arr[_slices(i, j, self.spec.block, shape)]
+            values = arr[_slices(i, j, self.chunk(shape), shape)]
         except OSError:
             raise
         except Exception as err:
@@ -367,15 +377,17 @@ class KernelStore:
             return True
 
 
-def _slices(i: int, j: int, block: int, shape: tuple[int, int],
+def _slices(i: int, j: int, chunk: tuple[int, int], shape: tuple[int, int],
             r0: int = 0) -> tuple[slice, slice]:
-    """Where block (i, j) of a kernel of ``shape`` lies, rows counted from global row r0."""
-    rows = slice(i * block - r0, min((i + 1) * block, shape[0]) - r0)
-    return rows, slice(j * block, min((j + 1) * block, shape[1]))
+    """Where block (i, j) (of ``chunk`` = (rows, cols)) of a kernel of ``shape`` lies, rows
+    counted from global row r0."""
+    rb, cb = chunk
+    rows = slice(i * rb - r0, min((i + 1) * rb, shape[0]) - r0)
+    return rows, slice(j * cb, min((j + 1) * cb, shape[1]))
 
 
-def _grid(shape: tuple[int, int], block: int) -> tuple[int, int]:
-    return (-(-shape[0] // block), -(-shape[1] // block))
+def _grid(shape: tuple[int, int], chunk: tuple[int, int]) -> tuple[int, int]:
+    return (-(-shape[0] // chunk[0]), -(-shape[1] // chunk[1]))
 
 
 def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
@@ -442,13 +454,15 @@ class RunStore:
         if self.lease is not None:
             self.lease.release()
 
-    def kernel(self, cols_fingerprint: str, M, basis=None) -> tuple[str, StoreSpec]:
-        """(url, spec) of the kernel of the training rows against some columns, under M."""
+    def kernel(self, cols_fingerprint: str, M, basis=None,
+               layout: str = "blocks") -> tuple[str, StoreSpec]:
+        """(url, spec) of the kernel of the training rows against some columns, under M
+        (``layout`` "slabs" for K(train, centers), see ``StoreSpec``)."""
         metric = fingerprint(M, *([] if basis is None else [basis]))
         spec = StoreSpec(rows_fingerprint=self.rows_fingerprint,
                          cols_fingerprint=cols_fingerprint, metric_fingerprint=metric,
                          depth=self.depth, patch_size=self.patch_size, padding=self.padding,
-                         dtype=self.dtype, block=self.block)
+                         dtype=self.dtype, block=self.block, layout=layout)
         return kernel_url(self.url, spec), spec
 
     def centers_fingerprint(self, center_idx) -> str:

@@ -14,15 +14,97 @@ shard) therefore gives the same answer to a retried task.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, StoreSpec, block_digests, fingerprint
-from ray_convrfm.kernels.agop import agop_from_sides
+from ray_convrfm.kernels.agop import agop_from_blocks
 from ray_convrfm.kernels.kernel import as_tensor, kernel_matrix, prepare_side
 from ray_convrfm.kernels.patches import featurise, patch_gram
+from ray_convrfm.kernels.pcg import factor_centers
 from ray_convrfm.kernels.solvers import normal_equations
+
+
+def resolve(part):
+    """An array as given (in process) or the value of a Ray object ref (on a worker)."""
+    if isinstance(part, np.ndarray | torch.Tensor) or part is None:
+        return part
+    if hasattr(part, "load"):  # parquet rows: read where they are used
+        return part.load()
+    import ray
+
+    return ray.get(part)
+
+
+@dataclass(frozen=True)
+class CenterBlocks:
+    """The predictor's centers as blocks of at most ``block`` images, each left where it was
+    made (a Ray object ref on the worker that owns those rows, or an array in process) and
+    fetched by whoever needs it one block at a time: no process holds every center at once.
+    ``key`` names the selection (and the filter banks applied), so workers recognise blocks
+    they have already prepared."""
+
+    key: str
+    parts: tuple
+    sizes: tuple[int, ...]
+
+    @property
+    def m(self) -> int:
+        return int(sum(self.sizes))
+
+    def bounds(self) -> list[tuple[int, int]]:
+        edges = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+@dataclass(frozen=True)
+class NystromTask:
+    """One shard's share of the Nystrom problem: everything a worker needs to (re)compute its
+    rows of K(train, centers), sent with every conjugate-gradient step so that a restarted
+    worker rebuilds them (refs inside are fetched only then)."""
+
+    key: str | None  # rows kept for CG steps under this key; None: the direct solver's sums
+    chain: list
+    Y: object  # (rows of the shard, c) targets: an object ref or an array
+    center_rows: np.ndarray  # local rows of this shard that are centers
+    center_offset: int  # position of its first center among all m
+    M: np.ndarray
+    basis: np.ndarray | None
+    spec: KernelSpec
+    block: int  # rows per slab (the store's block when stored)
+    centers: CenterBlocks
+    stored: tuple | None = None  # (url, StoreSpec, name, shape) of K(train, centers)
+    resident_bytes: int | None = None  # resident rows' budget; beyond, slabs live in zarr
+    preconditioner_cols: np.ndarray | None = None  # q center positions (rank-q) or None
+
+
+@dataclass
+class ResidentRows:
+    """A worker's rows of K(train, centers) between CG steps: slabs in memory, or (beyond the
+    budget) marked slabs of a zarr store read back at every step."""
+
+    task: NystromTask
+    slabs: list = field(default_factory=list)  # (r0, r1, values or None, slab index)
+    store: KernelStore | None = None
+    name: str = "K"
+    shape: tuple[int, int] = (0, 0)
+    spill_dir: str | None = None  # a temporary store on this worker's disk
+
+    def close(self) -> None:
+        if self.spill_dir:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+            self.spill_dir = None
+
+
+def side_bytes(side) -> int:
+    """Bytes of a prepared side's tensors (for the centers' cache budget)."""
+    return sum(t.element_size() * t.numel() for t in (side.left, side.right, side.sq, side.rsq)
+               if isinstance(t, torch.Tensor))
 
 
 def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
@@ -50,6 +132,13 @@ class ShardWorker:
         self.start = start
         self._features: tuple[str, torch.Tensor] | None = None
         self._sides: dict[tuple, object] = {}
+        self._center_cache: tuple[tuple, dict] = ((), {})
+        self._resident: ResidentRows | None = None
+        self._factor: tuple | None = None  # (key, factor, {ridge: preconditioner})
+        self._holdouts: dict[str, np.ndarray] = {}
+        #: progress(done, total) over rows of long stages; set in process (LocalBackend)
+        self.progress = None
+        self._read_seconds = 0.0  # reading spilled rows back, since read_seconds() last asked
 
     # ------------------------------------------------------------------ the shard
     def size(self) -> int:
@@ -81,6 +170,7 @@ class ShardWorker:
         if self._features is None or self._features[0] != key:
             self._features = None
             self._sides.clear()
+            self._center_cache = ((), {})
             self._features = (key, apply_chain(torch.from_numpy(self.raw).to(self.device), chain))
         return self._features[1]
 
@@ -166,122 +256,275 @@ class ShardWorker:
                               chain, slice(r0 - self.start, r1 - self.start), M, basis, spec),
                           zs, lambda xs, zs: self._kernel(xs, zs, spec))
 
+    # ------------------------------------------------------------------ centers in blocks
+    def _center_sides(self, centers: CenterBlocks, M, basis, spec: KernelSpec):
+        """(c0, c1, prepared side) of every block of centers in turn, each fetched when it is
+        needed. Prepared blocks are kept for the next pass while they fit the memory budget
+        (all of them for a few thousand centers); beyond it they are fetched and prepared
+        again, so a worker never holds more prepared centers than its budget."""
+        metric = fingerprint(M, *([] if basis is None else [basis]), extra=[spec])
+        key = (centers.key, metric)
+        if self._center_cache[0] != key:
+            self._center_cache = (key, {})
+        cache = self._center_cache[1]
+        budget = spec.memory_budget_mb * 2**20
+        for j, (c0, c1) in enumerate(centers.bounds()):
+            side = cache.get(j)
+            if side is None:
+                side = self._prepare(resolve(centers.parts[j]), M, basis, spec)
+                if sum(map(side_bytes, cache.values())) + side_bytes(side) <= budget:
+                    cache[j] = side
+            yield c0, c1, side
+
+    def _against_centers(self, xs, centers: CenterBlocks, M, basis,
+                         spec: KernelSpec) -> torch.Tensor:
+        """K(prepared rows xs, every center), (rows, m), filled one block of centers at a time."""
+        out = torch.empty(len(xs), centers.m, dtype=spec.torch_dtype, device=self.device)
+        for c0, c1, zs in self._center_sides(centers, M, basis, spec):
+            out[:, c0:c1] = self._kernel(xs, zs, spec)
+        return out
+
     def scores(self, rows: np.ndarray, chain: list, alpha: np.ndarray, M, basis,
-               spec: KernelSpec, cols_key: str, *centers: np.ndarray) -> np.ndarray:
+               spec: KernelSpec, centers: CenterBlocks) -> np.ndarray:
         """Class scores K(chain(rows), centers) @ alpha (float64) for a block of images the
-        driver sends (test or validation images); only (rows, classes) leaves the worker."""
+        driver sends (test images); only (rows, classes) leaves the worker."""
         Z = apply_chain(torch.from_numpy(np.asarray(rows)).to(self.device), chain)
-        K = self._kernel(self._prepare(Z, M, basis, spec),
-                         self._cols_side(cols_key, centers, M, basis, spec), spec)
+        K = self._against_centers(self._prepare(Z, M, basis, spec), centers, M, basis, spec)
         return K.cpu().numpy().astype(np.float64) @ np.asarray(alpha, dtype=np.float64)
 
-    def kernel_pair(self, rows: np.ndarray, M, basis, spec: KernelSpec, cols_key: str,
-                    *cols: np.ndarray) -> np.ndarray:
-        """K(rows, cols) for images the driver holds (a block of validation images)."""
-        xs = self._prepare(rows, M, basis, spec)
-        zs = self._cols_side(cols_key, cols, M, basis, spec)
-        return self._kernel(xs, zs, spec).cpu().numpy()
+    def evaluate(self, name: str, images, labels: np.ndarray, chain: list, coefs: np.ndarray,
+                 M, basis, spec: KernelSpec, centers: CenterBlocks, block: int) -> np.ndarray:
+        """Per coefficient matrix in ``coefs`` (R, m, c): [correct, summed squared error on the
+        one-hot targets, count] over this worker's part of a held-out set (validation,
+        monitor). The images (``name``'s part, an object ref resolved here, or parquet rows read
+        here once) are featurised by ``chain`` block by block; only (R, 3) numbers leave."""
+        if not isinstance(images, np.ndarray):  # parquet rows: read once, kept for next time
+            key = f"{name}:{images!r}"
+            if key not in self._holdouts:
+                self._holdouts = {k: v for k, v in self._holdouts.items()
+                                  if not k.startswith(f"{name}:")}
+                self._holdouts[key] = resolve(images)
+            images = self._holdouts[key]
+        coefs = torch.as_tensor(np.asarray(resolve(coefs)), dtype=torch.float64,
+                                device=self.device)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        out = torch.zeros(coefs.shape[0], 3, dtype=torch.float64)
+        for r0 in range(0, len(images), block):
+            Z = apply_chain(torch.from_numpy(np.asarray(images[r0 : r0 + block])).to(
+                self.device, spec.torch_dtype), chain)
+            K = self._against_centers(self._prepare(Z, M, basis, spec), centers, M, basis,
+                                      spec).to(torch.float64)
+            S = torch.einsum("bm,rmc->rbc", K, coefs)
+            y = labels[r0 : r0 + block]
+            target = torch.nn.functional.one_hot(y, coefs.shape[2]).to(torch.float64)
+            out[:, 0] += (S.argmax(-1) == y).sum(-1).cpu().double()
+            out[:, 1] += ((S - target) ** 2).sum((1, 2)).cpu()
+            out[:, 2] += len(y)
+        return out.numpy()
 
-    def normal_equations_part(self, chain: list, Y: np.ndarray, center_rows: np.ndarray, M,
-                              basis, spec: KernelSpec, block: int, stored: tuple | None,
-                              keep: str | None, cols_key: str, *centers: np.ndarray):
-        """This shard's (K^T K, K^T Y) against the centers, the K rows of the centers it holds
-        (local indices ``center_rows``), the number of blocks computed and warnings about
-        damaged stored blocks (for the driver to log): only m x m-sized results leave the
-        worker.
+    # ------------------------------------------------------------------ Nystrom rows
+    def nystrom_rows(self, task: NystromTask):
+        """This shard's rows of K(train, centers), slab by slab (``task.block`` rows against
+        every center, the centers a block at a time), and what they give:
 
-        With ``stored`` = (url, store spec, name, shape) the shard's rows of K(train, centers)
-        go through the store: missing blocks are computed and written, then the rows are read
-        back block row by block row, each block checked against its digest (a damaged one is
-        recomputed here), so a resumed fit computes only what an interrupted one left out.
+        (K^T K or None, K^T Y, C, max of K_mm's rows here, slabs computed, store warnings)
 
-        With ``keep`` (a key) the rows stay resident here for ``gram_matvec`` (the iterative
-        solver) and K^T K is not formed (None is returned in its place).
+        C is the rows of the centers this shard holds (their K_mm rows: every column, or only
+        the rank-q preconditioner's columns). With ``task.key`` the rows stay for CG steps
+        (K^T K is not formed): in memory up to ``task.resident_bytes``, beyond it in zarr
+        slabs. With ``task.stored`` every slab goes through the run's store, marked after it
+        is written; a rerun reads (and checks) what an interrupted fit left.
         """
-        zs = self._cols_side(cols_key, centers, M, basis, spec)
+        self.release(None)
         n = len(self.raw)
-        computed, store = 0, None
-        if stored is not None:
-            url, store_spec, name, shape = stored
-            block = store_spec.block
-            blocks = [(i, j) for i in range(self.start // block, -(-(self.start + n) // block))
-                      for j in range(-(-shape[1] // block))]
-            computed = self.store_kernel_blocks(chain, blocks, url, store_spec, name, shape, M,
-                                                basis, spec, cols_key, *centers)
-            store = KernelStore(url, store_spec)
-
-            def recompute(damaged: list[tuple[int, int]]) -> None:  # rows of this shard
-                nonlocal computed
-                computed += self.store_kernel_blocks(chain, damaged, url, store_spec, name,
-                                                     shape, M, basis, spec, cols_key, *centers)
-
-        Y = torch.as_tensor(np.asarray(Y), device=self.device)
-        center_rows = np.asarray(center_rows, dtype=np.int64)
-        KtK = KtY = None
-        mine, kept = [], []
-        for r0 in range(0, n, block):  # one block of rows at a time: memory set by the block
+        m, block = task.centers.m, task.block
+        res = ResidentRows(task)
+        computed, reports = 0, []
+        if task.stored is not None:
+            url, store_spec, res.name, res.shape = task.stored
+            res.store = KernelStore(url, store_spec)
+            res.store.kernel(res.name, res.shape)
+        Y = torch.as_tensor(np.asarray(resolve(task.Y)), device=self.device)
+        KtK = None if task.key is not None else torch.zeros(m, m, dtype=torch.float64,
+                                                             device=self.device)
+        KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=self.device)
+        C, kmax, held = [], -np.inf, 0
+        for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
-            if store is None:
-                K = self._kernel(self._rows_side(chain, slice(r0, r1), M, basis, spec), zs, spec)
-            else:  # the stored values, so a resumed fit sums exactly what a fresh one does
-                i = (self.start + r0) // block
-                K = torch.from_numpy(store.read(name, shape, recompute=recompute,
-                                                block_rows=(i, i + 1))).to(self.device)
-            if keep is None:
+            K, fresh = self._slab(res, r0, r1)
+            computed += fresh
+            if task.key is None:
                 a, c = normal_equations(K, Y[r0:r1])
-            else:  # K^T Y only; the rows stay for the iterative solver's products
-                a, c = None, K.T.to(torch.float64) @ Y[r0:r1].to(torch.float64)
-                kept.append(K)
-            KtK = a if KtK is None or a is None else KtK + a
-            KtY = c if KtY is None else KtY + c
-            here = center_rows[(center_rows >= r0) & (center_rows < r1)] - r0
-            mine.append(K[torch.as_tensor(here, device=K.device)].cpu().numpy())
-        m = zs.left.shape[0]
-        if KtY is None:
-            KtK = None if keep else torch.zeros(m, m, dtype=torch.float64)
-            KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64)
-        if keep is not None:
-            self._resident = (keep, torch.cat(kept) if kept
-                              else torch.zeros(0, m, dtype=spec.torch_dtype))
-        rows = np.concatenate(mine) if mine else np.zeros((0, m), np.float32)
-        reports = [] if store is None else list(store.reports)
-        return (None if KtK is None else KtK.cpu().numpy(), KtY.cpu().numpy(), rows, computed,
-                reports)
+                KtK += a
+            else:
+                c = K.T.to(torch.float64) @ Y[r0:r1].to(torch.float64)
+            KtY += c
+            here = torch.as_tensor(task.center_rows[(task.center_rows >= r0)
+                                                    & (task.center_rows < r1)] - r0,
+                                   device=K.device)
+            rows = K[here]
+            if len(rows):
+                kmax = max(kmax, float(rows.max()))
+            if task.preconditioner_cols is not None:
+                rows = rows[:, torch.as_tensor(task.preconditioner_cols, device=K.device)]
+            C.append(rows.cpu().numpy())
+            if self.progress is not None:
+                self.progress(r1 - r0, n)
+            if task.key is None:
+                continue
+            if task.resident_bytes is None or held + K.numel() * K.element_size() \
+                    <= task.resident_bytes:
+                held += K.numel() * K.element_size()
+                res.slabs.append((r0, r1, K, None))
+            else:  # beyond the budget: the slab is read back from zarr at every step
+                res.slabs.append((r0, r1, None, self._spill(res, r0, r1, K)))
+        if res.store is not None:
+            reports = list(res.store.reports)
+        if task.key is not None:
+            self._resident = res
+        width = m if task.preconditioner_cols is None else len(task.preconditioner_cols)
+        C = np.concatenate(C) if C else np.zeros((0, width), np.float32)
+        return (None if KtK is None else KtK.cpu().numpy(), KtY.cpu().numpy(), C, kmax,
+                computed, reports)
 
-    def gram_matvec(self, keep: str, V: np.ndarray, block: int, *rebuild) -> np.ndarray:
-        """K_s^T (K_s V) (float64, m x c) with this shard's resident rows K_s of K(train,
-        centers): one conjugate-gradient step's share. A restarted worker, which lost them,
-        rebuilds them first from ``rebuild`` (``normal_equations_part``'s arguments)."""
-        if getattr(self, "_resident", (None,))[0] != keep:
-            self.normal_equations_part(*rebuild[:8], keep, *rebuild[8:])
-        K = self._resident[1]
-        V = torch.as_tensor(np.asarray(V), dtype=torch.float64, device=K.device)
-        out = torch.zeros(K.shape[1], V.shape[1], dtype=torch.float64, device=K.device)
-        for r in range(0, len(K), block):  # float64 products, one block of rows at a time
-            Kb = K[r : r + block].to(torch.float64)
-            out += Kb.T @ (Kb @ V)
+    def _slab_index(self, res: ResidentRows, r0: int) -> int:
+        return (self.start + r0) // res.task.block if res.spill_dir is None \
+            else r0 // res.task.block
+
+    def _compute_slab(self, task: NystromTask, r0: int, r1: int) -> torch.Tensor:
+        xs = self._rows_side(task.chain, slice(r0, r1), task.M, task.basis, task.spec)
+        return self._against_centers(xs, task.centers, task.M, task.basis, task.spec)
+
+    def _slab(self, res: ResidentRows, r0: int, r1: int) -> tuple[torch.Tensor, int]:
+        """Rows r0..r1 (local) of K(train, centers) and whether they were computed now: from
+        the run's store when a finished slab is there (checked against its digest; a damaged
+        one is recomputed), else computed (and written, then marked, when stored)."""
+        if res.store is None:
+            return self._compute_slab(res.task, r0, r1), 1
+        i = self._slab_index(res, r0)
+        store, name, shape = res.store, res.name, res.shape
+        if store.marks(name, shape, (i, i + 1)).any():
+            redone = []  # a damaged slab is recomputed (and counted)
+
+            def recompute(_) -> None:
+                self._write_slab(res, r0, r1)
+                redone.append(1)
+
+            K = store.read(name, shape, recompute=recompute, block_rows=(i, i + 1))
+            return torch.from_numpy(K).to(self.device), len(redone)
+        K = self._compute_slab(res.task, r0, r1)
+        store.write_block(name, shape, i, 0, K)
+        return K, 1
+
+    def _write_slab(self, res: ResidentRows, r0: int, r1: int) -> None:
+        res.store.write_block(res.name, res.shape, self._slab_index(res, r0), 0,
+                              self._compute_slab(res.task, r0, r1))
+
+    def _spill(self, res: ResidentRows, r0: int, r1: int, K: torch.Tensor) -> int:
+        """Make sure slab r0..r1 is in a zarr store (the run's, or a temporary one on this
+        worker's disk, made on first use); returns its slab index there."""
+        if res.store is None:
+            task = res.task
+            res.spill_dir = tempfile.mkdtemp(prefix="ray-convrfm-rows-")
+            spec = StoreSpec(rows_fingerprint="spill", cols_fingerprint=task.centers.key,
+                             metric_fingerprint=fingerprint(task.M), depth=task.spec.params.depth,
+                             patch_size=task.spec.params.patch_size,
+                             padding=task.spec.params.padding, dtype=task.spec.dtype,
+                             block=task.block, layout="slabs")
+            res.store = KernelStore(f"{res.spill_dir}/rows.zarr", spec)
+            res.shape = (len(self.raw), task.centers.m)
+        i = self._slab_index(res, r0)
+        if not res.store.marks(res.name, res.shape, (i, i + 1)).any():
+            res.store.write_block(res.name, res.shape, i, 0, K)
+        return i
+
+    def _rows_for(self, task: NystromTask) -> ResidentRows:
+        """The resident rows of ``task``, rebuilt first by a worker that lost them (a restart)."""
+        if self._resident is None or self._resident.task.key != task.key:
+            self.nystrom_rows(task)
+        return self._resident
+
+    def hessian_matvec(self, task: NystromTask, V: np.ndarray, ridge: float,
+                       scale: float) -> np.ndarray:
+        """This shard's share of H V = (K^T K + ridge K_mm) V on the kernel divided by
+        ``scale`` (float64, m x c in and out): K_s^T (K_s V), plus ridge times K_s V at the rows
+        of the centers it holds (their rows of K_mm V). One CG step's work on this worker."""
+        import time
+
+        res = self._rows_for(task)
+        V = torch.as_tensor(np.asarray(V), dtype=torch.float64, device=self.device)
+        out = torch.zeros(task.centers.m, V.shape[1], dtype=torch.float64, device=self.device)
+        rows = task.center_rows
+        for r0, r1, K, i in res.slabs:
+            if K is None:
+                t0 = time.perf_counter()
+                K = torch.from_numpy(res.store.read(
+                    res.name, res.shape, block_rows=(i, i + 1),
+                    recompute=lambda _, a=r0, b=r1: self._write_slab(res, a, b))).to(self.device)
+                self._read_seconds += time.perf_counter() - t0
+            Kb = K.to(torch.float64) / scale
+            KV = Kb @ V
+            out += Kb.T @ KV
+            sel = np.flatnonzero((rows >= r0) & (rows < r1))
+            if ridge and len(sel):
+                pos = torch.as_tensor(task.center_offset + sel, device=self.device)
+                out[pos] += ridge * KV[torch.as_tensor(rows[sel] - r0, device=self.device)]
         return out.cpu().numpy()
 
-    def release(self, keep: str) -> None:
-        """Drop the resident rows of a finished solve."""
-        if getattr(self, "_resident", (None,))[0] == keep:
-            self._resident = None
+    def read_seconds(self) -> float:
+        """Seconds spent reading spilled slabs back (the out-of-core tier) since the previous
+        call."""
+        seconds, self._read_seconds = self._read_seconds, 0.0
+        return seconds
 
+    def release(self, key: str | None) -> None:
+        """Drop the resident rows (and any temporary store) of a finished solve; None: any."""
+        if self._resident is not None and (key is None or self._resident.task.key == key):
+            self._resident.close()
+            self._resident = None
+        if self._factor is not None and (key is None or self._factor[0] == key):
+            self._factor = None
+
+    # ------------------------------------------------------------------ the preconditioner
+    def precondition(self, key: str, n: int, ridge: float, v: np.ndarray, transpose: bool,
+                     build: tuple) -> np.ndarray:
+        """B v (or B^T v) of the preconditioner for ``ridge``: this worker holds the factor
+        (m x m, or m x q for rank q) built on first use from ``build`` = (scale, columns,
+        [refs of the shards' K_mm rows]), fetched only then; no other process holds it."""
+        if self._factor is None or self._factor[0] != key:
+            scale, cols, parts = build
+            C = np.concatenate([np.asarray(resolve(p)) for p in parts], axis=0)
+            C = torch.as_tensor(C, device=self.device).to(torch.float64) / scale
+            self._factor = (key, factor_centers(C, cols), {})
+        _, factor, by_ridge = self._factor
+        if ridge not in by_ridge:
+            by_ridge.clear()
+            by_ridge[ridge] = factor.for_ridge(ridge, n)
+        pre = by_ridge[ridge]
+        v = torch.as_tensor(np.asarray(v), dtype=torch.float64, device=self.device)
+        return (pre.apply_t(v) if transpose else pre.apply(v)).cpu().numpy()
+
+    # ------------------------------------------------------------------ the AGOP
     def agop_part(self, chain: list, sample_rows: np.ndarray, coef: np.ndarray, M, basis,
-                  spec: KernelSpec, cols_key: str, *train: np.ndarray) -> np.ndarray:
+                  spec: KernelSpec, centers: CenterBlocks) -> np.ndarray:
         """Unaveraged patch AGOP over this shard's sample images (local row indices).
 
-        The predictor involves every center, so ``train`` (its parts) and ``coef`` arrive
-        whole through the object store; the result is a small (d, d) sum to be reduced.
+        The predictor involves every center: its blocks are fetched (or taken from the cache)
+        one at a time with their rows of ``coef``; the result is a small (d, d) sum.
         """
         d = M.shape[0]
         if len(sample_rows) == 0:
             return np.zeros((d, d))
-        xs = self._cols_side(cols_key, train, M, basis, spec)
         zs = self._rows_side(chain, sample_rows, M, basis, spec)
-        dt = xs.left.dtype
+        dt = zs.left.dtype
+        coef = torch.as_tensor(np.asarray(coef), dtype=dt, device=self.device)
         engine = "torch" if self.device.type == "cuda" else spec.engine
-        G = agop_from_sides(xs, torch.as_tensor(coef, dtype=dt, device=self.device), zs,
-                            torch.as_tensor(M, dtype=dt, device=self.device), engine=engine,
-                            budget_mb=spec.memory_budget_mb, average=False)
+
+        def blocks():
+            for c0, c1, xs in self._center_sides(centers, M, basis, spec):
+                yield xs, coef[c0:c1]
+
+        G = agop_from_blocks(blocks, zs, torch.as_tensor(M, dtype=dt, device=self.device),
+                             coef.shape[1], engine=engine, budget_mb=spec.memory_budget_mb,
+                             average=False)
         return G.to(torch.float64).cpu().numpy()

@@ -14,7 +14,7 @@ sum over sample images, so it can be split over sample shards and reduced.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -112,6 +112,35 @@ def agop_from_sides(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M
         r = patch_gradients(train, coef, part, engine, budget_mb, progress, workspace,
                             total=len(train) * s)
         r = r.reshape(-1, d)
+        G += r.T @ r
+    G = M @ G @ M
+    return G / s if average else G
+
+
+def agop_from_blocks(blocks: Callable[[], Iterable[tuple[KernelSide, torch.Tensor]]],
+                     sample: KernelSide, M: torch.Tensor, classes: int, *,
+                     engine: str = "torch", budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
+                     average: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
+    """``agop_from_sides`` with the predictor's centers in blocks: ``blocks()`` yields
+    (prepared centers, their coef rows) one block at a time, afresh for every chunk of sample
+    images. Gradients are linear in the centers, so a chunk's gradients are summed over the
+    blocks before the outer product, and no two blocks of centers need be held at once."""
+    workspace = workspace or Workspace()
+    if len(sample) == 0:
+        raise ValueError("the AGOP needs at least one sample image")
+    d, s, P1 = M.shape[0], len(sample), sample.right.shape[1]
+    G = torch.zeros(d, d, dtype=M.dtype, device=M.device)
+    # the gradient buffer and its sum over blocks take at most half of the budget
+    chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * classes * d * M.element_size()))))
+    for start in range(0, s, chunk):
+        part = sample.rows(start, start + chunk)
+        total = None
+        for train, coef in blocks():
+            r = patch_gradients(train, coef, part, engine, budget_mb, None, workspace)
+            total = r.clone() if total is None else total.add_(r)
+        if total is None:
+            continue
+        r = total.reshape(-1, d)
         G += r.T @ r
     G = M @ G @ M
     return G / s if average else G

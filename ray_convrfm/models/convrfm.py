@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from ray_convrfm.backends import KernelSpec, open_backend
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for, resolve_engine
-from ray_convrfm.kernels.kernel import KernelParams, as_tensor
+from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.models.inputs import FitInputs, prepare_fit_inputs, training_images
 from ray_convrfm.models.persistence import (
     DIGEST,
@@ -28,7 +28,7 @@ from ray_convrfm.models.persistence import (
     saved_parameter_names,
     write_model,
 )
-from ray_convrfm.models.rfm import Labelled, RFMParams, RFMResult, fit_rfm
+from ray_convrfm.models.rfm import RFMParams, RFMResult, fit_rfm
 from ray_convrfm.options import ComputeOptions, Options, as_options
 
 __all__ = ["FORMAT_VERSION", "ConvRFM"]
@@ -142,10 +142,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         device, spec = kernel_spec(params.kernel, options.compute, data.X)
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
                                device)
-        validation, monitor = driver_sets(data, spec, device)
         try:
             backend.configure(spec, options.store.url)
-            result = fit_rfm(backend, data.y_fit, len(data.classes), validation, params, rng,
+            monitor = register_holdouts(backend, data, spec)
+            result = fit_rfm(backend, data.y_fit, len(data.classes), "validation", params, rng,
                              monitor=monitor, verbose=options.verbose)
         finally:
             backend.close()
@@ -344,14 +344,21 @@ def kernel_spec(params: KernelParams, compute: ComputeOptions,
                               memory_budget_mb=compute.memory_budget_mb)
 
 
-def driver_sets(data: FitInputs, spec: KernelSpec,
-                 device: torch.device) -> tuple[Labelled, Labelled | None]:
-    """Validation and monitor images as tensors in the working dtype (held by the driver)."""
-    def labelled(X, y):
-        return Labelled(as_tensor(X, spec.torch_dtype, device), np.asarray(y))
+def register_holdouts(backend, data: FitInputs, spec: KernelSpec) -> str | None:
+    """Give the backend the validation (and monitor) images, in the working dtype or as
+    parquet rows its workers read: they stay where kernels are computed, and only scores per
+    ridge come back. Returns the monitor set's name, or None."""
+    def images(X):
+        if hasattr(X, "load"):
+            return X
+        return X.to(spec.torch_dtype) if isinstance(X, torch.Tensor) \
+            else np.asarray(X, dtype=spec.dtype)
 
-    monitor = None if data.X_mon is None else labelled(data.X_mon, data.y_mon)
-    return labelled(data.X_val, data.y_val), monitor
+    backend.holdout("validation", images(data.X_val), np.asarray(data.y_val))
+    if data.X_mon is None:
+        return None
+    backend.holdout("monitor", images(data.X_mon), np.asarray(data.y_mon))
+    return "monitor"
 
 
 def _as_int(value):

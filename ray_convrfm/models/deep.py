@@ -24,8 +24,8 @@ from sklearn.utils.validation import check_is_fitted
 from ray_convrfm.backends import open_backend
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.agop import psd_power
-from ray_convrfm.kernels.patches import featurise, grid_shape
-from ray_convrfm.models.convrfm import ConvRFM, driver_sets, kernel_spec
+from ray_convrfm.kernels.patches import grid_shape
+from ray_convrfm.models.convrfm import ConvRFM, kernel_spec, register_holdouts
 from ray_convrfm.models.inputs import prepare_fit_inputs, training_images
 from ray_convrfm.models.persistence import (
     DIGEST,
@@ -38,7 +38,7 @@ from ray_convrfm.models.persistence import (
     saved_parameter_names,
     write_model,
 )
-from ray_convrfm.models.rfm import Labelled, fit_rfm
+from ray_convrfm.models.rfm import fit_rfm
 from ray_convrfm.options import as_options
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,6 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         first = base.rfm_params(depths[0]).kernel
         first.grids(*data.X.shape[2:])  # image large enough for the deepest kernel
         device, spec = kernel_spec(first, options.compute, data.X)
-        validation, watched = driver_sets(data, spec, device)
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
                                device)
         self.classes_ = data.classes
@@ -139,11 +138,13 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                 params = rfm.rfm_params()
                 backend.configure(dataclasses.replace(spec, params=params.kernel),
                                   f"{url.rstrip('/')}/layer{layer}" if url else None)
-                result = fit_rfm(backend, data.y_fit, len(data.classes), validation, params,
+                if layer == 0:  # held-out sets are featurised with the training images
+                    watched = register_holdouts(backend, data, spec)
+                result = fit_rfm(backend, data.y_fit, len(data.classes), "validation", params,
                                  np.random.default_rng(seed + layer), monitor=watched,
                                  verbose=options.verbose)
                 rfm.classes_ = self.classes_
-                rfm.set_result(result, tuple(validation.X.shape[1:]))
+                rfm.set_result(result, backend.row_shape)
                 info = {"depth": depth, "M": rfm.M_, "filters": None,
                         "learned": rfm.best_iter_ > 0, "best_iter": rfm.best_iter_,
                         "ridge": rfm.ridge_, "history": rfm.history_,
@@ -152,13 +153,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                          layer, depth, info["val_acc"], rfm.best_iter_,
                          "" if info["learned"] else " (M = I: random filters)")
                 if layer < len(depths) - 1:
-                    filters = self._filters(rfm.M_, validation.X.shape[1], params.kernel.patch_size,
-                                            layer, info["learned"], seed)
+                    filters = self._filters(rfm.M_, backend.row_shape[0],
+                                            params.kernel.patch_size, layer, info["learned"],
+                                            seed)
                     info["filters"] = filters
                     backend.featurise(filters, bool(base.padding))
-                    validation = _featurised(validation, filters, bool(base.padding))
-                    watched = None if watched is None else _featurised(watched, filters,
-                                                                       bool(base.padding))
                 else:
                     self.final_ = rfm
                 self.layers_.append(info)
@@ -299,5 +298,4 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         return model
 
 
-def _featurised(data: Labelled, filters: torch.Tensor, padding: bool) -> Labelled:
-    return Labelled(featurise(data.X, filters, padding), data.y)
+

@@ -154,7 +154,8 @@ def _monitor(classes: np.ndarray, monitor, shape: tuple[int, ...]):
 def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
                         rng: np.random.Generator, dtype: str):
     """Fit inputs from a parquet split: labels read here, validation rows held out in whole
-    row groups and read here, the fit rows left for the workers to read (``ParquetRows``)."""
+    row groups; the fit and validation rows are left for the workers to read
+    (``ParquetRows``)."""
     from ray_convrfm.data.parquet import ParquetRows
 
     labels = X.labels()
@@ -171,7 +172,7 @@ def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
         y_val = np.concatenate([y_idx[a:b] for a, b in val])
         _refuse_untrained_classes(classes, np.concatenate([y_idx[a:b] for a, b in fit]),
                                   y_val, val_fraction)
-        X_val, _ = X.read(val)
+        X_val = ParquetRows(X, tuple(val), dtype=dtype)  # read where it is scored
     X_fit = ParquetRows(X, tuple(fit), dtype=dtype)
     y_fit = np.concatenate([y_idx[a:b] for a, b in fit])
     return FitInputs(classes, X, X_fit, y_fit, X_val, y_val,

@@ -20,7 +20,7 @@ import torch
 from ray_convrfm.backends.protocol import KernelBackend
 from ray_convrfm.kernels.agop import metric_from_agop
 from ray_convrfm.kernels.kernel import KernelParams
-from ray_convrfm.kernels.pcg import solve_nystrom_pcg
+from ray_convrfm.kernels.pcg import preconditioned_cg
 from ray_convrfm.kernels.solvers import (
     SingularKernelError,
     kernel_scale,
@@ -189,27 +189,30 @@ class NystromRidge:
 
 class NystromPCG:
     """The same problem as ``NystromRidge`` by preconditioned CG (docs/math.md 9a): K_nm stays
-    with the backend (resident rows), and a step moves m x c vectors only. Every ridge is
-    solved from the same rows; iterations and residuals go to the iteration's record."""
+    with the backend (resident rows), the preconditioner's factor where the backend built it,
+    and a step moves m x c vectors only. Every ridge is solved from the same rows; iterations
+    and residuals go to the iteration's record."""
 
     def __init__(self, backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray,
                  it: int):
         t0 = time.perf_counter()
         self.op = backend.nystrom_operator(center_idx, Y)
-        self.scale = kernel_scale(self.op.K_mm)
-        self.K_mm = self.op.K_mm.to(torch.float64) / self.scale
-        self.KtY = self.op.KtY.to(torch.float64) / self.scale
-        self.Y, self.n = Y, len(Y)
+        try:
+            self.scale = kernel_scale(torch.tensor(self.op.scale))
+        except SingularKernelError:
+            self.op.release()
+            raise
+        self.KtY = self.op.KtY.to(torch.float64)
+        self.Y = Y
         self.cg: dict[str, dict] = {"cg_iterations_by_ridge": {}, "cg_residual_by_ridge": {}}
         self.stages = {"nystrom_rows": time.perf_counter() - t0}
 
-    def gram(self, V: torch.Tensor) -> torch.Tensor:
-        """K_nm^T K_nm V on the normalised kernel."""
-        return self.op.gram_matvec(V) / self.scale**2
-
     def solve(self, ridge: float) -> torch.Tensor:
-        res = solve_nystrom_pcg(self.gram, self.K_mm, self.KtY, ridge, self.n,
-                                tol=CG_TOLERANCE, max_iter=CG_MAX_ITERATIONS)
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be >= 0; found {ridge}")
+        res = preconditioned_cg(lambda V: self.op.hessian(V, ridge), self.KtY,
+                                self.op.preconditioner(ridge), tol=CG_TOLERANCE,
+                                max_iter=CG_MAX_ITERATIONS, what=f"ridge={ridge:g}")
         self.cg["cg_iterations_by_ridge"][repr(ridge)] = res.iterations
         self.cg["cg_residual_by_ridge"][repr(ridge)] = res.relative_residual
         if not res.converged:
@@ -220,7 +223,7 @@ class NystromPCG:
 
     def train_mse(self, alpha: torch.Tensor) -> float:
         sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
-              + (alpha * self.gram(alpha)).sum())
+              + (alpha * self.op.hessian(alpha, 0.0)).sum())
         return float(sq / self.Y.numel())
 
     def report(self) -> dict:
@@ -241,9 +244,9 @@ def _ridge_problem(backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarr
     return NystromPCG(backend, Y, center_idx, it)
 
 
-def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validation: Labelled,
-            params: RFMParams, rng: np.random.Generator, *, monitor: Labelled | None = None,
-            verbose: bool = False) -> RFMResult:
+def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
+            validation: Labelled | str, params: RFMParams, rng: np.random.Generator, *,
+            monitor: Labelled | str | None = None, verbose: bool = False) -> RFMResult:
     """Learn M on the training images held by ``backend`` (docs/math.md section 5).
 
     Parameters
@@ -251,13 +254,22 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
     backend : holds the n training images, already ``configure``d with the kernel's spec
     y_fit : (n,) class indices of the training images
     n_classes : c, the number of one-hot target columns
-    validation : images and class indices that choose the ridge and the iteration
+    validation : images and class indices that choose the ridge and the iteration, or the
+        name of a held-out set already given to the backend (``backend.holdout``): the
+        backend keeps them where it computes, and only scores per ridge come back
     params : the loop's hyper-parameters
     rng : draws the AGOP sample and the Nystrom centers
-    monitor : optional images evaluated at every iteration for reporting only
+    monitor : optional images (or a held-out set's name) evaluated at every iteration for
+        reporting only
     """
     n = backend.n
-    dev, dt = validation.X.device, validation.X.dtype
+    dev, dt = backend.device, backend.dtype
+    if isinstance(validation, Labelled):
+        backend.holdout("validation", validation.X, validation.y)
+        validation = "validation"
+    if isinstance(monitor, Labelled):
+        backend.holdout("monitor", monitor.X, monitor.y)
+        monitor = "monitor"
     Y = torch.zeros(n, n_classes, dtype=torch.float64, device=dev)
     Y[torch.arange(n), torch.as_tensor(np.asarray(y_fit), device=dev)] = 1.0
     sample_idx = np.sort(rng.choice(n, size=min(params.agop_samples, n), replace=False))
@@ -265,49 +277,45 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int, validatio
     if params.solver != "exact":
         m = min(n, params.centers or DEFAULT_CENTERS)
         center_idx = np.sort(rng.choice(n, size=m, replace=False))
-    d = int(validation.X.shape[1]) * params.kernel.patch_size**2
+    d = int(backend.row_shape[0]) * params.kernel.patch_size**2
     Q = backend.patch_span() if params.patch_basis == "auto" else None
     if Q is not None:
         log.info("training patches span %d of %d dimensions: working in that basis",
                  Q.shape[1], d)
         Q = Q.to(dev, dt)
     if center_idx is None:
-        check_exact_fits(n, validation.X.element_size())
+        check_exact_fits(n, torch.empty(0, dtype=dt).element_size())
     M = torch.eye(d if Q is None else Q.shape[1], dtype=dt, device=dev)  # Q^T I Q = I_r
     history: list[dict] = []
     M_path: list[torch.Tensor] = []
     best = None
-    Y_val = torch.zeros(len(validation.y), n_classes, dtype=torch.float64, device=dev)
-    Y_val[torch.arange(len(validation.y)), torch.as_tensor(validation.y, device=dev)] = 1.0
     for it in range(params.iters):
         M_path.append(_full_metric(M, Q).cpu())
         backend.set_metric(M, Q)
         t0 = time.perf_counter()
         problem = _ridge_problem(backend, Y, center_idx, params.solver, it)
-        Kv = backend.cross_kernel(validation.X, center_idx, f"iter {it}: val kernel")
-        Kv = Kv.to(torch.float64) / problem.scale
-        Kmon = None
-        if monitor is not None:
-            Kmon = backend.cross_kernel(monitor.X, center_idx, f"iter {it}: monitor kernel")
-            Kmon = Kmon.to(torch.float64) / problem.scale
         t_kernel = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        record, (ridge, score, alpha) = _choose_ridge(problem, Kv, Y_val, params.ridges, it)
-        val_acc = score.acc
-        train_mse = problem.train_mse(alpha)
-        record.update(problem.report())
-        problem.close()
+        try:
+            record, (ridge, score, alpha) = _choose_ridge(problem, backend, validation,
+                                                          center_idx, params.ridges, it)
+            val_acc = score.acc
+            train_mse = problem.train_mse(alpha)
+            record.update(problem.report())
+        finally:
+            problem.close()
         record.update(ridge=ridge, val_acc=val_acc, val_loss=score.loss, train_mse=train_mse,
                       seconds_kernel=t_kernel, seconds_solve=time.perf_counter() - t0,
                       **{f"seconds_{k}": v for k, v in problem.stages.items()})
-        if Kmon is not None:
-            record["monitor_acc"] = _accuracy(Kmon @ alpha, monitor.y)
         scale = problem.scale
+        if monitor is not None:
+            counts = backend.evaluate(monitor, [(alpha / scale).to(dt)], center_idx)[0]
+            record["monitor_acc"] = float(counts[0] / counts[2])
         if best is None or score.beats(best["score"]):
             best = {"score": score, "iter": it, "M": M.clone(), "alpha": alpha,
                     "ridge": ridge, "scale": scale}
-        del problem, Kv, Kmon  # free the n x n kernel before the AGOP
+        del problem  # free the n x n kernel before the AGOP
         stop = stops_early(it, best["iter"], params.patience)
 
         t0 = time.perf_counter()
@@ -358,31 +366,33 @@ def stops_early(it: int, best_iter: int, patience: int | None) -> bool:
     return patience is not None and it - best_iter >= patience
 
 
-def _choose_ridge(problem, Kv: torch.Tensor, Y_val: torch.Tensor, ridges: tuple[float, ...],
-                  it: int):
-    """Solve for every ridge; the best validation ``Score`` wins (the first on exact ties)."""
+def _choose_ridge(problem, backend: KernelBackend, validation: str,
+                  center_idx: np.ndarray | None, ridges: tuple[float, ...], it: int):
+    """Solve for every ridge, then score them all in one pass over the validation images
+    (where the backend keeps them); the best ``Score`` wins (the first on exact ties)."""
     record = {"iter": it, "val_acc_by_ridge": {}, "val_loss_by_ridge": {}, "failed_ridges": []}
-    chosen = None
+    solved = []
     for ridge in ridges:
         try:
-            alpha = problem.solve(ridge)
+            solved.append((ridge, problem.solve(ridge)))
         except SingularKernelError as err:
             record["failed_ridges"].append(ridge)
             log.info("iteration %d: %s", it, err)
-            continue
-        score = validation_score(Kv @ alpha, Y_val)
+    if not solved:
+        raise SingularKernelError(f"iteration {it}: every ridge in {ridges} failed; pass "
+                                  "larger ridges")
+    t0 = time.perf_counter()
+    counts = backend.evaluate(validation, [(a / problem.scale).to(backend.dtype)
+                                           for _, a in solved], center_idx)
+    record["seconds_validation"] = time.perf_counter() - t0
+    chosen = None
+    for (ridge, alpha), (correct, sq, count) in zip(solved, counts, strict=True):
+        score = Score(acc=float(correct / count), loss=float(sq / count))
         record["val_acc_by_ridge"][repr(ridge)] = score.acc
         record["val_loss_by_ridge"][repr(ridge)] = score.loss
         if chosen is None or score.beats(chosen[1]):
             chosen = (ridge, score, alpha)
-    if chosen is None:
-        raise SingularKernelError(f"iteration {it}: every ridge in {ridges} failed; pass "
-                                  "larger ridges")
     return record, chosen
-
-
-def _accuracy(scores: torch.Tensor, target: np.ndarray) -> float:
-    return float((scores.argmax(1).cpu().numpy() == target).mean())
 
 
 def _full_metric(M: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:

@@ -31,13 +31,17 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
     M = random_psd(rng, 9).astype(np.float32)
     params = {"depth": 2, "patch_size": 3, "padding": False}
     spec = KernelSpec(KernelParams(**params))
-    with ShardedImages(X, workers=2, threads=1) as shards:
+    with ShardedImages(X, workers=2, threads=1, block=4) as shards:
         assert shards.bounds == [(0, 11), (11, 23)]
         K = shards.kernel(Z, M, None, spec)
         coef = rng.standard_normal((23, 4)).astype(np.float32)
         sample = np.array([1, 5, 12, 20])  # rows in both shards
-        G = shards.agop(X, coef, sample, M, None, spec)
-        G_parts = shards.agop(shards.parts(), coef, sample, M, None, spec)  # worker columns
+        # the predictor's 23 centers as 6 blocks of at most 4, fetched one at a time
+        blocks = shards.center_blocks()
+        assert blocks.sizes == (4, 4, 3, 4, 4, 4) and blocks.m == 23
+        G = shards.agop(blocks, coef, sample, M, None, spec)
+        some = np.array([0, 3, 11, 12, 22])
+        G_some = shards.agop(shards.center_blocks(some), coef[some], sample, M, None, spec)
 
     Mt = torch.from_numpy(M)
     xs = prepare_side(torch.from_numpy(X), Mt, KernelParams(**params))
@@ -46,7 +50,9 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
 
     local = agop_from_sides(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
     assert rel_err(G, local.numpy()) < 1e-5
-    np.testing.assert_array_equal(G_parts, G)
+    some_local = agop_from_sides(xs.take(some), torch.from_numpy(coef[some]), xs.take(sample),
+                                 Mt, engine="numba")
+    assert rel_err(G_some, some_local.numpy()) < 1e-5
 
 
 def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
@@ -165,6 +171,33 @@ def test_nystrom_on_workers_equals_in_process(cluster):
     np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_scale_out_nystrom_on_workers_equals_in_process(cluster):
+    """Centers in blocks of 16 on both workers, every row slab spilled to the workers' zarr
+    (``resident_mb=0``), the preconditioner's factor on the first worker, validation scored
+    where its parts live: the model of the in-process fit (float64), and with a rank-q
+    preconditioner too."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:150], ds.y_train[:150], ds.X_test[:30]
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=6, solver="nystrom", centers=60,
+              ridges=(1e-5, 1e-3))
+    local = ConvRFM(options=Options.of(dtype="float64", block=16), **kw).fit(X, y)
+    for extra in (dict(resident_mb=0), dict(preconditioner_rank=20)):
+        remote = ConvRFM(options=Options.of(workers=2, dtype="float64", block=16, **extra),
+                         **kw).fit(X, y)
+        np.testing.assert_array_equal(remote.center_indices_, local.center_indices_)
+        assert [h["val_acc_by_ridge"] for h in remote.history_] == \
+            [h["val_acc_by_ridge"] for h in local.history_]
+        assert remote.ridge_ == local.ridge_ and remote.best_iter_ == local.best_iter_
+        assert float((remote.alpha_ - local.alpha_).norm() / local.alpha_.norm()) <= 1e-4
+        remote.set_params(options=None)
+        np.testing.assert_array_equal(remote.predict(Xt), local.predict(Xt))
+        if "resident_mb" in extra:
+            assert all(h["seconds_reading_rows"] > 0 for h in remote.history_)
 
 
 def test_nystrom_kernel_goes_through_the_store(cluster, tmp_path):

@@ -64,12 +64,12 @@ def _warned(caplog, store: Path, block: tuple[int, int], why: str) -> bool:
 # ---------------------------------------------------------------------------- in process
 @pytest.fixture(scope="module")
 def stored_fit(tmp_path_factory):
-    """One in-process exact fit with a store (blocks of 128: 3 x 3 training blocks and 3 x 1
-    validation blocks per iteration); each test damages a copy of its store."""
+    """One in-process exact fit with a store (blocks of 128: 3 x 3 training blocks per
+    iteration; validation is scored, not stored); each test damages a copy of its store."""
     X, y, Xt = _digits()
     store = tmp_path_factory.mktemp("fit") / "k.zarr"
     model = ConvRFM(options=Options.of(store=str(store), block=128), **KW).fit(X, y)
-    assert _computed(model) == [12, 12]
+    assert _computed(model) == [9, 9]
     return store, model.decision_function(Xt), [h["val_acc"] for h in model.history_]
 
 
@@ -79,9 +79,6 @@ def _damage(kind: str, store: Path) -> tuple[tuple[int, int], str]:
     if kind == "delete":
         _chunk(train0, 1, 2).unlink()
         return (1, 2), "is missing its chunk"
-    if kind == "delete validation":
-        _chunk(_kernels(store, train=False)[0], 2, 0).unlink()
-        return (2, 0), "is missing its chunk"
     if kind == "swap":  # the same block of another kernel: a valid chunk, checksum and all
         shutil.copyfile(_chunk(train1, 0, 1), _chunk(train0, 0, 1))
         return (0, 1), "does not match its digest"
@@ -89,7 +86,7 @@ def _damage(kind: str, store: Path) -> tuple[tuple[int, int], str]:
     return (2, 2), "is unreadable"
 
 
-@pytest.mark.parametrize("kind", ["delete", "delete validation", "swap", "flip"])
+@pytest.mark.parametrize("kind", ["delete", "swap", "flip"])
 def test_a_damaged_chunk_is_recomputed_with_a_warning(stored_fit, tmp_path, caplog, kind):
     """Today a deleted chunk reads as zeros (predictions change, validation accuracy 0.1) and
     a swapped or flipped one goes unnoticed; now each is found, named and recomputed."""
@@ -249,7 +246,7 @@ def test_a_store_in_use_is_refused_naming_its_holder_until_the_holder_dies(tmp_p
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    assert _computed(model.fit(X, y)) == [12, 12]  # the dead holder's lease was taken over
+    assert _computed(model.fit(X, y)) == [9, 9]  # the dead holder's lease was taken over
 
 
 def test_two_processes_racing_on_one_store(tmp_path):
@@ -273,8 +270,8 @@ def test_two_processes_racing_on_one_store(tmp_path):
     for o in refused:
         assert o["error"] == "StoreBusyError", o
         assert str(store) in o["message"] and "in use by another run" in o["message"], o
-    # coordinated: no block was computed by both (today each computes all 24 on its own)
-    assert sum(sum(o["computed"]) for o in finished) == 24, outs
+    # coordinated: no block was computed by both (today each computes all 18 on its own)
+    assert sum(sum(o["computed"]) for o in finished) == 18, outs
     X, y, Xt = _digits()
     here = ConvRFM(options=Options.of(store=str(store), block=128), **KW).fit(X, y)
     assert _computed(here) == [0, 0]  # the finished run left a complete, intact store

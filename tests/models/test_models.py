@@ -175,3 +175,33 @@ def test_iterative_nystrom_equals_the_direct_solve(digits):
         assert all(0 < k < 200 for k in h["cg_iterations_by_ridge"].values())
         assert all(r <= 1e-8 for r in h["cg_residual_by_ridge"].values())
     assert "cg_iterations_by_ridge" not in direct.history_[0]
+
+
+def test_rows_beyond_the_resident_budget_are_read_back_from_zarr(digits):
+    """``resident_mb=0``: every slab of K(train, centers) goes to a temporary zarr store and
+    is read back (checked) at every CG step; the model is the in-memory one, bit for bit."""
+    X, y, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=30, centers=60, ridges=(1e-5, 1e-3),
+              solver="nystrom")
+    memory = ConvRFM(options=Options.of(dtype="float64", block=64), **kw).fit(X, y)
+    spilled = ConvRFM(options=Options.of(dtype="float64", block=64, resident_mb=0),
+                      **kw).fit(X, y)
+    assert torch.equal(spilled.alpha_, memory.alpha_)
+    assert [h["cg_iterations_by_ridge"] for h in spilled.history_] == \
+        [h["cg_iterations_by_ridge"] for h in memory.history_]
+    assert all(h["seconds_reading_rows"] > 0 for h in spilled.history_)
+    assert all(h["seconds_reading_rows"] == 0 for h in memory.history_)
+
+
+def test_rank_q_preconditioner_fit_equals_the_direct_solve(digits):
+    """A rank-20 preconditioner for 60 centers (m x q numbers, not m x m): the same model."""
+    X, y, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=30, centers=60, ridges=(1e-5, 1e-3))
+    low = ConvRFM(solver="nystrom", options=Options.of(dtype="float64", preconditioner_rank=20),
+                  **kw).fit(X, y)
+    direct = ConvRFM(solver="nystrom-direct", options=Options.of(dtype="float64"),
+                     **kw).fit(X, y)
+    assert low.best_iter_ == direct.best_iter_ and low.ridge_ == direct.ridge_
+    assert float((low.alpha_ - direct.alpha_).norm() / direct.alpha_.norm()) <= 1e-4
+    np.testing.assert_array_equal(low.predict(Xt), direct.predict(Xt))
+    assert all(r <= 1e-8 for h in low.history_ for r in h["cg_residual_by_ridge"].values())

@@ -1,0 +1,65 @@
+"""The iterative Nystrom solver's operator, built the same way over Ray shards or in process.
+
+Both backends hand ``nystrom_operator`` an object with the driver-side methods of
+``driver.ShardedImages`` (``nystrom``, ``hessian_matvec``, ``precondition``, ``release``): Ray
+shard workers, or ``local.LocalShards`` (one in-process ``ShardWorker``). What runs on the rows,
+slabs, stores and factor is therefore the same code for a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import torch
+
+from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
+from ray_convrfm.kernels.pcg import preconditioner_columns
+from ray_convrfm.options import SolveOptions
+
+
+class _RemotePreconditioner:
+    """B and B^T for one ridge, applied where the factor lives (``shards.precondition``)."""
+
+    def __init__(self, shards, key: str, n: int, ridge: float, build: tuple):
+        self.shards, self.key, self.n, self.ridge, self.build = shards, key, n, ridge, build
+
+    def apply(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        out = self.shards.precondition(self.key, self.n, self.ridge, v.cpu().numpy(),
+                                       transpose, self.build)
+        return torch.from_numpy(np.array(out)).to(v.device)
+
+    def apply_t(self, v: torch.Tensor) -> torch.Tensor:
+        return self.apply(v, transpose=True)
+
+
+def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndarray,
+                     basis: np.ndarray | None, spec: KernelSpec, store: tuple | None,
+                     solve: SolveOptions, device: torch.device) -> tuple[NystromOperator, int]:
+    """The operator of docs/math.md 9a over rows kept by ``shards``, and the slabs computed.
+
+    The rows of K(train, centers) stay with their shards (in memory up to
+    ``solve.resident_mb``, beyond it in zarr slabs); the preconditioner's factor is built from
+    the shards' K_mm rows on the first shard (m x m, or m x q with ``preconditioner_rank``); a
+    CG step moves m x c vectors only.
+    """
+    key = uuid.uuid4().hex
+    cols = preconditioner_columns(len(center_idx), solve.preconditioner_rank)
+    resident = None if solve.resident_mb is None else solve.resident_mb * 2**20
+    _, KtY, C_parts, kmax, computed = shards.nystrom(
+        center_idx, Y.cpu().numpy(), M, basis, spec, store, key=key, resident_bytes=resident,
+        preconditioner_cols=cols)
+    scale = float(kmax)
+    build = (scale, cols, C_parts)  # the first shard fetches the parts when it factors
+    n = len(Y)
+
+    def hessian(V: torch.Tensor, ridge: float) -> torch.Tensor:
+        out = shards.hessian_matvec(key, V.cpu().numpy(), ridge, scale)
+        return torch.from_numpy(np.array(out)).to(V.device)
+
+    KtY = torch.as_tensor(KtY).to(device) / (scale if scale > 0 else 1.0)
+    op = NystromOperator(scale=scale, KtY=KtY, hessian=hessian,
+                         preconditioner=lambda ridge: _RemotePreconditioner(shards, key, n,
+                                                                            ridge, build),
+                         release=lambda: shards.release(key))
+    return op, computed
