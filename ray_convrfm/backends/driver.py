@@ -375,7 +375,7 @@ class ShardedImages:
                                                       strict=True)]
         t0 = time.perf_counter()
         out = sum(wait_all(futures, desc, self.progress))
-        self._time("evaluate", t0)
+        self._time(f"evaluate_{name}", t0)
         return out
 
     def nystrom(self, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,

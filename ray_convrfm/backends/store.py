@@ -45,6 +45,17 @@ DIGEST_BYTES = 32
 
 
 
+#: What a kernel sub-store holds, per layout (recorded in its attributes as "kernels").
+KERNEL_LAYOUTS = {
+    "blocks": "K(training images, training images) for the exact solver: array 'K', one "
+              "chunk per block x block block, its SHA-256 in 'K.digest'",
+    "slabs": "K(training images, Nystrom centers) of one iteration: array 'K', one chunk per "
+             "row slab (block rows x every center) written by the worker owning those rows, "
+             "its SHA-256 in 'K.digest'; read back by the Nystrom solvers and at every "
+             "conjugate-gradient step for rows beyond the worker's resident budget",
+}
+
+
 class StoreMismatchError(ValueError):
     """The store holds kernels of other inputs (images, M, parameters, dtype or block size)."""
 
@@ -138,6 +149,7 @@ class KernelStore:
             if mode == "r":
                 raise FileNotFoundError(f"{self.url} is not a ray_convrfm kernel store")
             self.group.attrs["spec"] = asdict(spec)
+            self.group.attrs["kernels"] = KERNEL_LAYOUTS[spec.layout]
         elif recorded != asdict(spec):
             diff = {k: (recorded.get(k), v) for k, v in asdict(spec).items()
                     if recorded.get(k) != v}

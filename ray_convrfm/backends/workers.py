@@ -494,8 +494,9 @@ class ShardWorker:
         if self._factor is None or self._factor[0] != key:
             scale, cols, parts = build
             C = np.concatenate([np.asarray(resolve(p)) for p in parts], axis=0)
-            C = torch.as_tensor(C, device=self.device).to(torch.float64) / scale
-            self._factor = (key, factor_centers(C, cols), {})
+            C = torch.as_tensor(C, device=self.device).to(torch.float64).div_(scale)
+            self._factor = (key, factor_centers(C, cols, overwrite=True), {})
+            del C
         _, factor, by_ridge = self._factor
         if ridge not in by_ridge:
             by_ridge.clear()

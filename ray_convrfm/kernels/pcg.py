@@ -43,16 +43,20 @@ class Preconditioner(Protocol):
 
 
 def _cholesky_with_jitter(K: torch.Tensor, what: str) -> torch.Tensor:
-    """Lower Cholesky factor of a symmetric K, with a growing jitter when it is singular."""
-    K = 0.5 * (K + K.T)
-    eye = torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
-    jitter = 0.0
+    """Lower Cholesky factor of a symmetric K (its lower triangle is read; the diagonal is
+    jittered in place, so K is consumed), with a growing jitter when it is singular. Peak
+    memory: K and the factor (two m x m), so the first worker's factorisation needs little
+    more than the factor."""
     scale = float(K.diagonal().mean().clamp_min(torch.finfo(K.dtype).tiny)) if len(K) else 1.0
+    jitter = 0.0
     for _ in range(8):  # grow the jitter until K + jitter I factors
-        L, info = torch.linalg.cholesky_ex(K + jitter * eye)
+        L, info = torch.linalg.cholesky_ex(K)
         if int(info) == 0:
             return L
-        jitter = max(jitter * 100, PRECONDITIONER_JITTER * scale)
+        del L
+        step = max(jitter * 99, PRECONDITIONER_JITTER * scale)  # jitter becomes 100x
+        K.diagonal().add_(step)
+        jitter += step
     raise SingularKernelError(f"{what} has no Cholesky factor even with jitter {jitter:g}; "
                               "are the centers blank images?")
 
@@ -65,14 +69,16 @@ class FalkonFactor:
 
     @classmethod
     def build(cls, K_mm: torch.Tensor) -> FalkonFactor:
-        return cls(T=_cholesky_with_jitter(K_mm.to(torch.float64), "the centers' kernel "
-                                           "K_mm").T)
+        K = K_mm.to(torch.float64, copy=True)  # the caller's K_mm is left as it was
+        return cls(T=_cholesky_with_jitter(K, "the centers' kernel K_mm").T)
 
     def for_ridge(self, ridge: float, n: int) -> FalkonPreconditioner:
         T = self.T
         m = T.shape[0]
-        inner = T @ T.T / m + (ridge / n) * torch.eye(m, dtype=T.dtype, device=T.device)
-        LA, info = torch.linalg.cholesky_ex(0.5 * (inner + inner.T))
+        inner = T @ T.T  # symmetric; its lower triangle is what the Cholesky reads
+        inner.div_(m).diagonal().add_(ridge / n)
+        LA, info = torch.linalg.cholesky_ex(inner)
+        del inner
         if int(info) != 0:
             raise SingularKernelError(f"the preconditioner for ridge={ridge:g} has no Cholesky "
                                       "factor; use a larger ridge")
@@ -116,7 +122,7 @@ class SpectralFactor:
         """From C = K(centers, centers[cols]) (m x q): K_mm ~ C K_qq^-1 C^T with K_qq = C[cols].
         With L L^T = K_qq and F = C L^-T, K_mm ~ F F^T, whose eigenpairs come from a QR of F."""
         C = C.to(torch.float64)
-        L = _cholesky_with_jitter(C[torch.as_tensor(np.asarray(cols), device=C.device)],
+        L = _cholesky_with_jitter(C[torch.as_tensor(np.asarray(cols), device=C.device)].clone(),
                                   "the kernel of the preconditioner's centers")
         F = torch.linalg.solve_triangular(L, C.T, upper=False).T  # (m, q)
         Qf, R = torch.linalg.qr(F)
@@ -151,10 +157,14 @@ class SpectralPreconditioner:
     apply_t = apply
 
 
-def factor_centers(C: torch.Tensor, cols: np.ndarray | None) -> FalkonFactor | SpectralFactor:
+def factor_centers(C: torch.Tensor, cols: np.ndarray | None,
+                   overwrite: bool = False) -> FalkonFactor | SpectralFactor:
     """The preconditioner's factor from rows of the centers' kernel: C = K_mm whole
-    (``cols`` None: Falkon's) or its columns ``cols`` (rank q = len(cols): spectral)."""
+    (``cols`` None: Falkon's) or its columns ``cols`` (rank q = len(cols): spectral).
+    ``overwrite`` lets a float64 C be factored in place (no m x m copy)."""
     if cols is None:
+        if overwrite and C.dtype == torch.float64:
+            return FalkonFactor(T=_cholesky_with_jitter(C, "the centers' kernel K_mm").T)
         return FalkonFactor.build(C)
     return SpectralFactor.build(C, cols)
 

@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
                         "(--iters is then the maximum)")
     f.add_argument("--centers", type=int, default=None,
                    help="Nystrom centers m (default min(n, 2000))")
+    f.add_argument("--resident-mb", type=int, default=None,
+                   help="--solver nystrom: memory per worker for resident kernel rows; slabs "
+                        "beyond it are read back from zarr at every CG step (default: all "
+                        "resident)")
+    f.add_argument("--preconditioner-rank", type=int, default=None,
+                   help="--solver nystrom: a rank-q preconditioner (m x q numbers on one "
+                        "worker) instead of the m x m factor")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default=None,
                    help="output directory or URL (s3://..., uploaded at the end; default "
@@ -272,6 +279,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          address=args.address, store=store_url(args, out),
                          gpus_per_worker=args.gpus_per_worker,
                          placement_timeout_s=args.placement_timeout or None,
+                         resident_mb=args.resident_mb,
+                         preconditioner_rank=args.preconditioner_rank,
                          verbose=not args.quiet)
     layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
                     ridges=args.ridges, agop_samples=args.agop_samples,
@@ -311,13 +320,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
         "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,
         "driver_peak_rss_mb": peak_rss_mb(),
+        # seconds per distributed stage (empty in process), e.g. nystrom_rows, cg_step
+        "stage_seconds": dict(getattr(getattr(model, "final_", model), "timings_", {})),
     }
-    worker_peaks = [max(h["worker_peak_rss_mb"]) for la in layers for h in la["history"]
-                    if h.get("worker_peak_rss_mb")]
-    if worker_peaks:
-        summary["worker_peak_rss_mb"] = max(worker_peaks)
-        print(f"peak memory: driver {summary['driver_peak_rss_mb']:.0f} MiB, largest worker "
-              f"{summary['worker_peak_rss_mb']:.0f} MiB")
+    per_worker = [h["worker_peak_rss_mb"] for la in layers for h in la["history"]
+                  if h.get("worker_peak_rss_mb")]
+    if per_worker:  # each worker's peak over the fit (the first one holds the factor)
+        peaks = [max(p) for p in zip(*per_worker, strict=True)]
+        summary["worker_peak_rss_mb"] = max(peaks)
+        summary["worker_peaks_rss_mb"] = peaks
+        print(f"peak memory: driver {summary['driver_peak_rss_mb']:.0f} MiB, workers "
+              f"{', '.join(f'{p:.0f}' for p in peaks)} MiB")
     if test_acc is not None:
         print(f"chosen on validation: iteration {last['best_iter']}, ridge {last['ridge']:g}"
               f"{' at the last layer' if len(layers) > 1 else ''}; test accuracy "

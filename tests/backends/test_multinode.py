@@ -21,15 +21,23 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def test_fit_through_address_uses_both_nodes(two_node_cluster):
+@pytest.mark.parametrize("solver", ["exact", "nystrom"])
+def test_fit_through_address_uses_both_nodes(two_node_cluster, solver):
+    """With ``nystrom`` the centers (blocks of 16) live on both nodes, each worker fetches the
+    other's blocks, the preconditioner's factor is on the first worker and validation is
+    scored on both: the in-process model's predictions."""
     from ray_convrfm import ConvRFM, Options
     from ray_convrfm.data.datasets import load_digits
 
     ds = load_digits()
     X, y, Xt = ds.X_train[:120], ds.y_train[:120], ds.X_test[:40]
-    kw = dict(depth=2, iters=2, agop_samples=20, random_state=5)
-    remote = ConvRFM(options=Options.of(workers=2, address=two_node_cluster.address),
-                     **kw).fit(X, y)
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=5, solver=solver, centers=60)
+    remote = ConvRFM(options=Options.of(workers=2, address=two_node_cluster.address,
+                                        block=16), **kw).fit(X, y)
+    if solver == "nystrom":  # centers on both shards (rows 0-53 and 54-107 of the fit rows)
+        idx = remote.center_indices_
+        assert (idx < 54).any() and (idx >= 54).any()
+        assert all(h["cg_iterations_by_ridge"] for h in remote.history_)
     nodes = {node for h in remote.history_ for node in h["worker_nodes"]}
     assert len(nodes) == 2  # one worker per node: the placement group spreads them
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}

@@ -29,6 +29,31 @@ def test_blocks_are_written_marked_and_read_back(tmp_path):
     np.testing.assert_array_equal(store.read("train", shape), K)
 
 
+def test_row_slabs_are_one_chunk_and_one_digest_each(tmp_path):
+    """The Nystrom layout: chunks of block rows x every column; a damaged slab is found."""
+    import zarr
+
+    store = KernelStore(tmp_path / "k.zarr", _spec(layout="slabs"))
+    shape = (10, 7)
+    K = np.random.default_rng(1).random(shape).astype(np.float32)
+    assert store.chunk(shape) == (4, 7)
+    assert store.blocks("K", shape) == [(0, 0), (1, 0), (2, 0)]
+    for i, _ in store.blocks("K", shape):
+        store.write_block("K", shape, i, 0, K[4 * i : 4 * i + 4])
+    np.testing.assert_array_equal(store.read("K", shape, block_rows=(1, 2)), K[4:8])
+    group = zarr.open_group(str(tmp_path / "k.zarr"), mode="r")
+    assert group["K"].chunks == (4, 7)
+    assert "Nystrom centers" in group.attrs["kernels"] and "row slab" in group.attrs["kernels"]
+    with pytest.raises(ValueError, match="must have shape"):
+        store.write_block("K", shape, 0, 0, K[:4, :4])
+    (tmp_path / "k.zarr" / "K" / "c" / "2" / "0").unlink()
+    redone = []
+    again = store.read("K", shape, recompute=lambda blocks: (redone.extend(blocks), [
+        store.write_block("K", shape, i, 0, K[4 * i : 4 * i + 4]) for i, _ in blocks]))
+    assert redone == [(2, 0)]
+    np.testing.assert_array_equal(again, K)
+
+
 def test_reopening_resumes_with_only_the_missing_blocks(tmp_path):
     shape = (10, 7)
     first = KernelStore(tmp_path / "k.zarr", _spec())
