@@ -29,6 +29,11 @@ from ray_convrfm.kernels.patches import featurise, patch_gram
 from ray_convrfm.kernels.pcg import factor_centers
 from ray_convrfm.kernels.solvers import normal_equations
 
+#: Share of ``memory_budget_mb`` that prepared blocks of centers may keep between passes (32 MiB
+#: of the default 512): every center of a small problem, a few blocks of a large one, whose
+#: other blocks are prepared again for each slab of rows (about d / b of the slab's kernel).
+CENTER_CACHE_SHARE = 1 / 16
+
 
 def resolve(part):
     """An array as given (in process) or the value of a Ray object ref (on a worker)."""
@@ -259,15 +264,17 @@ class ShardWorker:
     # ------------------------------------------------------------------ centers in blocks
     def _center_sides(self, centers: CenterBlocks, M, basis, spec: KernelSpec):
         """(c0, c1, prepared side) of every block of centers in turn, each fetched when it is
-        needed. Prepared blocks are kept for the next pass while they fit the memory budget
-        (all of them for a few thousand centers); beyond it they are fetched and prepared
-        again, so a worker never holds more prepared centers than its budget."""
+        needed. Prepared blocks are kept for the next pass while they fit a sixteenth of the
+        memory budget (``CENTER_CACHE_SHARE``); the others are fetched (from this node's
+        object store after the first time) and prepared again. Preparing a center costs about
+        d / b of its kernel entries against a slab of b rows, so the cache saves little and a
+        worker's memory stays set by its rows and its budget, not by m."""
         metric = fingerprint(M, *([] if basis is None else [basis]), extra=[spec])
         key = (centers.key, metric)
         if self._center_cache[0] != key:
             self._center_cache = (key, {})
         cache = self._center_cache[1]
-        budget = spec.memory_budget_mb * 2**20
+        budget = spec.memory_budget_mb * 2**20 * CENTER_CACHE_SHARE
         for j, (c0, c1) in enumerate(centers.bounds()):
             side = cache.get(j)
             if side is None:

@@ -323,8 +323,8 @@ def test_killed_driver_resumes_from_the_store(cluster, tmp_path):
 
 
 def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, monkeypatch):
-    """Workers read and decode their own row groups; the driver reads only validation rows,
-    and the fit equals one on the same images held in memory."""
+    """Workers read and decode their own row groups, validation row groups included (the
+    driver reads no image), and the fit equals one on the same images held in memory."""
     from ray_convrfm import ConvRFM
     from ray_convrfm.data import parquet as pqmod
     from ray_convrfm.data.datasets import load_digits
@@ -346,7 +346,7 @@ def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, 
     remote = ConvRFM(options=Options.of(workers=2), **kw).fit(images)
     fit, val = images.split_validation(0.1, np.random.default_rng(9))
     assert len(val) >= 1 and sum(b - a for a, b in val) >= 20  # whole row groups held out
-    assert all(any(a <= s and t <= b for a, b in val) for s, t in driver_reads)
+    assert driver_reads == []  # labels only: validation is read and scored on the workers
     assert len(remote.X_fit_) == sum(b - a for a, b in fit)
 
     fit_rows = np.concatenate([np.arange(a, b) for a, b in fit])
