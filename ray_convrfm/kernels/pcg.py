@@ -77,8 +77,10 @@ class FalkonFactor:
         m = T.shape[0]
         inner = T @ T.T  # symmetric; its lower triangle is what the Cholesky reads
         inner.div_(m).diagonal().add_(ridge / n)
-        LA, info = torch.linalg.cholesky_ex(inner)
-        del inner
+        info = torch.empty((), dtype=torch.int32, device=inner.device)
+        # factored in place: T and A are the only m x m matrices, even while building
+        LA, info = torch.linalg.cholesky_ex(inner, out=(inner, info))
+        LA.tril_()
         if int(info) != 0:
             raise SingularKernelError(f"the preconditioner for ridge={ridge:g} has no Cholesky "
                                       "factor; use a larger ridge")
@@ -125,7 +127,9 @@ class SpectralFactor:
         L = _cholesky_with_jitter(C[torch.as_tensor(np.asarray(cols), device=C.device)].clone(),
                                   "the kernel of the preconditioner's centers")
         F = torch.linalg.solve_triangular(L, C.T, upper=False).T  # (m, q)
+        del C  # (the caller's copy, if it keeps one, stays)
         Qf, R = torch.linalg.qr(F)
+        del F
         lam, V = torch.linalg.eigh(R @ R.T)
         order = torch.argsort(lam, descending=True)
         return cls(U=Qf @ V[:, order], lam=lam[order].clamp_min(0))

@@ -88,9 +88,10 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
     """Measure ``costmodel.Rates`` in this process on one thread, as one worker would run them.
 
     The kernel and AGOP are timed on a 512 x 128 block of random images of the workload's
-    shape; the GEMM and Cholesky at the workload's m; decoding on the first row group of
-    ``parquet_path`` (when given); store throughput by writing and reading blocks of
-    ``block`` x m float32 values into a zarr store under ``store_dir``.
+    shape; the GEMM and a Cholesky (the preconditioner's factor rate) at the workload's m;
+    decoding on the first row group of ``parquet_path`` (when given); store throughput by
+    writing and reading blocks of ``block`` x m float32 values into a zarr store under
+    ``store_dir``.
     """
     import tempfile
 
@@ -116,7 +117,7 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
     S = B @ B.T + work.m * torch.eye(work.m, dtype=torch.float64)
     t0 = time.perf_counter()
     torch.linalg.cholesky(S)
-    chol = (work.m**3 / 3) / (time.perf_counter() - t0)
+    factor = (work.m**3 / 3) / (time.perf_counter() - t0)
     decode = float("nan")
     if parquet_path is not None:
         from ray_convrfm.data.parquet import ParquetImages, read_rows
@@ -139,7 +140,7 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
         store = 4 * block.nbytes / (time.perf_counter() - t0)
     return costmodel.Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
                            agop_over_kernel=kb["agop_over_kernel"], gemm_flops=gemm,
-                           cholesky_flops=chol, decode_images_per_s=decode,
+                           factor_flops=factor, decode_images_per_s=decode,
                            store_bytes_per_s=store)
 
 
@@ -279,20 +280,18 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     seconds_predict = time.perf_counter() - t0
 
     hist = model.history_
+    # the driver's wall seconds per stage (ShardedImages.timings), by the cost model's names
     measured = {
-        "load (read + decode parquet)": timings.get("load", 0.0),
-        "kernel K(train, centers)": timings.get("normal_equations_compute", 0.0),
-        "Gram K^T K, K^T Y (float64)": None,  # inside the workers' kernel tasks
-        "reduction of the m x m parts": timings.get("normal_equations_reduce", 0.0),
-        "validation kernel": sum(h["seconds_kernel"] - h["seconds_normal_equations"]
-                                 for h in hist),
-        "solve (Cholesky, every ridge)": sum(h["seconds_solve"] for h in hist),
-        "AGOP": sum(h["seconds_agop"] for h in hist),
-        "predict (test shards)": seconds_predict,
+        costmodel.LOAD: timings.get("load", 0.0),
+        costmodel.ROWS: timings.get("nystrom_rows", 0.0),  # K^T Y is summed in the same tasks
+        costmodel.KTY: timings.get("nystrom_reduce", 0.0),  # its reduction
+        costmodel.PRECONDITIONER: timings.get("precondition", 0.0),  # factors and applications
+        costmodel.CG: timings.get("cg_step", 0.0),
+        costmodel.VALIDATION: timings.get("evaluate_validation", 0.0),
+        costmodel.AGOP: timings.get("agop", 0.0),
+        costmodel.GATHER: None,  # not timed apart from the fit
+        costmodel.PREDICT: seconds_predict,
     }
-    # the workers compute kernel rows and their Gram in one task: compare the two together
-    predicted_kernel_and_gram = (predicted["kernel K(train, centers)"]
-                                 + predicted["Gram K^T K, K^T Y (float64)"])
     store_bytes = sum(f.stat().st_size for f in (root / "kernels.zarr").rglob("*")
                       if f.is_file())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
@@ -301,7 +300,8 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         "flops_per_entry": work.flops_per_entry(),
         "seconds_convert": seconds_convert, "seconds_fit": seconds_fit,
         "measured": measured, "predicted": predicted,
-        "predicted_kernel_and_gram": predicted_kernel_and_gram,
+        "cg_products": int(timings.get("cg_steps", 0)),
+        "predicted_cg_products": work.iters * work.cg_products(),
         "predicted_calibrated": predicted_calibrated,
         "measured_total": seconds_fit + seconds_predict,
         "driver_peak_rss_mb": peak,

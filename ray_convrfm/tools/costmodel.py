@@ -1,19 +1,21 @@
 """What a distributed Nystrom ConvRFM fit costs, stage by stage, and how long it will take.
 
-``Workload`` describes a fit (n, m, image shape, patch size, depth, workers, ...) and counts,
-per stage, the kernel entries, floating-point operations, bytes moved and stored, and memory
-per worker and in the driver. ``Rates`` are per-worker costs, given: measured on one machine by
-``ray_convrfm.tools.bench.measure_rates`` (a kernel block and its AGOP at the run's image shape,
-a float64 GEMM, a Cholesky, PNG decoding, zarr block writes), taken from a finished run
-(``calibrated``) or assumed (``ClusterAssumptions``). ``predict`` combines the two into wall
-seconds per stage. This module only does arithmetic: it measures nothing and imports nothing
-heavier than the standard library. ``ray-convrfm bench scale`` runs a real fit next to the
-prediction, and ``docs/scaling.md`` extrapolates to ImageNet.
+``Workload`` describes a ``solver="nystrom"`` fit (centers as blocks left on their workers,
+rows of K(train, centers) in slabs, resident up to ``resident_bytes`` and read back from zarr
+beyond it, preconditioned CG moving m x c vectors, the preconditioner's factor on the first
+worker, validation and AGOP where their data live) and counts, per stage, kernel entries, FLOPs,
+bytes moved between processes, stored and read back, and the peak memory of a worker, of the
+first worker and of the driver; every memory and byte count names the code that allocates or
+sends it. ``solver="nystrom-direct"`` and ``"exact"`` are small-size paths, not modelled.
+``Rates`` are per-worker costs, measured (``tools.bench.measure_rates``), taken from a finished
+run (``calibrated``) or assumed (``ClusterAssumptions``); ``predict`` turns counts into seconds.
+Arithmetic only: standard library, nothing is measured here.
 
 The kernel's cost per entry follows docs/math.md section 2: 2 P_1 r for the patch products of the
 first layer (r = d = C q^2, or the patch-span dimension), and per position of every layer a
 ReLU step (about ``RELU_FLOPS``) and, between layers, q x q window sums of three covariances and
-theta (4 q^2 adds).
+theta (4 q^2 adds). Not modelled: re-preparing uncached center blocks (about d / b of a slab's
+kernel), task arguments (M, center indices), the digests checked on every store read.
 """
 
 from __future__ import annotations
@@ -30,10 +32,37 @@ RELU_FLOPS = 30
 #: Bytes of a Python/torch/numba/Ray worker before it holds any data (measured: about 0.45 GB).
 WORKER_BASE_BYTES = 450 * 2**20
 
+#: Share of the memory budget that cached prepared centers may take (as
+#: ``backends/workers.py: CENTER_CACHE_SHARE``); other blocks are prepared again for every slab.
+CENTER_CACHE_SHARE = 1 / 16
+
+#: Stage names: keys of ``Workload.stages`` and ``predict``, and of ``bench scale``'s measurements.
+LOAD = "load (read + decode parquet)"
+ROWS = "rows of K(train, centers)"
+KTY = "K^T Y"
+PRECONDITIONER = "preconditioner (first worker)"
+CG = "CG steps (all ridges)"
+VALIDATION = "validation scores"
+AGOP = "AGOP"
+GATHER = "model centers to the driver"
+PREDICT = "predict (test shards)"
+PER_ITERATION = (ROWS, KTY, PRECONDITIONER, CG, VALIDATION, AGOP)
+
+
+def tree_levels(parts: int, fan_in: int = REDUCE_FAN_IN) -> list[int]:
+    """Parts that move at each level of ``ShardedImages.reduce``: the workers' parts, then the
+    sums made on workers, ``fan_in`` at a time, until the driver takes at most ``fan_in``."""
+    levels = [parts]
+    while levels[-1] > fan_in:
+        levels.append(math.ceil(levels[-1] / fan_in))
+    return levels
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One Nystrom ConvRFM fit: n training images, m centers, ``iters`` kernels."""
+    """One Nystrom ConvRFM fit (``solver="nystrom"``): n training images, m centers, ``iters``
+    kernels. ``cg_steps`` per ridge is an ASSUMPTION: 20 to 120 were measured on digits and
+    Fashion-MNIST (CG stops at ``CG_TOLERANCE`` or ``CG_MAX_ITERATIONS``)."""
 
     n: int
     m: int
@@ -52,8 +81,11 @@ class Workload:
     basis_dim: int | None = None  # r < d when the patches span fewer dimensions
     dtype_bytes: int = 4
     block: int = DEFAULT_BLOCK
-    # memory_budget_mb: the kernel's and AGOP's working memory
+    # memory_budget_mb: the kernel's and AGOP's working memory, and the centers' cache
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_MB * 2**20
+    resident_bytes: int | None = None  # SolveOptions.resident_mb in bytes; None: all resident
+    preconditioner_rank: int | None = None  # SolveOptions.preconditioner_rank
+    cg_steps: int = 60  # per ridge (assumed, see above)
 
     @property
     def d(self) -> int:
@@ -71,15 +103,21 @@ class Workload:
     def n_fit(self) -> int:
         return self.n - self.n_val
 
+    @property
+    def shard(self) -> int:
+        """S, a worker's training rows."""
+        return math.ceil(self.n_fit / self.workers)
+
+    @property
+    def pixel_bytes(self) -> int:
+        """One image in the working dtype."""
+        return self.channels * self.height * self.width * self.dtype_bytes
+
     def positions(self) -> list[int]:
         """Patch positions at every layer (stride 1, no padding)."""
-        q = self.patch_size
-        h, w = self.height - q + 1, self.width - q + 1
-        out = []
-        for _ in range(self.depth):
-            out.append(h * w)
-            h, w = h - q + 1, w - q + 1
-        return out
+        shrink = self.patch_size - 1
+        return [(self.height - k * shrink) * (self.width - k * shrink)
+                for k in range(1, self.depth + 1)]
 
     def flops_per_entry(self) -> float:
         """Floating-point operations of one kernel entry (docs/math.md section 2)."""
@@ -92,56 +130,190 @@ class Workload:
         P = self.positions()
         return images * (2 * P[0] * self.r + 2 * sum(P)) * self.dtype_bytes
 
+    def rank(self) -> int | None:
+        """q, or None for Falkon's m x m factor (``pcg.preconditioner_columns``: q >= m)."""
+        q = self.preconditioner_rank
+        return q if q is not None and q < self.m else None
+
+    def resident(self) -> tuple[float, float]:
+        """(bytes of its rows of K(train, centers) a worker keeps in memory, bytes in zarr
+        slabs): ``nystrom_rows`` keeps whole slabs while they fit ``resident_bytes``."""
+        rows = self.shard * self.m * self.dtype_bytes
+        if self.resident_bytes is None:
+            return rows, 0.0
+        slab = self.block * self.m * self.dtype_bytes
+        kept = min(rows, self.resident_bytes // slab * slab)
+        return kept, rows - kept
+
+    def _cached_blocks(self) -> int:
+        """Prepared blocks of centers a worker keeps between passes (``_center_sides``)."""
+        cache = self.budget_bytes * CENTER_CACHE_SHARE
+        return math.ceil(self.m / self.block) if self.side_bytes(self.m) <= cache \
+            else int(cache // self.side_bytes(min(self.block, self.m)))
+
+    def center_memory(self) -> float:
+        """A worker's prepared centers (``ShardWorker._center_sides``): the cached blocks and,
+        unless all are cached, the block in use, the one being prepared and its pixels."""
+        blocks, blk = self._cached_blocks(), min(self.block, self.m)
+        if blocks * blk >= self.m:
+            return self.side_bytes(self.m)
+        return self.side_bytes(blocks * blk) + 2 * self.side_bytes(blk) + blk * self.pixel_bytes
+
+    def centers_refetched(self) -> float:
+        """Fraction of the centers a worker fetches again in a later stage of an iteration
+        (validation, AGOP make new refs of the same blocks): the blocks its cache lacks."""
+        return max(0.0, 1 - self._cached_blocks() * self.block / self.m)
+
+    def cg_products(self) -> int:
+        """H V per iteration: every CG step, and H alpha in ``NystromPCG.train_mse``."""
+        return self.ridges * self.cg_steps + 1
+
+    def applications(self) -> int:
+        """B or B^T per iteration (``preconditioned_cg``: 2 per step, 2 per ridge)."""
+        return self.ridges * (2 * self.cg_steps + 2)
+
+    def factor_memory(self) -> tuple[float, float]:
+        """(steady, peak) bytes of the factor on the first worker (``ShardWorker.precondition``)."""
+        m, q = self.m, self.rank()
+        if q is None:
+            # FalkonFactor.build (T) and for_ridge (A, factored in place in T T^T): m x m
+            # float64 each. Peak: ShardWorker.precondition converting the fetched float32 rows
+            # (mapped from the object store) to float64, then C and L while factoring
+            return 2 * 8 * m * m, 2.5 * 8 * m * m
+        # SpectralFactor.U (m x q float64). Building (SpectralFactor.build): the caller's C,
+        # then F = C L^-T, the QR's Q and U, freed as they are used (at most 3 m x q at once),
+        # and L, R, R R^T, V (q x q)
+        return 8 * m * q, 3 * 8 * m * q + 4 * 8 * q * q
+
+    def factor_flops(self) -> tuple[float, float]:
+        """One iteration's factor FLOPs: (at ``Rates.factor_flops``, at ``gemm_flops``)."""
+        m, q, R = self.m, self.rank(), self.ridges
+        if q is None:  # Cholesky of K_mm; every ridge (for_ridge): T T^T and the Cholesky of A
+            return (1 + R) * m**3 / 3, R * 2 * m**3
+        # Cholesky of K_qq, the triangular solve for F (m x q), QR of F with Q formed, eigh of
+        # R R^T; products R R^T and Q V
+        return q**3 / 3 + m * q**2 + 4 * m * q**2 - 4 * q**3 / 3 + 9 * q**3, \
+            2 * q**3 + 2 * m * q**2
+
+    def apply_flops(self) -> tuple[float, float]:
+        """FLOPs of one application of B (or B^T) to m x c: (factor rate, GEMM rate)."""
+        m, c, q = self.m, self.classes, self.rank()
+        if q is None:  # FalkonPreconditioner.apply: two m x m triangular solves, c columns
+            return 2 * m * m * c, 0.0
+        return 0.0, 4 * m * q * c  # SpectralPreconditioner.apply: U^T v, then U (...)
+
     def stages(self) -> dict[str, dict]:
-        """Per stage: kernel entries, FLOPs, bytes moved between processes, bytes stored,
-        and the peak memory it needs per worker and in the driver."""
-        n, m, w, c = self.n_fit, self.m, self.workers, self.classes
-        pixels = self.channels * self.height * self.width
-        shard = math.ceil(n / w)
-        f = self.flops_per_entry()
-        entries_k = n * m
-        # a worker holds its shard's pixels, the prepared centers, one prepared block of its
-        # rows with their kernel rows (float32 and float64), the kernel's working memory
-        # (the budget) and the running m x m Gram
-        kernel_worker = (WORKER_BASE_BYTES + shard * pixels * 4 + self.side_bytes(m)
-                         + self.side_bytes(self.block) + self.budget_bytes
-                         + self.block * m * (self.dtype_bytes + 8) + 2 * m * m * 8)
+        """Per stage (per iteration, and once): kernel entries, FLOPs, bytes moved, stored, read
+        back; peak memory of a worker, the first worker, the driver (with its object store)."""
+        n, m, w, c, S, R = self.n_fit, self.m, self.workers, self.classes, self.shard, self.ridges
+        px, f, blk, dt = self.pixel_bytes, self.flops_per_entry(), min(self.block, m), \
+            self.dtype_bytes
+        mc8 = m * c * 8  # one m x c float64 matrix
+        width = self.rank() or m  # columns of K_mm the factor needs
+        kept, spilled = self.resident()
+        products, tree = self.cg_products(), sum(tree_levels(w))
+        steady, peak = self.factor_memory()
+        kmm = math.ceil(m / w) * width * 4  # nystrom_rows: C, this shard's centers' K_mm rows
+        refetch = self.centers_refetched()
+        v_rows, a_rows = math.ceil(self.n_val / w), math.ceil(self.agop_samples / w)
+        base = WORKER_BASE_BYTES + S * px  # ShardWorker.__init__: the process, self.raw
+
+        rows_worker = (base + S * c * 8  # nystrom_rows: Y of the shard (resolve(task.Y))
+                       + self.center_memory()  # _center_sides
+                       + self.side_bytes(blk)  # _compute_slab: the slab's rows prepared
+                       + self.budget_bytes  # kernel_matrix: working memory (memory_budget_mb)
+                       + blk * m * (dt + 8)  # _against_centers: the slab; K.T.to(float64)
+                       + kept  # nystrom_rows: res.slabs, the resident rows
+                       + 2 * kmm  # nystrom_rows: C as a list, then np.concatenate
+                       + mc8)  # nystrom_rows: KtY
+        cg_worker = (base + kept  # hessian_matvec: _rows_for(task), the resident slabs
+                     + kmm  # nystrom_rows' C, in this node's object store until released
+                     + 2 * blk * m * 8  # hessian_matvec: Kb = K.to(float64) / scale
+                     + (blk * m * dt if spilled else 0)  # hessian_matvec: a slab read back
+                     # hessian_matvec: V, out, Kb^T KV and the returned part; or, adding in the
+                     # tree (ShardWorker.add), fan_in parts and their sum
+                     + max(4, REDUCE_FAN_IN + 1) * mc8)
+        val_worker = (base + kept + kmm  # ShardWorker.evaluate runs before problem.close()
+                      + v_rows * px  # ShardWorker.evaluate: its validation part (_holdouts)
+                      + R * mc8  # evaluate: coefs, every ridge's (m, c) float64
+                      + self.center_memory() + self.side_bytes(blk) + blk * px  # a block
+                      + blk * m * (dt + 8)  # _against_centers, then .to(torch.float64)
+                      + R * blk * c * 8 + self.budget_bytes)  # einsum scores; kernel_matrix
+        agop_worker = (base + self.center_memory()  # agop_part: _center_sides
+                       + self.side_bytes(a_rows)  # agop_part: _rows_side(sample_rows)
+                       + m * c * dt  # agop_part: coef in the working dtype
+                       + self.budget_bytes)  # agop_from_blocks: chunks sized to the budget
+        predict_worker = (WORKER_BASE_BYTES + math.ceil(m / w) * px  # its shard of centers
+                          + self.center_memory() + self.side_bytes(blk) + blk * px
+                          + blk * m * (dt + 8)  # ShardWorker.scores: K, astype(float64)
+                          + mc8 + self.budget_bytes)  # scores: alpha; kernel_matrix
+
+        y = n * c * 8  # fit_rfm: Y, the one-hot targets (float64) for the whole fit
+        y_put = n * c * 8  # ShardedImages.nystrom: ray.put(Y[a:b]), one per worker
+        best = mc8  # fit_rfm: best["alpha"], kept across iterations
+        cg_driver = (y + y_put + best + mc8  # nystrom_operator: KtY / scale (NystromPCG.KtY)
+                     + 6 * mc8  # conjugate_gradient: x, r, p, b, Ap and one temporary
+                     # a product in flight: hessian_matvec's ray.put(V), reduce's fan_in
+                     # parts and their sum (or precondition's v and B v)
+                     + (REDUCE_FAN_IN + 2) * mc8
+                     + R * mc8)  # _choose_ridge: the solved alphas
+        val_driver = (y + y_put + best + mc8 + R * mc8  # KtY, the solved alphas
+                      # _choose_ridge: float32 casts; RayBackend.evaluate: np.stack;
+                      # ShardedImages.evaluate: float64 copy and its ray.put
+                      + 3 * R * mc8)
+
+        def row(entries=0, flops=0.0, moved=0.0, stored=0.0, read=0.0, worker=0.0,
+                first=None, driver=0.0) -> dict:
+            return dict(entries=entries, flops=flops, bytes_moved=moved, bytes_stored=stored,
+                        bytes_read=read, worker_memory=worker, driver_memory=driver,
+                        first_worker_memory=worker if first is None else first)
+
+        fac, gem = self.factor_flops()
+        app = sum(self.apply_flops())
         per_iter = {
-            "kernel K(train, centers)": {
-                "entries": entries_k, "flops": entries_k * f,
-                "bytes_moved": w * m * pixels * 4,  # the centers, to every worker
-                "bytes_stored": entries_k * self.dtype_bytes,
-                "worker_memory": kernel_worker, "driver_memory": 0},
-            "Gram K^T K, K^T Y (float64)": {
-                "entries": 0, "flops": 2 * n * m * (m + c),
-                "bytes_moved": 0, "bytes_stored": 0,
-                "worker_memory": kernel_worker, "driver_memory": 0},
-            "reduction of the m x m parts": {
-                "entries": 0, "flops": w * m * (m + c),
-                "bytes_moved": w * m * (m + c) * 8, "bytes_stored": 0,
-                "worker_memory": 0, "driver_memory": 3 * m * m * 8},
-            "validation kernel": {
-                "entries": self.n_val * m, "flops": self.n_val * m * f,
-                "bytes_moved": self.n_val * pixels * 4 + self.n_val * m * self.dtype_bytes,
-                "bytes_stored": 0, "worker_memory": kernel_worker,
-                "driver_memory": self.n_val * (pixels * 4 + m * 8)},
-            "solve (Cholesky, every ridge)": {
-                "entries": 0, "flops": self.ridges * (m**3 / 3 + 2 * m * m * c + 3 * m * m),
-                "bytes_moved": 0, "bytes_stored": 0, "worker_memory": 0,
-                "driver_memory": 5 * m * m * 8},
-            "AGOP": {
-                "entries": self.agop_samples * m, "flops": None,
-                "bytes_moved": w * m * (pixels * 4 + c * self.dtype_bytes) + w * self.r**2 * 8,
-                "bytes_stored": 0, "worker_memory": kernel_worker, "driver_memory": 0},
+            # _center_sides: every center block reaches every worker once (later slabs read
+            # it from the node's object store); _slab: every slab written to the run's store
+            # (with no store, only the spilled slabs, to a temporary one: _spill)
+            ROWS: row(n * m, n * m * f, w * m * px, n * m * dt, 0, rows_worker,
+                      driver=y + y_put + best),
+            # nystrom_rows: K^T Y per slab (float64); ShardedImages.nystrom: Y's slices to
+            # the workers, then reduce: the tree of m x c float64 parts
+            KTY: row(0, 2 * n * m * c, n * c * 8 + tree * mc8, 0, 0, rows_worker,
+                     driver=y + y_put + best + (REDUCE_FAN_IN + 1) * mc8 + mc8),
+            # ShardWorker.precondition: the shards' K_mm rows (float32) to the first worker;
+            # ShardedImages.precondition: v to it and B v back at every application
+            PRECONDITIONER: row(0, fac + gem + self.applications() * app,
+                                m * width * 4 + self.applications() * 2 * mc8, 0, 0,
+                                cg_worker, cg_worker + peak, cg_driver),
+            # hessian_matvec: K_s V and K_s^T (K_s V) in float64 (the ridge's K_mm term reuses
+            # K_s V); ShardedImages.hessian_matvec: V to every worker, then the tree back;
+            # hessian_matvec: the spilled slabs read back from zarr at every product
+            CG: row(0, products * 4 * n * m * c, products * (w + tree) * mc8, 0,
+                    products * w * spilled, cg_worker, cg_worker + steady, cg_driver),
+            # ShardedImages.evaluate: every ridge's coefficients to every worker; center
+            # blocks not cached fetched again (new refs from center_blocks); 3 numbers back
+            VALIDATION: row(self.n_val * m, self.n_val * m * f + 2 * R * self.n_val * m * c,
+                            w * (R * mc8 + refetch * m * px), 0, 0, val_worker,
+                            val_worker + steady, val_driver),
+            # ShardedImages.agop: ray.put(coef) (working dtype) to every worker, center blocks
+            # not cached again; (r, r) float64 back through the tree
+            AGOP: row(self.agop_samples * m, None,
+                      w * (m * c * dt + refetch * m * px) + tree * self.r**2 * 8, 0, 0,
+                      agop_worker, driver=y + best + mc8 + 2 * m * c * dt),
         }
         once = {
-            "load (read + decode parquet)": {
-                "entries": 0, "flops": 0, "bytes_moved": 0, "bytes_stored": 0,
-                "worker_memory": WORKER_BASE_BYTES + shard * pixels * 4, "driver_memory": 0},
-            "predict (test shards)": {
-                "entries": self.n_test * m, "flops": self.n_test * m * f,
-                "bytes_moved": w * m * pixels * 4 + self.n_test * c * 8, "bytes_stored": 0,
-                "worker_memory": WORKER_BASE_BYTES + self.side_bytes(m), "driver_memory": 0},
+            # ShardWorker.__init__: each worker reads and decodes its parquet row groups;
+            # ShardedImages.add_holdout: validation parts put once (parquet: read by workers)
+            LOAD: row(moved=self.n_val * px, worker=base),
+            # ShardedImages.gather: ray.get of the parts, then np.concatenate (RFMResult)
+            GATHER: row(moved=m * px, worker=base, driver=y + best + 2 * m * px),
+            # ConvRFM.scores: a new ShardedImages puts the model's centers (X_fit_), every
+            # worker fetches every block (ShardWorker.scores); map_scores: test blocks and alpha
+            # (float64) out, scores back. Driver: each of these and its put (or concatenation)
+            PREDICT: row(self.n_test * m, self.n_test * m * f,
+                         m * px + w * m * px + self.n_test * px + w * mc8 + self.n_test * c * 8,
+                         worker=predict_worker,
+                         driver=2 * (m * px + self.n_test * px + mc8 + self.n_test * c * 8)),
         }
         return {"per_iteration": per_iter, "once": once}
 
@@ -152,10 +324,10 @@ class Rates:
 
     kernel_entry_s : seconds per kernel entry at the workload's image shape
     agop_over_kernel : AGOP seconds / kernel seconds on the same block of pairs
-    gemm_flops : float64 GEMM FLOP/s (the Gram of the kernel rows)
-    cholesky_flops : float64 FLOP/s of a Cholesky in the driver
+    gemm_flops : float64 GEMM FLOP/s (K^T Y, the CG products, the factor's matrix products)
+    factor_flops : float64 FLOP/s of the factor's Cholesky, triangular solves, QR, eigh
     decode_images_per_s : images a worker reads and decodes per second
-    store_bytes_per_s : bytes of kernel blocks a worker writes and reads back per second
+    store_bytes_per_s : bytes of kernel slabs a worker writes and reads back per second
     worker_start_s : seconds to start a set of shard workers (processes, imports, placement)
     network_bytes_per_s : bytes per second one transfer of a partial result moves
     """
@@ -163,11 +335,19 @@ class Rates:
     kernel_entry_s: float
     agop_over_kernel: float
     gemm_flops: float
-    cholesky_flops: float
+    factor_flops: float
     decode_images_per_s: float
     store_bytes_per_s: float
     worker_start_s: float = 0.0
     network_bytes_per_s: float = 2e9  # object store transfers (same machine: memory copies)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Rates:
+        """From ``scale.json``'s rates (earlier runs': ``cholesky_flops``)."""
+        d = dict(d)
+        if "cholesky_flops" in d:
+            d.setdefault("factor_flops", d.pop("cholesky_flops"))
+        return cls(**d)
 
     def scaled(self, workload_from: Workload, workload_to: Workload,
                kernel_flops_per_s: float | None = None) -> Rates:
@@ -181,73 +361,91 @@ class Rates:
         return dataclasses.replace(self, kernel_entry_s=entry)
 
 
+def _tree_seconds(work: Workload, rates: Rates, part: float, adds: bool) -> float:
+    """A tree over the workers, level after level: each receiver takes up to ``fan_in`` parts
+    of ``part`` bytes (and, with ``adds``, sums them). Broadcasts (V to every worker) are
+    assumed to spread the same way, as nodes fetch from nodes that already hold a copy."""
+    return sum(k * part / rates.network_bytes_per_s
+               + (k * part / 8 / rates.gemm_flops if adds else 0.0)
+               for k in (min(n, REDUCE_FAN_IN) for n in tree_levels(work.workers)))
+
+
 def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float]:
     """Wall seconds of every stage of the fit (all iterations) with ``work.workers`` workers
-    in parallel; the solve runs in the driver. Keys as in ``Workload.stages``, plus "total"."""
-    st = work.stages()
-    it, w = work.iters, work.workers
-    per = st["per_iteration"]
-    shard = math.ceil(work.n_fit / w)
-    kernel = shard * work.m * rates.kernel_entry_s
-    if store:
-        kernel += shard * work.m * work.dtype_bytes / rates.store_bytes_per_s
+    in parallel. Keys as in ``Workload.stages``, plus "total"."""
+    w, it, m, c, S = work.workers, work.iters, work.m, work.classes, work.shard
+    px, dt, net = work.pixel_bytes, work.dtype_bytes, rates.network_bytes_per_s
+    mc8 = m * c * 8
+    _, spilled = work.resident()
+    # compute, the centers' pixels received once, slabs written (run store, or spilled ones)
+    rows = S * m * rates.kernel_entry_s + m * px / net \
+        + (S * m * dt if store else spilled) / rates.store_bytes_per_s
+    kty = 2 * S * m * c / rates.gemm_flops + S * c * 8 / net \
+        + _tree_seconds(work, rates, mc8, adds=True)
+    fac, gem = work.factor_flops()
+    afac, agem = work.apply_flops()
+    width = work.rank() or m
+    pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * 4 / net \
+        + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops
+                                 + 2 * mc8 / net)
+    step = 4 * S * m * c / rates.gemm_flops + _tree_seconds(work, rates, mc8, adds=False) \
+        + _tree_seconds(work, rates, mc8, adds=True) + spilled / rates.store_bytes_per_s
+    v_rows = math.ceil(work.n_val / w)
+    val = v_rows * m * rates.kernel_entry_s + 2 * work.ridges * v_rows * m * c \
+        / rates.gemm_flops + (work.ridges * mc8 + work.centers_refetched() * m * px) / net
+    agop = math.ceil(work.agop_samples / w) * m * rates.kernel_entry_s \
+        * rates.agop_over_kernel + (m * c * dt + work.centers_refetched() * m * px) / net \
+        + _tree_seconds(work, rates, work.r**2 * 8, adds=True)
     out = {
-        "load (read + decode parquet)": rates.worker_start_s + shard / rates.decode_images_per_s,
-        "kernel K(train, centers)": it * kernel,
-        "Gram K^T K, K^T Y (float64)": it * per["Gram K^T K, K^T Y (float64)"]["flops"] / w
-        / rates.gemm_flops,
-        "reduction of the m x m parts": it * _reduction_seconds(work, rates),
-        "validation kernel": it * math.ceil(work.n_val / w) * work.m * rates.kernel_entry_s,
-        "solve (Cholesky, every ridge)": it * per["solve (Cholesky, every ridge)"]["flops"]
-        / rates.cholesky_flops,
+        LOAD: rates.worker_start_s + S / rates.decode_images_per_s,
+        ROWS: it * rows, KTY: it * kty, PRECONDITIONER: it * pre,
+        CG: it * work.cg_products() * step,
+        # the validation parts are read (parquet) by the workers at the first evaluation
+        VALIDATION: it * val + v_rows / rates.decode_images_per_s,
         # the AGOP is taken after every iteration but the last
-        "AGOP": (it - 1) * math.ceil(work.agop_samples / w) * work.m * rates.kernel_entry_s
-        * rates.agop_over_kernel,
-        "predict (test shards)": rates.worker_start_s
-        + math.ceil(work.n_test / w) * work.m * rates.kernel_entry_s,
+        AGOP: (it - 1) * agop,
+        GATHER: m * px / net,
+        # the centers put again, then fetched by every worker; test images; alpha
+        PREDICT: rates.worker_start_s + (2 * m * px + work.n_test * px + mc8) / net
+        + math.ceil(work.n_test / w) * m * rates.kernel_entry_s,
     }
     out["total"] = sum(out.values())
     return out
 
 
 def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
-    """Rates for ``target`` from a measured run (``bench scale`` JSON): the kernel's per-entry
-    cost as the run's kernel stage achieved it (all workers busy at once, store writes and
-    task overheads included), scaled to ``target``'s shape by FLOPs per entry, and the AGOP's
-    cost relative to it; the other rates from ``fresh`` measurements."""
+    """Rates for ``target`` from a measured run (``bench scale`` JSON): the per-entry kernel
+    cost its row stage achieved (all workers busy, task overheads included) scaled to
+    ``target``'s FLOPs per entry, and the AGOP's cost relative to it; the rest from ``fresh``.
+    Runs of the earlier pipeline ("kernel K(train, centers)" with an m x m Gram) are read too."""
     work = Workload(**run["workload"])
-    rates = Rates(**run["rates"])
-    shard = math.ceil(work.n_fit / work.workers)
-    gram = (2 * shard * work.m * (work.m + work.classes)) / rates.gemm_flops
-    store = shard * work.m * work.dtype_bytes / rates.store_bytes_per_s
-    kernel_stage = run["measured"]["kernel K(train, centers)"] / work.iters - gram - store
-    entry = kernel_stage / (shard * work.m)
-    agop_entries = (work.iters - 1) * math.ceil(work.agop_samples / work.workers) * work.m
-    agop_ratio = run["measured"]["AGOP"] / (agop_entries * entry) if agop_entries else \
+    rates = Rates.from_dict(run["rates"])
+    S, m, c = work.shard, work.m, work.classes
+    store = S * m * work.dtype_bytes / rates.store_bytes_per_s
+    if ROWS in run["measured"]:
+        stage, other = run["measured"][ROWS], 2 * S * m * c / rates.gemm_flops
+    else:
+        stage, other = run["measured"]["kernel K(train, centers)"], \
+            2 * S * m * (m + c) / rates.gemm_flops
+    entry = (stage / work.iters - other - store) / (S * m)
+    agop_entries = (work.iters - 1) * math.ceil(work.agop_samples / work.workers) * m
+    agop_ratio = run["measured"][AGOP] / (agop_entries * entry) if agop_entries else \
         rates.agop_over_kernel
     scale = target.flops_per_entry() / work.flops_per_entry()
     return dataclasses.replace(fresh, kernel_entry_s=entry * scale, agop_over_kernel=agop_ratio)
 
 
-def _reduction_seconds(work: Workload, rates: Rates, fan_in: int = REDUCE_FAN_IN) -> float:
-    """The driver's tree of sums: each level moves up to ``fan_in`` m x (m + c) float64 parts
-    into one receiver, which adds them; levels run one after another."""
-    part = work.m * (work.m + work.classes) * 8
-    levels = max(1, math.ceil(math.log(max(work.workers, 2), fan_in)))
-    per_level = fan_in * part / rates.network_bytes_per_s + fan_in * part / 8 / rates.gemm_flops
-    return levels * per_level
-
-
 def memory(work: Workload) -> dict[str, float]:
-    """Peak bytes per worker and in the driver over all stages."""
+    """Peak bytes of a worker, the first worker and the driver over all stages."""
     st = work.stages()
     rows = [*st["per_iteration"].values(), *st["once"].values()]
     return {"worker": max(r["worker_memory"] for r in rows),
+            "first_worker": max(r["first_worker_memory"] for r in rows),
             "driver": max(r["driver_memory"] for r in rows) + WORKER_BASE_BYTES}
 
 
 def storage(work: Workload) -> float:
-    """Bytes of kernel blocks a fit stores (one n x m kernel per iteration)."""
+    """Bytes of kernel slabs a fit stores (one n x m kernel per iteration in the run's store)."""
     return work.iters * work.n_fit * work.m * work.dtype_bytes
 
 
@@ -262,54 +460,56 @@ class ClusterAssumptions:
 
     gpu_kernel_flops: float = 10e12
     gpu_gemm_flops: float = 40e12  # FP64 tensor-core GEMM (67 TFLOP/s peak on an H100)
-    head_cholesky_flops: float = 0.5e12  # FP64 Cholesky on a 16-32 core CPU head node
+    gpu_factor_flops: float = 10e12  # FP64 Cholesky, triangular solves, QR on the first GPU
     decode_images_per_s: float = 4 * 400  # 4 CPU cores per GPU decoding JPEG 224 or PNG 64
-    store_bytes_per_s: float = 200e6  # object-storage writes per worker
+    store_bytes_per_s: float = 200e6  # object-storage writes and reads per worker
     network_bytes_per_s: float = 12.5e9  # 100 Gbit/s between nodes
     worker_start_s: float = 60.0  # warm nodes; an autoscaler starting nodes adds minutes
     reference_classes: int = 10  # the class count the AGOP ratio was measured with
+    resident_bytes: int = 40 * 2**30  # resident_mb: half of an 80 GB GPU for K(train, centers)
 
 
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_VAL = 50_000
 
 
-def imagenet_rows(measured: Rates, assume: ClusterAssumptions = ClusterAssumptions(),
+def imagenet_rows(agop_over_kernel: float, assume: ClusterAssumptions = ClusterAssumptions(),
                   sizes: tuple[int, ...] = (64, 224), gpus: tuple[int, ...] = (8, 64, 512),
-                  m: int = 64_000, classes: int = 1000,
-                  val_fraction: float = 0.01) -> list[dict]:
+                  m: int = 64_000, classes: int = 1000, val_fraction: float = 0.1,
+                  rank: int | None = None, cg_steps: int = 60) -> list[dict]:
     """Predicted seconds per stage of one ConvRFM iteration on ImageNet (plus the one-off
-    load and prediction), storage and memory, for every image size and GPU count.
-
-    The validation rows live in the driver, so ImageNet holds out 1 % (12,800 images) rather
-    than the default 10 %, which at 224 x 224 would be 77 GB of pixels in the driver."""
+    load, centers and prediction), bytes moved per stage, storage and memory per process, for
+    every image size and GPU count, from the AGOP / kernel cost ratio measured at
+    ``assume.reference_classes`` classes. Validation holds out the default 10 %: it is scored
+    on the workers, so the driver never holds it."""
     rows = []
     for size in sizes:
         for w in gpus:
             work = Workload(n=IMAGENET_TRAIN, m=m, channels=3, height=size, width=size,
                             workers=w, iters=1, classes=classes, n_test=IMAGENET_VAL,
-                            val_fraction=val_fraction)
-            rates = Rates(
-                kernel_entry_s=work.flops_per_entry() / assume.gpu_kernel_flops,
-                agop_over_kernel=measured.agop_over_kernel * classes / assume.reference_classes,
-                gemm_flops=assume.gpu_gemm_flops, cholesky_flops=assume.head_cholesky_flops,
-                decode_images_per_s=assume.decode_images_per_s,
-                store_bytes_per_s=assume.store_bytes_per_s,
-                worker_start_s=assume.worker_start_s,
-                network_bytes_per_s=assume.network_bytes_per_s)
+                            val_fraction=val_fraction, resident_bytes=assume.resident_bytes,
+                            preconditioner_rank=rank, cg_steps=cg_steps)
+            a = assume
+            rates = Rates(work.flops_per_entry() / a.gpu_kernel_flops,
+                          agop_over_kernel * classes / a.reference_classes,
+                          a.gpu_gemm_flops, a.gpu_factor_flops, a.decode_images_per_s,
+                          a.store_bytes_per_s, a.worker_start_s, a.network_bytes_per_s)
             seconds = predict(dataclasses.replace(work, iters=2), rates)
             one = predict(work, rates)
             # one iteration = (two-iteration run) - (one-iteration run), which adds the AGOP
-            per_iter = {k: seconds[k] - one[k] for k in seconds if k != "total"}
-            mem = memory(work)
-            rows.append({"size": size, "gpus": w, "flops_per_entry": work.flops_per_entry(),
-                         "per_iteration": per_iter,
-                         "iteration_s": sum(per_iter.values()),
-                         "load_s": one["load (read + decode parquet)"],
-                         "predict_s": one["predict (test shards)"],
-                         "store_bytes_per_iteration": storage(work),
-                         "worker_bytes": mem["worker"], "driver_bytes": mem["driver"],
-                         "centers_side_bytes": work.side_bytes(m)})
+            per_iter = {k: seconds[k] - one[k] for k in seconds
+                        if k not in ("total", LOAD, GATHER, PREDICT)}
+            st = work.stages()["per_iteration"]
+            rows.append({"size": size, "gpus": w, "m": m, "rank": work.rank(),
+                         "per_iteration": per_iter, "iteration_s": sum(per_iter.values()),
+                         "once_s": {k: one[k] for k in (LOAD, GATHER, PREDICT)},
+                         "moved": {k: v["bytes_moved"] for k, v in st.items()},
+                         "read_back": st[CG]["bytes_read"], "stored": storage(work),
+                         "rows_kept_spilled": work.resident(),
+                         "factor": work.factor_memory(), "memory": memory(work),
+                         "driver_iteration": WORKER_BASE_BYTES
+                         + max(v["driver_memory"] for v in st.values()),
+                         "cg_products": work.cg_products()})
     return rows
 
 
@@ -317,39 +517,81 @@ def _fmt_s(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
+def _fmt_b(b: float) -> str:  # decimal: GB, TB
+    return "0" if not b else f"{b / 1e12:.1f} TB" if b >= 1e12 else \
+        f"{b / 1e9:.0f} GB" if b >= 10e9 else f"{b / 1e9:.1f} GB"
+
+
+def _gib(b: float) -> str:
+    return "0" if not b else f"{b / 2**30:,.0f} GiB" if b >= 10 * 2**30 else f"{b / 2**30:.1f} GiB"
+
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |",
+                      "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
+                      *("| " + " | ".join(cells) + " |" for cells in lines)])
+
+
 def imagenet_table(rows: list[dict]) -> str:
-    """Markdown table of ``imagenet_rows``."""
-    out = ["| image | GPUs | kernel + Gram | AGOP | solve | reduction | one iteration | "
-           "load | predict 50k | stored / iteration | worker memory | driver memory |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        p = r["per_iteration"]
-        out.append(
-            f"| 3 x {r['size']} x {r['size']} | {r['gpus']} | "
-            f"{_fmt_s(p['kernel K(train, centers)'] + p['Gram K^T K, K^T Y (float64)'])} | "
-            f"{_fmt_s(p['AGOP'])} | {_fmt_s(p['solve (Cholesky, every ridge)'])} | "
-            f"{_fmt_s(p['reduction of the m x m parts'])} | **{_fmt_s(r['iteration_s'])}** | "
-            f"{_fmt_s(r['load_s'])} | {_fmt_s(r['predict_s'])} | "
-            f"{r['store_bytes_per_iteration'] / 1e9:.0f} GB | "
-            f"{r['worker_bytes'] / 2**30:.0f} GiB | {r['driver_bytes'] / 2**30:.0f} GiB |")
-    return "\n".join(out)
+    """Markdown table of ``imagenet_rows``: seconds per stage of one iteration, and once."""
+    return _table(["image", "GPUs", "rows of K", "K^T Y", "preconditioner",
+                   f"CG ({rows[0]['cg_products']} products)", "validation", "AGOP",
+                   "one iteration", "load", "centers to driver", "predict 50k"],
+                  [[f"3 x {r['size']} x {r['size']}", str(r["gpus"]),
+                    *(_fmt_s(r["per_iteration"][k]) for k in PER_ITERATION),
+                    f"**{_fmt_s(r['iteration_s'])}**",
+                    *(_fmt_s(r["once_s"][k]) for k in (LOAD, GATHER, PREDICT))]
+                   for r in rows])
+
+
+def imagenet_memory_table(rows: list[dict]) -> str:
+    """Markdown table of ``imagenet_rows``: peak memory per process (GiB), rows of K(train,
+    centers) per worker, and bytes moved, read back and stored per iteration (GB, TB)."""
+    return _table(["image", "GPUs", "worker", "first worker (factor steady / peak)",
+                   "driver: iterations / end", "rows kept / spilled per worker", "moved: rows",
+                   "K^T Y", "preconditioner", "CG", "validation", "AGOP", "read back",
+                   "stored"],
+                  [[f"3 x {r['size']} x {r['size']}", str(r["gpus"]),
+                    _gib(r["memory"]["worker"]),
+                    f"{_gib(r['memory']['first_worker'])} ({_gib(r['factor'][0])} / "
+                    f"{_gib(r['factor'][1])})",
+                    f"{_gib(r['driver_iteration'])} / {_gib(r['memory']['driver'])}",
+                    " / ".join(map(_gib, r["rows_kept_spilled"])),
+                    *(_fmt_b(r["moved"][k]) for k in PER_ITERATION), _fmt_b(r["read_back"]),
+                    _fmt_b(r["stored"])] for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ray_convrfm.tools.costmodel runs/scale-32/scale.json``: the ImageNet table from
-    the AGOP ratio measured by ``ray-convrfm bench scale`` and the stated GPU assumptions."""
+    """``python -m ray_convrfm.tools.costmodel [scale.json] [--agop-over-kernel R]``: the
+    ImageNet tables (seconds; memory and bytes) from the AGOP / kernel ratio measured by
+    ``ray-convrfm bench scale`` (its JSON, or the ratio given) and the stated GPU assumptions."""
     import argparse
     import json
 
     p = argparse.ArgumentParser(prog="python -m ray_convrfm.tools.costmodel",
                                 description=main.__doc__)
-    p.add_argument("scale_json", help="scale.json written by `ray-convrfm bench scale`")
+    p.add_argument("scale_json", nargs="?", help="scale.json of `ray-convrfm bench scale`")
+    p.add_argument("--agop-over-kernel", type=float, default=None,
+                   help="the AGOP / kernel cost ratio at 10 classes (instead of the JSON's)")
     p.add_argument("--gpu-kernel-tflops", type=float, default=10.0)
     p.add_argument("--centers", type=int, default=64_000)
+    p.add_argument("--rank", type=int, default=None,
+                   help="a rank-q preconditioner (default: Falkon's m x m factor)")
+    p.add_argument("--resident-gib", type=float, default=40.0,
+                   help="resident rows of K(train, centers) per worker (resident_mb)")
+    p.add_argument("--cg-steps", type=int, default=60, help="CG steps per ridge (assumed)")
     args = p.parse_args(argv)
-    measured = Rates(**json.loads(open(args.scale_json).read())["rates"])
-    assume = ClusterAssumptions(gpu_kernel_flops=args.gpu_kernel_tflops * 1e12)
-    print(imagenet_table(imagenet_rows(measured, assume, m=args.centers)))
+    ratio = args.agop_over_kernel
+    if ratio is None:
+        if args.scale_json is None:
+            p.error("give scale.json or --agop-over-kernel")
+        with open(args.scale_json) as f:
+            ratio = Rates.from_dict(json.load(f)["rates"]).agop_over_kernel
+    assume = ClusterAssumptions(gpu_kernel_flops=args.gpu_kernel_tflops * 1e12,
+                                resident_bytes=int(args.resident_gib * 2**30))
+    rows = imagenet_rows(ratio, assume, m=args.centers, rank=args.rank,
+                         cg_steps=args.cg_steps)
+    print(imagenet_table(rows) + "\n\n" + imagenet_memory_table(rows))
     return 0
 
 
