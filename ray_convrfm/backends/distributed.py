@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ray_convrfm.backends.driver import ShardedImages, resolve_gpus_per_worker, start_ray
-from ray_convrfm.backends.nystrom import nystrom_operator
-from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
+from ray_convrfm.backends.nystrom import NystromMembers
+from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import RunStore
 from ray_convrfm.kernels.patches import span_from_gram
 from ray_convrfm.options import Options, SolveOptions
@@ -35,7 +35,7 @@ def open_shards(X, options: Options) -> ShardedImages:
                          progress=options.verbose)
 
 
-class RayBackend:
+class RayBackend(NystromMembers):
     """``KernelBackend`` over shard workers (``ShardedImages``).
 
     Columns of every kernel (all training images, the Nystrom centers, the AGOP's predictor) go
@@ -124,34 +124,6 @@ class RayBackend:
         G = self.shards.agop(self.shards.center_blocks(center_idx), coef.cpu().numpy(),
                              sample_idx, self.M, self.basis, self.spec)
         return self._tensor(G).to(coef.dtype)
-
-    def _store(self, center_idx: np.ndarray):
-        """(url, spec) of K(train, centers) in row slabs, or None without a store."""
-        if not self.store:
-            return None
-        return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
-                               layout="slabs")
-
-    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        """The workers keep their rows of K(train, centers); a CG step moves m x c only, and
-        the preconditioner's factor is built and applied on the first worker."""
-        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
-                                        self.spec, self._store(center_idx), self.solve,
-                                        self.device)
-        self.blocks_computed += computed
-        return op
-
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
-        """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9), and
-        K_mm from the shards' center rows; with a store the rows go through zarr slabs, so an
-        interrupted fit resumes. For small m: K_mm and K^T K are m x m here."""
-        import ray
-
-        KtK, KtY, C_parts, _, computed = self.shards.nystrom(
-            center_idx, Y.cpu().numpy(), self.M, self.basis, self.spec, self._store(center_idx))
-        self.blocks_computed += computed
-        K_mm = np.concatenate(ray.get(C_parts), axis=0)
-        return self._tensor(KtK), self._tensor(KtY), self._tensor(K_mm)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         return self._tensor(self.shards.gather(center_idx))

@@ -453,6 +453,13 @@ class ShardedImages:
         self._time("precondition", t0)
         return out
 
+    def collect(self, parts: list) -> np.ndarray:
+        """The shards' K_mm rows (refs ``nystrom`` returned) here, as one array: for the
+        direct solver only (small m)."""
+        import ray
+
+        return np.concatenate(ray.get(parts), axis=0)
+
     def read_seconds(self) -> float:
         """Seconds the workers spent reading spilled rows back (the out-of-core tier) since
         the previous call, summed over workers."""

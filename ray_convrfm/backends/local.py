@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import torch
 
-from ray_convrfm.backends.nystrom import nystrom_operator
-from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
+from ray_convrfm.backends.nystrom import NystromMembers
+from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, RunStore, rows_fingerprint
 from ray_convrfm.backends.workers import CenterBlocks, NystromTask, ShardWorker, apply_chain
 from ray_convrfm.kernels.agop import Workspace, agop_from_sides
@@ -81,8 +81,12 @@ class LocalShards:
     def read_seconds(self) -> float:
         return self.worker.read_seconds()
 
+    def collect(self, parts: list) -> np.ndarray:
+        """The K_mm rows ``nystrom`` returned, as one array."""
+        return np.concatenate(parts, axis=0)
 
-class LocalBackend:
+
+class LocalBackend(NystromMembers):
     """``KernelBackend`` over images held here: one prepared side of them per metric.
 
     With a kernel store (``configure(spec, store=url)``) the training kernels go through the
@@ -201,30 +205,6 @@ class LocalBackend:
                                    self.M, engine=self.spec.engine,
                                    budget_mb=self.spec.memory_budget_mb,
                                    progress=bar.callback(), workspace=self.workspace)
-
-    def _store(self, center_idx: np.ndarray):
-        if not self.store:
-            return None
-        return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
-                               layout="slabs")
-
-    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
-                                        self.spec, self._store(center_idx), self.solve,
-                                        Y.device)
-        self.blocks_computed += computed
-        return op
-
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
-        """(K^T K, K^T Y, K_mm) summed over slabs of rows (through the store when there is
-        one), as the Ray workers compute them."""
-        KtK, KtY, C, _, computed = self.shards.nystrom(center_idx, Y.cpu().numpy(), self.M,
-                                                       self.basis, self.spec,
-                                                       self._store(center_idx))
-        self.blocks_computed += computed
-        dev = Y.device
-        return (torch.as_tensor(KtK).to(dev), torch.as_tensor(KtY).to(dev),
-                torch.as_tensor(C[0]).to(dev))
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         return self.X if center_idx is None else self.X[torch.as_tensor(center_idx)]

@@ -1,9 +1,11 @@
-"""The iterative Nystrom solver's operator, built the same way over Ray shards or in process.
+"""The Nystrom solvers' backend members, written once over Ray shards or in process.
 
-Both backends hand ``nystrom_operator`` an object with the driver-side methods of
-``driver.ShardedImages`` (``nystrom``, ``hessian_matvec``, ``precondition``, ``release``): Ray
-shard workers, or ``local.LocalShards`` (one in-process ``ShardWorker``). What runs on the rows,
-slabs, stores and factor is therefore the same code for a laptop and a cluster.
+Both backends hold ``shards``: an object with the driver-side methods of
+``driver.ShardedImages`` (``nystrom``, ``hessian_matvec``, ``precondition``, ``release``,
+``collect``), that is Ray shard workers, or ``local.LocalShards`` (one in-process
+``ShardWorker``). ``NystromMembers`` gives both backends the same ``nystrom_operator`` and
+``nystrom_system`` over them, so what runs on the rows, slabs, stores and factor is the same
+code for a laptop and a cluster.
 """
 
 from __future__ import annotations
@@ -63,3 +65,36 @@ def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndar
                                                                             ridge, build),
                          release=lambda: shards.release(key))
     return op, computed
+
+
+class NystromMembers:
+    """``KernelBackend.nystrom_operator`` and ``nystrom_system`` for a backend with ``shards``,
+    ``run``/``store`` (its kernel store), ``M``, ``basis``, ``spec``, ``solve``, ``device``
+    and a ``blocks_computed`` counter."""
+
+    def _centers_store(self, center_idx: np.ndarray) -> tuple | None:
+        """(url, spec) of K(train, centers) in row slabs, or None without a store."""
+        if not self.store:
+            return None
+        return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
+                               layout="slabs")
+
+    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
+        """The shards keep their rows of K(train, centers); a CG step moves m x c only, and
+        the preconditioner's factor is built and applied on the first shard."""
+        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
+                                        self.spec, self._centers_store(center_idx), self.solve,
+                                        self.device)
+        self.blocks_computed += computed
+        return op
+
+    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+        """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9), and
+        K_mm from the shards' center rows; with a store the rows go through zarr slabs, so an
+        interrupted fit resumes. For small m: K_mm and K^T K are m x m here."""
+        KtK, KtY, C_parts, _, computed = self.shards.nystrom(
+            center_idx, Y.cpu().numpy(), self.M, self.basis, self.spec,
+            self._centers_store(center_idx))
+        self.blocks_computed += computed
+        return tuple(torch.from_numpy(np.array(a)).to(self.device)
+                     for a in (KtK, KtY, self.shards.collect(C_parts)))
