@@ -245,14 +245,19 @@ class ShardedImages:
         (so the driver receives one result, not one per worker)."""
         import ray
 
+        parts = ray.get(self._tree(refs, fan_in, fan_in))
+        return sum(parts[1:], parts[0])
+
+    def _tree(self, refs: list, fan_in: int = REDUCE_FAN_IN, keep: int = 1) -> list:
+        """Sum ``refs`` by a tree of ``add`` tasks on the workers until at most ``keep`` refs
+        are left (nothing is fetched here)."""
         level = 0
-        while len(refs) > fan_in:
+        while len(refs) > keep:
             groups = [refs[k : k + fan_in] for k in range(0, len(refs), fan_in)]
             refs = [self.actors[(g * fan_in + level) % len(self.actors)].add.remote(*group)
                     for g, group in enumerate(groups)]
             level += 1
-        parts = ray.get(refs)
-        return sum(parts[1:], parts[0])
+        return refs
 
     # ------------------------------------------------------------------ kernels
     def _columns(self, cols) -> tuple[str, list]:
@@ -439,6 +444,27 @@ class ShardedImages:
         t0 = time.perf_counter()
         out = self.reduce([actor.hessian_matvec.remote(task, V_ref, ridge, scale)
                            for actor, task in zip(self.actors, tasks, strict=True)])
+        self._time("cg_step", t0)
+        self.timings["cg_steps"] = self.timings.get("cg_steps", 0) + 1
+        return out
+
+    def preconditioned_step(self, key: str, n: int, ridge: float, v: np.ndarray, scale: float,
+                            build: tuple) -> np.ndarray:
+        """B^T H B v, one CG step, chained on the workers: the first worker applies B, every
+        worker its share of H (fetching B v from the first), a tree of sums, the first worker
+        B^T; the driver sends v and waits once (m x c in, m x c out)."""
+        import ray
+
+        kept, tasks = self._tasks or (None, None)
+        if kept != key:
+            raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
+        first = self.actors[0]
+        t0 = time.perf_counter()
+        u = first.precondition.remote(key, n, ridge, np.ascontiguousarray(v), False, build)
+        parts = [actor.hessian_matvec.remote(task, u, ridge, scale)
+                 for actor, task in zip(self.actors, tasks, strict=True)]
+        out = ray.get(first.precondition.remote(key, n, ridge, self._tree(parts)[0], True,
+                                                build))
         self._time("cg_step", t0)
         self.timings["cg_steps"] = self.timings.get("cg_steps", 0) + 1
         return out

@@ -73,6 +73,12 @@ class LocalShards:
     def precondition(self, key, n, ridge, v, transpose, build) -> np.ndarray:
         return self.worker.precondition(key, n, ridge, v, transpose, build)
 
+    def preconditioned_step(self, key, n, ridge, v, scale, build) -> np.ndarray:
+        """B^T H B v: as the Ray workers chain it, here in turn."""
+        u = self.precondition(key, n, ridge, v, False, build)
+        return self.precondition(key, n, ridge, self.hessian_matvec(key, u, ridge, scale), True,
+                                 build)
+
     def release(self, key: str) -> None:
         self.worker.release(key)
         if self.task is not None and self.task.key == key:

@@ -59,11 +59,18 @@ def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndar
         out = shards.hessian_matvec(key, V.cpu().numpy(), ridge, scale)
         return torch.from_numpy(np.array(out)).to(V.device)
 
+    def step(ridge: float):
+        def preconditioned(v: torch.Tensor) -> torch.Tensor:
+            out = shards.preconditioned_step(key, n, ridge, v.cpu().numpy(), scale, build)
+            return torch.from_numpy(np.array(out)).to(v.device)
+
+        return preconditioned
+
     KtY = torch.as_tensor(KtY).to(device) / (scale if scale > 0 else 1.0)
     op = NystromOperator(scale=scale, KtY=KtY, hessian=hessian,
                          preconditioner=lambda ridge: _RemotePreconditioner(shards, key, n,
                                                                             ridge, build),
-                         release=lambda: shards.release(key))
+                         release=lambda: shards.release(key), preconditioned_step=step)
     return op, computed
 
 

@@ -49,6 +49,9 @@ class NystromOperator:
     #: ridge -> B with B^T H B ~ I (its factor lives where K_mm's rows were gathered)
     preconditioner: Callable[[float], Preconditioner]
     release: Callable[[], None]  # frees the resident rows and the factor
+    #: ridge -> (v -> B^T H B v) in one round trip (chained where the rows and factor are), or
+    #: None: the solver composes ``preconditioner`` and ``hessian``
+    preconditioned_step: Callable[[float], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
 
 @runtime_checkable

@@ -222,14 +222,16 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
 
 def preconditioned_cg(hessian: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
                       pre: Preconditioner, tol: float = 1e-8, max_iter: int = 500,
-                      what: str = "the system") -> CGResult:
+                      what: str = "the system",
+                      step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> CGResult:
     """x of H x = rhs by CG on B^T H B (the one loop every backend runs): ``hessian(V)`` is
-    H V for an (m, c) float64 V, wherever H's rows live; ``x`` is returned in the original
-    coordinates, ``relative_residual`` is that of the preconditioned system."""
+    H V for an (m, c) float64 V, wherever H's rows live; ``step``, when given, is B^T H B v in
+    one call (a backend that chains the three where they live). ``x`` is returned in the
+    original coordinates, ``relative_residual`` is that of the preconditioned system."""
     def h(v: torch.Tensor) -> torch.Tensor:  # B^T H B v
         return pre.apply_t(hessian(pre.apply(v)))
 
-    result = conjugate_gradient(h, pre.apply_t(rhs.to(torch.float64)), tol=tol,
+    result = conjugate_gradient(step or h, pre.apply_t(rhs.to(torch.float64)), tol=tol,
                                 max_iter=max_iter)
     x = pre.apply(result.x)
     if not torch.isfinite(x).all():

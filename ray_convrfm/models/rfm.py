@@ -210,9 +210,11 @@ class NystromPCG:
     def solve(self, ridge: float) -> torch.Tensor:
         if not ridge >= 0:
             raise ValueError(f"ridge must be >= 0; found {ridge}")
+        step = self.op.preconditioned_step
         res = preconditioned_cg(lambda V: self.op.hessian(V, ridge), self.KtY,
                                 self.op.preconditioner(ridge), tol=CG_TOLERANCE,
-                                max_iter=CG_MAX_ITERATIONS, what=f"ridge={ridge:g}")
+                                max_iter=CG_MAX_ITERATIONS, what=f"ridge={ridge:g}",
+                                step=None if step is None else step(ridge))
         self.cg["cg_iterations_by_ridge"][repr(ridge)] = res.iterations
         self.cg["cg_residual_by_ridge"][repr(ridge)] = res.relative_residual
         if not res.converged:
