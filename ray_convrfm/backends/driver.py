@@ -432,9 +432,11 @@ class ShardedImages:
         computed = int(sum(ray.get([f[4] for f in futures])))
         return KtK, KtY, [f[2] for f in futures], kmax, computed
 
-    def hessian_matvec(self, key: str, V: np.ndarray, ridge: float, scale: float) -> np.ndarray:
-        """(K^T K + ridge K_mm) V on the kernel divided by ``scale``, summed over the workers'
-        resident rows: one CG step moves m x c in and m x c out per worker, never m x m."""
+    def hessian_matvec(self, key: str, V: np.ndarray, ridges: list[float],
+                       scale: float) -> np.ndarray:
+        """(K^T K + ridge K_mm) V on the kernel divided by ``scale`` (column block r for
+        ``ridges[r]``), summed over the workers' resident rows: one product moves m x R c in
+        and out per worker, never m x m."""
         kept, tasks = self._tasks or (None, None)
         if kept != key:
             raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
@@ -442,14 +444,14 @@ class ShardedImages:
 
         V_ref = ray.put(np.ascontiguousarray(V, dtype=np.float64))
         t0 = time.perf_counter()
-        out = self.reduce([actor.hessian_matvec.remote(task, V_ref, ridge, scale)
+        out = self.reduce([actor.hessian_matvec.remote(task, V_ref, ridges, scale)
                            for actor, task in zip(self.actors, tasks, strict=True)])
         self._time("cg_step", t0)
         self.timings["cg_steps"] = self.timings.get("cg_steps", 0) + 1
         return out
 
-    def preconditioned_step(self, key: str, n: int, ridge: float, v: np.ndarray, scale: float,
-                            build: tuple) -> np.ndarray:
+    def preconditioned_step(self, key: str, n: int, ridges: list[float], v: np.ndarray,
+                            scale: float, build: tuple) -> np.ndarray:
         """B^T H B v, one CG step, chained on the workers: the first worker applies B, every
         worker its share of H (fetching B v from the first), a tree of sums, the first worker
         B^T; the driver sends v and waits once (m x c in, m x c out)."""
@@ -460,22 +462,22 @@ class ShardedImages:
             raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
         first = self.actors[0]
         t0 = time.perf_counter()
-        u = first.precondition.remote(key, n, ridge, np.ascontiguousarray(v), False, build)
-        parts = [actor.hessian_matvec.remote(task, u, ridge, scale)
+        u = first.precondition.remote(key, n, ridges, np.ascontiguousarray(v), False, build)
+        parts = [actor.hessian_matvec.remote(task, u, ridges, scale)
                  for actor, task in zip(self.actors, tasks, strict=True)]
-        out = ray.get(first.precondition.remote(key, n, ridge, self._tree(parts)[0], True,
+        out = ray.get(first.precondition.remote(key, n, ridges, self._tree(parts)[0], True,
                                                 build))
         self._time("cg_step", t0)
         self.timings["cg_steps"] = self.timings.get("cg_steps", 0) + 1
         return out
 
-    def precondition(self, key: str, n: int, ridge: float, v: np.ndarray, transpose: bool,
-                     build: tuple) -> np.ndarray:
+    def precondition(self, key: str, n: int, ridges: list[float], v: np.ndarray,
+                     transpose: bool, build: tuple) -> np.ndarray:
         """B v (B^T v) on the first worker, which holds the preconditioner's factor."""
         import ray
 
         t0 = time.perf_counter()
-        out = ray.get(self.actors[0].precondition.remote(key, n, ridge, v, transpose, build))
+        out = ray.get(self.actors[0].precondition.remote(key, n, ridges, v, transpose, build))
         self._time("precondition", t0)
         return out
 

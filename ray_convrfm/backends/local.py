@@ -65,19 +65,20 @@ class LocalShards:
         self.task = task if key is not None else None
         return KtK, KtY, [C], kmax, computed
 
-    def hessian_matvec(self, key: str, V: np.ndarray, ridge: float, scale: float) -> np.ndarray:
+    def hessian_matvec(self, key: str, V: np.ndarray, ridges: list[float],
+                       scale: float) -> np.ndarray:
         if self.task is None or self.task.key != key:
             raise ValueError(f"no resident rows for {key!r}; call nystrom(key=...) first")
-        return self.worker.hessian_matvec(self.task, V, ridge, scale)
+        return self.worker.hessian_matvec(self.task, V, ridges, scale)
 
-    def precondition(self, key, n, ridge, v, transpose, build) -> np.ndarray:
-        return self.worker.precondition(key, n, ridge, v, transpose, build)
+    def precondition(self, key, n, ridges, v, transpose, build) -> np.ndarray:
+        return self.worker.precondition(key, n, ridges, v, transpose, build)
 
-    def preconditioned_step(self, key, n, ridge, v, scale, build) -> np.ndarray:
+    def preconditioned_step(self, key, n, ridges, v, scale, build) -> np.ndarray:
         """B^T H B v: as the Ray workers chain it, here in turn."""
-        u = self.precondition(key, n, ridge, v, False, build)
-        return self.precondition(key, n, ridge, self.hessian_matvec(key, u, ridge, scale), True,
-                                 build)
+        u = self.precondition(key, n, ridges, v, False, build)
+        return self.precondition(key, n, ridges, self.hessian_matvec(key, u, ridges, scale),
+                                 True, build)
 
     def release(self, key: str) -> None:
         self.worker.release(key)

@@ -21,13 +21,14 @@ from ray_convrfm.options import SolveOptions
 
 
 class _RemotePreconditioner:
-    """B and B^T for one ridge, applied where the factor lives (``shards.precondition``)."""
+    """B and B^T for some ridges (a block of columns each), applied where the factor lives
+    (``shards.precondition``)."""
 
-    def __init__(self, shards, key: str, n: int, ridge: float, build: tuple):
-        self.shards, self.key, self.n, self.ridge, self.build = shards, key, n, ridge, build
+    def __init__(self, shards, key: str, n: int, ridges: list[float], build: tuple):
+        self.shards, self.key, self.n, self.ridges, self.build = shards, key, n, ridges, build
 
     def apply(self, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        out = self.shards.precondition(self.key, self.n, self.ridge, v.cpu().numpy(),
+        out = self.shards.precondition(self.key, self.n, self.ridges, v.cpu().numpy(),
                                        transpose, self.build)
         return torch.from_numpy(np.array(out)).to(v.device)
 
@@ -55,21 +56,22 @@ def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndar
     build = (scale, cols, C_parts)  # the first shard fetches the parts when it factors
     n = len(Y)
 
-    def hessian(V: torch.Tensor, ridge: float) -> torch.Tensor:
-        out = shards.hessian_matvec(key, V.cpu().numpy(), ridge, scale)
+    def hessian(V: torch.Tensor, ridges: list[float]) -> torch.Tensor:
+        out = shards.hessian_matvec(key, V.cpu().numpy(), list(ridges), scale)
         return torch.from_numpy(np.array(out)).to(V.device)
 
-    def step(ridge: float):
+    def step(ridges: list[float]):
         def preconditioned(v: torch.Tensor) -> torch.Tensor:
-            out = shards.preconditioned_step(key, n, ridge, v.cpu().numpy(), scale, build)
+            out = shards.preconditioned_step(key, n, list(ridges), v.cpu().numpy(), scale,
+                                             build)
             return torch.from_numpy(np.array(out)).to(v.device)
 
         return preconditioned
 
     KtY = torch.as_tensor(KtY).to(device) / (scale if scale > 0 else 1.0)
     op = NystromOperator(scale=scale, KtY=KtY, hessian=hessian,
-                         preconditioner=lambda ridge: _RemotePreconditioner(shards, key, n,
-                                                                            ridge, build),
+                         preconditioner=lambda ridges: _RemotePreconditioner(
+                             shards, key, n, list(ridges), build),
                          release=lambda: shards.release(key), preconditioned_step=step)
     return op, computed
 

@@ -44,14 +44,16 @@ class NystromOperator:
 
     scale: float
     KtY: torch.Tensor  # (m, c) float64: (K_nm / scale)^T Y
-    #: (V, ridge) -> ((K_nm^T K_nm) / scale^2 + ridge K_mm / scale) V, float64 (m, c)
-    hessian: Callable[[torch.Tensor, float], torch.Tensor]
-    #: ridge -> B with B^T H B ~ I (its factor lives where K_mm's rows were gathered)
-    preconditioner: Callable[[float], Preconditioner]
+    #: (V, ridges) -> ((K_nm^T K_nm) / scale^2 + ridge K_mm / scale) V, float64 (m, R c):
+    #: column block r with ``ridges[r]`` (every ridge in one pass over the rows)
+    hessian: Callable[[torch.Tensor, list[float]], torch.Tensor]
+    #: ridges -> B with B^T H B ~ I per block (its factor lives where K_mm's rows were gathered)
+    preconditioner: Callable[[list[float]], Preconditioner]
     release: Callable[[], None]  # frees the resident rows and the factor
-    #: ridge -> (v -> B^T H B v) in one round trip (chained where the rows and factor are), or
-    #: None: the solver composes ``preconditioner`` and ``hessian``
-    preconditioned_step: Callable[[float], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    #: ridges -> (v -> B^T H B v) in one round trip (chained where the rows and factor are),
+    #: or None: the solver composes ``preconditioner`` and ``hessian``
+    preconditioned_step: Callable[[list[float]], Callable[[torch.Tensor], torch.Tensor]] | None \
+        = None
 
 
 @runtime_checkable

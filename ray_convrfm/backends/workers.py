@@ -110,6 +110,13 @@ class ResidentRows:
             self.spill_dir = None
 
 
+def ridge_columns(ridges: list[float], columns: int, like: torch.Tensor) -> torch.Tensor:
+    """(columns,) the ridge of every column of an (m, R c) block of R ridges' columns."""
+    per = columns // max(len(ridges), 1)
+    return torch.tensor([r for r in ridges for _ in range(per)], dtype=like.dtype,
+                        device=like.device)
+
+
 def side_bytes(side) -> int:
     """Bytes of a prepared side's tensors (for the centers' cache budget)."""
     return sum(t.element_size() * t.numel() for t in (side.left, side.right, side.sq, side.rsq)
@@ -455,11 +462,12 @@ class ShardWorker:
             self.nystrom_rows(task)
         return self._resident
 
-    def hessian_matvec(self, task: NystromTask, V: np.ndarray, ridge: float,
+    def hessian_matvec(self, task: NystromTask, V: np.ndarray, ridges: list[float],
                        scale: float) -> np.ndarray:
         """This shard's share of H V = (K^T K + ridge K_mm) V on the kernel divided by
-        ``scale`` (float64, m x c in and out): K_s^T (K_s V), plus ridge times K_s V at the rows
-        of the centers it holds (their rows of K_mm V). One CG step's work on this worker."""
+        ``scale`` (float64, m x R c in and out, column block r for ``ridges[r]``): K_s^T (K_s V),
+        plus each block's ridge times K_s V at the rows of the centers it holds (their rows of
+        K_mm V). One CG step's work on this worker: one pass over its rows for every ridge."""
         import time
 
         res = self._rows_for(task)
@@ -482,10 +490,10 @@ class ShardWorker:
                 torch.mm(Kb, V, out=KV[a : a + len(Kb)])
                 out.addmm_(Kb.T, KV[a : a + len(Kb)])
             sel = np.flatnonzero((rows >= r0) & (rows < r1))
-            if ridge and len(sel):
+            if len(sel):
                 pos = torch.as_tensor(task.center_offset + sel, device=self.device)
-                out[pos] += ridge * scale * KV[torch.as_tensor(rows[sel] - r0,
-                                                               device=self.device)]
+                here = KV[torch.as_tensor(rows[sel] - r0, device=self.device)]
+                out[pos] += here * (scale * ridge_columns(ridges, V.shape[1], V))
         return (out / scale).cpu().numpy()
 
     def read_seconds(self) -> float:
@@ -503,9 +511,10 @@ class ShardWorker:
             self._factor = None
 
     # ------------------------------------------------------------------ the preconditioner
-    def precondition(self, key: str, n: int, ridge: float, v: np.ndarray, transpose: bool,
-                     build: tuple) -> np.ndarray:
-        """B v (or B^T v) of the preconditioner for ``ridge``: this worker holds the factor
+    def precondition(self, key: str, n: int, ridges: list[float], v: np.ndarray,
+                     transpose: bool, build: tuple) -> np.ndarray:
+        """B v (or B^T v) of the preconditioner, column block r for ``ridges[r]``: this worker
+        holds the factor
         (m x m, or m x q for rank q) built on first use from ``build`` = (scale, columns,
         [refs of the shards' K_mm rows]), fetched only then; no other process holds it."""
         if self._factor is None or self._factor[0] != key:
@@ -514,11 +523,12 @@ class ShardWorker:
             C = torch.as_tensor(C, device=self.device).to(torch.float64).div_(scale)
             self._factor = (key, factor_centers(C, cols, overwrite=True), {})
             del C
-        _, factor, by_ridge = self._factor
-        if ridge not in by_ridge:
-            by_ridge.clear()
-            by_ridge[ridge] = factor.for_ridge(ridge, n)
-        pre = by_ridge[ridge]
+        _, factor, by_ridges = self._factor
+        ridges = tuple(ridges)
+        if ridges not in by_ridges:
+            by_ridges.clear()
+            by_ridges[ridges] = factor.for_ridges(list(ridges), n)
+        pre = by_ridges[ridges]
         v = torch.as_tensor(np.asarray(v), dtype=torch.float64, device=self.device)
         return (pre.apply_t(v) if transpose else pre.apply(v)).cpu().numpy()
 

@@ -12,14 +12,17 @@ For an m whose m x m factor fits nowhere, a rank-q spectral preconditioner (Eige
 Falkon's setting) takes K_mm ~ U diag(lam) U^T from q of the centers and rescales those q
 directions to H ~ (n/m) K_mm^2 + r K_mm, the rest by the floor h(lam_q): m x q numbers.
 
-Factors are split from the ridge (``FalkonFactor``, ``SpectralFactor``: ``for_ridge``), so every
-ridge of an iteration reuses one factorisation.
+Factors are split from the ridge (``FalkonFactor``, ``SpectralFactor``: ``for_ridges``): every
+ridge of an iteration reuses one factorisation, and all ridges are solved in one CG run over
+R c columns (column block r is ridge r's), so each step reads the rows of K_nm once for every
+ridge.
 
 Everything here is float64 and m x m (m x q) or m x c: no n-sized object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,38 +64,57 @@ def _cholesky_with_jitter(K: torch.Tensor, what: str) -> torch.Tensor:
                               "are the centers blank images?")
 
 
+def _blocks(v: torch.Tensor, count: int) -> torch.Tensor:
+    """(m, R c) columns as (m, R, c): column block r belongs to ridge r."""
+    if v.shape[1] % count:
+        raise ValueError(f"{v.shape[1]} columns do not split into {count} ridges")
+    return v.reshape(v.shape[0], count, v.shape[1] // count)
+
+
 @dataclass(frozen=True)
 class FalkonFactor:
-    """The ridge-independent half of Falkon's preconditioner: T upper with T^T T = K_mm."""
+    """The ridge-independent part of Falkon's preconditioner: T upper with T^T T = K_mm, and
+    T T^T / m = Q diag(lam) Q^T. Every ridge's A (A^T A = T T^T / m + (r/n) I) is then
+    diag(lam + r/n)^(1/2) Q^T, so all ridges share two m x m matrices and one factorisation."""
 
     T: torch.Tensor  # (m, m) upper triangular
+    Q: torch.Tensor  # (m, m) orthonormal eigenvectors of T T^T / m
+    lam: torch.Tensor  # (m,) its eigenvalues
 
     @classmethod
     def build(cls, K_mm: torch.Tensor) -> FalkonFactor:
         K = K_mm.to(torch.float64, copy=True)  # the caller's K_mm is left as it was
-        return cls(T=_cholesky_with_jitter(K, "the centers' kernel K_mm").T)
+        return cls.from_cholesky(_cholesky_with_jitter(K, "the centers' kernel K_mm").T)
+
+    @classmethod
+    def from_cholesky(cls, T: torch.Tensor) -> FalkonFactor:
+        m = T.shape[0]
+        inner = T @ T.T
+        inner.div_(max(m, 1))
+        lam = torch.empty(m, dtype=T.dtype, device=T.device)
+        # in place: T and Q are the only m x m matrices kept
+        lam, Q = torch.linalg.eigh(inner, out=(lam, inner))
+        return cls(T=T, Q=Q, lam=lam.clamp_min(0))
+
+    def for_ridges(self, ridges: list[float], n: int) -> FalkonPreconditioner:
+        """B for column block r of ridge ``ridges[r]``."""
+        D = torch.stack([(self.lam + r / n).rsqrt() for r in ridges])  # (R, m)
+        if not torch.isfinite(D).all():
+            raise SingularKernelError(f"the preconditioner for ridges {list(ridges)} is "
+                                      "singular; use larger ridges")
+        return FalkonPreconditioner(T=self.T, Q=self.Q, D=D, n=n)
 
     def for_ridge(self, ridge: float, n: int) -> FalkonPreconditioner:
-        T = self.T
-        m = T.shape[0]
-        inner = T @ T.T  # symmetric; its lower triangle is what the Cholesky reads
-        inner.div_(m).diagonal().add_(ridge / n)
-        info = torch.empty((), dtype=torch.int32, device=inner.device)
-        # factored in place: T and A are the only m x m matrices, even while building
-        LA, info = torch.linalg.cholesky_ex(inner, out=(inner, info))
-        LA.tril_()
-        if int(info) != 0:
-            raise SingularKernelError(f"the preconditioner for ridge={ridge:g} has no Cholesky "
-                                      "factor; use a larger ridge")
-        return FalkonPreconditioner(T=T, A=LA.T, n=n)
+        return self.for_ridges([ridge], n)
 
 
 @dataclass(frozen=True)
 class FalkonPreconditioner:
-    """B = T^-1 A^-1 / sqrt(n) as two triangular factors (upper: T^T T = K_mm, A^T A = ...)."""
+    """B = T^-1 A^-1 / sqrt(n) with A^-1 = Q diag(lam + r/n)^(-1/2), per block of columns."""
 
     T: torch.Tensor  # (m, m) upper triangular
-    A: torch.Tensor  # (m, m) upper triangular
+    Q: torch.Tensor  # (m, m)
+    D: torch.Tensor  # (R, m): (lam + r/n)^(-1/2) per ridge
     n: int
 
     @classmethod
@@ -101,14 +123,14 @@ class FalkonPreconditioner:
         return FalkonFactor.build(K_mm).for_ridge(ridge, n)
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        """B v = T^-1 (A^-1 v) / sqrt(n)."""
-        u = torch.linalg.solve_triangular(self.A, v, upper=True)
-        return torch.linalg.solve_triangular(self.T, u, upper=True) / self.n**0.5
+        """B v = T^-1 Q (D v) / sqrt(n)."""
+        w = (_blocks(v, len(self.D)) * self.D.T[:, :, None]).reshape(v.shape)
+        return torch.linalg.solve_triangular(self.T, self.Q @ w, upper=True) / self.n**0.5
 
     def apply_t(self, v: torch.Tensor) -> torch.Tensor:
-        """B^T v = A^-T (T^-T v) / sqrt(n)."""
-        u = torch.linalg.solve_triangular(self.T.T, v, upper=False)
-        return torch.linalg.solve_triangular(self.A.T, u, upper=False) / self.n**0.5
+        """B^T v = D Q^T T^-T v / sqrt(n)."""
+        u = self.Q.T @ torch.linalg.solve_triangular(self.T.T, v, upper=False)
+        return (_blocks(u, len(self.D)) * self.D.T[:, :, None]).reshape(v.shape) / self.n**0.5
 
 
 @dataclass(frozen=True)
@@ -134,29 +156,40 @@ class SpectralFactor:
         order = torch.argsort(lam, descending=True)
         return cls(U=Qf @ V[:, order], lam=lam[order].clamp_min(0))
 
-    def for_ridge(self, ridge: float, n: int) -> SpectralPreconditioner:
+    def for_ridges(self, ridges: list[float], n: int) -> SpectralPreconditioner:
         """H ~ (n/m) K_mm^2 + r K_mm has eigenvalues h = (n/m) lam^2 + r lam on U; the rest of
         the space, where K_mm's eigenvalues are at most lam_q, gets the floor h(lam_q)."""
         m = self.U.shape[0]
-        h = (n / m) * self.lam**2 + ridge * self.lam
-        floor = float(h[-1]) if len(h) else 1.0
-        if not floor > 0:  # a rank-deficient sample of centers: floor at the spectrum's tail
-            floor = max(float(h.max()) * 1e-12 if len(h) else 1.0, torch.finfo(h.dtype).tiny)
-        return SpectralPreconditioner(U=self.U, d=h.clamp_min(floor).rsqrt(),
-                                      f=floor ** -0.5)
+        d, f = [], []
+        for ridge in ridges:
+            h = (n / m) * self.lam**2 + ridge * self.lam
+            floor = float(h[-1]) if len(h) else 1.0
+            if not floor > 0:  # a rank-deficient sample of centers: floor at the tail
+                floor = max(float(h.max()) * 1e-12 if len(h) else 1.0,
+                            torch.finfo(h.dtype).tiny)
+            d.append(h.clamp_min(floor).rsqrt())
+            f.append(floor ** -0.5)
+        return SpectralPreconditioner(U=self.U, d=torch.stack(d),
+                                      f=torch.tensor(f, dtype=self.U.dtype,
+                                                     device=self.U.device))
+
+    def for_ridge(self, ridge: float, n: int) -> SpectralPreconditioner:
+        return self.for_ridges([ridge], n)
 
 
 @dataclass(frozen=True)
 class SpectralPreconditioner:
-    """B = U diag(d) U^T + f (I - U U^T): symmetric, so B^T = B."""
+    """B = U diag(d) U^T + f (I - U U^T) per block of columns: symmetric, so B^T = B."""
 
     U: torch.Tensor
-    d: torch.Tensor
-    f: float
+    d: torch.Tensor  # (R, q)
+    f: torch.Tensor  # (R,)
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        w = self.U.T @ v
-        return self.U @ ((self.d[:, None] - self.f) * w) + self.f * v
+        R = len(self.f)
+        w = _blocks(self.U.T @ v, R) * (self.d - self.f[:, None]).T[:, :, None]
+        return self.U @ w.reshape(-1, v.shape[1]) + (
+            _blocks(v, R) * self.f[None, :, None]).reshape(v.shape)
 
     apply_t = apply
 
@@ -168,7 +201,8 @@ def factor_centers(C: torch.Tensor, cols: np.ndarray | None,
     ``overwrite`` lets a float64 C be factored in place (no m x m copy)."""
     if cols is None:
         if overwrite and C.dtype == torch.float64:
-            return FalkonFactor(T=_cholesky_with_jitter(C, "the centers' kernel K_mm").T)
+            return FalkonFactor.from_cholesky(
+                _cholesky_with_jitter(C, "the centers' kernel K_mm").T)
         return FalkonFactor.build(C)
     return SpectralFactor.build(C, cols)
 
@@ -183,61 +217,67 @@ def preconditioner_columns(m: int, rank: int | None, seed: int = 0) -> np.ndarra
 
 @dataclass(frozen=True)
 class CGResult:
-    """The solution and how CG got there (recorded per ridge in ``history_``)."""
+    """The solution and how CG got there (recorded per ridge in ``history_``): overall, and
+    per column (a column stops moving once it has converged)."""
 
     x: torch.Tensor
     iterations: int
     relative_residual: float
     converged: bool
+    column_iterations: torch.Tensor | None = None  # (columns,) steps until each converged
+    column_residuals: torch.Tensor | None = None  # (columns,) final relative residuals
 
 
 def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
                        tol: float = 1e-8, max_iter: int = 500) -> CGResult:
     """CG on an SPD operator for every column of b at once (one matvec per step for all).
 
-    Each column has its own step sizes; stops when every column's residual is below
-    ``tol`` x its right-hand side's norm (columns with b = 0 give x = 0).
+    Each column has its own step sizes and stops (its x and residual frozen) once its
+    residual is below ``tol`` x its right-hand side's norm; CG ends when every column has
+    (columns with b = 0 give x = 0).
     """
+    tiny = torch.finfo(b.dtype).tiny
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    b_norm = b.norm(dim=0).clamp_min(torch.finfo(b.dtype).tiny)
+    b_norm = b.norm(dim=0).clamp_min(tiny)
     rs = (r * r).sum(0)
-    rel = float((rs.sqrt() / b_norm).max())
+    rel = rs.sqrt() / b_norm
+    steps = torch.zeros(b.shape[1], dtype=torch.long)
     it = 0
-    while rel > tol and it < max_iter:
+    while bool((rel > tol).any()) and it < max_iter:
+        active = rel > tol
         Ap = matvec(p)
         pAp = (p * Ap).sum(0)
-        step = torch.where(pAp > 0, rs / pAp.clamp_min(torch.finfo(b.dtype).tiny),
-                           torch.zeros_like(rs))
+        step = torch.where(active & (pAp > 0), rs / pAp.clamp_min(tiny), torch.zeros_like(rs))
         x = x + p * step
         r = r - Ap * step
         rs_new = (r * r).sum(0)
-        p = r + p * (rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny))
-        rs = rs_new
+        p = torch.where(active, r + p * (rs_new / rs.clamp_min(tiny)), p)
+        rs = torch.where(active, rs_new, rs)
         it += 1
-        rel = float((rs.sqrt() / b_norm).max())
-    return CGResult(x=x, iterations=it, relative_residual=rel, converged=rel <= tol)
+        steps += active.cpu().long()
+        rel = rs.sqrt() / b_norm
+    worst = float(rel.max()) if len(rel) else 0.0
+    return CGResult(x=x, iterations=it, relative_residual=worst, converged=worst <= tol,
+                    column_iterations=steps, column_residuals=rel.cpu())
 
 
 def preconditioned_cg(hessian: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor,
                       pre: Preconditioner, tol: float = 1e-8, max_iter: int = 500,
-                      what: str = "the system",
                       step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> CGResult:
     """x of H x = rhs by CG on B^T H B (the one loop every backend runs): ``hessian(V)`` is
-    H V for an (m, c) float64 V, wherever H's rows live; ``step``, when given, is B^T H B v in
-    one call (a backend that chains the three where they live). ``x`` is returned in the
-    original coordinates, ``relative_residual`` is that of the preconditioned system."""
+    H V for float64 columns V, wherever H's rows live; ``step``, when given, is B^T H B v in
+    one call (a backend that chains the three where they live). Several ridges are solved at
+    once by giving each its block of columns (``for_ridges``). ``x`` is returned in the
+    original coordinates (non-finite where a ridge is too small), residuals are those of the
+    preconditioned system."""
     def h(v: torch.Tensor) -> torch.Tensor:  # B^T H B v
         return pre.apply_t(hessian(pre.apply(v)))
 
     result = conjugate_gradient(step or h, pre.apply_t(rhs.to(torch.float64)), tol=tol,
                                 max_iter=max_iter)
-    x = pre.apply(result.x)
-    if not torch.isfinite(x).all():
-        raise SingularKernelError(f"{what} gives non-finite coefficients; use a larger ridge")
-    return CGResult(x=x, iterations=result.iterations,
-                    relative_residual=result.relative_residual, converged=result.converged)
+    return dataclasses.replace(result, x=pre.apply(result.x))
 
 
 def solve_nystrom_pcg(gram_matvec: Callable[[torch.Tensor], torch.Tensor], K_mm: torch.Tensor,
@@ -255,5 +295,9 @@ def solve_nystrom_pcg(gram_matvec: Callable[[torch.Tensor], torch.Tensor], K_mm:
     K_mm = K_mm.to(torch.float64)
     cols = preconditioner_columns(len(K_mm), rank)
     factor = factor_centers(K_mm if cols is None else K_mm[:, torch.as_tensor(cols)], cols)
-    return preconditioned_cg(lambda u: gram_matvec(u) + ridge * (K_mm @ u), KtY,
-                             factor.for_ridge(ridge, n), tol, max_iter, f"ridge={ridge:g}")
+    result = preconditioned_cg(lambda u: gram_matvec(u) + ridge * (K_mm @ u), KtY,
+                               factor.for_ridge(ridge, n), tol, max_iter)
+    if not torch.isfinite(result.x).all():
+        raise SingularKernelError(f"ridge={ridge:g} gives non-finite coefficients; use a "
+                                  "larger ridge")
+    return result

@@ -150,6 +150,16 @@ class ExactRidge:
     def solve(self, ridge: float) -> torch.Tensor:
         return solve_ridge(self.K, self.Y, ridge)
 
+    def solve_all(self, ridges: tuple[float, ...]) -> list:
+        """(ridge, alpha or the SingularKernelError it raised) for every ridge, in turn."""
+        out = []
+        for ridge in ridges:
+            try:
+                out.append((ridge, self.solve(ridge)))
+            except SingularKernelError as err:
+                out.append((ridge, err))
+        return out
+
     def train_mse(self, alpha: torch.Tensor) -> float:
         return float(((self.K.to(torch.float64) @ alpha - self.Y) ** 2).mean())
 
@@ -183,6 +193,7 @@ class NystromRidge:
               + (alpha * (self.KtK @ alpha)).sum())
         return float(sq / self.Y.numel())
 
+    solve_all = ExactRidge.solve_all
     report = ExactRidge.report
     close = ExactRidge.close
 
@@ -207,25 +218,42 @@ class NystromPCG:
         self.cg: dict[str, dict] = {"cg_iterations_by_ridge": {}, "cg_residual_by_ridge": {}}
         self.stages = {"nystrom_rows": time.perf_counter() - t0}
 
-    def solve(self, ridge: float) -> torch.Tensor:
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0; found {ridge}")
+    def solve_all(self, ridges: tuple[float, ...]) -> list:
+        """Every ridge in one CG run over R c columns (column block r is ridge r's): each step
+        passes over the resident rows once for all ridges. A ridge whose coefficients come out
+        non-finite gets a ``SingularKernelError`` in its place."""
+        ridges = [float(r) for r in ridges]
+        if not all(r >= 0 for r in ridges):
+            raise ValueError(f"ridges must be >= 0; found {ridges}")
+        R, c = len(ridges), self.KtY.shape[1]
         step = self.op.preconditioned_step
-        res = preconditioned_cg(lambda V: self.op.hessian(V, ridge), self.KtY,
-                                self.op.preconditioner(ridge), tol=CG_TOLERANCE,
-                                max_iter=CG_MAX_ITERATIONS, what=f"ridge={ridge:g}",
-                                step=None if step is None else step(ridge))
-        self.cg["cg_iterations_by_ridge"][repr(ridge)] = res.iterations
-        self.cg["cg_residual_by_ridge"][repr(ridge)] = res.relative_residual
-        if not res.converged:
-            log.warning("ridge %g: conjugate gradient stopped after %d steps at relative "
-                        "residual %.2g (tolerance %g)", ridge, res.iterations,
-                        res.relative_residual, CG_TOLERANCE)
-        return res.x
+        res = preconditioned_cg(lambda V: self.op.hessian(V, ridges), self.KtY.repeat(1, R),
+                                self.op.preconditioner(ridges), tol=CG_TOLERANCE,
+                                max_iter=CG_MAX_ITERATIONS,
+                                step=None if step is None else step(ridges))
+        out = []
+        for k, ridge in enumerate(ridges):
+            cols = slice(k * c, (k + 1) * c)
+            steps = int(res.column_iterations[cols].max()) if c else 0
+            residual = float(res.column_residuals[cols].max()) if c else 0.0
+            self.cg["cg_iterations_by_ridge"][repr(ridge)] = steps
+            self.cg["cg_residual_by_ridge"][repr(ridge)] = residual
+            alpha = res.x[:, cols]
+            if not torch.isfinite(alpha).all():
+                out.append((ridge, SingularKernelError(
+                    f"ridge={ridge:g} gives non-finite coefficients; use a larger ridge")))
+                continue
+            if residual > CG_TOLERANCE:
+                log.warning("ridge %g: conjugate gradient stopped after %d steps at relative "
+                            "residual %.2g (tolerance %g)", ridge, steps, residual,
+                            CG_TOLERANCE)
+            out.append((ridge, alpha))
+        self.cg["cg_steps"] = res.iterations
+        return out
 
     def train_mse(self, alpha: torch.Tensor) -> float:
         sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
-              + (alpha * self.op.hessian(alpha, 0.0)).sum())
+              + (alpha * self.op.hessian(alpha, [0.0])).sum())
         return float(sq / self.Y.numel())
 
     def report(self) -> dict:
@@ -374,12 +402,12 @@ def _choose_ridge(problem, backend: KernelBackend, validation: str,
     (where the backend keeps them); the best ``Score`` wins (the first on exact ties)."""
     record = {"iter": it, "val_acc_by_ridge": {}, "val_loss_by_ridge": {}, "failed_ridges": []}
     solved = []
-    for ridge in ridges:
-        try:
-            solved.append((ridge, problem.solve(ridge)))
-        except SingularKernelError as err:
+    for ridge, alpha in problem.solve_all(ridges):
+        if isinstance(alpha, SingularKernelError):
             record["failed_ridges"].append(ridge)
-            log.info("iteration %d: %s", it, err)
+            log.info("iteration %d: %s", it, alpha)
+        else:
+            solved.append((ridge, alpha))
     if not solved:
         raise SingularKernelError(f"iteration {it}: every ridge in {ridges} failed; pass "
                                   "larger ridges")

@@ -113,3 +113,36 @@ def test_spectral_factor_of_every_center_is_K_mm(problem):
     B = pre.apply(torch.eye(m, dtype=torch.float64))
     torch.testing.assert_close(B, B.T)
     torch.testing.assert_close(pre.apply_t(v), B @ v)
+
+
+@pytest.mark.parametrize("rank", [None, 20])
+def test_every_ridge_in_one_run_equals_each_alone(problem, rank):
+    """R ridges as R blocks of columns in one CG run (one pass over K_nm per step for all):
+    each block is that ridge's solution, with its own step count."""
+    from ray_convrfm.kernels.pcg import factor_centers, preconditioned_cg
+
+    K_nm, K_mm, Y = problem
+    n, c = len(K_nm), Y.shape[1]
+    ridges = [1e-5, 1e-3, 1e-1]
+    KtY = K_nm.T @ Y
+    cols = preconditioner_columns(len(K_mm), rank)
+    factor = factor_centers(K_mm if cols is None else K_mm[:, torch.as_tensor(cols)], cols)
+    ridge_of = torch.tensor([r for r in ridges for _ in range(c)], dtype=torch.float64)
+
+    def hessian(V):
+        return K_nm.T @ (K_nm @ V) + (K_mm @ V) * ridge_of
+
+    together = preconditioned_cg(hessian, KtY.repeat(1, 3), factor.for_ridges(ridges, n),
+                                 tol=1e-12)
+    assert together.converged
+    for k, ridge in enumerate(ridges):
+        alone = solve_nystrom_pcg(lambda V: K_nm.T @ (K_nm @ V), K_mm, KtY, ridge, n, tol=1e-12,
+                                  rank=rank)
+        block = together.x[:, k * c : (k + 1) * c]
+        assert float((block - alone.x).norm() / alone.x.norm()) < 1e-8
+        # the same steps, up to rounding near the tolerance
+        assert abs(int(together.column_iterations[k * c : (k + 1) * c].max())
+                   - alone.iterations) <= 3
+    # a larger ridge is better conditioned: it stops earlier, and stops moving
+    steps = together.column_iterations.reshape(3, c).max(1).values
+    assert steps[2] < steps[0] and together.iterations == int(steps.max())
