@@ -8,8 +8,9 @@ bytes moved between processes, stored and read back, and the peak memory of a wo
 first worker and of the driver; every memory and byte count names the code that allocates or
 sends it. ``solver="nystrom-direct"`` and ``"exact"`` are small-size paths, not modelled.
 ``Rates`` are per-worker costs, measured (``tools.bench.measure_rates``), taken from a finished
-run (``calibrated``) or assumed (``ClusterAssumptions``); ``predict`` turns counts into seconds.
-Arithmetic only: standard library, nothing is measured here.
+run (``calibrated``) or assumed (``tools.imagenet_costs.ClusterAssumptions``, which makes the
+ImageNet tables); ``predict`` turns counts into seconds. Arithmetic only: standard library,
+nothing is measured here.
 
 The kernel's cost per entry follows docs/math.md section 2: 2 P_1 r for the patch products of the
 first layer (r = d = C q^2, or the patch-span dimension), and per position of every layer a
@@ -36,6 +37,10 @@ WORKER_BASE_BYTES = 450 * 2**20
 #: ``backends/workers.py: CENTER_CACHE_SHARE``); other blocks are prepared again for every slab.
 CENTER_CACHE_SHARE = 1 / 16
 
+#: Rows of K(train, centers) converted to float64 at a time in a CG product: mirrors
+#: ``backends.workers.MATVEC_ROWS`` (a test checks the two agree).
+MATVEC_ROWS = 64
+
 #: Stage names: keys of ``Workload.stages`` and ``predict``, and of ``bench scale``'s measurements.
 LOAD = "load (read + decode parquet)"
 ROWS = "rows of K(train, centers)"
@@ -61,8 +66,9 @@ def tree_levels(parts: int, fan_in: int = REDUCE_FAN_IN) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """One Nystrom ConvRFM fit (``solver="nystrom"``): n training images, m centers, ``iters``
-    kernels. ``cg_steps`` per ridge is an ASSUMPTION: 20 to 120 were measured on digits and
-    Fashion-MNIST (CG stops at ``CG_TOLERANCE`` or ``CG_MAX_ITERATIONS``)."""
+    kernels. ``cg_steps`` is an ASSUMPTION: the steps of one CG run, which solves every ridge
+    at once (R blocks of c columns; the slowest ridge sets the count): 16 to 120 were measured
+    on digits and Fashion-MNIST (CG stops at ``CG_TOLERANCE`` or ``CG_MAX_ITERATIONS``)."""
 
     n: int
     m: int
@@ -85,7 +91,7 @@ class Workload:
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_MB * 2**20
     resident_bytes: int | None = None  # SolveOptions.resident_mb in bytes; None: all resident
     preconditioner_rank: int | None = None  # SolveOptions.preconditioner_rank
-    cg_steps: int = 60  # per ridge (assumed, see above)
+    cg_steps: int = 60  # of the one run for all ridges (assumed, see above)
 
     @property
     def d(self) -> int:
@@ -165,21 +171,28 @@ class Workload:
         return max(0.0, 1 - self._cached_blocks() * self.block / self.m)
 
     def cg_products(self) -> int:
-        """H V per iteration: every CG step, and H alpha in ``NystromPCG.train_mse``."""
-        return self.ridges * self.cg_steps + 1
+        """Passes over the rows per iteration: every CG step (all ridges at once), and H alpha
+        in ``NystromPCG.train_mse``."""
+        return self.cg_steps + 1
+
+    def cg_columns(self) -> int:
+        """Columns times products of H V per iteration: R c per step, c for the training
+        error (``NystromPCG.solve_all``, ``train_mse``)."""
+        return self.cg_steps * self.ridges * self.classes + self.classes
 
     def applications(self) -> int:
-        """B or B^T per iteration (``preconditioned_cg``: 2 per step, 2 per ridge)."""
-        return self.ridges * (2 * self.cg_steps + 2)
+        """Columns to which B or B^T is applied per iteration (``preconditioned_cg``: 2 per
+        step and 2 per run, R c columns each)."""
+        return (2 * self.cg_steps + 2) * self.ridges * self.classes
 
     def factor_memory(self) -> tuple[float, float]:
         """(steady, peak) bytes of the factor on the first worker (``ShardWorker.precondition``)."""
         m, q = self.m, self.rank()
         if q is None:
-            # FalkonFactor.build (T) and for_ridge (A, factored in place in T T^T): m x m
-            # float64 each. Peak: ShardWorker.precondition converting the fetched float32 rows
-            # (mapped from the object store) to float64, then C and L while factoring
-            return 2 * 8 * m * m, 2.5 * 8 * m * m
+            # FalkonFactor: T and Q (the eigenvectors of T T^T / m, computed in place), m x m
+            # float64 each. Peak: ShardWorker.precondition's C (K_mm rows as float64, held
+            # while FalkonFactor.from_cholesky builds T T^T), T, and T T^T becoming Q
+            return 2 * 8 * m * m, 3 * 8 * m * m
         # SpectralFactor.U (m x q float64). Building (SpectralFactor.build): the caller's C,
         # then F = C L^-T, the QR's Q and U, freed as they are used (at most 3 m x q at once),
         # and L, R, R R^T, V (q x q)
@@ -188,19 +201,20 @@ class Workload:
     def factor_flops(self) -> tuple[float, float]:
         """One iteration's factor FLOPs: (at ``Rates.factor_flops``, at ``gemm_flops``)."""
         m, q, R = self.m, self.rank(), self.ridges
-        if q is None:  # Cholesky of K_mm; every ridge (for_ridge): T T^T and the Cholesky of A
-            return (1 + R) * m**3 / 3, R * 2 * m**3
+        del R  # one factor serves every ridge (FalkonFactor.for_ridges: a vector each)
+        if q is None:  # Cholesky of K_mm and eigh of T T^T / m; the product T T^T
+            return m**3 / 3 + 9 * m**3, 2 * m**3
         # Cholesky of K_qq, the triangular solve for F (m x q), QR of F with Q formed, eigh of
         # R R^T; products R R^T and Q V
         return q**3 / 3 + m * q**2 + 4 * m * q**2 - 4 * q**3 / 3 + 9 * q**3, \
             2 * q**3 + 2 * m * q**2
 
     def apply_flops(self) -> tuple[float, float]:
-        """FLOPs of one application of B (or B^T) to m x c: (factor rate, GEMM rate)."""
-        m, c, q = self.m, self.classes, self.rank()
-        if q is None:  # FalkonPreconditioner.apply: two m x m triangular solves, c columns
-            return 2 * m * m * c, 0.0
-        return 0.0, 4 * m * q * c  # SpectralPreconditioner.apply: U^T v, then U (...)
+        """FLOPs of applying B (or B^T) to one column: (factor rate, GEMM rate)."""
+        m, q = self.m, self.rank()
+        if q is None:  # FalkonPreconditioner.apply: an m x m triangular solve and Q's product
+            return m * m, 2 * m * m
+        return 0.0, 4 * m * q  # SpectralPreconditioner.apply: U^T v, then U (...)
 
     def stages(self) -> dict[str, dict]:
         """Per stage (per iteration, and once): kernel entries, FLOPs, bytes moved, stored, read
@@ -209,6 +223,7 @@ class Workload:
         px, f, blk, dt = self.pixel_bytes, self.flops_per_entry(), min(self.block, m), \
             self.dtype_bytes
         mc8 = m * c * 8  # one m x c float64 matrix
+        mrc8 = R * mc8  # the columns of a CG run: every ridge's m x c
         width = self.rank() or m  # columns of K_mm the factor needs
         kept, spilled = self.resident()
         products, tree = self.cg_products(), sum(tree_levels(w))
@@ -228,11 +243,12 @@ class Workload:
                        + mc8)  # nystrom_rows: KtY
         cg_worker = (base + kept  # hessian_matvec: _rows_for(task), the resident slabs
                      + kmm  # nystrom_rows' C, in this node's object store until released
-                     + 2 * blk * m * 8  # hessian_matvec: Kb = K.to(float64) / scale
+                     + MATVEC_ROWS * m * 8  # hessian_matvec: buf, rows as float64
                      + (blk * m * dt if spilled else 0)  # hessian_matvec: a slab read back
-                     # hessian_matvec: V, out, Kb^T KV and the returned part; or, adding in the
-                     # tree (ShardWorker.add), fan_in parts and their sum
-                     + max(4, REDUCE_FAN_IN + 1) * mc8)
+                     + blk * R * c * 8  # hessian_matvec: KV of a slab
+                     # hessian_matvec: V, out and the returned part; or, adding in the tree
+                     # (ShardWorker.add), fan_in parts and their sum: R c columns each
+                     + max(3, REDUCE_FAN_IN + 1) * mrc8)
         val_worker = (base + kept + kmm  # ShardWorker.evaluate runs before problem.close()
                       + v_rows * px  # ShardWorker.evaluate: its validation part (_holdouts)
                       + R * mc8  # evaluate: coefs, every ridge's (m, c) float64
@@ -252,10 +268,10 @@ class Workload:
         y_put = n * c * 8  # ShardedImages.nystrom: ray.put(Y[a:b]), one per worker
         best = mc8  # fit_rfm: best["alpha"], kept across iterations
         cg_driver = (y + y_put + best + mc8  # nystrom_operator: KtY / scale (NystromPCG.KtY)
-                     + 6 * mc8  # conjugate_gradient: x, r, p, b, Ap and one temporary
-                     # a product in flight: hessian_matvec's ray.put(V), reduce's fan_in
-                     # parts and their sum (or precondition's v and B v)
-                     + (REDUCE_FAN_IN + 2) * mc8
+                     + R * mc8  # NystromPCG.solve_all: KtY.repeat, one block per ridge
+                     + 6 * mrc8  # conjugate_gradient: x, r, p, b, Ap and one temporary
+                     # a step in flight: preconditioned_step's v and the B^T H B v back
+                     + 2 * mrc8
                      + R * mc8)  # _choose_ridge: the solved alphas
         val_driver = (y + y_put + best + mc8 + R * mc8  # KtY, the solved alphas
                       # _choose_ridge: float32 casts; RayBackend.evaluate: np.stack;
@@ -282,13 +298,21 @@ class Workload:
                      driver=y + y_put + best + (REDUCE_FAN_IN + 1) * mc8 + mc8),
             # ShardWorker.precondition: the shards' K_mm rows (float32) to the first worker;
             # ShardedImages.precondition: v to it and B v back at every application
+            # (ShardedImages.preconditioned_step chains B, H and B^T on the workers: B v goes
+            # from the first worker to every worker, counted with the CG products)
             PRECONDITIONER: row(0, fac + gem + self.applications() * app,
-                                m * width * 4 + self.applications() * 2 * mc8, 0, 0,
+                                m * width * 4 + 4 * mrc8, 0, 0,
                                 cg_worker, cg_worker + peak, cg_driver),
             # hessian_matvec: K_s V and K_s^T (K_s V) in float64 (the ridge's K_mm term reuses
             # K_s V); ShardedImages.hessian_matvec: V to every worker, then the tree back;
             # hessian_matvec: the spilled slabs read back from zarr at every product
-            CG: row(0, products * 4 * n * m * c, products * (w + tree) * mc8, 0,
+            # ShardedImages.preconditioned_step, every step: v to the first worker, B v from
+            # it to every worker, hessian_matvec's parts up the tree (the sum lands on the
+            # first worker), B^T H B v back: R c columns; then H alpha (c columns) for the
+            # training error. K_s V and K_s^T (K_s V) in float64 (the ridges' K_mm terms reuse
+            # K_s V); hessian_matvec: the spilled slabs read back from zarr at every pass
+            CG: row(0, 4 * n * m * self.cg_columns(),
+                    self.cg_steps * (w + tree + 2) * mrc8 + (w + tree) * mc8, 0,
                     products * w * spilled, cg_worker, cg_worker + steady, cg_driver),
             # ShardedImages.evaluate: every ridge's coefficients to every worker; center
             # blocks not cached fetched again (new refs from center_blocks); 3 numbers back
@@ -386,10 +410,18 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     afac, agem = work.apply_flops()
     width = work.rank() or m
     pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * 4 / net \
-        + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops
-                                 + 2 * mc8 / net)
-    step = 4 * S * m * c / rates.gemm_flops + _tree_seconds(work, rates, mc8, adds=False) \
-        + _tree_seconds(work, rates, mc8, adds=True) + spilled / rates.store_bytes_per_s
+        + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops) \
+        + 4 * work.ridges * mc8 / net
+    # one CG step: every ridge's R c columns in one pass over the rows; the chained
+    # preconditioner's v and B v travel with it; the training error's c-column product last
+    Rc8 = work.ridges * mc8
+
+    def product(cols8: float) -> float:
+        return (4 * S * cols8 / 8 / rates.gemm_flops + _tree_seconds(work, rates, cols8,
+                adds=False) + _tree_seconds(work, rates, cols8, adds=True)
+                + spilled / rates.store_bytes_per_s)
+
+    cg = work.cg_steps * (product(Rc8) + 2 * Rc8 / net) + product(mc8)
     v_rows = math.ceil(work.n_val / w)
     val = v_rows * m * rates.kernel_entry_s + 2 * work.ridges * v_rows * m * c \
         / rates.gemm_flops + (work.ridges * mc8 + work.centers_refetched() * m * px) / net
@@ -399,7 +431,7 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     out = {
         LOAD: rates.worker_start_s + S / rates.decode_images_per_s,
         ROWS: it * rows, KTY: it * kty, PRECONDITIONER: it * pre,
-        CG: it * work.cg_products() * step,
+        CG: it * cg,
         # the validation parts are read (parquet) by the workers at the first evaluation
         VALIDATION: it * val + v_rows / rates.decode_images_per_s,
         # the AGOP is taken after every iteration but the last
@@ -447,153 +479,3 @@ def memory(work: Workload) -> dict[str, float]:
 def storage(work: Workload) -> float:
     """Bytes of kernel slabs a fit stores (one n x m kernel per iteration in the run's store)."""
     return work.iters * work.n_fit * work.m * work.dtype_bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterAssumptions:
-    """What a cloud GPU cluster is assumed to deliver where nothing was measured on one.
-
-    The kernel is element-wise work over (pairs x positions) arrays, bound by memory
-    bandwidth on a GPU: at about 30 FLOPs per 8 bytes moved, an H100's 3.35 TB/s bounds it near
-    12 TFLOP/s, so 10 TFLOP/s effective is assumed (15 % of the FP32 peak).
-    """
-
-    gpu_kernel_flops: float = 10e12
-    gpu_gemm_flops: float = 40e12  # FP64 tensor-core GEMM (67 TFLOP/s peak on an H100)
-    gpu_factor_flops: float = 10e12  # FP64 Cholesky, triangular solves, QR on the first GPU
-    decode_images_per_s: float = 4 * 400  # 4 CPU cores per GPU decoding JPEG 224 or PNG 64
-    store_bytes_per_s: float = 200e6  # object-storage writes and reads per worker
-    network_bytes_per_s: float = 12.5e9  # 100 Gbit/s between nodes
-    worker_start_s: float = 60.0  # warm nodes; an autoscaler starting nodes adds minutes
-    reference_classes: int = 10  # the class count the AGOP ratio was measured with
-    resident_bytes: int = 40 * 2**30  # resident_mb: half of an 80 GB GPU for K(train, centers)
-
-
-IMAGENET_TRAIN = 1_281_167
-IMAGENET_VAL = 50_000
-
-
-def imagenet_rows(agop_over_kernel: float, assume: ClusterAssumptions = ClusterAssumptions(),
-                  sizes: tuple[int, ...] = (64, 224), gpus: tuple[int, ...] = (8, 64, 512),
-                  m: int = 64_000, classes: int = 1000, val_fraction: float = 0.1,
-                  rank: int | None = None, cg_steps: int = 60) -> list[dict]:
-    """Predicted seconds per stage of one ConvRFM iteration on ImageNet (plus the one-off
-    load, centers and prediction), bytes moved per stage, storage and memory per process, for
-    every image size and GPU count, from the AGOP / kernel cost ratio measured at
-    ``assume.reference_classes`` classes. Validation holds out the default 10 %: it is scored
-    on the workers, so the driver never holds it."""
-    rows = []
-    for size in sizes:
-        for w in gpus:
-            work = Workload(n=IMAGENET_TRAIN, m=m, channels=3, height=size, width=size,
-                            workers=w, iters=1, classes=classes, n_test=IMAGENET_VAL,
-                            val_fraction=val_fraction, resident_bytes=assume.resident_bytes,
-                            preconditioner_rank=rank, cg_steps=cg_steps)
-            a = assume
-            rates = Rates(work.flops_per_entry() / a.gpu_kernel_flops,
-                          agop_over_kernel * classes / a.reference_classes,
-                          a.gpu_gemm_flops, a.gpu_factor_flops, a.decode_images_per_s,
-                          a.store_bytes_per_s, a.worker_start_s, a.network_bytes_per_s)
-            seconds = predict(dataclasses.replace(work, iters=2), rates)
-            one = predict(work, rates)
-            # one iteration = (two-iteration run) - (one-iteration run), which adds the AGOP
-            per_iter = {k: seconds[k] - one[k] for k in seconds
-                        if k not in ("total", LOAD, GATHER, PREDICT)}
-            st = work.stages()["per_iteration"]
-            rows.append({"size": size, "gpus": w, "m": m, "rank": work.rank(),
-                         "per_iteration": per_iter, "iteration_s": sum(per_iter.values()),
-                         "once_s": {k: one[k] for k in (LOAD, GATHER, PREDICT)},
-                         "moved": {k: v["bytes_moved"] for k, v in st.items()},
-                         "read_back": st[CG]["bytes_read"], "stored": storage(work),
-                         "rows_kept_spilled": work.resident(),
-                         "factor": work.factor_memory(), "memory": memory(work),
-                         "driver_iteration": WORKER_BASE_BYTES
-                         + max(v["driver_memory"] for v in st.values()),
-                         "cg_products": work.cg_products()})
-    return rows
-
-
-def _fmt_s(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
-
-
-def _fmt_b(b: float) -> str:  # decimal: GB, TB
-    return "0" if not b else f"{b / 1e12:.1f} TB" if b >= 1e12 else \
-        f"{b / 1e9:.0f} GB" if b >= 10e9 else f"{b / 1e9:.1f} GB"
-
-
-def _gib(b: float) -> str:
-    return "0" if not b else f"{b / 2**30:,.0f} GiB" if b >= 10 * 2**30 else f"{b / 2**30:.1f} GiB"
-
-
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |",
-                      "| --- | " + " | ".join(["---:"] * (len(header) - 1)) + " |",
-                      *("| " + " | ".join(cells) + " |" for cells in lines)])
-
-
-def imagenet_table(rows: list[dict]) -> str:
-    """Markdown table of ``imagenet_rows``: seconds per stage of one iteration, and once."""
-    return _table(["image", "GPUs", "rows of K", "K^T Y", "preconditioner",
-                   f"CG ({rows[0]['cg_products']} products)", "validation", "AGOP",
-                   "one iteration", "load", "centers to driver", "predict 50k"],
-                  [[f"3 x {r['size']} x {r['size']}", str(r["gpus"]),
-                    *(_fmt_s(r["per_iteration"][k]) for k in PER_ITERATION),
-                    f"**{_fmt_s(r['iteration_s'])}**",
-                    *(_fmt_s(r["once_s"][k]) for k in (LOAD, GATHER, PREDICT))]
-                   for r in rows])
-
-
-def imagenet_memory_table(rows: list[dict]) -> str:
-    """Markdown table of ``imagenet_rows``: peak memory per process (GiB), rows of K(train,
-    centers) per worker, and bytes moved, read back and stored per iteration (GB, TB)."""
-    return _table(["image", "GPUs", "worker", "first worker (factor steady / peak)",
-                   "driver: iterations / end", "rows kept / spilled per worker", "moved: rows",
-                   "K^T Y", "preconditioner", "CG", "validation", "AGOP", "read back",
-                   "stored"],
-                  [[f"3 x {r['size']} x {r['size']}", str(r["gpus"]),
-                    _gib(r["memory"]["worker"]),
-                    f"{_gib(r['memory']['first_worker'])} ({_gib(r['factor'][0])} / "
-                    f"{_gib(r['factor'][1])})",
-                    f"{_gib(r['driver_iteration'])} / {_gib(r['memory']['driver'])}",
-                    " / ".join(map(_gib, r["rows_kept_spilled"])),
-                    *(_fmt_b(r["moved"][k]) for k in PER_ITERATION), _fmt_b(r["read_back"]),
-                    _fmt_b(r["stored"])] for r in rows])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ray_convrfm.tools.costmodel [scale.json] [--agop-over-kernel R]``: the
-    ImageNet tables (seconds; memory and bytes) from the AGOP / kernel ratio measured by
-    ``ray-convrfm bench scale`` (its JSON, or the ratio given) and the stated GPU assumptions."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m ray_convrfm.tools.costmodel",
-                                description=main.__doc__)
-    p.add_argument("scale_json", nargs="?", help="scale.json of `ray-convrfm bench scale`")
-    p.add_argument("--agop-over-kernel", type=float, default=None,
-                   help="the AGOP / kernel cost ratio at 10 classes (instead of the JSON's)")
-    p.add_argument("--gpu-kernel-tflops", type=float, default=10.0)
-    p.add_argument("--centers", type=int, default=64_000)
-    p.add_argument("--rank", type=int, default=None,
-                   help="a rank-q preconditioner (default: Falkon's m x m factor)")
-    p.add_argument("--resident-gib", type=float, default=40.0,
-                   help="resident rows of K(train, centers) per worker (resident_mb)")
-    p.add_argument("--cg-steps", type=int, default=60, help="CG steps per ridge (assumed)")
-    args = p.parse_args(argv)
-    ratio = args.agop_over_kernel
-    if ratio is None:
-        if args.scale_json is None:
-            p.error("give scale.json or --agop-over-kernel")
-        with open(args.scale_json) as f:
-            ratio = Rates.from_dict(json.load(f)["rates"]).agop_over_kernel
-    assume = ClusterAssumptions(gpu_kernel_flops=args.gpu_kernel_tflops * 1e12,
-                                resident_bytes=int(args.resident_gib * 2**30))
-    rows = imagenet_rows(ratio, assume, m=args.centers, rank=args.rank,
-                         cg_steps=args.cg_steps)
-    print(imagenet_table(rows) + "\n\n" + imagenet_memory_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

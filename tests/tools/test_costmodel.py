@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from ray_convrfm.tools import costmodel
+from ray_convrfm.tools import costmodel, imagenet_costs
 from ray_convrfm.tools.costmodel import (
     AGOP,
     CG,
@@ -23,14 +23,16 @@ from ray_convrfm.tools.costmodel import (
     WORKER_BASE_BYTES,
     Rates,
     Workload,
-    imagenet_memory_table,
-    imagenet_rows,
-    imagenet_table,
-    main,
     memory,
     predict,
     storage,
     tree_levels,
+)
+from ray_convrfm.tools.imagenet_costs import (
+    imagenet_memory_table,
+    imagenet_rows,
+    imagenet_table,
+    main,
 )
 
 RATES = Rates(kernel_entry_s=1e-5, agop_over_kernel=3.0, gemm_flops=5e9, factor_flops=5e9,
@@ -65,7 +67,8 @@ def test_driver_memory_is_flat_in_m_but_for_m_by_c_vectors_and_the_model_centers
     slope = d[2000] - d[1000]
     assert d[3000] - d[2000] == pytest.approx(slope)  # no m^2 term
     vectors = slope / (1000 * BASE.classes * 8)
-    assert vectors == pytest.approx(round(vectors)) and 10 <= vectors <= 30
+    # CG over every ridge's columns at once: its state is R m x c matrices per vector
+    assert vectors == pytest.approx(round(vectors)) and 10 <= vectors <= 12 * BASE.ridges
     assert driver_in_iterations(dataclasses.replace(BASE, height=64, width=64)) == d[2000]
     # Y (n x c float64) and its per-worker puts: the rest of the driver's memory
     y = 2 * BASE.n_fit * BASE.classes * 8
@@ -86,7 +89,7 @@ def test_resident_rows_cap_worker_memory_and_spill_to_reads_at_every_step():
     # the spilled rows leave memory; one slab is read back at a time
     assert cg_full["worker_memory"] - cg_capped["worker_memory"] == spilled - slab
     products = capped.cg_products()
-    assert products == capped.ridges * capped.cg_steps + 1
+    assert products == capped.cg_steps + 1  # one pass per step for every ridge
     assert cg_capped["bytes_read"] == products * capped.workers * spilled
     assert cg_full["bytes_read"] == 0
     extra = predict(capped, RATES)[CG] - predict(BASE, RATES)[CG]
@@ -106,10 +109,11 @@ def test_centers_are_prepared_in_blocks_within_the_cache_share():
     assert 0.9 < big.centers_refetched() <= 1
 
 
-def test_center_cache_share_is_the_workers():
+def test_mirrored_constants_are_the_workers():
     from ray_convrfm.backends import workers
 
     assert costmodel.CENTER_CACHE_SHARE == workers.CENTER_CACHE_SHARE
+    assert costmodel.MATVEC_ROWS == workers.MATVEC_ROWS
 
 
 def test_preconditioner_factor_memory_and_flops():
@@ -118,7 +122,7 @@ def test_preconditioner_factor_memory_and_flops():
     rank = dataclasses.replace(full, preconditioner_rank=q)
     assert full.rank() is None and rank.rank() == q
     assert dataclasses.replace(full, preconditioner_rank=m).rank() is None  # q >= m: Falkon's
-    assert full.factor_memory() == (2 * 8 * m * m, 2.5 * 8 * m * m)  # T and A; converting
+    assert full.factor_memory() == (2 * 8 * m * m, 3 * 8 * m * m)  # T and Q; + C building
     steady, peak = rank.factor_memory()
     assert steady == 8 * m * q  # U
     bigger = dataclasses.replace(rank, m=2 * m).factor_memory()
@@ -127,20 +131,23 @@ def test_preconditioner_factor_memory_and_flops():
     # the first worker holds the factor: the peak while building, the steady part in CG
     st = per_iteration(full)
     assert st[PRECONDITIONER]["first_worker_memory"] - st[PRECONDITIONER]["worker_memory"] \
-        == 2.5 * 8 * m * m
+        == 3 * 8 * m * m
     assert st[CG]["first_worker_memory"] - st[CG]["worker_memory"] == 2 * 8 * m * m
     assert st[AGOP]["first_worker_memory"] == st[AGOP]["worker_memory"]  # released by then
-    # B and B^T every step and twice per ridge: two m x m triangular solves, or U^T v and U w
-    apps = full.ridges * (2 * full.cg_steps + 2)
-    assert full.applications() == apps
-    assert full.apply_flops() == (2 * m * m * c, 0)
-    assert rank.apply_flops() == (0, 4 * m * q * c)
-    fac, gem = full.factor_flops()
-    assert fac == (1 + full.ridges) * m**3 / 3 and gem == full.ridges * 2 * m**3
-    assert st[PRECONDITIONER]["flops"] == fac + gem + apps * 2 * m * m * c
-    # the shards' K_mm rows once, then v out and B v back per application
-    assert st[PRECONDITIONER]["bytes_moved"] == m * m * 4 + apps * 2 * m * c * 8
-    assert per_iteration(rank)[PRECONDITIONER]["bytes_moved"] == m * q * 4 + apps * 2 * m * c * 8
+    # B and B^T twice per step and twice per run, on every ridge's R c columns at once: a
+    # triangular solve and Q's product per column, or U^T v and U w
+    R = full.ridges
+    cols = (2 * full.cg_steps + 2) * R * c
+    assert full.applications() == cols
+    assert full.apply_flops() == (m * m, 2 * m * m)
+    assert rank.apply_flops() == (0, 4 * m * q)
+    fac, gem = full.factor_flops()  # one factor for every ridge: Cholesky and eigh, T T^T
+    assert fac == m**3 / 3 + 9 * m**3 and gem == 2 * m**3
+    assert st[PRECONDITIONER]["flops"] == fac + gem + cols * 3 * m * m
+    # the shards' K_mm rows once; v out and B v back for the two applications outside the
+    # steps (inside them B, H and B^T are chained on the workers: counted with CG)
+    assert st[PRECONDITIONER]["bytes_moved"] == m * m * 4 + 4 * R * m * c * 8
+    assert per_iteration(rank)[PRECONDITIONER]["bytes_moved"] == m * q * 4 + 4 * R * m * c * 8
 
 
 def test_cg_flops_and_bytes_per_step():
@@ -149,11 +156,20 @@ def test_cg_flops_and_bytes_per_step():
     for w in (2, 8, 64):
         work = dataclasses.replace(BASE, workers=w)
         st = per_iteration(work)[CG]
-        products, mc8 = work.cg_products(), work.m * work.classes * 8
-        assert st["flops"] == products * 4 * work.n_fit * work.m * work.classes
+        mc8, R = work.m * work.classes * 8, work.ridges
+        # every step passes over the rows once for all R ridges (R c columns); then H alpha
+        assert work.cg_products() == work.cg_steps + 1
+        assert st["flops"] == 4 * work.n_fit * work.m * work.classes * (R * work.cg_steps + 1)
         inner = sum(tree_levels(w)[1:])  # sums made on workers, then sent on
-        assert st["bytes_moved"] == products * (2 * w + inner) * mc8
+        # a step: v to the first worker, B v to every worker, the tree, B^T H B v back
+        assert st["bytes_moved"] == (work.cg_steps * (2 * w + inner + 2) * R * mc8
+                                     + (2 * w + inner) * mc8)
     assert per_iteration(BASE)[KTY]["flops"] == 2 * BASE.n_fit * BASE.m * BASE.classes
+    # with a network that costs nothing, CG's seconds are its FLOPs per worker at GEMM rate
+    fast = dataclasses.replace(RATES, network_bytes_per_s=1e30)
+    per_worker = per_iteration(BASE)[CG]["flops"] * BASE.shard / BASE.n_fit
+    assert predict(BASE, fast)[CG] == pytest.approx(
+        BASE.iters * per_worker / RATES.gemm_flops, rel=1e-3)  # + the trees' adds
 
 
 def test_prediction_scales_with_workers_entries_and_centers():
@@ -219,7 +235,7 @@ def test_imagenet_tables_have_every_case():
     assert by[(64, 512)]["per_iteration"][ROWS] < by[(64, 8)]["per_iteration"][ROWS]
     for r in rows:
         assert r["iteration_s"] == pytest.approx(sum(r["per_iteration"].values()))
-        assert r["stored"] == storage(Workload(n=costmodel.IMAGENET_TRAIN, m=64_000,
+        assert r["stored"] == storage(Workload(n=imagenet_costs.IMAGENET_TRAIN, m=64_000,
                                                channels=3, height=1, width=1, iters=1))
     # the driver's memory in the iterations does not depend on the image size
     assert by[(64, 8)]["driver_iteration"] == by[(224, 8)]["driver_iteration"]
