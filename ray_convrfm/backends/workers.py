@@ -366,7 +366,10 @@ class ShardWorker:
         KtK = None if task.key is not None else torch.zeros(m, m, dtype=torch.float64,
                                                              device=self.device)
         KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=self.device)
-        C, kmax, held = [], -np.inf, 0
+        width = m if task.preconditioner_cols is None else len(task.preconditioner_cols)
+        # this shard's centers' rows of K_mm, filled in place (one copy, never a list of parts)
+        C = np.empty((len(task.center_rows), width), dtype=task.spec.dtype)
+        filled, kmax, held = 0, -np.inf, 0
         for r0 in range(0, n, block):
             r1 = min(r0 + block, n)
             K, fresh = self._slab(res, r0, r1)
@@ -385,7 +388,8 @@ class ShardWorker:
                 kmax = max(kmax, float(rows.max()))
             if task.preconditioner_cols is not None:
                 rows = rows[:, torch.as_tensor(task.preconditioner_cols, device=K.device)]
-            C.append(rows.cpu().numpy())
+            C[filled : filled + len(rows)] = rows.cpu().numpy()
+            filled += len(rows)
             if self.progress is not None:
                 self.progress(r1 - r0, n)
             if task.key is None:
@@ -400,8 +404,6 @@ class ShardWorker:
             reports = list(res.store.reports)
         if task.key is not None:
             self._resident = res
-        width = m if task.preconditioner_cols is None else len(task.preconditioner_cols)
-        C = np.concatenate(C) if C else np.zeros((0, width), np.float32)
         return (None if KtK is None else KtK.cpu().numpy(), KtY.cpu().numpy(), C, kmax,
                 computed, reports)
 

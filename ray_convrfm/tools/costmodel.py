@@ -191,8 +191,9 @@ class Workload:
         if q is None:
             # FalkonFactor: T and Q (the eigenvectors of T T^T / m, computed in place), m x m
             # float64 each. Peak: ShardWorker.precondition's C (K_mm rows as float64, held
-            # while FalkonFactor.from_cholesky builds T T^T), T, and T T^T becoming Q
-            return 2 * 8 * m * m, 3 * 8 * m * m
+            # while FalkonFactor.from_cholesky builds T T^T), T, T T^T becoming Q, and the
+            # eigensolver's workspace (LAPACK syevd: about 2 m^2 more)
+            return 2 * 8 * m * m, 5 * 8 * m * m
         # SpectralFactor.U (m x q float64). Building (SpectralFactor.build): the caller's C,
         # then F = C L^-T, the QR's Q and U, freed as they are used (at most 3 m x q at once),
         # and L, R, R R^T, V (q x q)
@@ -239,7 +240,7 @@ class Workload:
                        + self.budget_bytes  # kernel_matrix: working memory (memory_budget_mb)
                        + blk * m * (dt + 8)  # _against_centers: the slab; K.T.to(float64)
                        + kept  # nystrom_rows: res.slabs, the resident rows
-                       + 2 * kmm  # nystrom_rows: C as a list, then np.concatenate
+                       + kmm  # nystrom_rows: C, filled in place
                        + mc8)  # nystrom_rows: KtY
         cg_worker = (base + kept  # hessian_matvec: _rows_for(task), the resident slabs
                      + kmm  # nystrom_rows' C, in this node's object store until released
