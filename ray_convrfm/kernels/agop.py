@@ -146,6 +146,39 @@ def agop_from_blocks(blocks: Callable[[], Iterable[tuple[KernelSide, torch.Tenso
     return G / s if average else G
 
 
+#: ``agop_classes="auto"``: the exact AGOP up to this many classes, a sketch of this many
+#: columns beyond (docs/math.md 4a).
+AUTO_SKETCH_CLASSES = 64
+
+
+def sketch_columns(classes: int, agop_classes: str | int) -> int | None:
+    """How many class columns the AGOP uses: None for all (exact), else k (a sketch)."""
+    if agop_classes == "all":
+        return None
+    if agop_classes == "auto":
+        return None if classes <= AUTO_SKETCH_CLASSES else AUTO_SKETCH_CLASSES
+    return int(agop_classes)
+
+
+def class_sketch(classes: int, k: int, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Omega (classes x k) with E[Omega Omega^T] = I (docs/math.md 4a).
+
+    The AGOP of f is sum_k grad f_k grad f_k^T = J J^T (J: d x c); that of f Omega (the
+    predictor with coefficients coef @ Omega, k outputs) is J Omega Omega^T J^T, so an Omega
+    with E[Omega Omega^T] = I gives an unbiased AGOP from k outputs instead of c. For k < c the
+    entries are N(0, 1/k); for k >= c Omega has orthonormal rows (Omega Omega^T = I exactly,
+    so the AGOP is exact), the first c rows of a random k x k orthogonal matrix.
+    """
+    if k < 1:
+        raise ValueError(f"agop_classes must be at least 1; found {k}")
+    if k < classes:
+        return torch.randn(classes, k, generator=generator, dtype=dtype) / k**0.5
+    Q, R = torch.linalg.qr(torch.randn(k, k, generator=generator, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))[None, :]  # Haar-distributed
+    return Q[:classes].to(dtype)
+
+
 def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
     """G^power (float64) through a symmetric eigendecomposition, negative eigenvalues clipped."""
     vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))

@@ -52,6 +52,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     ridges : ridge values tried at every iteration, on the kernel divided by its largest entry
     agop_samples : training images at which the AGOP is taken (the reference used 20)
     agop_power : M = AGOP^power (1 by default; 1/2 matches W^T W of a network, section 7)
+    agop_classes : "auto" (the exact AGOP up to 64 classes, a 64-column sketch beyond), an
+        int k (k Gaussian combinations of the class outputs: an unbiased AGOP at k/c of the
+        cost; exact when k >= c) or "all" (docs/math.md 4a); seeded by ``random_state``
     val_fraction : share of the training data held out for choosing ridge and iteration when no
         validation set is passed to ``fit``
     patch_basis : "auto" works in an orthonormal basis of the training patches' span when they
@@ -98,8 +101,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                  iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", solver: str = "exact", centers: int | None = None,
-                 patience: int | None = None, random_state: int | None = 0,
-                 options: Options | None = None):
+                 patience: int | None = None, agop_classes: str | int = "auto",
+                 random_state: int | None = 0, options: Options | None = None):
         self.depth = depth
         self.patch_size = patch_size
         self.padding = padding
@@ -112,6 +115,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.solver = solver
         self.centers = centers
         self.patience = patience
+        self.agop_classes = agop_classes
         self.random_state = random_state
         self.options = options
 
@@ -160,7 +164,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         return RFMParams(kernel=kernel, iters=self.iters, ridges=self.ridges,
                          agop_samples=self.agop_samples, agop_power=self.agop_power,
                          patch_basis=self.patch_basis, solver=self.solver, centers=self.centers,
-                         patience=self.patience)
+                         patience=self.patience, agop_classes=self.agop_classes)
 
     def set_result(self, result: RFMResult, image_shape: tuple[int, ...]) -> None:
         """Take the learned state from ``fit_rfm``'s result (used by ``DeepConvRFM`` layers)."""

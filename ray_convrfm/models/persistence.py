@@ -33,7 +33,7 @@ from ray_convrfm.checks import check_psd
 #: Bumped whenever the saved layout changes; ``load`` refuses other versions. Version 2: the
 #: estimators' hyper-parameters without ``Options`` (how and where to compute is not saved).
 #: Version 3: a SHA-256 ``digest`` of the config and the tensors, verified at load.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
 DIGEST = "digest"

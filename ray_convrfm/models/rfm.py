@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ray_convrfm.backends.protocol import KernelBackend
-from ray_convrfm.kernels.agop import metric_from_agop
+from ray_convrfm.kernels.agop import class_sketch, metric_from_agop, sketch_columns
 from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.kernels.pcg import preconditioned_cg
 from ray_convrfm.kernels.solvers import (
@@ -46,6 +46,7 @@ class RFMParams:
     solver: str = "exact"
     centers: int | None = None
     patience: int | None = None
+    agop_classes: str | int = "auto"
 
     def __post_init__(self) -> None:
         if not _positive_int(self.iters):
@@ -70,6 +71,11 @@ class RFMParams:
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; found {self.solver!r}")
+        if not (self.agop_classes in ("auto", "all") or _positive_int(self.agop_classes)):
+            raise ValueError(f"agop_classes must be 'auto', 'all' or a positive integer; found "
+                             f"{self.agop_classes!r}")
+        if _positive_int(self.agop_classes):
+            object.__setattr__(self, "agop_classes", int(self.agop_classes))
         if self.patience is not None:
             if not _positive_int(self.patience):
                 raise ValueError(f"patience must be a positive integer or None; found "
@@ -307,6 +313,8 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
     if params.solver != "exact":
         m = min(n, params.centers or DEFAULT_CENTERS)
         center_idx = np.sort(rng.choice(n, size=m, replace=False))
+    # the class sketch's own stream, drawn last: the sample and centers are as without it
+    sketch_rng = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
     d = int(backend.row_shape[0]) * params.kernel.patch_size**2
     Q = backend.patch_span() if params.patch_basis == "auto" else None
     if Q is not None:
@@ -350,7 +358,13 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
 
         t0 = time.perf_counter()
         if it < params.iters - 1 and not stop:
-            G = backend.agop((alpha / scale).to(dt), sample_idx, center_idx)
+            coef = alpha / scale
+            k = sketch_columns(n_classes, params.agop_classes)
+            if k is not None:  # k Gaussian combinations of the class outputs (section 4a)
+                omega = class_sketch(n_classes, k, sketch_rng)
+                coef = coef @ omega.to(coef.device)
+                record["agop_classes"] = k
+            G = backend.agop(coef.to(dt), sample_idx, center_idx)
             M = metric_from_agop(G, params.agop_power)
         record["seconds_agop"] = time.perf_counter() - t0
         record.update(backend.report())

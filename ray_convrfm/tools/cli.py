@@ -26,6 +26,16 @@ log = logging.getLogger("ray_convrfm.tools.cli")
 
 
 
+def _agop_classes(text: str) -> str | int:
+    if text in ("auto", "all"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, all or an integer; got {text!r}") \
+            from None
+
+
 def _ridges(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -71,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
     f.add_argument("--agop-samples", type=int, default=256)
     f.add_argument("--agop-power", type=float, default=1.0)
+    f.add_argument("--agop-classes", type=_agop_classes, default="auto",
+                   help="auto (exact up to 64 classes, a 64-column sketch beyond), all, or k "
+                        "class combinations for the AGOP")
     f.add_argument("--val-fraction", type=float, default=0.1)
     f.add_argument("--device", default="auto")
     f.add_argument("--dtype", default=None, choices=("float32", "float64"),
@@ -284,7 +297,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          verbose=not args.quiet)
     layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
                     ridges=args.ridges, agop_samples=args.agop_samples,
-                    agop_power=args.agop_power, val_fraction=args.val_fraction,
+                    agop_power=args.agop_power, agop_classes=args.agop_classes,
+                    val_fraction=args.val_fraction,
                     solver=args.solver, centers=args.centers, patience=args.patience,
                     random_state=args.seed,
                     options=options)

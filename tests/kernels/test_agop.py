@@ -133,3 +133,33 @@ def test_cuda_agop_matches_cpu():
     xg = prepare_side(X.to(dev), M.to(dev), params)
     gpu = agop_from_sides(xg, coef.to(dev), xg.take(range(5)), M.to(dev), engine="torch")
     assert rel_err(gpu.cpu().numpy(), cpu.numpy()) < 1e-4
+
+
+def test_class_sketch_is_unbiased_and_exact_when_wide_enough():
+    """The sketched AGOP (coef @ Omega): its mean over many seeds is the exact AGOP; with
+    k >= c (orthonormal rows) it is exact for every seed (docs/math.md 4a)."""
+    from ray_convrfm.kernels.agop import class_sketch, sketch_columns
+
+    rng = np.random.default_rng(5)
+    params = KernelParams(2, 3, False)
+    X = torch.from_numpy(rng.standard_normal((12, 1, 8, 8)))
+    M = torch.from_numpy(random_psd(rng, 9))
+    xs = prepare_side(X, M, params)
+    c = 12
+    coef = torch.from_numpy(rng.standard_normal((12, c)))
+    sample = xs.take([0, 3, 7])
+    exact = agop_from_sides(xs, coef, sample, M, engine="numba")
+    g = torch.Generator().manual_seed(0)
+    for k in (c, 20):  # orthonormal rows: Omega Omega^T = I, the AGOP itself
+        omega = class_sketch(c, k, g)
+        torch.testing.assert_close(omega @ omega.T, torch.eye(c, dtype=torch.float64))
+        assert rel_err(agop_from_sides(xs, coef @ omega, sample, M, engine="numba"),
+                       exact) < 1e-10
+    draws = [agop_from_sides(xs, coef @ class_sketch(c, 4, g), sample, M, engine="numba")
+             for _ in range(400)]
+    mean = torch.stack(draws).mean(0)
+    one = rel_err(draws[0], exact)
+    assert one > 0.1  # a single 4-column sketch is rough...
+    assert rel_err(mean, exact) < 0.1 < one  # ...the mean of 400 is close (about 1/20 of it)
+    assert sketch_columns(10, "auto") is None and sketch_columns(100, "auto") == 64
+    assert sketch_columns(1000, "all") is None and sketch_columns(1000, 32) == 32

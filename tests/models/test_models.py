@@ -205,3 +205,22 @@ def test_rank_q_preconditioner_fit_equals_the_direct_solve(digits):
     assert float((low.alpha_ - direct.alpha_).norm() / direct.alpha_.norm()) <= 1e-4
     np.testing.assert_array_equal(low.predict(Xt), direct.predict(Xt))
     assert all(r <= 1e-8 for h in low.history_ for r in h["cg_residual_by_ridge"].values())
+
+
+def test_agop_classes_sketch_the_class_outputs(digits):
+    """k >= c classes: an orthogonal sketch, the exact AGOP (same M to rounding); k < c: a
+    seeded sketch, recorded per iteration; bad values name the parameter."""
+    X, y, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=30, options=Options.of(dtype="float64"))
+    exact = ConvRFM(agop_classes="all", **kw).fit(X, y)
+    wide = ConvRFM(agop_classes=10, **kw).fit(X, y)
+    torch.testing.assert_close(wide.M_path_[1], exact.M_path_[1], rtol=1e-8, atol=1e-12)
+    assert "agop_classes" not in exact.history_[0] and wide.history_[0]["agop_classes"] == 10
+    narrow = ConvRFM(agop_classes=3, **kw).fit(X, y)
+    again = ConvRFM(agop_classes=3, **kw).fit(X, y)
+    assert narrow.history_[0]["agop_classes"] == 3
+    torch.testing.assert_close(narrow.M_path_[1], again.M_path_[1])  # seeded
+    assert not torch.allclose(narrow.M_path_[1], exact.M_path_[1])
+    for bad in (0, -2, "some", 2.5, True):
+        with pytest.raises(ValueError, match="agop_classes"):
+            ConvRFM(agop_classes=bad, iters=1).fit(X, y)
