@@ -38,6 +38,7 @@ __all__ = [
     "IDX_FILES",
     "ImageDataset",
     "digit_in_noise",
+    "item_pairs",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
@@ -168,8 +169,34 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
-_SPEC_FORMS = ('"digits", "fashion-mnist", "idx:DIR", "npz:PATH", "parquet:PATH_OR_URL" or a '
-               'path ending in .npz')
+_SPEC_FORMS = ('"digits", "fashion-mnist", "fashion-mnist-pairs", "idx:DIR", "npz:PATH", '
+               '"parquet:PATH_OR_URL" or a path ending in .npz')
+
+
+def item_pairs(ds: ImageDataset, n_train: int | None = None, n_test: int | None = None,
+               random_state: int | None = 0) -> ImageDataset:
+    """A many-class task from a c-class one: two items side by side (C x H x 2W), of class
+    c a + b for the left item's class a and the right one's b, so c^2 classes (100 from
+    Fashion-MNIST). Pairs are drawn uniformly with replacement within each split (training
+    pairs from training items, test pairs from test items), seeded; every class is equally
+    likely. ``n_train`` / ``n_test`` default to the splits' sizes."""
+    import numpy as np
+
+    c = len(ds.classes)
+    gen = np.random.default_rng(random_state)
+
+    def split(X, y, n):
+        n = len(X) if n is None else int(n)
+        if n < 0 or (n and not len(X)):
+            raise ValueError(f"cannot draw {n} pairs from {len(X)} items")
+        a, b = gen.integers(len(X), size=(2, n)) if n else (np.zeros(0, int),) * 2
+        return np.concatenate([X[a], X[b]], axis=3), c * y[a] + y[b]
+
+    X_train, y_train = split(ds.X_train, ds.y_train, n_train)
+    X_test, y_test = split(ds.X_test, ds.y_test, n_test)
+    names = tuple(f"{p} | {q}" for p in ds.classes for q in ds.classes)
+    return ImageDataset(X_train, y_train, X_test, y_test, name=f"{ds.name}-pairs",
+                        classes=names)
 
 
 def load_dataset(
@@ -180,7 +207,8 @@ def load_dataset(
     Parameters
     ----------
     spec : str
-        ``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``, ``"npz:PATH"``, ``PATH.npz`` or
+        ``"digits"``, ``"fashion-mnist"``, ``"fashion-mnist-pairs"`` (``item_pairs``: 100
+        classes of two items side by side, seeded), ``"idx:DIR"``, ``"npz:PATH"``, ``PATH.npz`` or
         ``"parquet:PATH_OR_URL"`` (read whole; fits on Ray read it lazily, see ``parquet``).
     root, download
         Passed to :func:`load_fashion_mnist`; ignored by the other forms.
@@ -196,6 +224,8 @@ def load_dataset(
         return load_digits()
     if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return load_fashion_mnist(root=root, download=download)
+    if key in ("fashion-mnist-pairs", "fashion_mnist_pairs"):  # 100 classes, 1 x 28 x 56
+        return item_pairs(load_fashion_mnist(root=root, download=download))
     if key.startswith("idx:") and len(s) > 4:
         directory = Path(s[4:]).expanduser()
         return load_idx_dir(directory, name=directory.name or "idx")

@@ -623,3 +623,27 @@ def test_load_dataset_unknown_spec():
     msg = str(info.value)
     for form in ("digits", "fashion-mnist", "idx:DIR", "npz:PATH", ".npz"):
         assert form in msg
+
+
+def test_item_pairs_make_c_squared_classes_side_by_side():
+    """Fashion-MNIST pairs (here from the bundled digits, the same function): two items side
+    by side, class c a + b, seeded, every class drawn."""
+    from ray_convrfm.data.datasets import item_pairs, load_digits
+
+    ds = load_digits()
+    pairs = item_pairs(ds, n_train=3000, n_test=50, random_state=4)
+    c = len(ds.classes)
+    assert pairs.X_train.shape == (3000, 1, 8, 16) and pairs.X_test.shape == (50, 1, 8, 16)
+    assert len(pairs.classes) == c * c and pairs.classes[c + 2] == f"{ds.classes[1]} | " \
+        f"{ds.classes[2]}"
+    assert len(np.unique(pairs.y_train)) == c * c  # 3,000 draws cover all 100 classes
+    # each half is an item of its split, with the class the label says
+    left = {ds.X_train[i].tobytes(): ds.y_train[i] for i in range(len(ds.X_train))}
+    for x, label in zip(pairs.X_train[:20], pairs.y_train[:20], strict=True):
+        assert left[np.ascontiguousarray(x[:, :, :8]).tobytes()] == label // c
+        assert left[np.ascontiguousarray(x[:, :, 8:]).tobytes()] == label % c
+    again = item_pairs(ds, n_train=3000, n_test=50, random_state=4)
+    np.testing.assert_array_equal(again.X_train, pairs.X_train)
+    assert not np.array_equal(item_pairs(ds, 3000, 50, random_state=5).y_train, pairs.y_train)
+    with pytest.raises(ValueError, match="pairs"):
+        item_pairs(ds, n_train=-1)
