@@ -479,6 +479,7 @@ class ShardWorker:
         # float64 copies of MATVEC_ROWS rows at a time: the two products read them from cache
         buf = torch.empty(MATVEC_ROWS, m, dtype=torch.float64, device=self.device)
         rows = task.center_rows
+        weight = scale * ridge_columns(ridges, V.shape[1], V)  # each column's ridge, once
         for r0, r1, K, i in res.slabs:
             if K is None:
                 t0 = time.perf_counter()
@@ -495,7 +496,7 @@ class ShardWorker:
             if len(sel):
                 pos = torch.as_tensor(task.center_offset + sel, device=self.device)
                 here = KV[torch.as_tensor(rows[sel] - r0, device=self.device)]
-                out[pos] += here * (scale * ridge_columns(ridges, V.shape[1], V))
+                out[pos] += here * weight
         return (out / scale).cpu().numpy()
 
     def read_seconds(self) -> float:
