@@ -78,12 +78,12 @@ class RayBackend(NystromMembers):
     def configure(self, spec: KernelSpec, store: str | None) -> None:
         self.spec, self.store = spec, store
         if store:
-            self.run = RunStore.open(store, self.shards.fingerprint(), spec, self.block)
+            self.run = RunStore.open(store, self.shards.fingerprint(spec.dtype), spec, self.block)
             self.runs.append(self.run)
 
     def patch_span(self) -> torch.Tensor | None:
         p = self.spec.params
-        gram = self.shards.patch_gram(p.patch_size, p.padding)
+        gram = self.shards.patch_gram(p.patch_size, p.padding, self.spec.dtype)
         return span_from_gram(torch.from_numpy(gram), dtype=self.spec.torch_dtype)
 
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
@@ -126,7 +126,7 @@ class RayBackend(NystromMembers):
         return self._tensor(G).to(coef.dtype)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
-        return self._tensor(self.shards.gather(center_idx))
+        return self._tensor(self.shards.gather(center_idx, self.spec.dtype))
 
     def featurise(self, filters: torch.Tensor, padding: bool) -> None:
         self.shards.featurise(filters.cpu().numpy(), padding)
@@ -136,7 +136,9 @@ class RayBackend(NystromMembers):
         Z = Z.detach().cpu().numpy() if isinstance(Z, torch.Tensor) else np.asarray(Z)
         chain = [(np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f), bool(p))
                  for f, p in chain]
-        return self.shards.map_scores(Z.astype(self.spec.dtype, copy=False), chain,
+        if Z.dtype != np.uint8:  # 8-bit pixels travel as they are; workers convert them
+            Z = Z.astype(self.spec.dtype, copy=False)
+        return self.shards.map_scores(Z, chain,
                                       self.shards.center_blocks(center_idx),
                                       coef.cpu().numpy(), self.M, self.basis, self.spec)
 

@@ -15,6 +15,7 @@ import uuid
 
 import numpy as np
 
+from ray_convrfm.backends.chunks import CenterBlocks, chain_shape
 from ray_convrfm.backends.embedded_ray import (  # noqa: F401  (the driver's entry points)
     RayConfinementError,
     embedded_ray_processes,
@@ -23,7 +24,7 @@ from ray_convrfm.backends.embedded_ray import (  # noqa: F401  (the driver's ent
 )
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import StoreSpec
-from ray_convrfm.backends.workers import CenterBlocks, NystromTask, ShardWorker
+from ray_convrfm.backends.workers import NystromTask, ShardWorker
 from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN
 from ray_convrfm.progress import progress_bar
 
@@ -111,8 +112,9 @@ class ShardedImages:
 
     Parameters
     ----------
-    X : (n, C, H, W) images, already in the working dtype, or a description of rows each
-        worker loads itself (``parquet.ParquetRows``: images never pass through the driver)
+    X : (n, C, H, W) images in their stored dtype (8-bit pixels stay uint8; workers convert a
+        chunk at a time), or a description of rows each worker loads itself
+        (``parquet.ParquetRows``: images never pass through the driver)
     workers : number of actors (shards)
     threads : CPU threads per actor (None: 1 CPU reserved, the libraries' default threads)
     block : rows per task (and per stored kernel block)
@@ -181,15 +183,14 @@ class ShardedImages:
 
     # ------------------------------------------------------------------ the images
     def featurise(self, filters: np.ndarray, padding: bool) -> None:
-        """Every worker convolves its own shard with ``filters`` (Deep ConvRFM's next inputs);
-        the images never pass through the driver."""
+        """Deep ConvRFM's next inputs: the images convolved with ``filters``. Nothing is
+        computed now: every task gets the chain of filter banks and featurises the chunk of
+        stored pixels it works on, so no featurised shard ever exists."""
         import ray
 
         self.chain = [*self.chain, (np.asarray(filters), bool(padding))]
         self.chain_ref = ray.put(self.chain)
-        shapes = wait_all([a.prepare.remote(self.chain_ref) for a in self.actors],
-                          "featurise", self.progress)
-        self.row_shape = tuple(next(s for s in shapes if s[0])[1:]) if self.n else ()
+        self.row_shape = chain_shape(self.row_shape, self.chain[-1:])
 
     def _local(self, idx: np.ndarray | None):
         """Per shard, the local rows of sorted global indices ``idx`` (None: all rows)."""
@@ -203,7 +204,7 @@ class ShardedImages:
     def parts(self, idx: np.ndarray | None = None) -> list:
         """Object refs of the shards' images (rows ``idx`` when given), in global order; they
         stay on the workers' nodes until a task that needs them runs."""
-        refs = ShardParts(a.images.remote(self.chain_ref, rows)
+        refs = ShardParts(a.pixels.remote(rows)
                           for a, rows in zip(self.actors, self._local(idx), strict=True)
                           if rows is None or len(rows))
         # the same selection of the same (featurised) images gets the same key, so workers
@@ -213,30 +214,36 @@ class ShardedImages:
         refs.key = f"parts:{self.chain_ref.hex()}:{selection}"
         return refs
 
-    def gather(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """The images (rows ``idx``) in this process: for the model's centers only."""
+    def gather(self, idx: np.ndarray | None, dtype: str) -> np.ndarray:
+        """The images (rows ``idx``) as the current layer sees them, in working ``dtype``, in
+        this process: for the model's centers only (featurised on the workers that own them)."""
         import ray
 
-        parts = ray.get(self.parts(idx))
+        local = [np.arange(b - a) if rows is None else rows
+                 for rows, (a, b) in zip(self._local(idx), self.bounds, strict=True)]
+        parts = ray.get([actor.images.remote(self.chain_ref, rows, dtype)
+                         for actor, rows in zip(self.actors, local, strict=True) if len(rows)])
         if not parts:
-            return np.zeros((0, *self.row_shape), dtype=self.dtype)
+            return np.zeros((0, *self.row_shape), dtype=dtype)
         return np.concatenate(parts, axis=0)
 
-    def fingerprint(self) -> str:
-        """Fingerprint of the (featurised) images, equal to ``store.rows_fingerprint``."""
+    def fingerprint(self, dtype: str) -> str:
+        """Fingerprint of the images as the current layer sees them in working ``dtype``,
+        equal to ``store.rows_fingerprint`` of those values."""
         import ray
 
         if not self.align:
             raise ValueError("fingerprints need block-aligned shards (align=True)")
         from ray_convrfm.backends.store import combine_digests
 
-        digests = ray.get([a.digests.remote(self.chain_ref, self.block) for a in self.actors])
+        digests = ray.get([a.digests.remote(self.chain_ref, self.block, dtype)
+                           for a in self.actors])
         return combine_digests([d for part in digests for d in part], self.row_shape,
-                               np.dtype(self.dtype).str)
+                               np.dtype(dtype).str)
 
-    def patch_gram(self, patch_size: int, padding: bool) -> np.ndarray:
+    def patch_gram(self, patch_size: int, padding: bool, dtype: str) -> np.ndarray:
         """Sum over every patch of every shard of p p^T (float64, (d, d))."""
-        return self.reduce([a.patch_gram.remote(self.chain_ref, patch_size, padding)
+        return self.reduce([a.patch_gram.remote(self.chain_ref, patch_size, padding, dtype)
                             for a in self.actors])
 
     # ------------------------------------------------------------------ reductions
@@ -328,12 +335,12 @@ class ShardedImages:
         for actor, rows, (a, b) in zip(self.actors, self._local(idx), self.bounds, strict=True):
             rows = np.arange(b - a) if rows is None else rows
             for k in range(0, len(rows), self.block):
-                parts.append(actor.images.remote(self.chain_ref, rows[k : k + self.block]))
+                parts.append(actor.pixels.remote(rows[k : k + self.block]))
                 sizes.append(len(rows[k : k + self.block]))
         selection = "all" if idx is None else hashlib.sha256(
             np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
         return CenterBlocks(f"centers:{self.chain_ref.hex()}:{selection}:{self.block}",
-                            tuple(parts), tuple(sizes))
+                            tuple(parts), tuple(sizes), self.chain)
 
     def map_scores(self, rows: np.ndarray, chain: list, centers: CenterBlocks,
                    alpha: np.ndarray, M: np.ndarray, basis: np.ndarray | None,
@@ -383,13 +390,15 @@ class ShardedImages:
         self._time(f"evaluate_{name}", t0)
         return out
 
-    def nystrom(self, center_idx: np.ndarray, Y: np.ndarray, M: np.ndarray,
+    def nystrom(self, center_idx: np.ndarray, targets, M: np.ndarray,
                 basis: np.ndarray | None, spec: KernelSpec, store: tuple | None = None,
                 key: str | None = None, resident_bytes: int | None = None,
                 preconditioner_cols: np.ndarray | None = None):
         """Every worker's rows of K(train, centers) (the centers' blocks fetched from their
         owners one at a time), summed: returns (K^T K or None, K^T Y, refs of the shards'
-        K_mm rows, max of K_mm, slabs computed). With ``store`` = (url, store spec) the rows go
+        K_mm rows, max of K_mm, slabs computed). ``targets`` (``protocol.Targets``) go to the
+        workers as class indices, each its rows', and become one-hot targets a slab at a time
+        there. With ``store`` = (url, store spec) the rows go
         through zarr slabs, so an interrupted fit resumes. With ``key`` the workers keep their
         rows for ``hessian_matvec`` and K^T K is not formed (the iterative solver)."""
         import ray
@@ -407,7 +416,9 @@ class ShardedImages:
             stored = (url, store_spec, "K", shape)
         tasks, offset = [], 0
         for (a, b), rows in zip(self.bounds, self._local(center_idx), strict=True):
-            tasks.append(NystromTask(key=key, chain=self.chain, Y=ray.put(Y[a:b]),
+            tasks.append(NystromTask(key=key, chain=self.chain,
+                                     labels=ray.put(np.asarray(targets.labels[a:b])),
+                                     classes=int(targets.classes),
                                      center_rows=rows.astype(np.int64), center_offset=offset,
                                      M=M, basis=basis, spec=spec, block=self.block,
                                      centers=centers, stored=stored,

@@ -8,12 +8,13 @@ import itertools
 import numpy as np
 import torch
 
+from ray_convrfm.backends.chunks import CenterBlocks, apply_chain
 from ray_convrfm.backends.nystrom import NystromMembers
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, RunStore, rows_fingerprint
-from ray_convrfm.backends.workers import CenterBlocks, NystromTask, ShardWorker, apply_chain
+from ray_convrfm.backends.workers import NystromTask, ShardWorker
 from ray_convrfm.kernels.agop import Workspace, agop_from_sides
-from ray_convrfm.kernels.kernel import KernelSide, kernel_matrix, prepare_side
+from ray_convrfm.kernels.kernel import KernelSide, as_working, kernel_matrix, prepare_side
 from ray_convrfm.kernels.patches import featurise, patch_span
 from ray_convrfm.options import DEFAULT_BLOCK, SolveOptions
 from ray_convrfm.progress import Bar
@@ -41,8 +42,8 @@ class LocalShards:
         return CenterBlocks(f"local:{self.version}:{digest}:{self.block}", parts,
                             tuple(len(p) for p in parts))
 
-    def nystrom(self, center_idx, Y, M, basis, spec, store=None, key=None, resident_bytes=None,
-                preconditioner_cols=None):
+    def nystrom(self, center_idx, targets, M, basis, spec, store=None, key=None,
+                resident_bytes=None, preconditioner_cols=None):
         """As ``ShardedImages.nystrom``, for the one in-process shard."""
         stored = None
         if store is not None:
@@ -50,7 +51,8 @@ class LocalShards:
             shape = (len(self.X), len(center_idx))
             KernelStore(url, store_spec).kernel("K", shape)
             stored = (url, store_spec, "K", shape)
-        task = NystromTask(key=key, chain=[], Y=np.asarray(Y),
+        task = NystromTask(key=key, chain=[], labels=np.asarray(targets.labels),
+                           classes=int(targets.classes),
                            center_rows=np.asarray(center_idx, dtype=np.int64), center_offset=0,
                            M=M, basis=basis, spec=spec, block=self.block,
                            centers=self.center_blocks(center_idx), stored=stored,
@@ -138,7 +140,7 @@ class LocalBackend(NystromMembers):
 
     def configure(self, spec: KernelSpec, store: str | None) -> None:
         self.spec, self.store = spec, store
-        self.X = self.X.to(spec.torch_dtype)
+        self.X = as_working(self.X, spec.torch_dtype, self.X.device)
         if store:
             self.run = RunStore.open(store, rows_fingerprint(self.X, self.block), spec,
                                      self.block)
@@ -222,8 +224,7 @@ class LocalBackend(NystromMembers):
 
     def scores(self, Z, coef: torch.Tensor, center_idx: np.ndarray | None,
                chain: list) -> np.ndarray:
-        Z = torch.as_tensor(np.asarray(Z)) if not isinstance(Z, torch.Tensor) else Z
-        Z = apply_chain(Z.to(self.X.device, self.X.dtype), chain)
+        Z = apply_chain(as_working(Z, self.X.dtype, self.X.device), chain)
         K = self._kernel(self._side(Z), self._columns(center_idx), "predict kernel")
         return (K.to(torch.float64) @ coef.to(K.device, torch.float64)).cpu().numpy()
 

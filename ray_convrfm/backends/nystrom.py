@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import torch
 
-from ray_convrfm.backends.protocol import KernelSpec, NystromOperator
+from ray_convrfm.backends.protocol import KernelSpec, NystromOperator, Targets
 from ray_convrfm.kernels.pcg import preconditioner_columns
 from ray_convrfm.options import SolveOptions
 
@@ -36,7 +36,7 @@ class _RemotePreconditioner:
         return self.apply(v, transpose=True)
 
 
-def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndarray,
+def nystrom_operator(shards, center_idx: np.ndarray, targets: Targets, M: np.ndarray,
                      basis: np.ndarray | None, spec: KernelSpec, store: tuple | None,
                      solve: SolveOptions, device: torch.device) -> tuple[NystromOperator, int]:
     """The operator of docs/math.md 9a over rows kept by ``shards``, and the slabs computed.
@@ -50,11 +50,11 @@ def nystrom_operator(shards, center_idx: np.ndarray, Y: torch.Tensor, M: np.ndar
     cols = preconditioner_columns(len(center_idx), solve.preconditioner_rank)
     resident = None if solve.resident_mb is None else solve.resident_mb * 2**20
     _, KtY, C_parts, kmax, computed = shards.nystrom(
-        center_idx, Y.cpu().numpy(), M, basis, spec, store, key=key, resident_bytes=resident,
+        center_idx, targets, M, basis, spec, store, key=key, resident_bytes=resident,
         preconditioner_cols=cols)
     scale = float(kmax)
     build = (scale, cols, C_parts)  # the first shard fetches the parts when it factors
-    n = len(Y)
+    n = len(targets)
 
     def hessian(V: torch.Tensor, ridges: list[float]) -> torch.Tensor:
         out = shards.hessian_matvec(key, V.cpu().numpy(), list(ridges), scale)
@@ -88,21 +88,21 @@ class NystromMembers:
         return self.run.kernel(self.run.centers_fingerprint(center_idx), self.M, self.basis,
                                layout="slabs")
 
-    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
+    def nystrom_operator(self, center_idx: np.ndarray, targets: Targets) -> NystromOperator:
         """The shards keep their rows of K(train, centers); a CG step moves m x c only, and
         the preconditioner's factor is built and applied on the first shard."""
-        op, computed = nystrom_operator(self.shards, center_idx, Y, self.M, self.basis,
+        op, computed = nystrom_operator(self.shards, center_idx, targets, self.M, self.basis,
                                         self.spec, self._centers_store(center_idx), self.solve,
                                         self.device)
         self.blocks_computed += computed
         return op
 
-    def nystrom_system(self, center_idx: np.ndarray, Y: torch.Tensor):
+    def nystrom_system(self, center_idx: np.ndarray, targets: Targets):
         """Per-shard (K^T K, K^T Y) against the centers, summed (docs/math.md section 9), and
         K_mm from the shards' center rows; with a store the rows go through zarr slabs, so an
         interrupted fit resumes. For small m: K_mm and K^T K are m x m here."""
         KtK, KtY, C_parts, _, computed = self.shards.nystrom(
-            center_idx, Y.cpu().numpy(), self.M, self.basis, self.spec,
+            center_idx, targets, self.M, self.basis, self.spec,
             self._centers_store(center_idx))
         self.blocks_computed += computed
         return tuple(torch.from_numpy(np.array(a)).to(self.device)

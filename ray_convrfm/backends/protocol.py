@@ -36,6 +36,25 @@ class KernelSpec:
         return torch.float32 if self.dtype == "float32" else torch.float64
 
 
+@dataclass(frozen=True)
+class Targets:
+    """The training targets as class indices (n,) and the number of classes c. The one-hot
+    n x c matrix is made only where rows of the kernel are, a slab at a time (its K^T Y by
+    ``solvers.class_sums``), and whole only for the exact solver, whose n is small."""
+
+    labels: np.ndarray
+    classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def one_hot(self, device: torch.device | None = None) -> torch.Tensor:
+        """Y (n, c) float64: for the exact solver only."""
+        Y = torch.zeros(len(self.labels), self.classes, dtype=torch.float64, device=device)
+        Y[torch.arange(len(self.labels)), torch.as_tensor(self.labels, device=device)] = 1.0
+        return Y
+
+
 @dataclass
 class NystromOperator:
     """The Nystrom problem (docs/math.md 9a) on the kernel divided by ``scale`` (the largest
@@ -103,12 +122,13 @@ class KernelBackend(Protocol):
         ...
 
     def nystrom_system(self, center_idx: np.ndarray,
-                       Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       targets: Targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(K_nm^T K_nm, K_nm^T Y, K_mm) summed over row blocks: the direct solver (small m)."""
         ...
 
-    def nystrom_operator(self, center_idx: np.ndarray, Y: torch.Tensor) -> NystromOperator:
-        """The iterative solver's operator over resident rows of K_nm (nothing m x m here)."""
+    def nystrom_operator(self, center_idx: np.ndarray, targets: Targets) -> NystromOperator:
+        """The iterative solver's operator over resident rows of K_nm (nothing m x m here, and
+        the one-hot targets made per slab where the rows are)."""
         ...
 
     def holdout(self, name: str, X, y: np.ndarray) -> None:

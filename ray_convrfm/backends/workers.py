@@ -1,15 +1,20 @@
 """Ray actors owning shards of the images (docs/math.md section 9).
 
-A worker keeps its shard where it runs (on its GPU when it has one) and calls the
-single-machine core (``kernels``): kernel rows of its images against columns that reach it once
-through Ray's object store, the unaveraged patch AGOP over the sample images it owns, the
-partial sums of the Nystrom normal equations, class scores for blocks of test images and, for
-Deep ConvRFM, the featurisation of its own shard.
+A worker keeps its shard where it runs (on its GPU when it has one), in the data's own dtype
+(8-bit pixels stay ``uint8``), and calls the single-machine core (``kernels``): kernel rows of
+its images against columns that reach it once through Ray's object store, the unaveraged patch
+AGOP over the sample images it owns, the partial sums of the Nystrom normal equations and
+class scores for blocks of held-out or test images.
 
-Every method is a pure function of its arguments and the raw shard: the filter banks applied
-so far (the *chain*) arrive with each call, and what a worker caches (featurised images,
-prepared kernel sides) it can rebuild from them. A restarted actor (built again from its raw
-shard) therefore gives the same answer to a retried task.
+Images become working values a chunk at a time (``_features``): converted from the stored
+pixels on the device that uses them, then, for Deep ConvRFM, through the filter banks applied
+so far (the *chain*). Chunks are sized so that a prepared chunk fits ``PREPARED_SHARE`` of
+the memory budget (``chunks.prepared_chunk``), so a worker's memory is set by its budget and
+its raw shard, never by a featurised shard or the width of a layer.
+
+Every method is a pure function of its arguments and the raw shard: the chain arrives with each
+call, and what a worker caches (prepared kernel sides) it can rebuild from them. A restarted
+actor (built again from its raw shard) therefore gives the same answer to a retried task.
 """
 
 from __future__ import annotations
@@ -21,13 +26,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ray_convrfm.backends.chunks import (
+    CenterBlocks,
+    apply_chain,
+    chain_shape,
+    prepared_chunk,
+    resolve,
+    side_bytes,
+)
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, StoreSpec, block_digests, fingerprint
-from ray_convrfm.kernels.agop import agop_from_blocks
-from ray_convrfm.kernels.kernel import as_tensor, kernel_matrix, prepare_side
-from ray_convrfm.kernels.patches import featurise, patch_gram
+from ray_convrfm.kernels.agop import Workspace, agop_from_blocks
+from ray_convrfm.kernels.kernel import as_tensor, as_working, kernel_matrix, prepare_side
+from ray_convrfm.kernels.patches import patch_gram
 from ray_convrfm.kernels.pcg import factor_centers
-from ray_convrfm.kernels.solvers import normal_equations
+from ray_convrfm.kernels.solvers import class_sums
 
 #: Rows of K(train, centers) converted to float64 at a time in a CG product (64 x m x 8 bytes:
 #: small enough that both products read them from cache; 20 % faster than whole slabs).
@@ -38,39 +51,6 @@ MATVEC_ROWS = 64
 #: other blocks are prepared again for each slab of rows (about d / b of the slab's kernel).
 CENTER_CACHE_SHARE = 1 / 16
 
-
-def resolve(part):
-    """An array as given (in process) or the value of a Ray object ref (on a worker)."""
-    if isinstance(part, np.ndarray | torch.Tensor) or part is None:
-        return part
-    if hasattr(part, "load"):  # parquet rows: read where they are used
-        return part.load()
-    import ray
-
-    return ray.get(part)
-
-
-@dataclass(frozen=True)
-class CenterBlocks:
-    """The predictor's centers as blocks of at most ``block`` images, each left where it was
-    made (a Ray object ref on the worker that owns those rows, or an array in process) and
-    fetched by whoever needs it one block at a time: no process holds every center at once.
-    ``key`` names the selection (and the filter banks applied), so workers recognise blocks
-    they have already prepared."""
-
-    key: str
-    parts: tuple
-    sizes: tuple[int, ...]
-
-    @property
-    def m(self) -> int:
-        return int(sum(self.sizes))
-
-    def bounds(self) -> list[tuple[int, int]]:
-        edges = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
 @dataclass(frozen=True)
 class NystromTask:
     """One shard's share of the Nystrom problem: everything a worker needs to (re)compute its
@@ -79,7 +59,8 @@ class NystromTask:
 
     key: str | None  # rows kept for CG steps under this key; None: the direct solver's sums
     chain: list
-    Y: object  # (rows of the shard, c) targets: an object ref or an array
+    labels: object  # (rows of the shard,) class indices: an object ref or an array
+    classes: int  # c: one-hot targets are made per slab from the labels
     center_rows: np.ndarray  # local rows of this shard that are centers
     center_offset: int  # position of its first center among all m
     M: np.ndarray
@@ -117,19 +98,6 @@ def ridge_columns(ridges: list[float], columns: int, like: torch.Tensor) -> torc
                         device=like.device)
 
 
-def side_bytes(side) -> int:
-    """Bytes of a prepared side's tensors (for the centers' cache budget)."""
-    return sum(t.element_size() * t.numel() for t in (side.left, side.right, side.sq, side.rsq)
-               if isinstance(t, torch.Tensor))
-
-
-def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
-    """Images after the filter banks ``chain`` = [(filters, padding), ...] (Deep ConvRFM)."""
-    for filters, padding in chain:
-        Z = featurise(Z, torch.as_tensor(np.asarray(filters)), padding)
-    return Z
-
-
 class ShardWorker:
     """Holds rows ``start..start + len(images)`` of the images; made by ``ray.remote``."""
 
@@ -144,9 +112,8 @@ class ShardWorker:
         self.device = torch.device("cuda" if gpu else "cpu")
         if hasattr(images, "load"):  # a description of parquet rows: read them here
             images = images.load()
-        self.raw = np.ascontiguousarray(images)
+        self.raw = np.ascontiguousarray(images)  # the stored pixels, in the data's own dtype
         self.start = start
-        self._features: tuple[str, torch.Tensor] | None = None
         self._sides: dict[tuple, object] = {}
         self._center_cache: tuple[tuple, dict] = ((), {})
         self._resident: ResidentRows | None = None
@@ -180,34 +147,54 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def _images(self, chain: list) -> torch.Tensor:
-        """The shard after the chain of filter banks ``[(filters, padding), ...]``, cached."""
-        key = fingerprint(*[f for f, _ in chain], extra=[p for _, p in chain])
-        if self._features is None or self._features[0] != key:
-            self._features = None
-            self._sides.clear()
-            self._center_cache = ((), {})
-            self._features = (key, apply_chain(torch.from_numpy(self.raw).to(self.device), chain))
-        return self._features[1]
+    def _features(self, chain: list, rows, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of the shard (a slice or local indices) as the current layer sees them: the
+        stored pixels converted on this device (``as_working``), then through ``chain``. Made
+        per chunk when needed, never for the whole shard."""
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)
+        return apply_chain(as_working(self.raw[rows], dtype, self.device), chain)
 
-    def prepare(self, chain: list) -> tuple[int, ...]:
-        """Featurise the shard now (Deep ConvRFM, between layers); returns its shape."""
-        return tuple(self._images(chain).shape)
+    def _chunks(self, n: int, step: int):
+        for a in range(0, n, max(1, step)):
+            yield a, min(n, a + max(1, step))
 
-    def images(self, chain: list, rows: np.ndarray | None = None) -> np.ndarray:
-        """The shard's (featurised) images, or its local ``rows``: for columns and models."""
-        Z = self._images(chain)
-        if rows is not None:
-            Z = Z[torch.as_tensor(np.asarray(rows, dtype=np.int64), device=Z.device)]
-        return Z.cpu().numpy()
+    def pixels(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The shard's stored pixels (its local ``rows``): blocks of kernel columns and of
+        centers travel as stored and are converted and featurised where they are used."""
+        return self.raw if rows is None else self.raw[np.asarray(rows, dtype=np.int64)]
 
-    def digests(self, chain: list, block: int) -> list[str]:
-        """Per-block SHA-256 of the (featurised) shard; the driver combines them in order."""
-        return block_digests(self._images(chain).cpu().numpy(), block)
+    def images(self, chain: list, rows: np.ndarray, dtype: str,
+               chunk: int = 256) -> np.ndarray:
+        """Local ``rows`` as the current layer sees them (working ``dtype``), featurised a chunk
+        at a time: the model's centers at the end of a fit."""
+        dt = torch.float32 if dtype == "float32" else torch.float64
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = [self._features(chain, rows[a:b], dt).cpu().numpy()
+                 for a, b in self._chunks(len(rows), chunk)]
+        return np.concatenate(parts) if parts else np.zeros(
+            (0, *chain_shape(self.raw.shape[1:], chain)), dtype=dtype)
 
-    def patch_gram(self, chain: list, patch_size: int, padding: bool) -> np.ndarray:
-        """Sum of p p^T over the shard's patches (the driver sums and finds their span)."""
-        return patch_gram(self._images(chain), patch_size, padding).cpu().numpy()
+    def digests(self, chain: list, block: int, dtype: str) -> list[str]:
+        """Per-block SHA-256 of the shard as the layer sees it (working ``dtype``: uint8 and
+        float32 shards of the same pixels agree); the driver combines them in order."""
+        dt = torch.float32 if dtype == "float32" else torch.float64
+        return [block_digests(self._features(chain, slice(a, b), dt).cpu().numpy(), block)[0]
+                for a, b in self._chunks(len(self.raw), block)]
+
+    def patch_gram(self, chain: list, patch_size: int, padding: bool, dtype: str,
+                   chunk: int = 256) -> np.ndarray:
+        """Sum of p p^T over the shard's patches (the driver sums and finds their span),
+        featurised a chunk at a time."""
+        dt = torch.float32 if dtype == "float32" else torch.float64
+        total = None
+        for a, b in self._chunks(len(self.raw), chunk):
+            g = patch_gram(self._features(chain, slice(a, b), dt), patch_size, padding)
+            total = g if total is None else total.add_(g)
+        if total is None:
+            C = chain_shape(self.raw.shape[1:], chain)[0]
+            return np.zeros((C * patch_size**2,) * 2)
+        return total.cpu().numpy()
 
     def add(self, *parts: np.ndarray) -> np.ndarray:
         """Sum of partial results: one node of the driver's reduction tree."""
@@ -232,18 +219,24 @@ class ShardWorker:
     def _rows_side(self, chain: list, rows, M, basis, spec: KernelSpec):
         """The prepared side of some of the shard's rows (a slice or indices): prepared per
         task, so a worker's memory is set by its block of rows, not by its shard."""
-        Z = self._images(chain)
-        if not isinstance(rows, slice):
-            rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=Z.device)
-        return self._prepare(Z[rows], M, basis, spec)
+        return self._prepare(self._features(chain, rows, spec.torch_dtype), M, basis, spec)
 
-    def _cols_side(self, cols_key: str, cols: tuple, M, basis, spec: KernelSpec):
+    def _rows_sides(self, chain: list, rows, M, basis, spec: KernelSpec):
+        """(a, b, prepared side) of rows[a:b] for chunks of ``rows`` (a slice or local
+        indices) sized by ``prepared_chunk``: one chunk is prepared at a time."""
+        idx = np.arange(len(self.raw))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        step = prepared_chunk(chain_shape(self.raw.shape[1:], chain), spec, basis)
+        for a, b in self._chunks(len(idx), step):
+            yield a, b, self._rows_side(chain, idx[a:b], M, basis, spec)
+
+    def _cols_side(self, cols_key: str, cols: tuple, chain: list, M, basis, spec: KernelSpec):
         metric = fingerprint(M, *([] if basis is None else [basis]), extra=[spec])
         key = ("cols", cols_key, metric)
 
         def build():
             X = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=0)
-            return self._prepare(X, M, basis, spec)
+            return self._prepare(apply_chain(as_working(X, spec.torch_dtype, self.device),
+                                             chain), M, basis, spec)
 
         return self._cached(key, build)
 
@@ -257,7 +250,7 @@ class ShardWorker:
         """K(shard rows r0..r1, cols); ``cols`` are the parts of the columns, in order, each
         resolved from the object store (never sent by the driver per task)."""
         xs = self._rows_side(chain, slice(r0, r1), M, basis, spec)
-        zs = self._cols_side(cols_key, cols, M, basis, spec)
+        zs = self._cols_side(cols_key, cols, chain, M, basis, spec)
         return self._kernel(xs, zs, spec).cpu().numpy()
 
     def store_kernel_blocks(self, chain: list, blocks: list[tuple[int, int]], url: str,
@@ -267,7 +260,7 @@ class ShardWorker:
         each to the store, then mark it; blocks already marked (by an earlier attempt) are
         skipped. Returns the number of blocks computed."""
         store = KernelStore(url, store_spec)
-        zs = self._cols_side(cols_key, cols, M, basis, spec)
+        zs = self._cols_side(cols_key, cols, chain, M, basis, spec)
         return store.fill(name, shape, blocks, lambda r0, r1: self._rows_side(
                               chain, slice(r0 - self.start, r1 - self.start), M, basis, spec),
                           zs, lambda xs, zs: self._kernel(xs, zs, spec))
@@ -286,29 +279,62 @@ class ShardWorker:
             self._center_cache = (key, {})
         cache = self._center_cache[1]
         budget = spec.memory_budget_mb * 2**20 * CENTER_CACHE_SHARE
-        for j, (c0, c1) in enumerate(centers.bounds()):
-            side = cache.get(j)
-            if side is None:
-                side = self._prepare(resolve(centers.parts[j]), M, basis, spec)
-                if sum(map(side_bytes, cache.values())) + side_bytes(side) <= budget:
-                    cache[j] = side
-            yield c0, c1, side
+        dt = spec.torch_dtype
+        for j, (c0, _) in enumerate(centers.bounds()):
+            sides = cache.get(j)
+            if sides is not None:
+                for a, b, side in sides:
+                    yield c0 + a, c0 + b, side
+                continue
+            X = resolve(centers.parts[j])
+            step = prepared_chunk(chain_shape(X.shape[1:], centers.chain), spec, basis)
+            kept: list | None = []
+            used = sum(side_bytes(s) for block in cache.values() for *_, s in block)
+            for a, b in self._chunks(len(X), step):
+                side = self._prepare(apply_chain(as_working(X[a:b], dt, self.device),
+                                                 centers.chain), M, basis, spec)
+                if kept is not None and used + side_bytes(side) <= budget:
+                    kept.append((a, b, side))
+                    used += side_bytes(side)
+                else:
+                    kept = None  # a block is cached whole or not at all
+                yield c0 + a, c0 + b, side
+            if kept is not None:
+                cache[j] = kept
 
-    def _against_centers(self, xs, centers: CenterBlocks, M, basis,
-                         spec: KernelSpec) -> torch.Tensor:
-        """K(prepared rows xs, every center), (rows, m), filled one block of centers at a time."""
-        out = torch.empty(len(xs), centers.m, dtype=spec.torch_dtype, device=self.device)
+    def _against_centers(self, xs, centers: CenterBlocks, M, basis, spec: KernelSpec,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """K(prepared rows xs, every center), (rows, m), filled one chunk of centers at a time
+        (into ``out`` when given)."""
+        if out is None:
+            out = torch.empty(len(xs), centers.m, dtype=spec.torch_dtype, device=self.device)
         for c0, c1, zs in self._center_sides(centers, M, basis, spec):
             out[:, c0:c1] = self._kernel(xs, zs, spec)
         return out
+
+    def _held_out_kernel(self, images, chain: list, centers: CenterBlocks, M, basis,
+                         spec: KernelSpec, block: int):
+        """(r0, r1, K(chain(images[r0:r1]), centers)) for chunks of stored images that are not
+        in the shard (held-out and test images): at most ``block`` images and one prepared
+        chunk at a time, converted and featurised here."""
+        shape = chain_shape(np.shape(images)[1:], chain)
+        step = min(block, prepared_chunk(shape, spec, basis))
+        for r0, r1 in self._chunks(len(images), step):
+            Z = apply_chain(as_working(np.asarray(images[r0:r1]), spec.torch_dtype,
+                                       self.device), chain)
+            yield r0, r1, self._against_centers(self._prepare(Z, M, basis, spec), centers, M,
+                                                basis, spec)
 
     def scores(self, rows: np.ndarray, chain: list, alpha: np.ndarray, M, basis,
                spec: KernelSpec, centers: CenterBlocks) -> np.ndarray:
         """Class scores K(chain(rows), centers) @ alpha (float64) for a block of images the
         driver sends (test images); only (rows, classes) leaves the worker."""
-        Z = apply_chain(torch.from_numpy(np.asarray(rows)).to(self.device), chain)
-        K = self._against_centers(self._prepare(Z, M, basis, spec), centers, M, basis, spec)
-        return K.cpu().numpy().astype(np.float64) @ np.asarray(alpha, dtype=np.float64)
+        alpha = np.asarray(alpha, dtype=np.float64)
+        out = np.empty((len(rows), alpha.shape[1]))
+        for r0, r1, K in self._held_out_kernel(rows, chain, centers, M, basis, spec,
+                                               len(rows)):
+            out[r0:r1] = K.cpu().numpy().astype(np.float64) @ alpha
+        return out
 
     def evaluate(self, name: str, images, labels: np.ndarray, chain: list, coefs: np.ndarray,
                  M, basis, spec: KernelSpec, centers: CenterBlocks, block: int) -> np.ndarray:
@@ -327,13 +353,9 @@ class ShardWorker:
                                 device=self.device)
         labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
         out = torch.zeros(coefs.shape[0], 3, dtype=torch.float64)
-        for r0 in range(0, len(images), block):
-            Z = apply_chain(torch.from_numpy(np.asarray(images[r0 : r0 + block])).to(
-                self.device, spec.torch_dtype), chain)
-            K = self._against_centers(self._prepare(Z, M, basis, spec), centers, M, basis,
-                                      spec).to(torch.float64)
-            S = torch.einsum("bm,rmc->rbc", K, coefs)
-            y = labels[r0 : r0 + block]
+        for r0, r1, K in self._held_out_kernel(images, chain, centers, M, basis, spec, block):
+            S = torch.einsum("bm,rmc->rbc", K.to(torch.float64), coefs)
+            y = labels[r0:r1]
             target = torch.nn.functional.one_hot(y, coefs.shape[2]).to(torch.float64)
             out[:, 0] += (S.argmax(-1) == y).sum(-1).cpu().double()
             out[:, 1] += ((S - target) ** 2).sum((1, 2)).cpu()
@@ -362,10 +384,11 @@ class ShardWorker:
             url, store_spec, res.name, res.shape = task.stored
             res.store = KernelStore(url, store_spec)
             res.store.kernel(res.name, res.shape)
-        Y = torch.as_tensor(np.asarray(resolve(task.Y)), device=self.device)
+        labels = torch.as_tensor(np.asarray(resolve(task.labels), dtype=np.int64),
+                                 device=self.device)
         KtK = None if task.key is not None else torch.zeros(m, m, dtype=torch.float64,
                                                              device=self.device)
-        KtY = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=self.device)
+        KtY = torch.zeros(m, task.classes, dtype=torch.float64, device=self.device)
         width = m if task.preconditioner_cols is None else len(task.preconditioner_cols)
         # this shard's centers' rows of K_mm, filled in place (one copy, never a list of parts)
         C = np.empty((len(task.center_rows), width), dtype=task.spec.dtype)
@@ -375,11 +398,9 @@ class ShardWorker:
             K, fresh = self._slab(res, r0, r1)
             computed += fresh
             if task.key is None:
-                a, c = normal_equations(K, Y[r0:r1])
-                KtK += a
-            else:
-                c = K.T.to(torch.float64) @ Y[r0:r1].to(torch.float64)
-            KtY += c
+                K64 = K.to(torch.float64)
+                KtK.addmm_(K64.T, K64)
+            KtY += class_sums(K, labels[r0:r1], task.classes)
             here = torch.as_tensor(task.center_rows[(task.center_rows >= r0)
                                                     & (task.center_rows < r1)] - r0,
                                    device=K.device)
@@ -412,8 +433,14 @@ class ShardWorker:
             else r0 // res.task.block
 
     def _compute_slab(self, task: NystromTask, r0: int, r1: int) -> torch.Tensor:
-        xs = self._rows_side(task.chain, slice(r0, r1), task.M, task.basis, task.spec)
-        return self._against_centers(xs, task.centers, task.M, task.basis, task.spec)
+        """Rows r0..r1 of K(train, centers), prepared a chunk of rows at a time."""
+        out = torch.empty(r1 - r0, task.centers.m, dtype=task.spec.torch_dtype,
+                          device=self.device)
+        for a, b, xs in self._rows_sides(task.chain, slice(r0, r1), task.M, task.basis,
+                                         task.spec):
+            self._against_centers(xs, task.centers, task.M, task.basis, task.spec,
+                                  out=out[a:b])
+        return out
 
     def _slab(self, res: ResidentRows, r0: int, r1: int) -> tuple[torch.Tensor, int]:
         """Rows r0..r1 (local) of K(train, centers) and whether they were computed now: from
@@ -546,16 +573,19 @@ class ShardWorker:
         d = M.shape[0]
         if len(sample_rows) == 0:
             return np.zeros((d, d))
-        zs = self._rows_side(chain, sample_rows, M, basis, spec)
-        dt = zs.left.dtype
+        dt = spec.torch_dtype
         coef = torch.as_tensor(np.asarray(coef), dtype=dt, device=self.device)
+        Mt = torch.as_tensor(M, dtype=dt, device=self.device)
         engine = "torch" if self.device.type == "cuda" else spec.engine
 
         def blocks():
             for c0, c1, xs in self._center_sides(centers, M, basis, spec):
                 yield xs, coef[c0:c1]
 
-        G = agop_from_blocks(blocks, zs, torch.as_tensor(M, dtype=dt, device=self.device),
-                             coef.shape[1], engine=engine, budget_mb=spec.memory_budget_mb,
-                             average=False)
-        return G.to(torch.float64).cpu().numpy()
+        G, workspace = torch.zeros(d, d, dtype=torch.float64), Workspace()
+        # the AGOP is a sum over sample images: one prepared chunk of them at a time
+        for _, _, zs in self._rows_sides(chain, sample_rows, M, basis, spec):
+            G += agop_from_blocks(blocks, zs, Mt, coef.shape[1], engine=engine,
+                                  budget_mb=spec.memory_budget_mb, average=False,
+                                  workspace=workspace).to(torch.float64).cpu()
+        return G.numpy()

@@ -268,15 +268,17 @@ class ParquetImages:
         parts = [y for *_, y in pio.read_slices(self.manifest, self.split, slices, ["label"])]
         return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64)
 
-    def read(self, ranges: Sequence[tuple[int, int]] | None = None
+    def read(self, ranges: Sequence[tuple[int, int]] | None = None, dtype: str = "float32"
              ) -> tuple[np.ndarray, np.ndarray]:
-        """Images and labels of the row ``ranges`` (default: all rows), concatenated."""
+        """Images and labels of the row ``ranges`` (default: all rows), concatenated; images
+        in ``[0, 1]`` (float32) or as stored 8-bit pixels (``dtype="uint8"``)."""
         ranges = [(0, len(self))] if ranges is None else list(ranges)
         # read_rows is looked up here, so that a test can count the driver's reads
-        parts = [read_rows(self.manifest, self.split, a, b, size=self.size) for a, b in ranges]
+        parts = [read_rows(self.manifest, self.split, a, b, size=self.size, dtype=dtype)
+                 for a, b in ranges]
         if not parts:
             n, c, h, w = self.shape
-            return np.zeros((0, c, h, w), np.float32), np.zeros(0, np.int64)
+            return np.zeros((0, c, h, w), dtype), np.zeros(0, np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def split_validation(self, fraction: float, rng: np.random.Generator
@@ -311,7 +313,7 @@ class ParquetRows:
 
     images: ParquetImages
     ranges: tuple[tuple[int, int], ...]
-    dtype: str = "float32"
+    dtype: str = "uint8"  # the stored pixels; "float32" decodes to [0, 1] here
 
     def __len__(self) -> int:
         return sum(b - a for a, b in self.ranges)
@@ -328,5 +330,8 @@ class ParquetRows:
                 (b - a for a, b in r), start, stop)))
 
     def load(self) -> np.ndarray:
-        """Read and decode these rows: ``(len, C, H, W)`` in ``dtype``."""
+        """Read and decode these rows: ``(len, C, H, W)``, uint8 pixels as stored (the
+        default) or float in ``[0, 1]``."""
+        if self.dtype == "uint8":
+            return self.images.read(self.ranges, dtype="uint8")[0]
         return self.images.read(self.ranges)[0].astype(self.dtype, copy=False)

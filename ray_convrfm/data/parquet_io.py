@@ -441,8 +441,10 @@ def read_slices(m: ParquetManifest, split: str, slices: list[GroupSlice], column
 
 
 def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split: str, start: int,
-              stop: int, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``float32`` images ``(stop - start, C, H, W)`` in ``[0, 1]`` and ``int64`` labels of rows
+              stop: int, size: tuple[int, int] | None = None, dtype: str = "float32"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``float32`` images ``(stop - start, C, H, W)`` in ``[0, 1]`` (or the stored pixels with
+    ``dtype="uint8"``, a quarter of the bytes) and ``int64`` labels of rows
     ``start:stop`` of ``split`` (of an opened set, or its root), reading only the row groups that
     cover them. ``size`` ``(H, W)`` resizes (bilinear); without it images must have the recorded
     size. A bad range, a null or undecodable image or label, or another size raise a
@@ -455,7 +457,9 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
     if None in target:
         raise ValueError(f"{m.root}: images vary in size (no height/width in {META_FILE}); "
                          "pass size=(H, W)")
-    X = np.empty((int(stop) - int(start), m.channels, *target), dtype=np.float32)
+    if dtype not in ("float32", "uint8"):
+        raise ValueError(f"dtype must be 'float32' or 'uint8'; found {dtype!r}")
+    X = np.empty((int(stop) - int(start), m.channels, *target), dtype=dtype)
     y = np.empty(len(X), dtype=np.int64)
     row = 0
     for s, table, labels in read_slices(m, split, slices, ["image", "label"]):
@@ -475,7 +479,10 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
             except ValueError as exc:
                 raise ValueError(f"{s.file}: row group {s.index}, row {s.start + j}: "
                                  f"{exc}") from exc
-            np.divide(img.chw(pixels), np.float32(255.0), out=X[row + j])
+            if dtype == "uint8":
+                X[row + j] = img.chw(pixels)
+            else:
+                np.divide(img.chw(pixels), np.float32(255.0), out=X[row + j])
         row += table.num_rows
     return X, y
 

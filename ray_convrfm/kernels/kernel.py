@@ -288,6 +288,27 @@ def as_tensor(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return X.to(device=device, dtype=dtype)
 
 
+def as_working(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stored images to working values: ``uint8`` holds 8-bit pixels and means value / 255
+    (what the data loaders give: float32 division, then ``dtype``, so uint8 shards and
+    float32 shards of the same pixels give the same kernel bit for bit); anything else is
+    ``as_tensor``. Shards keep the data's own dtype and call this per block."""
+    if isinstance(X, np.ndarray) and X.dtype == np.uint8:
+        X = torch.from_numpy(np.ascontiguousarray(X))
+    if isinstance(X, torch.Tensor) and X.dtype == torch.uint8:
+        return (X.to(device=device, dtype=torch.float32) / 255.0).to(dtype)
+    return as_tensor(X, dtype, device)
+
+
+def side_bytes_per_image(grids, r: int, d: int, itemsize: int) -> int:
+    """Bytes one image's prepared ``KernelSide`` takes while it is made: its raw and
+    M-transformed patch coordinates (2 r per position), the d-dimensional patches unfolded
+    before a basis projects them, and the per-layer diagonals (sqrt and 1/sqrt)."""
+    p1 = grids[0][0] * grids[0][1]
+    ptot = sum(h * w for h, w in grids)
+    return itemsize * (p1 * (2 * r + (d if r < d else 0)) + 2 * ptot)
+
+
 def resolve_M(M, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """M as a symmetric (d, d) tensor; None means the identity (the fixed CNTK baseline).
 

@@ -60,6 +60,16 @@ def normal_equations(K_block: torch.Tensor,
     return K.T @ K, K.T @ Y_block.to(torch.float64)
 
 
+def class_sums(K_block: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """K^T Y (m, c) for one-hot targets Y of ``labels`` (class indices), without forming Y:
+    column k sums the rows of K_block whose label is k (float64). The n x c targets never
+    exist anywhere; each shard adds its rows' share."""
+    out = torch.zeros(classes, K_block.shape[1], dtype=torch.float64, device=K_block.device)
+    out.index_add_(0, labels.to(device=K_block.device, dtype=torch.int64),
+                   K_block.to(torch.float64))
+    return out.T
+
+
 def solve_nystrom(KtK: torch.Tensor, KtY: torch.Tensor, K_mm: torch.Tensor,
                   ridge: float) -> torch.Tensor:
     """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y (docs/math.md 9), by Cholesky.

@@ -18,7 +18,12 @@ from ray_convrfm.backends import KernelSpec, open_backend
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for, resolve_engine
 from ray_convrfm.kernels.kernel import KernelParams
-from ray_convrfm.models.inputs import FitInputs, prepare_fit_inputs, training_images
+from ray_convrfm.models.inputs import (
+    FitInputs,
+    is_pixels,
+    prepare_fit_inputs,
+    training_images,
+)
 from ray_convrfm.models.persistence import (
     DIGEST,
     FORMAT_VERSION,
@@ -140,8 +145,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         params = self.rfm_params()
         options = as_options(self.options)
         rng = np.random.default_rng(self.random_state)
-        data = prepare_fit_inputs(X, y, X_val, y_val, monitor, self.val_fraction, rng,
-                                  dtype=options.compute.dtype or "float32")
+        data = prepare_fit_inputs(X, y, X_val, y_val, monitor, self.val_fraction, rng)
         params.kernel.grids(*data.X.shape[2:])  # image large enough for patch and depth
         device, spec = kernel_spec(params.kernel, options.compute, data.X)
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
@@ -353,7 +357,7 @@ def register_holdouts(backend, data: FitInputs, spec: KernelSpec) -> str | None:
     parquet rows its workers read: they stay where kernels are computed, and only scores per
     ridge come back. Returns the monitor set's name, or None."""
     def images(X):
-        if hasattr(X, "load"):
+        if hasattr(X, "load") or is_pixels(X):  # parquet rows, 8-bit pixels: as stored
             return X
         return X.to(spec.torch_dtype) if isinstance(X, torch.Tensor) \
             else np.asarray(X, dtype=spec.dtype)

@@ -121,8 +121,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         seed = int(base.random_state)
         options = as_options(base.options)
         data = prepare_fit_inputs(X, y, X_val, y_val, monitor, base.val_fraction,
-                                  np.random.default_rng(seed),
-                                  dtype=options.compute.dtype or "float32")
+                                  np.random.default_rng(seed))
         first = base.rfm_params(depths[0]).kernel
         first.grids(*data.X.shape[2:])  # image large enough for the deepest kernel
         device, spec = kernel_spec(first, options.compute, data.X)

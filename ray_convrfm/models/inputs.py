@@ -30,7 +30,7 @@ class FitInputs(NamedTuple):
 
 
 def prepare_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
-                       rng: np.random.Generator, dtype: str = "float32") -> FitInputs:
+                       rng: np.random.Generator) -> FitInputs:
     """Check inputs, find the classes and carve the validation split (shared by estimators).
 
     Without X_val, ``val_fraction`` of (X, y) is held out (``round(val_fraction * n)``
@@ -48,14 +48,14 @@ def prepare_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
       training image are exactly ``train_test_split``'s.
 
     Parquet data sets hold out whole row groups; a class left without a training row is
-    refused with the counts. ``dtype`` is what parquet rows are decoded to where they are read.
+    refused with the counts. Parquet rows are read as their stored 8-bit pixels.
     """
     from ray_convrfm.data.parquet import ParquetImages
 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1); found {val_fraction}")
     if isinstance(X, ParquetImages):
-        return _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction, rng, dtype)
+        return _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction, rng)
     X = as_images(X, "X")
     if y is None:
         raise ValueError("y is required (only parquet.ParquetImages carry their own labels)")
@@ -152,7 +152,7 @@ def _monitor(classes: np.ndarray, monitor, shape: tuple[int, ...]):
 
 
 def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
-                        rng: np.random.Generator, dtype: str):
+                        rng: np.random.Generator):
     """Fit inputs from a parquet split: labels read here, validation rows held out in whole
     row groups; the fit and validation rows are left for the workers to read
     (``ParquetRows``)."""
@@ -172,8 +172,8 @@ def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
         y_val = np.concatenate([y_idx[a:b] for a, b in val])
         _refuse_untrained_classes(classes, np.concatenate([y_idx[a:b] for a, b in fit]),
                                   y_val, val_fraction)
-        X_val = ParquetRows(X, tuple(val), dtype=dtype)  # read where it is scored
-    X_fit = ParquetRows(X, tuple(fit), dtype=dtype)
+        X_val = ParquetRows(X, tuple(val))  # read where it is scored, as stored pixels
+    X_fit = ParquetRows(X, tuple(fit))
     y_fit = np.concatenate([y_idx[a:b] for a, b in fit])
     return FitInputs(classes, X, X_fit, y_fit, X_val, y_val,
                      *_monitor(classes, monitor, X.shape))
@@ -205,9 +205,19 @@ def encode_labels(classes: np.ndarray, y: np.ndarray, name: str) -> np.ndarray:
     return pos
 
 
+def is_pixels(X) -> bool:
+    """Whether X holds 8-bit pixels (uint8): kept as stored, converted where they are used."""
+    return getattr(X, "dtype", None) in (np.uint8, torch.uint8)
+
+
 def training_images(X_fit, dtype: torch.dtype, device: torch.device):
-    """Training images as a tensor, except parquet rows, which stay a description: Ray
-    workers read their own rows (``backends.open_backend`` reads them in-process)."""
+    """Training images as a tensor in the working dtype, except 8-bit pixels, which stay uint8
+    (a quarter of float32's bytes; ``kernel.as_working`` converts them per chunk), and parquet
+    rows, which stay a description: Ray workers read their own rows
+    (``backends.open_backend`` reads them in-process)."""
     if hasattr(X_fit, "load"):
         return X_fit
+    if is_pixels(X_fit):
+        return torch.as_tensor(np.asarray(X_fit) if isinstance(X_fit, np.ndarray)
+                               else X_fit).to(device)
     return as_tensor(X_fit, dtype, device)

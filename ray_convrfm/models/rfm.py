@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ray_convrfm.backends.protocol import KernelBackend
+from ray_convrfm.backends.protocol import KernelBackend, Targets
 from ray_convrfm.kernels.agop import class_sketch, metric_from_agop, sketch_columns
 from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.kernels.pcg import preconditioned_cg
@@ -145,12 +145,12 @@ def check_exact_fits(n: int, itemsize: int) -> None:
 class ExactRidge:
     """(K + ridge I) alpha = Y on the full normalised training kernel (docs/math.md section 3)."""
 
-    def __init__(self, backend: KernelBackend, Y: torch.Tensor, it: int):
+    def __init__(self, backend: KernelBackend, targets: Targets, it: int):
         t0 = time.perf_counter()
         K = backend.train_kernel(desc=f"iter {it}: train kernel")
         self.scale = kernel_scale(K)
         self.K = K / self.scale
-        self.Y = Y
+        self.Y = targets.one_hot(backend.device)  # n x c: the exact solver's n is small
         self.stages = {"train_kernel": time.perf_counter() - t0}
 
     def solve(self, ridge: float) -> torch.Tensor:
@@ -180,24 +180,24 @@ class ExactRidge:
 class NystromRidge:
     """(K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y from sums over row blocks (section 9)."""
 
-    def __init__(self, backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray,
+    def __init__(self, backend: KernelBackend, targets: Targets, center_idx: np.ndarray,
                  it: int):
         t0 = time.perf_counter()
-        KtK, KtY, K_mm = backend.nystrom_system(center_idx, Y)
+        KtK, KtY, K_mm = backend.nystrom_system(center_idx, targets)
         self.scale = kernel_scale(K_mm)
         self.KtK, self.KtY = KtK / self.scale**2, KtY / self.scale
         self.K_mm = K_mm / self.scale
-        self.Y = Y
+        self.n, self.classes = len(targets), targets.classes
         self.stages = {"normal_equations": time.perf_counter() - t0}
 
     def solve(self, ridge: float) -> torch.Tensor:
         return solve_nystrom(self.KtK, self.KtY, self.K_mm, ridge)
 
     def train_mse(self, alpha: torch.Tensor) -> float:
-        """||K_nm alpha - Y||^2 / (n c) from the normal equations, without K_nm."""
-        sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
-              + (alpha * (self.KtK @ alpha)).sum())
-        return float(sq / self.Y.numel())
+        """||K_nm alpha - Y||^2 / (n c) from the normal equations, without K_nm or Y
+        (||Y||^2 = n for one-hot targets)."""
+        sq = self.n - 2 * (alpha * self.KtY).sum() + (alpha * (self.KtK @ alpha)).sum()
+        return float(sq / (self.n * self.classes))
 
     solve_all = ExactRidge.solve_all
     report = ExactRidge.report
@@ -210,17 +210,17 @@ class NystromPCG:
     and a step moves m x c vectors only. Every ridge is solved from the same rows; iterations
     and residuals go to the iteration's record."""
 
-    def __init__(self, backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray,
+    def __init__(self, backend: KernelBackend, targets: Targets, center_idx: np.ndarray,
                  it: int):
         t0 = time.perf_counter()
-        self.op = backend.nystrom_operator(center_idx, Y)
+        self.op = backend.nystrom_operator(center_idx, targets)
         try:
             self.scale = kernel_scale(torch.tensor(self.op.scale))
         except SingularKernelError:
             self.op.release()
             raise
         self.KtY = self.op.KtY.to(torch.float64)
-        self.Y = Y
+        self.n, self.classes = len(targets), targets.classes
         self.cg: dict[str, dict] = {"cg_iterations_by_ridge": {}, "cg_residual_by_ridge": {}}
         self.stages = {"nystrom_rows": time.perf_counter() - t0}
 
@@ -258,9 +258,8 @@ class NystromPCG:
         return out
 
     def train_mse(self, alpha: torch.Tensor) -> float:
-        sq = ((self.Y**2).sum() - 2 * (alpha * self.KtY).sum()
-              + (alpha * self.op.hessian(alpha, [0.0])).sum())
-        return float(sq / self.Y.numel())
+        sq = self.n - 2 * (alpha * self.KtY).sum() + (alpha * self.op.hessian(alpha, [0.0])).sum()
+        return float(sq / (self.n * self.classes))
 
     def report(self) -> dict:
         """CG iterations and final residual of every ridge."""
@@ -271,13 +270,13 @@ class NystromPCG:
         self.op.release()
 
 
-def _ridge_problem(backend: KernelBackend, Y: torch.Tensor, center_idx: np.ndarray | None,
+def _ridge_problem(backend: KernelBackend, targets: Targets, center_idx: np.ndarray | None,
                    solver: str, it: int):
     if center_idx is None:
-        return ExactRidge(backend, Y, it)
+        return ExactRidge(backend, targets, it)
     if solver == "nystrom-direct":
-        return NystromRidge(backend, Y, center_idx, it)
-    return NystromPCG(backend, Y, center_idx, it)
+        return NystromRidge(backend, targets, center_idx, it)
+    return NystromPCG(backend, targets, center_idx, it)
 
 
 def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
@@ -306,8 +305,8 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
     if isinstance(monitor, Labelled):
         backend.holdout("monitor", monitor.X, monitor.y)
         monitor = "monitor"
-    Y = torch.zeros(n, n_classes, dtype=torch.float64, device=dev)
-    Y[torch.arange(n), torch.as_tensor(np.asarray(y_fit), device=dev)] = 1.0
+    # class indices only: one-hot targets are made where the kernel's rows are, per slab
+    targets = Targets(np.asarray(y_fit, dtype=np.int64), int(n_classes))
     sample_idx = np.sort(rng.choice(n, size=min(params.agop_samples, n), replace=False))
     center_idx = None
     if params.solver != "exact":
@@ -331,7 +330,7 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
         M_path.append(_full_metric(M, Q).cpu())
         backend.set_metric(M, Q)
         t0 = time.perf_counter()
-        problem = _ridge_problem(backend, Y, center_idx, params.solver, it)
+        problem = _ridge_problem(backend, targets, center_idx, params.solver, it)
         t_kernel = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -56,7 +56,8 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
 
 
 def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
-    """Deep ConvRFM's feature map runs on the workers; their sums match the local ones."""
+    """Deep ConvRFM's feature map runs on the workers, a chunk at a time (nothing featurised
+    is kept); their images, fingerprints and sums match the local ones."""
     from ray_convrfm.backends.driver import ShardedImages
     from ray_convrfm.backends.store import rows_fingerprint
     from ray_convrfm.kernels.patches import featurise, patch_gram
@@ -67,14 +68,15 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
     local = featurise(torch.from_numpy(X), torch.from_numpy(filters), False)
     with ShardedImages(X, workers=2, threads=1, block=8, align=True) as shards:
         assert shards.bounds == [(0, 16), (16, 37)]  # block-aligned for the store
-        assert shards.fingerprint() == rows_fingerprint(X, 8)
+        assert shards.fingerprint("float32") == rows_fingerprint(X, 8)
         shards.featurise(filters, padding=False)
         assert shards.row_shape == (4, 8, 8)
-        np.testing.assert_allclose(shards.gather(), local.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(shards.gather(np.array([3, 20, 36])),
+        np.testing.assert_allclose(shards.gather(None, "float32"), local.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(shards.gather(np.array([3, 20, 36]), "float32"),
                                    local.numpy()[[3, 20, 36]], rtol=1e-6)
-        assert shards.fingerprint() == rows_fingerprint(shards.gather(), 8)
-        np.testing.assert_allclose(shards.patch_gram(3, False),
+        assert shards.fingerprint("float32") == rows_fingerprint(shards.gather(None, "float32"),
+                                                                 8)
+        np.testing.assert_allclose(shards.patch_gram(3, False, "float32"),
                                    patch_gram(local, 3, False).numpy(), rtol=1e-9)
         parts = [ray.put(np.full(3, float(k))) for k in range(11)]
         np.testing.assert_array_equal(shards.reduce(parts, fan_in=2), np.full(3, 55.0))
@@ -127,6 +129,68 @@ def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
     local = DeepConvRFM(ConvRFM(**kw), layers=2, width=4).fit(X, y)
     remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2), **kw), layers=2, width=4).fit(X, y)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_uint8_shards_give_the_float32_kernel_and_fit(cluster):
+    """8-bit pixels rest on the workers as uint8 and are converted a prepared chunk at a time
+    (a 1 MB budget prepares two 3 x 16 x 16 images at once): the kernel rows equal those of
+    float32 shards of the same pixels bit for bit, and the fit (sketched AGOP on the workers
+    included) equals an in-process fit on the float32 images."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.backends.chunks import prepared_chunk
+    from ray_convrfm.backends.driver import ShardedImages
+    from ray_convrfm.backends.protocol import Targets
+
+    rng = np.random.default_rng(0)
+    U = rng.integers(0, 256, (48, 3, 16, 16), dtype=np.uint8)
+    U[:24, :, 4:12, 4:12] //= 4  # a class signal: darker centres
+    y = (np.arange(48) < 24).astype(int) + 2 * (np.arange(48) % 2)
+    F = U.astype(np.float32) / np.float32(255)
+    spec = KernelSpec(KernelParams(2, 3, False), memory_budget_mb=1)
+    assert prepared_chunk((3, 16, 16), spec, None) == 2
+    M = np.eye(27, dtype=np.float32)
+    centers = np.arange(0, 48, 5)
+    targets = Targets(y, 4)
+    out = []
+    for X in (U, F):
+        with ShardedImages(X, workers=2, threads=1, block=8) as shards:
+            assert ray.get(shards.actors[0].pixels.remote()).dtype == X.dtype
+            KtK, KtY, parts, kmax, _ = shards.nystrom(centers, targets, M, None, spec)
+            out.append((KtK, KtY, shards.collect(parts), kmax))
+    for a, b in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    kw = dict(depth=2, iters=2, agop_samples=12, random_state=1, solver="nystrom",
+              centers=20, agop_classes=2)
+    local = ConvRFM(**kw).fit(F, y)
+    remote = ConvRFM(options=Options.of(workers=2, memory_budget_mb=1), **kw).fit(U, y)
+    assert remote.X_fit_.dtype == torch.float32  # the model keeps working values
+    torch.testing.assert_close(remote.M_path_[1], local.M_path_[1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(remote.decision_function(U), local.decision_function(F),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_deep_convrfm_featurised_per_chunk_predicts_as_materialised(cluster):
+    """Workers featurise a chunk of stored pixels when it is needed (a 1 MB budget: a few
+    8-channel images at a time; no featurised shard exists): the predictions of the
+    in-process fit, which materialises every layer's features."""
+    from ray_convrfm import ConvRFM, DeepConvRFM
+
+    rng = np.random.default_rng(3)
+    U = rng.integers(0, 256, (60, 3, 14, 14), dtype=np.uint8)
+    U[:30, 0] //= 3
+    y = (np.arange(60) < 30).astype(int)
+    F = U.astype(np.float32) / np.float32(255)
+    kw = dict(iters=2, agop_samples=12, random_state=2, solver="nystrom", centers=30,
+              depth=1)
+    local = DeepConvRFM(ConvRFM(**kw), layers=2, width=8).fit(F, y)
+    remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2, memory_budget_mb=1), **kw),
+                         layers=2, width=8).fit(U, y)
+    assert remote.final_.X_fit_.shape[1:] == (8, 12, 12)
+    torch.testing.assert_close(remote.layers_[0]["M"], local.layers_[0]["M"], rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(remote.decision_function(U), local.decision_function(F),
                                rtol=1e-3, atol=1e-4)
 
 
@@ -338,9 +402,9 @@ def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, 
     driver_reads = []
     real_read_rows = pqmod.read_rows
 
-    def spy(m, split, start, stop, size=None):
+    def spy(m, split, start, stop, size=None, dtype="float32"):
         driver_reads.append((start, stop))
-        return real_read_rows(m, split, start, stop, size)
+        return real_read_rows(m, split, start, stop, size, dtype)
 
     monkeypatch.setattr(pqmod, "read_rows", spy)
     remote = ConvRFM(options=Options.of(workers=2), **kw).fit(images)

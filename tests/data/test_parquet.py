@@ -390,7 +390,13 @@ def test_validation_split_holds_out_whole_row_groups(tmp_path):
 
     part = ParquetRows(images, tuple(fit)).slice(10, 130)  # what one worker is given
     expected = np.concatenate([np.arange(a, b) for a, b in fit])[10:130]
-    np.testing.assert_allclose(part.load(), images.read()[0][expected])
+    pixels = part.load()  # the stored 8-bit pixels: a quarter of float32's bytes
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, images.read(dtype="uint8")[0][expected])
+    as_float = images.read()[0][expected]
+    np.testing.assert_array_equal(pixels.astype(np.float32) / np.float32(255), as_float)
+    np.testing.assert_array_equal(ParquetRows(images, tuple(fit), "float32").slice(10, 130)
+                                  .load(), as_float)
 
 
 # --------------------------------------------------------------------------------------------

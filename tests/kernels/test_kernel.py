@@ -143,3 +143,35 @@ def test_cuda_torch_engine_matches_cpu(rng):
     gpu = conv_ntk(torch.from_numpy(X).cuda(), torch.from_numpy(Z).cuda(), M, device="cuda")
     assert gpu.device.type == "cuda"
     assert rel_err(gpu.cpu().numpy(), cpu) < 1e-5
+
+
+def test_uint8_pixels_become_what_the_data_loaders_give():
+    """8-bit pixels are value / 255, as the idx and parquet loaders compute it (float32 then
+    the working dtype), so uint8 and float32 shards of the same pixels agree bit for bit."""
+    from ray_convrfm.kernels.kernel import as_working
+
+    U = np.random.default_rng(0).integers(0, 256, (3, 2, 5, 5), dtype=np.uint8)
+    loaded = U.astype(np.float32) / np.float32(255.0)
+    cpu = torch.device("cpu")
+    for X in (U, torch.from_numpy(U)):
+        got = as_working(X, torch.float32, cpu)
+        assert got.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), loaded)
+        np.testing.assert_array_equal(as_working(X, torch.float64, cpu).numpy(),
+                                      loaded.astype(np.float64))
+    # other dtypes are numbers, as conv_ntk takes them
+    np.testing.assert_array_equal(as_working(U.astype(np.int64), torch.float32, cpu).numpy(),
+                                  U.astype(np.float32))
+
+
+def test_side_bytes_per_image_counts_what_prepare_side_makes(rng):
+    from ray_convrfm.kernels.kernel import prepare_side, side_bytes_per_image
+
+    X = torch.from_numpy(rng.random((4, 3, 12, 10)))
+    params = KernelParams(depth=3, patch_size=3, padding=False)
+    side = prepare_side(X, torch.eye(27, dtype=torch.float64), params)
+    made = sum(t.numel() * t.element_size() for t in (side.left, side.right, side.sq, side.rsq))
+    assert side_bytes_per_image(side.grids, 27, 27, 8) * 4 == made
+    # a basis of r < d coordinates: the d-dimensional patches exist while it projects them
+    assert side_bytes_per_image(side.grids, 10, 27, 8) > side_bytes_per_image(side.grids, 10,
+                                                                              10, 8)

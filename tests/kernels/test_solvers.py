@@ -55,3 +55,17 @@ def test_nystrom_errors():
         solve_nystrom(torch.zeros(3, 3), torch.zeros(3, 1), torch.zeros(3, 3), 1e-3)
     with pytest.raises(ValueError, match=r"\(m, m\)"):
         solve_nystrom(torch.eye(3), torch.zeros(2, 1), torch.eye(3), 1e-3)
+
+
+def test_class_sums_equal_the_product_with_one_hot_targets():
+    """K^T Y from class indices, without the n x c matrix, is K^T one_hot(y) (float64)."""
+    from ray_convrfm.kernels.solvers import class_sums, normal_equations
+
+    rng = np.random.default_rng(4)
+    K = torch.from_numpy(rng.random((37, 11)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 5, 37))
+    Y = torch.nn.functional.one_hot(y, 7).to(torch.float64)  # two classes absent here
+    got = class_sums(K, y, 7)
+    assert got.dtype == torch.float64 and got.shape == (11, 7)
+    torch.testing.assert_close(got, normal_equations(K, Y)[1], rtol=1e-12, atol=1e-12)
+    assert torch.all(got[:, 5:] == 0)

@@ -1,0 +1,95 @@
+"""How images travel to and become working values on shard workers (docs/architecture.md).
+
+Images rest and travel as stored (8-bit pixels stay ``uint8``): a worker's shard, the blocks
+of the Nystrom centers (``CenterBlocks``, object refs left where they were made), held-out and
+test images. Whoever uses them converts them (``kernel.as_working``) and applies the chain of
+Deep ConvRFM's filter banks (``apply_chain``) one prepared chunk at a time, sized by
+``prepared_chunk`` from the memory budget: no process holds a featurised shard, and a
+worker's memory is set by its budget, not by n, m or the width of a layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ray_convrfm.backends.protocol import KernelSpec
+from ray_convrfm.kernels.kernel import side_bytes_per_image
+from ray_convrfm.kernels.patches import featurise, grid_shape
+
+#: Share of ``memory_budget_mb`` one prepared chunk of images (rows, centers or AGOP samples)
+#: may take: a slab's rows and a block of centers are prepared a chunk at a time. At least one
+#: image is prepared at once, so a single prepared image larger than this share is the floor.
+PREPARED_SHARE = 1 / 8
+
+
+def resolve(part):
+    """An array as given (in process) or the value of a Ray object ref (on a worker)."""
+    if isinstance(part, np.ndarray | torch.Tensor) or part is None:
+        return part
+    if hasattr(part, "load"):  # parquet rows: read where they are used
+        return part.load()
+    import ray
+
+    return ray.get(part)
+
+
+@dataclass(frozen=True)
+class CenterBlocks:
+    """The predictor's centers as blocks of at most ``block`` images in their stored pixels,
+    each left where it was made (a Ray object ref on the worker that owns those rows, or an
+    array in process) and fetched by whoever needs it one block at a time: no process holds
+    every center at once. The user of a block converts it and applies ``chain`` (the filter
+    banks of Deep ConvRFM) a prepared chunk at a time. ``key`` names the selection and the
+    chain, so workers recognise blocks they have already prepared."""
+
+    key: str
+    parts: tuple
+    sizes: tuple[int, ...]
+    chain: list = field(default_factory=list)
+
+    @property
+    def m(self) -> int:
+        return int(sum(self.sizes))
+
+    def bounds(self) -> list[tuple[int, int]]:
+        edges = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
+        return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def side_bytes(side) -> int:
+    """Bytes of a prepared side's tensors (for the centers' cache budget)."""
+    return sum(t.element_size() * t.numel() for t in (side.left, side.right, side.sq, side.rsq)
+               if isinstance(t, torch.Tensor))
+
+
+def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
+    """Images after the filter banks ``chain`` = [(filters, padding), ...] (Deep ConvRFM)."""
+    for filters, padding in chain:
+        Z = featurise(Z, torch.as_tensor(np.asarray(filters)), padding)
+    return Z
+
+
+def chain_shape(shape: tuple[int, ...], chain: list) -> tuple[int, int, int]:
+    """(C, H, W) of images of ``shape`` after the filter banks ``chain``, without computing."""
+    C, H, W = (int(s) for s in shape)
+    for filters, padding in chain:
+        filters = np.asarray(filters)
+        H, W = grid_shape(H, W, filters.shape[-1], bool(padding))
+        C = int(filters.shape[0])
+    return C, H, W
+
+
+def prepared_chunk(shape: tuple[int, ...], spec: KernelSpec, basis,
+                   share: float | None = None) -> int:
+    """Images of (featurised) ``shape`` prepared at once so that their kernel side takes at
+    most ``share`` (default ``PREPARED_SHARE``) of ``spec.memory_budget_mb`` (at least one)."""
+    share = PREPARED_SHARE if share is None else share
+    C, H, W = shape
+    d = C * spec.params.patch_size**2
+    r = d if basis is None else int(np.shape(basis)[1])
+    itemsize = torch.empty(0, dtype=spec.torch_dtype).element_size()
+    per = side_bytes_per_image(spec.params.grids(H, W), r, d, itemsize)
+    return max(1, int(spec.memory_budget_mb * 2**20 * share // per))
