@@ -82,6 +82,17 @@ def chain_shape(shape: tuple[int, ...], chain: list) -> tuple[int, int, int]:
     return C, H, W
 
 
+def gram_chunk(shape: tuple[int, ...], patch_size: int, padding: bool, itemsize: int,
+               budget_mb: float, share: float | None = None) -> int:
+    """Images whose unfolded patches (in the working dtype, and their float64 copy) take at
+    most ``share`` of the budget while ``patches.patch_gram`` sums p p^T over them."""
+    share = PREPARED_SHARE if share is None else share
+    C, H, W = shape
+    h, w = grid_shape(H, W, patch_size, padding)
+    per = h * w * C * patch_size**2 * (itemsize + 8)
+    return max(1, int(budget_mb * 2**20 * share // per))
+
+
 def prepared_chunk(shape: tuple[int, ...], spec: KernelSpec, basis,
                    share: float | None = None) -> int:
     """Images of (featurised) ``shape`` prepared at once so that their kernel side takes at

@@ -83,7 +83,8 @@ class RayBackend(NystromMembers):
 
     def patch_span(self) -> torch.Tensor | None:
         p = self.spec.params
-        gram = self.shards.patch_gram(p.patch_size, p.padding, self.spec.dtype)
+        gram = self.shards.patch_gram(p.patch_size, p.padding, self.spec.dtype,
+                                      self.spec.memory_budget_mb)
         return span_from_gram(torch.from_numpy(gram), dtype=self.spec.torch_dtype)
 
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:

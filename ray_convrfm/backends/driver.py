@@ -241,9 +241,11 @@ class ShardedImages:
         return combine_digests([d for part in digests for d in part], self.row_shape,
                                np.dtype(dtype).str)
 
-    def patch_gram(self, patch_size: int, padding: bool, dtype: str) -> np.ndarray:
+    def patch_gram(self, patch_size: int, padding: bool, dtype: str,
+                   budget_mb: float) -> np.ndarray:
         """Sum over every patch of every shard of p p^T (float64, (d, d))."""
-        return self.reduce([a.patch_gram.remote(self.chain_ref, patch_size, padding, dtype)
+        return self.reduce([a.patch_gram.remote(self.chain_ref, patch_size, padding, dtype,
+                                                budget_mb)
                             for a in self.actors])
 
     # ------------------------------------------------------------------ reductions

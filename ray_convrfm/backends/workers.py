@@ -30,6 +30,7 @@ from ray_convrfm.backends.chunks import (
     CenterBlocks,
     apply_chain,
     chain_shape,
+    gram_chunk,
     prepared_chunk,
     resolve,
     side_bytes,
@@ -183,17 +184,19 @@ class ShardWorker:
                 for a, b in self._chunks(len(self.raw), block)]
 
     def patch_gram(self, chain: list, patch_size: int, padding: bool, dtype: str,
-                   chunk: int = 256) -> np.ndarray:
+                   budget_mb: float) -> np.ndarray:
         """Sum of p p^T over the shard's patches (the driver sums and finds their span),
-        featurised a chunk at a time."""
+        featurised and unfolded a chunk at a time (``chunks.gram_chunk`` of the budget)."""
         dt = torch.float32 if dtype == "float32" else torch.float64
+        shape = chain_shape(self.raw.shape[1:], chain)
+        step = gram_chunk(shape, patch_size, padding, torch.empty(0, dtype=dt).element_size(),
+                          budget_mb)
         total = None
-        for a, b in self._chunks(len(self.raw), chunk):
+        for a, b in self._chunks(len(self.raw), step):
             g = patch_gram(self._features(chain, slice(a, b), dt), patch_size, padding)
             total = g if total is None else total.add_(g)
         if total is None:
-            C = chain_shape(self.raw.shape[1:], chain)[0]
-            return np.zeros((C * patch_size**2,) * 2)
+            return np.zeros((shape[0] * patch_size**2,) * 2)
         return total.cpu().numpy()
 
     def add(self, *parts: np.ndarray) -> np.ndarray:

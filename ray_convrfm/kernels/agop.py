@@ -59,7 +59,8 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     # per training image: s derivative pairs plus its (P1, c, d) weighted patches
     pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
     per_row = s * pair_bytes + P1 * c * d * itemsize
-    rows = max(1, min(n, int(budget_mb * 2**20 // per_row)))
+    # the weighted patches and the adjoint's buffers take at most a quarter of the budget
+    rows = max(1, min(n, int(budget_mb * 2**20 / 4 // per_row)))
     for r in range(0, n, rows):
         xs = train.rows(r, r + rows)
         nb = len(xs)
@@ -130,7 +131,8 @@ def agop_from_blocks(blocks: Callable[[], Iterable[tuple[KernelSide, torch.Tenso
         raise ValueError("the AGOP needs at least one sample image")
     d, s, P1 = M.shape[0], len(sample), sample.right.shape[1]
     G = torch.zeros(d, d, dtype=M.dtype, device=M.device)
-    # the gradient buffer and its sum over blocks take at most half of the budget
+    # the gradient buffer and its sum over blocks take at most half of the budget, the
+    # weighted patches a quarter (``patch_gradients``)
     chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * classes * d * M.element_size()))))
     for start in range(0, s, chunk):
         part = sample.rows(start, start + chunk)

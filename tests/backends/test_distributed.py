@@ -76,7 +76,7 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
                                    local.numpy()[[3, 20, 36]], rtol=1e-6)
         assert shards.fingerprint("float32") == rows_fingerprint(shards.gather(None, "float32"),
                                                                  8)
-        np.testing.assert_allclose(shards.patch_gram(3, False, "float32"),
+        np.testing.assert_allclose(shards.patch_gram(3, False, "float32", 1),
                                    patch_gram(local, 3, False).numpy(), rtol=1e-9)
         parts = [ray.put(np.full(3, float(k))) for k in range(11)]
         np.testing.assert_array_equal(shards.reduce(parts, fan_in=2), np.full(3, 55.0))
