@@ -39,6 +39,7 @@ __all__ = [
     "ImageDataset",
     "digit_in_noise",
     "item_pairs",
+    "item_tuples",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
@@ -196,6 +197,47 @@ def item_pairs(ds: ImageDataset, n_train: int | None = None, n_test: int | None 
     X_test, y_test = split(ds.X_test, ds.y_test, n_test)
     names = tuple(f"{p} | {q}" for p in ds.classes for q in ds.classes)
     return ImageDataset(X_train, y_train, X_test, y_test, name=f"{ds.name}-pairs",
+                        classes=names)
+
+
+def item_tuples(ds: ImageDataset, classes: int, n_train: int, n_test: int,
+                random_state: int | None = 0) -> ImageDataset:
+    """A task of any number of classes from a c-class one: t items side by side
+    (C x H x tW, t the fewest with c^t >= ``classes``) whose class is the number their
+    items' classes spell in base c (most significant first). Labels are drawn uniformly from
+    ``range(classes)``, then each item uniformly among its split's items of its digit's
+    class, seeded: every class equally likely, each image real items. ``classes <= c`` gives
+    single items of the first ``classes`` classes; ``classes = c^2`` the layout (not the
+    draws) of ``item_pairs``."""
+    import numpy as np
+
+    c = len(ds.classes)
+    if not isinstance(classes, int | np.integer) or classes < 2:
+        raise ValueError(f"classes must be an integer >= 2; found {classes!r}")
+    t = 1
+    while c**t < classes:
+        t += 1
+    gen = np.random.default_rng(random_state)
+
+    def split(X, y, n):
+        if n < 0:
+            raise ValueError(f"cannot draw {n} images of tuples")
+        by_class = [np.flatnonzero(y == k) for k in range(c)]
+        labels = gen.integers(classes, size=n)
+        digits = [(labels // c ** (t - 1 - j)) % c for j in range(t)]
+        missing = sorted({int(k) for dj in digits for k in np.unique(dj) if not len(by_class[k])})
+        if missing:
+            raise ValueError(f"no items of class(es) {missing} to draw tuples from")
+        picks = [np.array([by_class[k][gen.integers(len(by_class[k]))] for k in dj], dtype=int)
+                 for dj in digits]
+        parts = [X[p] for p in picks] if n else [X[:0]] * t
+        return np.concatenate(parts, axis=3), labels
+
+    X_train, y_train = split(ds.X_train, ds.y_train, int(n_train))
+    X_test, y_test = split(ds.X_test, ds.y_test, int(n_test))
+    names = tuple(" | ".join(ds.classes[(k // c ** (t - 1 - j)) % c] for j in range(t))
+                  for k in range(classes))
+    return ImageDataset(X_train, y_train, X_test, y_test, name=f"{ds.name}-{classes}",
                         classes=names)
 
 

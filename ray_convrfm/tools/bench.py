@@ -179,14 +179,19 @@ def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2),
     return rows
 
 
-def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0):
-    """RGB images of ImageNet's downsampled shapes (3 x size x size) made from Fashion-MNIST:
-    each image resized and tinted with a random colour, so content and labels stay real."""
+def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0, classes: int = 10):
+    """RGB images of ImageNet's shapes (3 x size x size, 224 included) made from Fashion-MNIST:
+    each image resized and tinted with a random colour, so content and labels stay real. With
+    ``classes`` other than 10, each image is a tuple of items side by side
+    (``datasets.item_tuples``: 1,000 classes are three items) before it is resized."""
     import torch.nn.functional as F
 
-    from ray_convrfm.data.datasets import ImageDataset, load_fashion_mnist
+    from ray_convrfm.data.datasets import ImageDataset, item_tuples, load_fashion_mnist
 
-    ds = load_fashion_mnist().subset(n_train, n_test)
+    if classes == 10:
+        ds = load_fashion_mnist().subset(n_train, n_test)
+    else:
+        ds = item_tuples(load_fashion_mnist(), classes, n_train, n_test, random_state=seed)
     rng = np.random.default_rng(seed)
 
     def rgb(X: np.ndarray) -> np.ndarray:
@@ -199,13 +204,15 @@ def imagenet_shaped(size: int, n_train: int, n_test: int, seed: int = 0):
         return np.concatenate(out)
 
     return ImageDataset(rgb(ds.X_train), ds.y_train, rgb(ds.X_test), ds.y_test,
-                        name=f"fmnist-rgb{size}", classes=ds.classes)
+                        name=f"fmnist-rgb{size}" + ("" if classes == 10 else f"-{classes}"),
+                        classes=ds.classes)
 
 
-def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str) -> str:
+def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str,
+                           classes: int = 10) -> str:
     from ray_convrfm.data.parquet import write_parquet_dataset
 
-    return str(write_parquet_dataset(imagenet_shaped(size, n, n_test, seed), out))
+    return str(write_parquet_dataset(imagenet_shaped(size, n, n_test, seed, classes), out))
 
 
 def _worker_start_seconds(workers: int) -> float:
@@ -222,7 +229,7 @@ def _worker_start_seconds(workers: int) -> float:
 
 def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int = 2,
               iters: int = 2, n_test: int = 1000, out: str = "runs/scale",
-              seed: int = 0, calibration: dict | None = None) -> dict:
+              seed: int = 0, calibration: dict | None = None, classes: int = 10) -> dict:
     """The distributed Nystrom pipeline end to end on ImageNet-shaped parquet data, measured
     per stage, next to what ``costmodel`` predicts from rates measured beforehand.
 
@@ -252,10 +259,10 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     t0 = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         data = pool.submit(_write_imagenet_shaped, size, n, n_test, seed,
-                           str(root / "data")).result()
+                           str(root / "data"), classes).result()
     seconds_convert = time.perf_counter() - t0
     work = costmodel.Workload(n=n, m=centers, channels=3, height=size, width=size,
-                              workers=workers, iters=iters, n_test=n_test)
+                              workers=workers, iters=iters, n_test=n_test, classes=classes)
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         rates = pool.submit(measure_rates, work, str(data),
                             store_dir=str(root)).result()

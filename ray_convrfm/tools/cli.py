@@ -199,7 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     # a fit-sized block: the default agop_samples=256 against a 1,024-image training chunk
     b.add_argument("--n-train", type=int, default=1024)
     b.add_argument("--n-sample", type=int, default=256)
-    b.add_argument("--classes", type=int, default=10)
+    b.add_argument("--classes", type=int, default=10,
+                   help="kernel: columns of the AGOP's coefficients; scale: classes of the "
+                        "ImageNet-shaped data (beyond 10, tuples of items side by side)")
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--device", default="auto")
     b.add_argument("--engine", default="auto", choices=ENGINES)
@@ -475,7 +477,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/scale-{args.size}")
         r = scale_run(size=args.size, n=args.n, centers=args.centers,
                       workers=int(args.workers.split(",")[-1]), iters=args.iters,
-                      n_test=args.n_test, out=str(out),
+                      n_test=args.n_test, out=str(out), classes=args.classes,
                       calibration=json.loads(Path(args.calibration).read_text())
                       if args.calibration else None)
         (out / "scale.json").write_text(json.dumps(r, indent=2))

@@ -647,3 +647,45 @@ def test_item_pairs_make_c_squared_classes_side_by_side():
     assert not np.array_equal(item_pairs(ds, 3000, 50, random_state=5).y_train, pairs.y_train)
     with pytest.raises(ValueError, match="pairs"):
         item_pairs(ds, n_train=-1)
+
+
+@pytest.mark.parametrize("classes", [4, 10, 37, 1000])
+def test_item_tuples_make_any_number_of_classes(classes):
+    """t items side by side (the fewest with c^t >= classes), class spelled in base c by
+    the items' classes, every label below ``classes``, seeded."""
+    from ray_convrfm.data.datasets import item_tuples, load_digits
+
+    ds = load_digits()
+    c = len(ds.classes)
+    t = 1 if classes <= c else 2 if classes <= c * c else 3
+    tuples = item_tuples(ds, classes, n_train=300, n_test=20, random_state=1)
+    assert tuples.X_train.shape == (300, 1, 8, 8 * t) and tuples.X_test.shape[0] == 20
+    assert len(tuples.classes) == classes
+    assert tuples.y_train.max() < classes and tuples.y_test.max() < classes
+    if classes <= 37:
+        assert len(np.unique(tuples.y_train)) == classes  # 300 draws cover them
+    item_class = {ds.X_train[i].tobytes(): ds.y_train[i] for i in range(len(ds.X_train))}
+    for x, label in zip(tuples.X_train[:10], tuples.y_train[:10], strict=True):
+        spelled = [item_class[np.ascontiguousarray(x[:, :, 8 * j : 8 * j + 8]).tobytes()]
+                   for j in range(t)]
+        assert sum(int(k) * c ** (t - 1 - j) for j, k in enumerate(spelled)) == label
+    np.testing.assert_array_equal(item_tuples(ds, classes, 300, 20, random_state=1).X_train,
+                                  tuples.X_train)
+    with pytest.raises(ValueError, match="classes"):
+        item_tuples(ds, 1, 10, 10)
+
+
+def test_imagenet_shaped_data_of_any_class_count(debian_fashion):
+    """``bench scale``'s data: RGB images of ImageNet's shape from Fashion-MNIST items, one
+    item for 10 classes, three side by side for 1,000, every label below the class count."""
+    from ray_convrfm.tools.bench import imagenet_shaped
+
+    ten = imagenet_shaped(32, 20, 5, seed=1)
+    assert ten.X_train.shape == (20, 3, 32, 32) and len(ten.classes) == 10
+    many = imagenet_shaped(224, 12, 4, seed=1, classes=1000)
+    assert many.X_train.shape == (12, 3, 224, 224) and many.X_test.shape == (4, 3, 224, 224)
+    assert len(many.classes) == 1000 and many.y_train.max() < 1000
+    assert many.X_train.dtype == np.float32 and 0 <= many.X_train.min() \
+        and many.X_train.max() <= 1
+    again = imagenet_shaped(224, 12, 4, seed=1, classes=1000)
+    np.testing.assert_array_equal(again.X_train, many.X_train)
