@@ -221,6 +221,15 @@ def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
     torch.testing.assert_close(here.alpha_, first.alpha_, rtol=0, atol=0)  # the same kernels
     np.testing.assert_allclose(here.decision_function(Xt), first.decision_function(Xt),
                                rtol=1e-9)
+    # 8-bit pixels: the store holds kernels of the working values, so uint8 shards find the
+    # blocks that float32 shards of the same pixels wrote
+    U = np.rint(X * 255).astype(np.uint8)
+    F = U.astype(np.float32) / np.float32(255)
+    pixels = dict(kw, options=Options.of(workers=2, store=str(tmp_path / "pixels.zarr")))
+    floats = ConvRFM(**pixels).fit(F, y)
+    from_pixels = ConvRFM(**pixels).fit(U, y)
+    assert [h["stored_blocks_computed"] for h in from_pixels.history_] == [0, 0]
+    torch.testing.assert_close(from_pixels.alpha_, floats.alpha_, rtol=0, atol=0)
 
 
 def test_nystrom_on_workers_equals_in_process(cluster):
