@@ -170,8 +170,13 @@ def load_fashion_mnist(
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 # --------------------------------------------------------------------------------------------
-_SPEC_FORMS = ('"digits", "fashion-mnist", "fashion-mnist-pairs", "idx:DIR", "npz:PATH", '
-               '"parquet:PATH_OR_URL" or a path ending in .npz')
+#: ``load_dataset("digits-noise")``: 8 x 8 digits in a 14 x 14 noise frame of this deviation
+#: (fixed kernel 43.1 % -> ConvRFM 52.2 % test accuracy, 6 iterations, about 20 s on 2 cores).
+DIGITS_NOISE_FRAME = 14
+DIGITS_NOISE_STD = 0.25
+
+_SPEC_FORMS = ('"digits", "digits-noise", "fashion-mnist", "fashion-mnist-pairs", "idx:DIR", '
+               '"npz:PATH", "parquet:PATH_OR_URL" or a path ending in .npz')
 
 
 def item_pairs(ds: ImageDataset, n_train: int | None = None, n_test: int | None = None,
@@ -249,8 +254,11 @@ def load_dataset(
     Parameters
     ----------
     spec : str
-        ``"digits"``, ``"fashion-mnist"``, ``"fashion-mnist-pairs"`` (``item_pairs``: 100
-        classes of two items side by side, seeded), ``"idx:DIR"``, ``"npz:PATH"``, ``PATH.npz`` or
+        ``"digits"``, ``"digits-noise"`` (each digit added at a random place onto a
+        14 x 14 frame of N(0, 0.25^2) noise, seeded: the bundled local-signal task, where a
+        learned patch metric pays), ``"fashion-mnist"``, ``"fashion-mnist-pairs"``
+        (``item_pairs``: 100 classes of two items side by side, seeded), ``"idx:DIR"``,
+        ``"npz:PATH"``, ``PATH.npz`` or
         ``"parquet:PATH_OR_URL"`` (read whole; fits on Ray read it lazily, see ``parquet``).
     root, download
         Passed to :func:`load_fashion_mnist`; ignored by the other forms.
@@ -264,6 +272,9 @@ def load_dataset(
     key = s.lower()
     if key == "digits":
         return load_digits()
+    if key in ("digits-noise", "digits_noise"):  # the bundled local-signal task
+        return with_noise_frame(load_digits(), frame=DIGITS_NOISE_FRAME,
+                                noise_std=DIGITS_NOISE_STD, random_state=0)
     if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
         return load_fashion_mnist(root=root, download=download)
     if key in ("fashion-mnist-pairs", "fashion_mnist_pairs"):  # 100 classes, 1 x 28 x 56

@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", parents=[common],
                        help="fit ConvRFM on a dataset and report accuracy per iteration")
-    f.add_argument("--dataset", default="digits",
-                   help="digits (bundled, default) | fashion-mnist | idx:DIR | npz:PATH | "
+    f.add_argument("--dataset", default="digits-noise",
+                   help="digits-noise (default: the bundled digits at random places in a "
+                        "14 x 14 noise frame, where learning the patch metric pays) | digits | "
+                        "fashion-mnist | idx:DIR | npz:PATH | "
                         "parquet:PATH_OR_URL (each Ray worker reads its own row groups)")
     f.add_argument("--data-root", default=None, help="directory holding the dataset files")
     f.add_argument("--download", action="store_true",
@@ -77,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ConvRFM layers; more than 1 fits a Deep ConvRFM (docs/math.md section 6)")
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--padding", action="store_true")
-    f.add_argument("--iters", type=int, default=None, help="default 5 (3 for the digits demo)")
+    f.add_argument("--iters", type=int, default=None,
+                   help="default 5 (3 for digits, 6 for digits-noise)")
     f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
     f.add_argument("--agop-samples", type=int, default=256)
     f.add_argument("--agop-power", type=float, default=1.0)
@@ -286,7 +289,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                   random_state=args.seed)
     small = min(ds.X_train.shape[2:]) < 10
     depth = args.depth if args.depth is not None else (2 if small else 3)
-    iters = args.iters if args.iters is not None else (3 if args.dataset == "digits" else 5)
+    iters = args.iters if args.iters is not None else \
+        {"digits": 3, "digits-noise": 6}.get(args.dataset, 5)
     out = output_dir(args, Path("runs") / ds.name)
     refuse_earlier_run(args, out)
     options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,

@@ -689,3 +689,15 @@ def test_imagenet_shaped_data_of_any_class_count(debian_fashion):
         and many.X_train.max() <= 1
     again = imagenet_shaped(224, 12, 4, seed=1, classes=1000)
     np.testing.assert_array_equal(again.X_train, many.X_train)
+
+
+def test_digits_noise_is_the_bundled_local_signal_task():
+    """``ray-convrfm fit``'s default data: every digit added at a seeded random place onto a
+    14 x 14 noise frame, the same on every call."""
+    from ray_convrfm.data.datasets import load_dataset, load_digits
+
+    ds, plain = load_dataset("digits-noise"), load_digits()
+    assert ds.X_train.shape == (len(plain.X_train), 1, 14, 14) and ds.name == "digits-noise14"
+    np.testing.assert_array_equal(ds.y_train, plain.y_train)
+    np.testing.assert_array_equal(load_dataset("digits-noise").X_test, ds.X_test)
+    assert 0.2 < float(ds.X_train[:, :, :3, :3].std()) < 0.3  # corners: mostly noise
