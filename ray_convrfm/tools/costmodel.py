@@ -5,18 +5,20 @@ rows of K(train, centers) in slabs, resident up to ``resident_bytes`` and read b
 beyond it, preconditioned CG moving m x c vectors, the preconditioner's factor on the first
 worker, validation and AGOP where their data live) and counts, per stage, kernel entries, FLOPs,
 bytes moved between processes, stored and read back, and the peak memory of a worker, of the
-first worker and of the driver; every memory and byte count names the code that allocates or
-sends it. ``solver="nystrom-direct"`` and ``"exact"`` are small-size paths, not modelled.
+first worker and of the driver, each as (what, bytes, the code that allocates or holds it)
+(``memory_breakdown``). Images rest and travel as stored (``stored_bytes`` a value: 1 for 8-bit
+pixels) and are prepared a budget-sized chunk at a time (``PREPARED_SHARE``); targets travel as
+class indices. ``solver="nystrom-direct"`` and ``"exact"`` are small-size paths, not modelled.
 ``Rates`` are per-worker costs, measured (``tools.bench.measure_rates``), taken from a finished
-run (``calibrated``) or assumed (``tools.imagenet_costs.ClusterAssumptions``, which makes the
-ImageNet tables); ``predict`` turns counts into seconds. Arithmetic only: standard library,
-nothing is measured here.
+run (``calibrated``) or assumed (``tools.imagenet_costs.ClusterAssumptions``); ``predict`` turns
+counts into seconds. Arithmetic only: standard library, nothing is measured here.
 
 The kernel's cost per entry follows docs/math.md section 2: 2 P_1 r for the patch products of the
 first layer (r = d = C q^2, or the patch-span dimension), and per position of every layer a
 ReLU step (about ``RELU_FLOPS``) and, between layers, q x q window sums of three covariances and
 theta (4 q^2 adds). Not modelled: re-preparing uncached center blocks (about d / b of a slab's
-kernel), task arguments (M, center indices), the digests checked on every store read.
+kernel), task arguments (M, center indices), the digests checked on every store read, parquet
+buffers while a shard is decoded, the driver's puts of in-memory shards (parquet: none).
 """
 
 from __future__ import annotations
@@ -37,9 +39,20 @@ WORKER_BASE_BYTES = 450 * 2**20
 #: ``backends/workers.py: CENTER_CACHE_SHARE``); other blocks are prepared again for every slab.
 CENTER_CACHE_SHARE = 1 / 16
 
+#: Share of the memory budget one prepared chunk of images (rows, centers, AGOP samples) may
+#: take, and the patch gram's unfolded chunk: mirrors ``backends.chunks.PREPARED_SHARE``.
+PREPARED_SHARE = 1 / 8
+
 #: Rows of K(train, centers) converted to float64 at a time in a CG product: mirrors
 #: ``backends.workers.MATVEC_ROWS`` (a test checks the two agree).
 MATVEC_ROWS = 64
+
+#: ``agop_classes="auto"``: the exact AGOP up to this many classes, a sketch of this many
+#: outputs beyond (mirrors ``kernels.agop.AUTO_SKETCH_CLASSES``).
+AUTO_SKETCH_CLASSES = 64
+
+#: One line of a memory breakdown: (what, bytes, the code that allocates or holds it).
+Item = tuple[str, float, str]
 
 #: Stage names: keys of ``Workload.stages`` and ``predict``, and of ``bench scale``'s measurements.
 LOAD = "load (read + decode parquet)"
@@ -61,6 +74,15 @@ def tree_levels(parts: int, fan_in: int = REDUCE_FAN_IN) -> list[int]:
     while levels[-1] > fan_in:
         levels.append(math.ceil(levels[-1] / fan_in))
     return levels
+
+
+def total(items: list[Item]) -> float:
+    return sum(b for _, b, _ in items)
+
+
+def _peak(*phases: list[Item]) -> list[Item]:
+    """Whichever of phases that do not overlap in time holds most (computing, then summing)."""
+    return max(phases, key=total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +107,15 @@ class Workload:
     val_fraction: float = 0.1
     n_test: int = 0
     basis_dim: int | None = None  # r < d when the patches span fewer dimensions
-    dtype_bytes: int = 4
+    dtype_bytes: int = 4  # the working dtype (prepared sides, kernels)
     block: int = DEFAULT_BLOCK
-    # memory_budget_mb: the kernel's and AGOP's working memory, and the centers' cache
+    # memory_budget_mb: the kernel's and AGOP's working memory, prepared chunks, centers' cache
     budget_bytes: int = DEFAULT_MEMORY_BUDGET_MB * 2**20
     resident_bytes: int | None = None  # SolveOptions.resident_mb in bytes; None: all resident
     preconditioner_rank: int | None = None  # SolveOptions.preconditioner_rank
     cg_steps: int = 60  # of the one run for all ridges (assumed, see above)
+    stored_bytes: int = 1  # bytes a pixel value rests and travels in: 1 uint8, 4 float32
+    agop_classes: int | None = None  # RFMParams.agop_classes: None is "auto", or k outputs
 
     @property
     def d(self) -> int:
@@ -116,8 +140,20 @@ class Workload:
 
     @property
     def pixel_bytes(self) -> int:
-        """One image in the working dtype."""
+        """One image in the working dtype (converted, featurised)."""
         return self.channels * self.height * self.width * self.dtype_bytes
+
+    @property
+    def stored_pixel_bytes(self) -> int:
+        """One image as it rests and travels (``stored_bytes`` per value)."""
+        return self.channels * self.height * self.width * self.stored_bytes
+
+    def agop_columns(self) -> int:
+        """k, the AGOP's outputs: the classes, or the sketch's columns (fit_rfm sends
+        coef @ Omega, m x k, to the workers)."""
+        if self.agop_classes is not None:
+            return self.agop_classes
+        return self.classes if self.classes <= AUTO_SKETCH_CLASSES else AUTO_SKETCH_CLASSES
 
     def positions(self) -> list[int]:
         """Patch positions at every layer (stride 1, no padding)."""
@@ -132,9 +168,24 @@ class Workload:
         return 2 * P[0] * self.r + RELU_FLOPS * sum(P) + 4 * q2 * sum(P[1:]) + 2 * P[-1]
 
     def side_bytes(self, images: int) -> float:
-        """Memory of a prepared kernel side (patches, M-transformed patches, norms)."""
+        """Memory of prepared kernel sides while they are made (``kernel.side_bytes_per_image``:
+        raw and M-transformed patch coordinates, the d-dimensional patches a basis projects,
+        the per-layer diagonals)."""
         P = self.positions()
-        return images * (2 * P[0] * self.r + 2 * sum(P)) * self.dtype_bytes
+        unfolded = self.d if self.r < self.d else 0
+        return images * (P[0] * (2 * self.r + unfolded) + 2 * sum(P)) * self.dtype_bytes
+
+    def prepared_images(self, images: int) -> int:
+        """Of ``images``, how many are prepared at once (``chunks.prepared_chunk``: a chunk's
+        side within ``PREPARED_SHARE`` of the budget, at least one image)."""
+        chunk = max(1, int(self.budget_bytes * PREPARED_SHARE // self.side_bytes(1)))
+        return min(images, chunk)
+
+    def gram_images(self) -> int:
+        """Images ``ShardWorker.patch_gram`` unfolds at once (``chunks.gram_chunk``: patches in
+        the working dtype and their float64 copy within ``PREPARED_SHARE`` of the budget)."""
+        per = self.positions()[0] * self.d * (self.dtype_bytes + 8)
+        return min(self.shard, max(1, int(self.budget_bytes * PREPARED_SHARE // per)))
 
     def rank(self) -> int | None:
         """q, or None for Falkon's m x m factor (``pcg.preconditioner_columns``: q >= m)."""
@@ -157,13 +208,26 @@ class Workload:
         return math.ceil(self.m / self.block) if self.side_bytes(self.m) <= cache \
             else int(cache // self.side_bytes(min(self.block, self.m)))
 
-    def center_memory(self) -> float:
-        """A worker's prepared centers (``ShardWorker._center_sides``): the cached blocks and,
-        unless all are cached, the block in use, the one being prepared and its pixels."""
+    def center_parts(self, block_pixels: float | None = None) -> tuple[list[Item], list[Item]]:
+        """A worker's centers (``_center_sides``) while a kernel runs against them: (the cached
+        blocks, within ``CENTER_CACHE_SHARE`` of the budget; the chunk in use unless all are
+        cached and the block's pixels, ``block_pixels`` bytes an image, as stored by default).
+        Making the next chunk holds two and a converted one: less than the kernel's budget."""
         blocks, blk = self._cached_blocks(), min(self.block, self.m)
+        chunk = self.prepared_images(blk)
+        fetched = self.stored_pixel_bytes if block_pixels is None else block_pixels
+        pixels = ("a block of centers, as fetched", blk * fetched,
+                  "_center_sides: resolve(centers.parts[j])")
         if blocks * blk >= self.m:
-            return self.side_bytes(self.m)
-        return self.side_bytes(blocks * blk) + 2 * self.side_bytes(blk) + blk * self.pixel_bytes
+            return [("prepared centers, all cached", self.side_bytes(self.m),
+                     "_center_sides: cache (all within CENTER_CACHE_SHARE)")], [pixels]
+        return [(f"prepared centers: {blocks} cached blocks", self.side_bytes(blocks * blk),
+                 "_center_sides: cache (CENTER_CACHE_SHARE of the budget)")], \
+            [(f"prepared chunk of centers in use ({chunk} images)", self.side_bytes(chunk),
+              "_center_sides: self._prepare, per prepared_chunk"), pixels]
+
+    def center_memory(self) -> float:
+        return total(sum(self.center_parts(), []))
 
     def centers_refetched(self) -> float:
         """Fraction of the centers a worker fetches again in a later stage of an iteration
@@ -201,8 +265,7 @@ class Workload:
 
     def factor_flops(self) -> tuple[float, float]:
         """One iteration's factor FLOPs: (at ``Rates.factor_flops``, at ``gemm_flops``)."""
-        m, q, R = self.m, self.rank(), self.ridges
-        del R  # one factor serves every ridge (FalkonFactor.for_ridges: a vector each)
+        m, q = self.m, self.rank()  # one factor serves every ridge (FalkonFactor.for_ridges)
         if q is None:  # Cholesky of K_mm and eigh of T T^T / m; the product T T^T
             return m**3 / 3 + 9 * m**3, 2 * m**3
         # Cholesky of K_qq, the triangular solve for F (m x q), QR of F with Q formed, eigh of
@@ -217,128 +280,166 @@ class Workload:
             return m * m, 2 * m * m
         return 0.0, 4 * m * q  # SpectralPreconditioner.apply: U^T v, then U (...)
 
+    def agop_items(self) -> list[Item]:
+        """The AGOP's working memory (``agop_part``): a prepared chunk of sample images; the
+        gradient buffer and its sum over center blocks (``agop_from_blocks``: budget / 4 each);
+        a center chunk's weighted patches and adjoint pairs (``patch_gradients``: budget / 4);
+        at least one image each, the torch engine's pair bytes (GPU workers)."""
+        P, k, r, dt, budget = self.positions(), self.agop_columns(), self.r, self.dtype_bytes, \
+            self.budget_bytes
+        samples = self.prepared_images(math.ceil(self.agop_samples / self.workers))
+        one = P[0] * k * r * dt  # (P1, 1, k, r): one sample image's gradients
+        grads = min(samples, max(1, int(budget / 4 // one)))
+        per_row = grads * dt * (14 * P[0] + 2 * sum(P)) + one  # kernel.bytes_per_pair(adjoint)
+        centers = self.prepared_images(min(self.block, self.m))  # len(train): a center chunk
+        rows = max(1, min(centers, int(budget / 4 // per_row)))
+        return [("prepared chunk of its samples", self.side_bytes(samples), "agop_part"),
+                ("gradient buffer, its sum over blocks", 2 * grads * one, "agop_from_blocks"),
+                ("weighted patches, adjoint pairs", rows * per_row, "patch_gradients")]
+
     def stages(self) -> dict[str, dict]:
         """Per stage (per iteration, and once): kernel entries, FLOPs, bytes moved, stored, read
-        back; peak memory of a worker, the first worker, the driver (with its object store)."""
+        back; peak memory of a worker, the first worker, the driver (with its object store),
+        each the sum of its ``*_items``: (what, bytes, the code that allocates or holds it)."""
         n, m, w, c, S, R = self.n_fit, self.m, self.workers, self.classes, self.shard, self.ridges
-        px, f, blk, dt = self.pixel_bytes, self.flops_per_entry(), min(self.block, m), \
-            self.dtype_bytes
-        mc8 = m * c * 8  # one m x c float64 matrix
-        mrc8 = R * mc8  # the columns of a CG run: every ridge's m x c
+        px, spx, f, blk, dt = self.pixel_bytes, self.stored_pixel_bytes, \
+            self.flops_per_entry(), min(self.block, m), self.dtype_bytes
+        # one m x c float64 matrix; the columns of a CG run, every ridge's m x c
+        k, mc8, mrc8 = self.agop_columns(), m * c * 8, R * m * c * 8
         width = self.rank() or m  # columns of K_mm the factor needs
-        kept, spilled = self.resident()
-        products, tree = self.cg_products(), sum(tree_levels(w))
-        steady, peak = self.factor_memory()
-        kmm = math.ceil(m / w) * width * 4  # nystrom_rows: C, this shard's centers' K_mm rows
-        refetch = self.centers_refetched()
-        v_rows, a_rows = math.ceil(self.n_val / w), math.ceil(self.agop_samples / w)
-        base = WORKER_BASE_BYTES + S * px  # ShardWorker.__init__: the process, self.raw
+        (kept, spilled), (steady, peak) = self.resident(), self.factor_memory()
+        refetch, tree = self.centers_refetched(), sum(tree_levels(w))
+        chunk = self.prepared_images(blk)  # rows of a slab, held-out or test images at once
+        cached, in_use = self.center_parts()
+        kernel = ("the kernel's working memory", self.budget_bytes, "kernel_matrix")
+        base = [("the process", WORKER_BASE_BYTES, "WORKER_BASE_BYTES"),
+                ("its shard, stored pixels", S * spx, "ShardWorker.__init__: self.raw")]
+        held = [*base, ("its resident rows of K", kept, "nystrom_rows: res.slabs"),
+                ("its centers' rows of K_mm", math.ceil(m / w) * width * dt,
+                 "nystrom_rows: C (object store until released)")]
+        side = ("the chunk's prepared side", self.side_bytes(chunk), "_prepare (prepared_chunk)")
+        rows_worker = [*held, ("its shard's labels", S * 8, "nystrom_rows: resolve(task.labels)"),
+                       ("K^T Y", mc8, "nystrom_rows: KtY"), *cached,
+                       ("a slab of rows", blk * m * dt, "_compute_slab: out"), *_peak(
+                           [*in_use, side, kernel, ("local row indices", S * 8, "_rows_sides")],
+                           [("the slab in float64", blk * m * 8, "class_sums: K_block.to"),
+                            ("the slab's class sums", c * m * 8, "class_sums: out (c, m)")])]
+        cg_worker = [*held, ("a row chunk in float64", MATVEC_ROWS * m * 8, "hessian_matvec: buf"),
+                     ("a spilled slab read back", blk * m * dt if spilled else 0,
+                      "hessian_matvec: res.store.read"),
+                     ("K V of a slab", blk * R * c * 8, "hessian_matvec: KV"),
+                     # V, out and the part returned; or fan_in parts and their sum (the tree)
+                     ("V, H V, tree parts", max(3, REDUCE_FAN_IN + 1) * mrc8,
+                      "hessian_matvec: V, out; ShardWorker.add")]
+        scored = [("a chunk of images, converted", chunk * px, "_held_out_kernel: Z"),
+                  ("their kernel", chunk * m * dt, "_against_centers: out")]
+        # ShardWorker.evaluate runs before problem.close(): the rows and C are still held
+        val_worker = [*held, ("its validation part, stored pixels", math.ceil(self.n_val / w)
+                              * spx, "evaluate: self._holdouts"),
+                      ("every ridge's coefficients", R * mc8, "evaluate: coefs"), *cached,
+                      *scored, *_peak([*in_use, side, kernel], [
+                          ("their kernel in float64", chunk * m * 8, "evaluate: K.to"),
+                          ("scores, error, squared", 3 * R * chunk * c * 8, "evaluate: einsum")])]
+        agop_worker = [*base, *cached, *in_use, ("coef (m x k)", m * k * dt, "agop_part: coef"),
+                       *self.agop_items()]
+        # ConvRFM.scores: a new ShardedImages over the model's centers (working dtype): the
+        # blocks its workers fetch are those shards' pixels; test blocks come as stored
+        p_cached, p_in_use = self.center_parts(px)
+        predict_worker = [base[0], ("its shard of the model's centers", math.ceil(m / w) * px,
+                                    "ShardWorker.__init__: self.raw"), *p_cached,
+                          ("a block of test images", blk * spx, "map_scores: rows[r : r + b]"),
+                          ("alpha", mc8, "scores: alpha"), ("scores", blk * c * 8, "scores: out"),
+                          *scored, *_peak([*p_in_use, side, kernel], [
+                              ("their kernel in float64", chunk * m * 8, "scores: astype")])]
+        grams = self.gram_images()
+        load_worker = [*base, ("a chunk of images, converted", grams * px, "patch_gram: _features"),
+                       ("its patches unfolded, and in float64", grams * self.positions()[0]
+                        * self.d * (dt + 8), "patches.patch_gram (chunks.gram_chunk)")]
 
-        rows_worker = (base + S * c * 8  # nystrom_rows: Y of the shard (resolve(task.Y))
-                       + self.center_memory()  # _center_sides
-                       + self.side_bytes(blk)  # _compute_slab: the slab's rows prepared
-                       + self.budget_bytes  # kernel_matrix: working memory (memory_budget_mb)
-                       + blk * m * (dt + 8)  # _against_centers: the slab; K.T.to(float64)
-                       + kept  # nystrom_rows: res.slabs, the resident rows
-                       + kmm  # nystrom_rows: C, filled in place
-                       + mc8)  # nystrom_rows: KtY
-        cg_worker = (base + kept  # hessian_matvec: _rows_for(task), the resident slabs
-                     + kmm  # nystrom_rows' C, in this node's object store until released
-                     + MATVEC_ROWS * m * 8  # hessian_matvec: buf, rows as float64
-                     + (blk * m * dt if spilled else 0)  # hessian_matvec: a slab read back
-                     + blk * R * c * 8  # hessian_matvec: KV of a slab
-                     # hessian_matvec: V, out and the returned part; or, adding in the tree
-                     # (ShardWorker.add), fan_in parts and their sum: R c columns each
-                     + max(3, REDUCE_FAN_IN + 1) * mrc8)
-        val_worker = (base + kept + kmm  # ShardWorker.evaluate runs before problem.close()
-                      + v_rows * px  # ShardWorker.evaluate: its validation part (_holdouts)
-                      + R * mc8  # evaluate: coefs, every ridge's (m, c) float64
-                      + self.center_memory() + self.side_bytes(blk) + blk * px  # a block
-                      + blk * m * (dt + 8)  # _against_centers, then .to(torch.float64)
-                      + R * blk * c * 8 + self.budget_bytes)  # einsum scores; kernel_matrix
-        agop_worker = (base + self.center_memory()  # agop_part: _center_sides
-                       + self.side_bytes(a_rows)  # agop_part: _rows_side(sample_rows)
-                       + m * c * dt  # agop_part: coef in the working dtype
-                       + self.budget_bytes)  # agop_from_blocks: chunks sized to the budget
-        predict_worker = (WORKER_BASE_BYTES + math.ceil(m / w) * px  # its shard of centers
-                          + self.center_memory() + self.side_bytes(blk) + blk * px
-                          + blk * m * (dt + 8)  # ShardWorker.scores: K, astype(float64)
-                          + mc8 + self.budget_bytes)  # scores: alpha; kernel_matrix
+        labels = ("the training labels (int64)", n * 8, "fit_rfm: Targets")
+        puts = ("their slices, put", n * 8, "ShardedImages.nystrom: ray.put(labels[a:b])")
+        best = ("the best solution so far", mc8, "fit_rfm: best['alpha']")
+        solved = ("every ridge's solution", R * mc8, "_choose_ridge: alphas")
+        pcg = [labels, puts, best, ("K^T Y", mc8, "nystrom_operator: KtY / scale")]
+        cg_driver = [*pcg, ("K^T Y for every ridge", R * mc8, "NystromPCG.solve_all"),
+                     ("CG's state (6 x m R c)", 6 * mrc8, "conjugate_gradient: x, r, p, b, Ap"),
+                     ("a step in flight", 2 * mrc8, "preconditioned_step: v, B^T H B v"), solved]
+        val_driver = [*pcg, solved, ("casts, stack, float64 copy, put", 3 * R * mc8,
+                                     "_choose_ridge; RayBackend/ShardedImages.evaluate")]
+        coef = ("coef = alpha / scale", mc8, "fit_rfm: coef")
+        coef_dt = ("coef (m x k, working dtype), its put", 2 * m * k * dt,
+                   "fit_rfm: coef.to(dt); ShardedImages.agop: ray.put")
+        sketch = ("coef @ Omega (m x k float64)", m * k * 8, "fit_rfm: coef @ omega")
+        # with a sketch, the m x c coef is dropped once coef @ Omega is made
+        agop_driver = [labels, best, *_peak([coef, sketch], [sketch, coef_dt])] \
+            if self.agop_classes is not None or c > AUTO_SKETCH_CLASSES \
+            else [labels, best, coef, coef_dt]
 
-        y = n * c * 8  # fit_rfm: Y, the one-hot targets (float64) for the whole fit
-        y_put = n * c * 8  # ShardedImages.nystrom: ray.put(Y[a:b]), one per worker
-        best = mc8  # fit_rfm: best["alpha"], kept across iterations
-        cg_driver = (y + y_put + best + mc8  # nystrom_operator: KtY / scale (NystromPCG.KtY)
-                     + R * mc8  # NystromPCG.solve_all: KtY.repeat, one block per ridge
-                     + 6 * mrc8  # conjugate_gradient: x, r, p, b, Ap and one temporary
-                     # a step in flight: preconditioned_step's v and the B^T H B v back
-                     + 2 * mrc8
-                     + R * mc8)  # _choose_ridge: the solved alphas
-        val_driver = (y + y_put + best + mc8 + R * mc8  # KtY, the solved alphas
-                      # _choose_ridge: float32 casts; RayBackend.evaluate: np.stack;
-                      # ShardedImages.evaluate: float64 copy and its ray.put
-                      + 3 * R * mc8)
-
-        def row(entries=0, flops=0.0, moved=0.0, stored=0.0, read=0.0, worker=0.0,
-                first=None, driver=0.0) -> dict:
+        def row(entries=0, flops=0.0, moved=0.0, stored=0.0, read=0.0, worker=(),
+                first=None, driver=()) -> dict:  # items of 0 bytes left out
+            worker, first, driver = ([i for i in x if i[1]] for x in (worker, first or worker,
+                                                                      driver))
             return dict(entries=entries, flops=flops, bytes_moved=moved, bytes_stored=stored,
-                        bytes_read=read, worker_memory=worker, driver_memory=driver,
-                        first_worker_memory=worker if first is None else first)
+                        bytes_read=read, worker_memory=total(worker), driver_memory=total(driver),
+                        first_worker_memory=total(first), worker_items=worker,
+                        first_worker_items=first, driver_items=driver)
 
-        fac, gem = self.factor_flops()
-        app = sum(self.apply_flops())
+        built = [("the preconditioner's factor, built", peak, "ShardWorker.precondition")]
+        steady = [("the preconditioner's factor", steady, "precondition: factor_centers")]
+        (fac, gem), app = self.factor_flops(), sum(self.apply_flops())
         per_iter = {
-            # _center_sides: every center block reaches every worker once (later slabs read
-            # it from the node's object store); _slab: every slab written to the run's store
-            # (with no store, only the spilled slabs, to a temporary one: _spill)
-            ROWS: row(n * m, n * m * f, w * m * px, n * m * dt, 0, rows_worker,
-                      driver=y + y_put + best),
-            # nystrom_rows: K^T Y per slab (float64); ShardedImages.nystrom: Y's slices to
-            # the workers, then reduce: the tree of m x c float64 parts
-            KTY: row(0, 2 * n * m * c, n * c * 8 + tree * mc8, 0, 0, rows_worker,
-                     driver=y + y_put + best + (REDUCE_FAN_IN + 1) * mc8 + mc8),
-            # ShardWorker.precondition: the shards' K_mm rows (float32) to the first worker;
-            # ShardedImages.precondition: v to it and B v back at every application
-            # (ShardedImages.preconditioned_step chains B, H and B^T on the workers: B v goes
-            # from the first worker to every worker, counted with the CG products)
+            # _center_sides: every center block reaches every worker once, as stored; _slab:
+            # every slab to the run's store (with none, the spilled slabs to a temporary one)
+            ROWS: row(n * m, n * m * f, w * m * spx, n * m * dt, 0, rows_worker,
+                      driver=[labels, puts, best]),
+            # class_sums adds each slab's rows by label (index_add); ShardedImages.nystrom: the
+            # labels' slices (int64) to the workers, then reduce: the tree of m x c parts
+            KTY: row(0, n * m, n * 8 + tree * mc8, 0, 0, rows_worker, driver=[
+                labels, puts, best, ("the tree's last parts, their sum",
+                                     (REDUCE_FAN_IN + 2) * mc8, "ShardedImages.reduce")]),
+            # ShardWorker.precondition: the shards' K_mm rows to the first worker; v to it and
+            # B v back at the applications outside the steps (inside them: counted with CG)
             PRECONDITIONER: row(0, fac + gem + self.applications() * app,
-                                m * width * 4 + 4 * mrc8, 0, 0,
-                                cg_worker, cg_worker + peak, cg_driver),
-            # hessian_matvec: K_s V and K_s^T (K_s V) in float64 (the ridge's K_mm term reuses
-            # K_s V); ShardedImages.hessian_matvec: V to every worker, then the tree back;
-            # hessian_matvec: the spilled slabs read back from zarr at every product
-            # ShardedImages.preconditioned_step, every step: v to the first worker, B v from
-            # it to every worker, hessian_matvec's parts up the tree (the sum lands on the
-            # first worker), B^T H B v back: R c columns; then H alpha (c columns) for the
-            # training error. K_s V and K_s^T (K_s V) in float64 (the ridges' K_mm terms reuse
-            # K_s V); hessian_matvec: the spilled slabs read back from zarr at every pass
+                                m * width * dt + 4 * mrc8, 0, 0, cg_worker,
+                                cg_worker + built, cg_driver),
+            # ShardedImages.preconditioned_step, every step: v to the first worker, B v to every
+            # worker, hessian_matvec's parts up the tree, B^T H B v back (R c columns); then
+            # H alpha (c columns). hessian_matvec: spilled slabs read back at every pass
             CG: row(0, 4 * n * m * self.cg_columns(),
                     self.cg_steps * (w + tree + 2) * mrc8 + (w + tree) * mc8, 0,
-                    products * w * spilled, cg_worker, cg_worker + steady, cg_driver),
-            # ShardedImages.evaluate: every ridge's coefficients to every worker; center
-            # blocks not cached fetched again (new refs from center_blocks); 3 numbers back
+                    self.cg_products() * w * spilled, cg_worker,
+                    cg_worker + steady, cg_driver),
+            # ShardedImages.evaluate: every ridge's coefficients to every worker; center blocks
+            # not cached fetched again as stored (new refs); 3 numbers back
             VALIDATION: row(self.n_val * m, self.n_val * m * f + 2 * R * self.n_val * m * c,
-                            w * (R * mc8 + refetch * m * px), 0, 0, val_worker,
+                            w * (R * mc8 + refetch * m * spx), 0, 0, val_worker,
                             val_worker + steady, val_driver),
-            # ShardedImages.agop: ray.put(coef) (working dtype) to every worker, center blocks
-            # not cached again; (r, r) float64 back through the tree
+            # ShardedImages.agop: ray.put(coef) (m x k) to every worker, center blocks not
+            # cached again; (r, r) float64 back through the tree
             AGOP: row(self.agop_samples * m, None,
-                      w * (m * c * dt + refetch * m * px) + tree * self.r**2 * 8, 0, 0,
-                      agop_worker, driver=y + best + mc8 + 2 * m * c * dt),
+                      w * (m * k * dt + refetch * m * spx) + tree * self.r**2 * 8, 0, 0,
+                      agop_worker, driver=agop_driver),
         }
         once = {
-            # ShardWorker.__init__: each worker reads and decodes its parquet row groups;
-            # ShardedImages.add_holdout: validation parts put once (parquet: read by workers)
-            LOAD: row(moved=self.n_val * px, worker=base),
-            # ShardedImages.gather: ray.get of the parts, then np.concatenate (RFMResult)
-            GATHER: row(moved=m * px, worker=base, driver=y + best + 2 * m * px),
-            # ConvRFM.scores: a new ShardedImages puts the model's centers (X_fit_), every
-            # worker fetches every block (ShardWorker.scores); map_scores: test blocks and alpha
-            # (float64) out, scores back. Driver: each of these and its put (or concatenation)
-            PREDICT: row(self.n_test * m, self.n_test * m * f,
-                         m * px + w * m * px + self.n_test * px + w * mc8 + self.n_test * c * 8,
-                         worker=predict_worker,
-                         driver=2 * (m * px + self.n_test * px + mc8 + self.n_test * c * 8)),
+            # workers read their parquet row groups, then the patch gram; add_holdout: the
+            # validation parts put once as stored (parquet: read by the workers)
+            LOAD: row(moved=self.n_val * spx, worker=load_worker),
+            # ShardedImages.gather: ShardWorker.images (featurised, working dtype) concatenated
+            GATHER: row(moved=m * px, worker=[*base, ("its centers featurised, concatenated",
+                                                     2 * math.ceil(m / w) * px, "images")],
+                        driver=[labels, best, ("the model's centers, parts and concatenation",
+                                               2 * m * px, "ShardedImages.gather")]),
+            # ConvRFM.scores: a new ShardedImages puts X_fit_ (working dtype), every worker
+            # fetches every block; map_scores: test blocks (as stored) and alpha out, scores back
+            PREDICT: row(self.n_test * m, self.n_test * m * f, m * px + w * m * px
+                         + self.n_test * spx + w * mc8 + self.n_test * c * 8,
+                         worker=predict_worker, driver=[
+                             ("the model's centers, their shards' puts", 2 * m * px,
+                              "ConvRFM.scores: X_fit_; ShardedImages"),
+                             ("test images as stored, their puts", 2 * self.n_test * spx,
+                              "map_scores: rows"), ("alpha, its put", 2 * mc8, "map_scores: alpha"),
+                             ("scores, parts and concatenation", 2 * self.n_test * c * 8,
+                              "map_scores: np.concatenate(parts)")]),
         }
         return {"per_iteration": per_iter, "once": once}
 
@@ -399,18 +500,19 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     """Wall seconds of every stage of the fit (all iterations) with ``work.workers`` workers
     in parallel. Keys as in ``Workload.stages``, plus "total"."""
     w, it, m, c, S = work.workers, work.iters, work.m, work.classes, work.shard
-    px, dt, net = work.pixel_bytes, work.dtype_bytes, rates.network_bytes_per_s
+    px, spx, dt, net = work.pixel_bytes, work.stored_pixel_bytes, work.dtype_bytes, \
+        rates.network_bytes_per_s
     mc8 = m * c * 8
     _, spilled = work.resident()
-    # compute, the centers' pixels received once, slabs written (run store, or spilled ones)
-    rows = S * m * rates.kernel_entry_s + m * px / net \
+    # compute, the centers' stored pixels received once, slabs written (run store, or spilled)
+    rows = S * m * rates.kernel_entry_s + m * spx / net \
         + (S * m * dt if store else spilled) / rates.store_bytes_per_s
-    kty = 2 * S * m * c / rates.gemm_flops + S * c * 8 / net \
-        + _tree_seconds(work, rates, mc8, adds=True)
+    # class sums (one add per entry), the shard's labels, the tree of m x c parts
+    kty = S * m / rates.gemm_flops + S * 8 / net + _tree_seconds(work, rates, mc8, adds=True)
     fac, gem = work.factor_flops()
     afac, agem = work.apply_flops()
     width = work.rank() or m
-    pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * 4 / net \
+    pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * dt / net \
         + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops) \
         + 4 * work.ridges * mc8 / net
     # one CG step: every ridge's R c columns in one pass over the rows; the chained
@@ -424,10 +526,11 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
 
     cg = work.cg_steps * (product(Rc8) + 2 * Rc8 / net) + product(mc8)
     v_rows = math.ceil(work.n_val / w)
+    refetched = work.centers_refetched() * m * spx
     val = v_rows * m * rates.kernel_entry_s + 2 * work.ridges * v_rows * m * c \
-        / rates.gemm_flops + (work.ridges * mc8 + work.centers_refetched() * m * px) / net
+        / rates.gemm_flops + (work.ridges * mc8 + refetched) / net
     agop = math.ceil(work.agop_samples / w) * m * rates.kernel_entry_s \
-        * rates.agop_over_kernel + (m * c * dt + work.centers_refetched() * m * px) / net \
+        * rates.agop_over_kernel + (m * work.agop_columns() * dt + refetched) / net \
         + _tree_seconds(work, rates, work.r**2 * 8, adds=True)
     out = {
         LOAD: rates.worker_start_s + S / rates.decode_images_per_s,
@@ -438,8 +541,8 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
         # the AGOP is taken after every iteration but the last
         AGOP: (it - 1) * agop,
         GATHER: m * px / net,
-        # the centers put again, then fetched by every worker; test images; alpha
-        PREDICT: rates.worker_start_s + (2 * m * px + work.n_test * px + mc8) / net
+        # the centers put again, then fetched by every worker; test images as stored; alpha
+        PREDICT: rates.worker_start_s + (2 * m * px + work.n_test * spx + mc8) / net
         + math.ceil(work.n_test / w) * m * rates.kernel_entry_s,
     }
     out["total"] = sum(out.values())
@@ -450,13 +553,14 @@ def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
     """Rates for ``target`` from a measured run (``bench scale`` JSON): the per-entry kernel
     cost its row stage achieved (all workers busy, task overheads included) scaled to
     ``target``'s FLOPs per entry, and the AGOP's cost relative to it; the rest from ``fresh``.
-    Runs of the earlier pipeline ("kernel K(train, centers)" with an m x m Gram) are read too."""
+    Runs of the earlier pipeline ("kernel K(train, centers)" with an m x m Gram) are read too;
+    K^T Y, now class sums (S m adds), was 2 S m c GEMM FLOPs: under 1 % of the stage either way."""
     work = Workload(**run["workload"])
     rates = Rates.from_dict(run["rates"])
     S, m, c = work.shard, work.m, work.classes
     store = S * m * work.dtype_bytes / rates.store_bytes_per_s
     if ROWS in run["measured"]:
-        stage, other = run["measured"][ROWS], 2 * S * m * c / rates.gemm_flops
+        stage, other = run["measured"][ROWS], S * m / rates.gemm_flops  # class sums
     else:
         stage, other = run["measured"]["kernel K(train, centers)"], \
             2 * S * m * (m + c) / rates.gemm_flops
@@ -468,13 +572,25 @@ def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
     return dataclasses.replace(fresh, kernel_entry_s=entry * scale, agop_over_kernel=agop_ratio)
 
 
+def peak_stages(work: Workload) -> dict[str, str]:
+    """The stage at which a worker, the first worker and the driver hold the most."""
+    st = {**work.stages()["per_iteration"], **work.stages()["once"]}
+    return {p: max(st, key=lambda s: st[s][f"{p}_memory"])
+            for p in ("worker", "first_worker", "driver")}
+
+
+def memory_breakdown(work: Workload) -> dict[str, list[Item]]:
+    """For a worker, the first worker and the driver, (what, bytes, code) at the stage of its
+    peak (``peak_stages``): each list sums to ``memory(work)``'s figure."""
+    st, at = {**work.stages()["per_iteration"], **work.stages()["once"]}, peak_stages(work)
+    out = {p: list(st[at[p]][f"{p}_items"]) for p in at}
+    out["driver"].insert(0, ("the process", WORKER_BASE_BYTES, "WORKER_BASE_BYTES"))
+    return out
+
+
 def memory(work: Workload) -> dict[str, float]:
     """Peak bytes of a worker, the first worker and the driver over all stages."""
-    st = work.stages()
-    rows = [*st["per_iteration"].values(), *st["once"].values()]
-    return {"worker": max(r["worker_memory"] for r in rows),
-            "first_worker": max(r["first_worker_memory"] for r in rows),
-            "driver": max(r["driver_memory"] for r in rows) + WORKER_BASE_BYTES}
+    return {p: total(items) for p, items in memory_breakdown(work).items()}
 
 
 def storage(work: Workload) -> float:

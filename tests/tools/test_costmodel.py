@@ -1,5 +1,6 @@
 """The cost model counts the scale-out Nystrom flow (centers in blocks, resident or spilled rows,
-CG over m x c vectors, the preconditioner on the first worker) and predicts sensibly."""
+CG over m x c vectors, the preconditioner on the first worker; pixels as stored, budget-sized
+prepared chunks, labels instead of one-hot targets) and predicts sensibly."""
 
 import ast
 import dataclasses
@@ -20,18 +21,24 @@ from ray_convrfm.tools.costmodel import (
     PREDICT,
     RELU_FLOPS,
     ROWS,
+    VALIDATION,
     WORKER_BASE_BYTES,
     Rates,
     Workload,
     memory,
+    memory_breakdown,
+    peak_stages,
     predict,
     storage,
+    total,
     tree_levels,
 )
 from ray_convrfm.tools.imagenet_costs import (
+    breakdown_table,
     imagenet_memory_table,
     imagenet_rows,
     imagenet_table,
+    imagenet_workload,
     main,
 )
 
@@ -70,9 +77,9 @@ def test_driver_memory_is_flat_in_m_but_for_m_by_c_vectors_and_the_model_centers
     # CG over every ridge's columns at once: its state is R m x c matrices per vector
     assert vectors == pytest.approx(round(vectors)) and 10 <= vectors <= 12 * BASE.ridges
     assert driver_in_iterations(dataclasses.replace(BASE, height=64, width=64)) == d[2000]
-    # Y (n x c float64) and its per-worker puts: the rest of the driver's memory
-    y = 2 * BASE.n_fit * BASE.classes * 8
-    assert d[2000] == pytest.approx(y + vectors * 2000 * BASE.classes * 8)
+    # the labels (n int64) and their per-worker puts: the rest of the driver's memory
+    labels = 2 * BASE.n_fit * 8
+    assert d[2000] == pytest.approx(labels + vectors * 2000 * BASE.classes * 8)
     once = {m: dataclasses.replace(BASE, m=m).stages()["once"][GATHER]["driver_memory"]
             for m in (1000, 2000)}
     assert once[2000] - once[1000] == 1000 * (BASE.classes * 8 + 2 * BASE.pixel_bytes)
@@ -99,21 +106,53 @@ def test_resident_rows_cap_worker_memory_and_spill_to_reads_at_every_step():
 
 def test_centers_are_prepared_in_blocks_within_the_cache_share():
     small = dataclasses.replace(BASE, m=100)  # all prepared centers fit: kept, not refetched
-    assert small.center_memory() == small.side_bytes(small.m)
+    # every prepared center, and the last block's stored pixels while it is prepared
+    assert small.center_memory() == small.side_bytes(small.m) + 100 * small.stored_pixel_bytes
     assert small.centers_refetched() == 0
     big = dataclasses.replace(BASE, m=64_000, height=64, width=64)
-    blk = big.side_bytes(big.block)
+    chunk = big.prepared_images(big.block)
+    assert 1 <= chunk < big.block  # a block is prepared a budget-sized chunk at a time
+    assert big.side_bytes(chunk) <= big.budget_bytes * costmodel.PREPARED_SHARE
     cache = big.budget_bytes * costmodel.CENTER_CACHE_SHARE
-    assert big.center_memory() <= cache + 2 * blk + big.block * big.pixel_bytes
+    # the cached blocks, the chunk in use and the block's stored pixels
+    assert big.center_memory() <= cache + big.side_bytes(chunk) \
+        + big.block * big.stored_pixel_bytes
     assert big.center_memory() < big.side_bytes(big.m) / 50
     assert 0.9 < big.centers_refetched() <= 1
+    # one prepared image is the floor when it alone exceeds the chunk's share
+    tiny = dataclasses.replace(big, budget_bytes=2**20)
+    assert tiny.prepared_images(256) == 1 and tiny.prepared_images(0) == 0
+
+
+def test_prepared_chunks_and_sides_are_the_workers():
+    """The model's prepared side, chunk and patch-gram chunk are the code's, image for image."""
+    import numpy as np
+
+    from ray_convrfm.backends import chunks
+    from ray_convrfm.backends.protocol import KernelSpec
+    from ray_convrfm.kernels.kernel import KernelParams, side_bytes_per_image
+
+    for size, depth, basis in ((32, 3, None), (64, 2, 5), (224, 3, None)):
+        work = Workload(n=200_000, m=1000, channels=3, height=size, width=size, depth=depth,
+                        basis_dim=basis)
+        params = KernelParams(depth=depth, patch_size=3)
+        spec = KernelSpec(params, dtype="float32")
+        Q = None if basis is None else np.zeros((27, basis))
+        assert work.side_bytes(1) == side_bytes_per_image(params.grids(size, size), work.r,
+                                                          work.d, 4)
+        assert work.prepared_images(10**6) == chunks.prepared_chunk((3, size, size), spec, Q)
+        assert work.gram_images() == chunks.gram_chunk((3, size, size), 3, False, 4,
+                                                       spec.memory_budget_mb)
 
 
 def test_mirrored_constants_are_the_workers():
-    from ray_convrfm.backends import workers
+    from ray_convrfm.backends import chunks, workers
+    from ray_convrfm.kernels import agop
 
     assert costmodel.CENTER_CACHE_SHARE == workers.CENTER_CACHE_SHARE
     assert costmodel.MATVEC_ROWS == workers.MATVEC_ROWS
+    assert costmodel.PREPARED_SHARE == chunks.PREPARED_SHARE
+    assert costmodel.AUTO_SKETCH_CLASSES == agop.AUTO_SKETCH_CLASSES
 
 
 def test_preconditioner_factor_memory_and_flops():
@@ -165,7 +204,8 @@ def test_cg_flops_and_bytes_per_step():
         # a step: v to the first worker, B v to every worker, the tree, B^T H B v back
         assert st["bytes_moved"] == (work.cg_steps * (2 * w + inner + 2) * R * mc8
                                      + (2 * w + inner) * mc8)
-    assert per_iteration(BASE)[KTY]["flops"] == 2 * BASE.n_fit * BASE.m * BASE.classes
+    # K^T Y: class_sums adds every entry of the rows into its label's column
+    assert per_iteration(BASE)[KTY]["flops"] == BASE.n_fit * BASE.m
     # with a network that costs nothing, CG's seconds are its FLOPs per worker at GEMM rate
     fast = dataclasses.replace(RATES, network_bytes_per_s=1e30)
     per_worker = per_iteration(BASE)[CG]["flops"] * BASE.shard / BASE.n_fit
@@ -179,9 +219,9 @@ def test_prediction_scales_with_workers_entries_and_centers():
     assert p4[ROWS] == pytest.approx(p2[ROWS] / 2, rel=1e-3)
     assert p4[PRECONDITIONER] == pytest.approx(p2[PRECONDITIONER], rel=1e-3)
     shard = math.ceil(BASE.n_fit / 2)
-    # compute, the centers' pixels received once, every slab written to the store
+    # compute, the centers' stored pixels received once, every slab written to the store
     expected = BASE.iters * (shard * 2000 * (1e-5 + 4 / 3e8)
-                             + 2000 * BASE.pixel_bytes / RATES.network_bytes_per_s)
+                             + 2000 * BASE.stored_pixel_bytes / RATES.network_bytes_per_s)
     assert p2[ROWS] == pytest.approx(expected)
     assert predict(BASE, RATES, store=False)[ROWS] < p2[ROWS]
     assert p2["total"] == pytest.approx(sum(v for k, v in p2.items() if k != "total"))
@@ -198,7 +238,7 @@ def test_calibrated_recovers_the_entry_cost_of_new_and_old_runs():
     entry = 2e-5
     store = S * m * 4 / RATES.store_bytes_per_s
     agop = (BASE.iters - 1) * math.ceil(BASE.agop_samples / 2) * m * entry * 2.5
-    new = {ROWS: BASE.iters * (S * m * entry + 2 * S * m * c / RATES.gemm_flops + store),
+    new = {ROWS: BASE.iters * (S * m * entry + S * m / RATES.gemm_flops + store),  # class sums
            AGOP: agop}
     old = {"kernel K(train, centers)": BASE.iters * (S * m * entry + store
                                                      + 2 * S * m * (m + c) / RATES.gemm_flops),
@@ -291,3 +331,115 @@ def test_measured_rates_feed_the_prediction(tmp_path):
     assert math.isnan(rates.decode_images_per_s)  # no parquet data given
     assert list(tmp_path.iterdir()) == []  # the zarr store was temporary
     assert predict(work, dataclasses.replace(rates, decode_images_per_s=1e3))["total"] > 0
+
+
+def test_pixels_rest_and_travel_as_stored():
+    """uint8 pixels (1 byte a value) against float32 images (4): what rests in a worker's
+    shard, what travels to it (center blocks, held-out and test images) shrinks by 3 bytes a
+    value; what is featurised (the model's centers at the end) stays in the working dtype."""
+    f32 = dataclasses.replace(BASE, stored_bytes=4)
+    assert BASE.stored_bytes == 1 and f32.pixel_bytes == BASE.pixel_bytes
+    delta = BASE.channels * BASE.height * BASE.width * 3  # bytes per image saved
+    assert f32.stored_pixel_bytes - BASE.stored_pixel_bytes == delta
+    u8, f = BASE.stages(), f32.stages()
+    moved = {k: f[p][k]["bytes_moved"] - u8[p][k]["bytes_moved"] for p in u8 for k in u8[p]}
+    w, m, refetch = BASE.workers, BASE.m, BASE.centers_refetched()
+    assert refetch > 0  # the blocks the cache lacks travel again
+    assert moved[ROWS] == w * m * delta  # every block to every worker, once
+    assert moved[VALIDATION] == pytest.approx(w * refetch * m * delta)
+    assert moved[AGOP] == pytest.approx(w * refetch * m * delta)
+    assert moved[LOAD] == BASE.n_val * delta  # validation parts, put once
+    assert moved[PREDICT] == BASE.n_test * delta  # test images; centers are featurised
+    assert moved[GATHER] == moved[KTY] == moved[CG] == moved[PRECONDITIONER] == 0
+    blk = min(BASE.block, m)
+    worker = {k: f[p][k]["worker_memory"] - u8[p][k]["worker_memory"] for p in u8 for k in u8[p]}
+    # the shard, and the block of centers being prepared
+    assert worker[ROWS] == (BASE.shard + blk) * delta
+    assert worker[CG] == BASE.shard * delta  # the shard only: no centers in CG
+    # ... and the validation part, kept on the worker as stored
+    assert worker[VALIDATION] == (BASE.shard + blk + math.ceil(BASE.n_val / w)) * delta
+    assert worker[PREDICT] == blk * delta  # a block of test images as sent
+    assert memory(f32)["worker"] - memory(BASE)["worker"] >= BASE.shard * delta
+    assert memory(f32)["driver"] - memory(BASE)["driver"] == 2 * BASE.n_test * delta
+    seconds = predict(f32, RATES)[ROWS] - predict(BASE, RATES)[ROWS]
+    assert seconds == pytest.approx(BASE.iters * m * delta / RATES.network_bytes_per_s)
+
+
+def test_driver_memory_does_not_grow_with_n_times_c():
+    """Targets travel as class indices: the driver holds n labels (and their puts), never the
+    n x c one-hot targets; classes cost it m x c vectors only."""
+    def driver(n: int, classes: int) -> float:
+        return memory(Workload(n=n, m=4000, channels=3, height=64, width=64, workers=64,
+                               classes=classes))["driver"]
+
+    n = imagenet_costs.IMAGENET_TRAIN
+    grows = driver(n, 1000) - driver(n, 500)
+    assert 0 < grows < n * 500 * 8 / 5  # n x c float64 would add 5.1 GB; this is m x c only
+    assert grows == pytest.approx(driver(20_000, 1000) - driver(20_000, 500))  # not n
+    # in the iterations: n labels (int64) and their per-worker puts
+    one = Workload(n=n, m=4000, channels=3, height=64, width=64, workers=64, classes=1000)
+    two = dataclasses.replace(one, n=2 * n)
+    assert driver_in_iterations(two) - driver_in_iterations(one) == pytest.approx(
+        2 * 8 * (two.n_fit - one.n_fit))
+    # the rows stage: the labels of a shard, not its one-hot targets
+    items = dict((what, b) for what, b, _ in per_iteration(BASE)[ROWS]["worker_items"])
+    assert items["its shard's labels"] == BASE.shard * 8
+    assert per_iteration(BASE)[KTY]["bytes_moved"] == BASE.n_fit * 8 + sum(
+        tree_levels(BASE.workers)) * BASE.m * BASE.classes * 8
+
+
+def test_memory_breakdown_sums_to_the_peaks():
+    cases = [BASE, dataclasses.replace(BASE, resident_bytes=16 * 2**20),
+             dataclasses.replace(BASE, m=100, preconditioner_rank=50),
+             imagenet_workload(224, 64), imagenet_workload(64, 8, rank=16_000)]
+    for work in cases:
+        parts, peaks, at = memory_breakdown(work), memory(work), peak_stages(work)
+        assert set(parts) == set(peaks) == set(at) == {"worker", "first_worker", "driver"}
+        for process, items in parts.items():
+            assert total(items) == pytest.approx(peaks[process])
+            assert all(isinstance(what, str) and b > 0 and code for what, b, code in items)
+        stages = {**work.stages()["per_iteration"], **work.stages()["once"]}
+        assert total(parts["worker"]) == stages[at["worker"]]["worker_memory"]
+        assert parts["driver"][0] == ("the process", WORKER_BASE_BYTES, "WORKER_BASE_BYTES")
+    # at ImageNet scale the first worker's peak is Falkon's factor while it is built
+    big = memory_breakdown(imagenet_workload(224, 64))
+    assert big["first_worker"][-1][1] == imagenet_workload(224, 64).factor_memory()[1]
+    table = breakdown_table(imagenet_workload(224, 64))
+    assert table.count("**peak**") == 4  # worker, first worker, driver, driver in iterations
+
+
+def test_class_sketch_lowers_the_agops_coefficients():
+    """Beyond 64 classes the AGOP runs on 64 sketched outputs: fit_rfm sends coef @ Omega
+    (m x k) to the workers, and the AGOP's buffers hold k outputs."""
+    auto = Workload(n=20_000, m=2000, channels=3, height=32, width=32, classes=1000)
+    exact = dataclasses.replace(auto, agop_classes=1000)
+    assert auto.agop_columns() == costmodel.AUTO_SKETCH_CLASSES
+    assert exact.agop_columns() == 1000 and BASE.agop_columns() == BASE.classes
+    assert dataclasses.replace(BASE, agop_classes=4).agop_columns() == 4
+    a, e = per_iteration(auto)[AGOP], per_iteration(exact)[AGOP]
+    assert e["bytes_moved"] - a["bytes_moved"] == auto.workers * auto.m * (1000 - 64) * 4
+
+    def coef(stage: dict) -> float:
+        return next(b for what, b, code in stage["worker_items"] if code == "agop_part: coef")
+
+    assert coef(e) - coef(a) == auto.m * (1000 - 64) * 4
+    assert a["driver_memory"] < e["driver_memory"]
+    # the gradient buffers fit the budget either way, down to one sample image: at 224 x 224
+    # one image's gradients of 1,000 outputs take 5.3 GB, of 64 outputs 0.34 GB
+    big = imagenet_workload(224, 64)
+    assert per_iteration(big)[AGOP]["worker_memory"] < per_iteration(
+        dataclasses.replace(big, agop_classes=1000))[AGOP]["worker_memory"] - 10e9
+    assert predict(auto, RATES)[AGOP] < predict(exact, RATES)[AGOP]
+    # ImageNet: the AGOP / kernel ratio scales with the k outputs, so at 1,000 classes the
+    # AGOP costs as at 64 (both 64 outputs); 10 classes are exact (the reference)
+    by = {c: {(r["size"], r["gpus"]): r["per_iteration"][AGOP]
+              for r in imagenet_rows(3.22, classes=c)} for c in (64, 1000)}
+    assert by[64] == pytest.approx(by[1000])
+
+
+def test_breakdown_entry_point(capsys):
+    assert main(["--breakdown", "--rank", "16000"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == breakdown_table(imagenet_workload(224, 64, rank=16_000))
+    assert main(["--breakdown", "--size", "64", "--gpus", "8"]) == 0
+    assert capsys.readouterr().out.strip() == breakdown_table(imagenet_workload(64, 8))
