@@ -325,7 +325,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     layers = model.layers_ if args.layers > 1 else [
         {"history": model.history_, "best_iter": model.best_iter_, "ridge": model.ridge_,
-         "M": model.M_, "depth": depth}]
+         "M": model.M_, "M_path": model.M_path_, "depth": depth}]
     for i, layer in enumerate(layers):
         if len(layers) > 1:
             print(f"layer {i} (kernel depth {layer['depth']}):")
@@ -378,8 +378,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         plot_deep_filters(layers, C, out / "filters.png",
                           title=f"{ds.name}: top eigenvectors of each layer's M, in pixels")
     else:
-        plot_filters(first["M"].numpy(), C, args.patch_size, out / "filters.png",
-                     title=f"{ds.name}: top eigenvectors of M (iteration {first['best_iter']})")
+        best = first["best_iter"]
+        metrics = [(f"chosen (iteration {best})", first["M"].numpy())]
+        if best == 0 and len(first["M_path"]) > 1:  # validation kept M = I: show what was learned
+            last = len(first["M_path"]) - 1
+            metrics = [("chosen: M = I (iteration 0)", first["M"].numpy()),
+                       (f"last learned (iteration {last})", first["M_path"][-1].numpy())]
+        plot_filters(metrics, C, args.patch_size, out / "filters.png",
+                     title=f"{ds.name}: top eigenvectors of M, as {args.patch_size} x "
+                           f"{args.patch_size} filters (eigenvalue above each)")
     plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
     where = upload(args, out)
     print(f"wrote {where}/model, metrics.parquet, summary.json, filters.png, accuracy.png")

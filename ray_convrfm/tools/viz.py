@@ -67,13 +67,22 @@ def _draw_filter(ax, f: np.ndarray, label: str) -> None:
 
 def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int = 8,
                  title: str = "Top eigenvectors of M") -> Path:
-    """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3)."""
+    """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3), with their
+    eigenvalues. ``M`` is one metric, or a list of (label, metric) drawn one row each (e.g. the
+    chosen M = I and the last learned M, when validation kept the fixed kernel)."""
     plt = pyplot()
-    filters, vals = top_filters(M, channels, patch_size, count)
-    k = len(filters)
-    fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 2.0), squeeze=False)
-    for ax, f, v in zip(axes[0], filters, vals, strict=True):
-        _draw_filter(ax, f, f"{v:.2g}")
+    rows = [("", M)] if not isinstance(M, list) else M
+    drawn = [(label, *top_filters(m, channels, patch_size, count)) for label, m in rows]
+    k = max(len(f) for _, f, _ in drawn)
+    fig, axes = plt.subplots(len(drawn), k, figsize=(1.6 * k, 2.0 * len(drawn)),
+                             squeeze=False)
+    for row, (label, filters, vals) in zip(axes, drawn, strict=True):
+        for ax, f, v in zip(row, filters, vals, strict=False):
+            _draw_filter(ax, f, f"{v:.2g}")
+        for ax in row[len(filters):]:
+            ax.axis("off")
+        if label:
+            row[0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

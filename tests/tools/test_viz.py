@@ -27,6 +27,13 @@ def test_plots_are_written(tmp_path, channels):
             {"iter": 1, "val_acc": 0.6, "monitor_acc": 0.5}]
     assert plot_history(hist, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_history([hist, hist], tmp_path / "h2.png").read_bytes()[:4] == b"\x89PNG"
+    # the chosen M = I and the last learned M, one labelled row each: a taller picture
+    learned = np.diag(np.arange(1.0, d + 1))
+    two = plot_filters([("chosen: M = I", np.eye(d)), ("last learned", learned)], channels, 3,
+                       tmp_path / "f2.png")
+    from PIL import Image
+
+    assert Image.open(two).size[1] > 1.5 * Image.open(path).size[1]
 
 
 def test_effective_filters_compose_the_banks(tmp_path):
