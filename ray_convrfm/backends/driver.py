@@ -215,8 +215,9 @@ class ShardedImages:
         return refs
 
     def gather(self, idx: np.ndarray | None, dtype: str) -> np.ndarray:
-        """The images (rows ``idx``) as the current layer sees them, in working ``dtype``, in
-        this process: for the model's centers only (featurised on the workers that own them)."""
+        """The images (rows ``idx``) as the current layer sees them, in this process: for the
+        model's centers only (8-bit pixels as stored; featurised images, by the workers that
+        own them, in working ``dtype``)."""
         import ray
 
         local = [np.arange(b - a) if rows is None else rows

@@ -105,6 +105,7 @@ class LocalBackend(NystromMembers):
     def __init__(self, X: torch.Tensor, progress: bool = False, block: int = DEFAULT_BLOCK,
                  solve: SolveOptions | None = None):
         self.X, self.progress, self.block = X, progress, block
+        self.stored = X  # the images as given (8-bit pixels: the model's centers stay uint8)
         self.solve = solve or SolveOptions()
         self.chain: list = []  # filter banks applied so far (to held-out sets when scored)
         self.holdouts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -216,7 +217,8 @@ class LocalBackend(NystromMembers):
                                    progress=bar.callback(), workspace=self.workspace)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
-        return self.X if center_idx is None else self.X[torch.as_tensor(center_idx)]
+        X = self.stored if not self.chain and self.stored.dtype == torch.uint8 else self.X
+        return X if center_idx is None else X[torch.as_tensor(center_idx, device=X.device)]
 
     def featurise(self, filters: torch.Tensor, padding: bool) -> None:
         self.X = featurise(self.X, filters, padding)

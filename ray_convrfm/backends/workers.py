@@ -167,10 +167,13 @@ class ShardWorker:
 
     def images(self, chain: list, rows: np.ndarray, dtype: str,
                chunk: int = 256) -> np.ndarray:
-        """Local ``rows`` as the current layer sees them (working ``dtype``), featurised a chunk
-        at a time: the model's centers at the end of a fit."""
-        dt = torch.float32 if dtype == "float32" else torch.float64
+        """Local ``rows`` as the current layer sees them: the model's centers at the end of a
+        fit. Without a chain, as stored (8-bit pixels stay uint8, a quarter of the bytes);
+        else featurised a chunk at a time, in working ``dtype``."""
         rows = np.asarray(rows, dtype=np.int64)
+        if not chain and self.raw.dtype == np.uint8:
+            return self.raw[rows]
+        dt = torch.float32 if dtype == "float32" else torch.float64
         parts = [self._features(chain, rows[a:b], dt).cpu().numpy()
                  for a, b in self._chunks(len(rows), chunk)]
         return np.concatenate(parts) if parts else np.zeros(

@@ -87,7 +87,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     M_path_ : the metric used at every iteration (M_path_[0] is the identity)
     classes_ : the class labels
     X_fit_ : the images the predictor is built on (the training images without the validation
-        part, or the Nystrom centers)
+        part, or the Nystrom centers), as stored: uint8 when fitted on 8-bit pixels
     center_indices_ : the Nystrom centers' rows among the training images, or None
     patch_basis_ : (d, r) orthonormal basis the patches are expressed in, or None (all of R^d)
     timings_ : seconds per distributed stage (loading shards, computing, reducing)
@@ -205,7 +205,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         compute = options.compute
         device = resolve_device(compute.device)
         spec = KernelSpec(self.rfm_params().kernel,
-                          dtype=compute.dtype or str(self.X_fit_.dtype).removeprefix("torch."),
+                          dtype=compute.dtype or str(resolve_dtype_for(self.X_fit_, None))
+                          .removeprefix("torch."),
                           engine=resolve_engine(compute.engine, device),
                           memory_budget_mb=compute.memory_budget_mb)
         dt = spec.torch_dtype
@@ -213,7 +214,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         M = self.M_.to(device, dt)
         if Q is not None:
             M = Q.T @ M @ Q
-        backend = open_backend(self.X_fit_.to(device, dt), options.replace(store=None), device)
+        backend = open_backend(training_images(self.X_fit_, dt, device),
+                               options.replace(store=None), device)
         try:
             backend.configure(spec, None)
             backend.set_metric(M, Q)
@@ -310,7 +312,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         model.M_ = file.tensor(tensors, "M", (d, d), psd=True)
         model.M_path_ = [file.tensor(tensors, f"M_path.{t}", (d, d), psd=True)
                          for t in range(iters)]
-        model.X_fit_ = file.tensor(tensors, "X_fit", (None, *model.image_shape_))
+        model.X_fit_ = file.tensor(tensors, "X_fit", (None, *model.image_shape_), pixels=True)
         m = model.X_fit_.shape[0]
         if m < 1:
             raise file.bad_tensors("tensor X_fit holds no images")

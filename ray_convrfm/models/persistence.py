@@ -227,12 +227,16 @@ class ModelFile:
                 problem.append(f"has unexpected tensors {unknown[:10]}")
             raise self.bad_tensors(" and ".join(problem) + " (is it this model's file?)")
 
-    def tensor(self, tensors: dict, name: str, shape: tuple, psd: bool = False) -> torch.Tensor:
-        """Tensor ``name``: float32 or float64, of ``shape`` (None: any size), finite; with
-        ``psd``, a non-zero symmetric positive semi-definite matrix."""
+    def tensor(self, tensors: dict, name: str, shape: tuple, psd: bool = False,
+               pixels: bool = False) -> torch.Tensor:
+        """Tensor ``name``: float32 or float64 (or, with ``pixels``, uint8: 8-bit images), of
+        ``shape`` (None: any size), finite; with ``psd``, a non-zero symmetric positive
+        semi-definite matrix."""
         t = tensors[name]
-        if t.dtype not in (torch.float32, torch.float64):
-            raise self.bad_tensors(f"tensor {name} must be float32 or float64; found {t.dtype}")
+        allowed = (torch.float32, torch.float64) + ((torch.uint8,) if pixels else ())
+        if t.dtype not in allowed:
+            raise self.bad_tensors(f"tensor {name} must be float32 or float64"
+                                   f"{' (or uint8 pixels)' if pixels else ''}; found {t.dtype}")
         if len(t.shape) != len(shape) or any(s is not None and a != s
                                              for a, s in zip(t.shape, shape, strict=True)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"

@@ -345,7 +345,7 @@ class Workload:
         # ConvRFM.scores: a new ShardedImages over the model's centers (working dtype): the
         # blocks its workers fetch are those shards' pixels; test blocks come as stored
         p_cached, p_in_use = self.center_parts(px)
-        predict_worker = [base[0], ("its shard of the model's centers", math.ceil(m / w) * px,
+        predict_worker = [base[0], ("its shard of the model's centers", math.ceil(m / w) * spx,
                                     "ShardWorker.__init__: self.raw"), *p_cached,
                           ("a block of test images", blk * spx, "map_scores: rows[r : r + b]"),
                           ("alpha", mc8, "scores: alpha"), ("scores", blk * c * 8, "scores: out"),
@@ -424,17 +424,18 @@ class Workload:
             # workers read their parquet row groups, then the patch gram; add_holdout: the
             # validation parts put once as stored (parquet: read by the workers)
             LOAD: row(moved=self.n_val * spx, worker=load_worker),
-            # ShardedImages.gather: ShardWorker.images (featurised, working dtype) concatenated
-            GATHER: row(moved=m * px, worker=[*base, ("its centers featurised, concatenated",
-                                                     2 * math.ceil(m / w) * px, "images")],
+            # ShardedImages.gather: ShardWorker.images, a ConvRFM's centers as stored (a Deep
+            # model's last layer gathers featurised ones, in the working dtype), concatenated
+            GATHER: row(moved=m * spx, worker=[*base, ("its centers as stored, concatenated",
+                                                      2 * math.ceil(m / w) * spx, "images")],
                         driver=[labels, best, ("the model's centers, parts and concatenation",
-                                               2 * m * px, "ShardedImages.gather")]),
-            # ConvRFM.scores: a new ShardedImages puts X_fit_ (working dtype), every worker
+                                               2 * m * spx, "ShardedImages.gather")]),
+            # ConvRFM.scores: a new ShardedImages puts X_fit_ (as stored), every worker
             # fetches every block; map_scores: test blocks (as stored) and alpha out, scores back
-            PREDICT: row(self.n_test * m, self.n_test * m * f, m * px + w * m * px
+            PREDICT: row(self.n_test * m, self.n_test * m * f, m * spx + w * m * spx
                          + self.n_test * spx + w * mc8 + self.n_test * c * 8,
                          worker=predict_worker, driver=[
-                             ("the model's centers, their shards' puts", 2 * m * px,
+                             ("the model's centers, their shards' puts", 2 * m * spx,
                               "ConvRFM.scores: X_fit_; ShardedImages"),
                              ("test images as stored, their puts", 2 * self.n_test * spx,
                               "map_scores: rows"), ("alpha, its put", 2 * mc8, "map_scores: alpha"),
@@ -500,8 +501,7 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     """Wall seconds of every stage of the fit (all iterations) with ``work.workers`` workers
     in parallel. Keys as in ``Workload.stages``, plus "total"."""
     w, it, m, c, S = work.workers, work.iters, work.m, work.classes, work.shard
-    px, spx, dt, net = work.pixel_bytes, work.stored_pixel_bytes, work.dtype_bytes, \
-        rates.network_bytes_per_s
+    spx, dt, net = work.stored_pixel_bytes, work.dtype_bytes, rates.network_bytes_per_s
     mc8 = m * c * 8
     _, spilled = work.resident()
     # compute, the centers' stored pixels received once, slabs written (run store, or spilled)
@@ -540,9 +540,9 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
         VALIDATION: it * val + v_rows / rates.decode_images_per_s,
         # the AGOP is taken after every iteration but the last
         AGOP: (it - 1) * agop,
-        GATHER: m * px / net,
-        # the centers put again, then fetched by every worker; test images as stored; alpha
-        PREDICT: rates.worker_start_s + (2 * m * px + work.n_test * spx + mc8) / net
+        GATHER: m * spx / net,
+        # the centers put again, then fetched by every worker, and test images as stored; alpha
+        PREDICT: rates.worker_start_s + (2 * m * spx + work.n_test * spx + mc8) / net
         + math.ceil(work.n_test / w) * m * rates.kernel_entry_s,
     }
     out["total"] = sum(out.values())

@@ -165,7 +165,9 @@ def test_uint8_shards_give_the_float32_kernel_and_fit(cluster):
               centers=20, agop_classes=2)
     local = ConvRFM(**kw).fit(F, y)
     remote = ConvRFM(options=Options.of(workers=2, memory_budget_mb=1), **kw).fit(U, y)
-    assert remote.X_fit_.dtype == torch.float32  # the model keeps working values
+    assert remote.X_fit_.dtype == torch.uint8  # the model's centers rest as stored
+    np.testing.assert_array_equal(remote.X_fit_.numpy().astype(np.float32) / np.float32(255),
+                                  local.X_fit_.numpy())
     torch.testing.assert_close(remote.M_path_[1], local.M_path_[1], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(remote.decision_function(U), local.decision_function(F),
                                rtol=1e-3, atol=1e-4)

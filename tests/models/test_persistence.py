@@ -339,3 +339,24 @@ def test_deep_final_model_is_checked_and_bound_to_its_config(deep_saved, deep_di
     shutil.rmtree(deep_dir / "final")
     with pytest.raises(FileNotFoundError, match="not a saved model"):
         DeepConvRFM.load(deep_dir)
+
+
+def test_a_model_fitted_on_8_bit_pixels_keeps_them_and_round_trips(tmp_path):
+    """Centers rest as stored: a fit on uint8 images keeps uint8 X_fit_ (a quarter of the
+    bytes), predicts as the fit on the same pixels / 255, and saves and loads as such."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    U = np.rint(ds.X_train[:150] * 255).astype(np.uint8)
+    F = U.astype(np.float32) / np.float32(255)
+    Ut = np.rint(ds.X_test[:30] * 255).astype(np.uint8)
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=1, solver="nystrom", centers=40)
+    pixels, floats = ConvRFM(**kw).fit(U, ds.y_train[:150]), ConvRFM(**kw).fit(F, ds.y_train[:150])
+    assert pixels.X_fit_.dtype == torch.uint8 and floats.X_fit_.dtype == torch.float32
+    np.testing.assert_array_equal(pixels.decision_function(Ut),
+                                  floats.decision_function(Ut.astype(np.float32) / 255))
+    loaded = ConvRFM.load(pixels.save(tmp_path / "m"))
+    assert loaded.X_fit_.dtype == torch.uint8
+    np.testing.assert_allclose(loaded.decision_function(Ut), pixels.decision_function(Ut),
+                               rtol=1e-9, atol=1e-12)

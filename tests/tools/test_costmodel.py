@@ -82,7 +82,7 @@ def test_driver_memory_is_flat_in_m_but_for_m_by_c_vectors_and_the_model_centers
     assert d[2000] == pytest.approx(labels + vectors * 2000 * BASE.classes * 8)
     once = {m: dataclasses.replace(BASE, m=m).stages()["once"][GATHER]["driver_memory"]
             for m in (1000, 2000)}
-    assert once[2000] - once[1000] == 1000 * (BASE.classes * 8 + 2 * BASE.pixel_bytes)
+    assert once[2000] - once[1000] == 1000 * (BASE.classes * 8 + 2 * BASE.stored_pixel_bytes)
 
 
 def test_resident_rows_cap_worker_memory_and_spill_to_reads_at_every_step():
@@ -336,7 +336,7 @@ def test_measured_rates_feed_the_prediction(tmp_path):
 def test_pixels_rest_and_travel_as_stored():
     """uint8 pixels (1 byte a value) against float32 images (4): what rests in a worker's
     shard, what travels to it (center blocks, held-out and test images) shrinks by 3 bytes a
-    value; what is featurised (the model's centers at the end) stays in the working dtype."""
+    value, and so does a ConvRFM's model (its centers rest as stored)."""
     f32 = dataclasses.replace(BASE, stored_bytes=4)
     assert BASE.stored_bytes == 1 and f32.pixel_bytes == BASE.pixel_bytes
     delta = BASE.channels * BASE.height * BASE.width * 3  # bytes per image saved
@@ -349,8 +349,10 @@ def test_pixels_rest_and_travel_as_stored():
     assert moved[VALIDATION] == pytest.approx(w * refetch * m * delta)
     assert moved[AGOP] == pytest.approx(w * refetch * m * delta)
     assert moved[LOAD] == BASE.n_val * delta  # validation parts, put once
-    assert moved[PREDICT] == BASE.n_test * delta  # test images; centers are featurised
-    assert moved[GATHER] == moved[KTY] == moved[CG] == moved[PRECONDITIONER] == 0
+    # test images, and a ConvRFM's centers (as stored), put and fetched by every worker
+    assert moved[PREDICT] == (BASE.n_test + (1 + w) * m) * delta
+    assert moved[GATHER] == m * delta  # the model's centers to the driver
+    assert moved[KTY] == moved[CG] == moved[PRECONDITIONER] == 0
     blk = min(BASE.block, m)
     worker = {k: f[p][k]["worker_memory"] - u8[p][k]["worker_memory"] for p in u8 for k in u8[p]}
     # the shard, and the block of centers being prepared
@@ -358,9 +360,11 @@ def test_pixels_rest_and_travel_as_stored():
     assert worker[CG] == BASE.shard * delta  # the shard only: no centers in CG
     # ... and the validation part, kept on the worker as stored
     assert worker[VALIDATION] == (BASE.shard + blk + math.ceil(BASE.n_val / w)) * delta
-    assert worker[PREDICT] == blk * delta  # a block of test images as sent
+    # a block of test images as sent, its shard of the model's centers
+    assert worker[PREDICT] == (blk + math.ceil(m / w)) * delta
     assert memory(f32)["worker"] - memory(BASE)["worker"] >= BASE.shard * delta
-    assert memory(f32)["driver"] - memory(BASE)["driver"] == 2 * BASE.n_test * delta
+    # the prediction: test images and the model's centers, each with its puts
+    assert memory(f32)["driver"] - memory(BASE)["driver"] == 2 * (BASE.n_test + m) * delta
     seconds = predict(f32, RATES)[ROWS] - predict(BASE, RATES)[ROWS]
     assert seconds == pytest.approx(BASE.iters * m * delta / RATES.network_bytes_per_s)
 
