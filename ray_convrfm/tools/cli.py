@@ -387,7 +387,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         plot_filters(metrics, C, args.patch_size, out / "filters.png",
                      title=f"{ds.name}: top eigenvectors of M, as {args.patch_size} x "
                            f"{args.patch_size} filters (eigenvalue above each)")
-    plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name)
+    plot_history([la["history"] for la in layers], out / "accuracy.png", title=ds.name,
+                 chosen=[la["best_iter"] for la in layers])
     where = upload(args, out)
     print(f"wrote {where}/model, metrics.parquet, summary.json, filters.png, accuracy.png")
     return 0

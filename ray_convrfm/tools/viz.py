@@ -87,11 +87,13 @@ def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int
     return save_figure(fig, path)
 
 
-def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
+def plot_history(history, path: str | Path, title: str = "ConvRFM",
+                 chosen: list[int] | None = None) -> Path:
     """Validation (and monitored test) accuracy per iteration, one panel section per layer.
 
     ``history`` is one ConvRFM history (a list of dicts) or a list of them, one per Deep ConvRFM
-    layer; iteration 0 of the first layer is the fixed kernel.
+    layer; iteration 0 of the first layer is the fixed kernel. ``chosen``: the iteration chosen
+    on validation in each layer, ringed.
     """
     plt = pyplot()
     layers = [history] if history and isinstance(history[0], dict) else list(history)
@@ -105,6 +107,10 @@ def plot_history(history, path: str | Path, title: str = "ConvRFM") -> Path:
         if all("monitor_acc" in h for h in hist):
             ax.plot(xs, [100 * h["monitor_acc"] for h in hist], "s--", color="C1",
                     label="test" if i == 0 else None)
+        if chosen is not None:
+            best = next(h for h in hist if h["iter"] == chosen[i])
+            ax.plot([x0 + best["iter"]], [100 * best["val_acc"]], "o", ms=13, mfc="none",
+                    mec="C3", mew=1.5, label="chosen on validation" if i == 0 else None)
         ticks += xs
         labels += [f"{h['iter']}" if len(layers) == 1 else f"L{i}.{h['iter']}" for h in hist]
         if i:

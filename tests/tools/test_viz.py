@@ -27,6 +27,8 @@ def test_plots_are_written(tmp_path, channels):
             {"iter": 1, "val_acc": 0.6, "monitor_acc": 0.5}]
     assert plot_history(hist, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_history([hist, hist], tmp_path / "h2.png").read_bytes()[:4] == b"\x89PNG"
+    ringed = plot_history([hist, hist], tmp_path / "h3.png", chosen=[1, 0])
+    assert ringed.read_bytes()[:4] == b"\x89PNG"
     # the chosen M = I and the last learned M, one labelled row each: a taller picture
     learned = np.diag(np.arange(1.0, d + 1))
     two = plot_filters([("chosen: M = I", np.eye(d)), ("last learned", learned)], channels, 3,
