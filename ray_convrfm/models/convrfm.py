@@ -53,7 +53,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     Parameters
     ----------
     depth, patch_size, padding : the convolutional network whose NTK is the kernel
-    iters : number of kernels fitted (M_0 = I, the fixed CNTK, then iters-1 learned metrics)
+    iters : the most kernels fitted (M_0 = I, the fixed CNTK, then up to iters-1 learned
+        metrics); ``patience`` stops earlier
     ridges : ridge values tried at every iteration, on the kernel divided by its largest entry
     agop_samples : training images at which the AGOP is taken (the reference used 20)
     agop_power : M = AGOP^power (1 by default; 1/2 matches W^T W of a network, section 7)
@@ -71,8 +72,12 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         problem through its m x m normal equations and a Cholesky, for small m)
     centers : m for the Nystrom solver (default min(n, ``options.DEFAULT_CENTERS``))
     patience : stop after this many iterations without a better validation score (``iters``
-        is then the maximum); None runs all ``iters``. Scores compare accuracy first, then the
-        squared error on the one-hot targets, so equal accuracies do not hide a better fit
+        is then the maximum; by default 10 iterations, stopping 2 after the best); None runs
+        all ``iters``. Scores compare accuracy first, then the squared error on the one-hot
+        targets, so equal accuracies do not hide a better fit. On Fashion-MNIST in a 42 x 42
+        noise frame (n = 2,000) validation accuracy rose to iteration 6 (27.0 -> 41.0 %) and
+        collapsed at iteration 8 (11 %): a fixed 5 stopped early, a fixed 10 would need the
+        choice on validation to avoid the collapse
     random_state : seed of the validation split and the AGOP sample (a local generator)
     options : how and where to compute (``ray_convrfm.Options``: dtype, device, engine, memory
         budget, Ray workers and cluster address, kernel store, progress); None: in this
@@ -103,10 +108,10 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
-                 iters: int = 5, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
+                 iters: int = 10, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
                  agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
                  patch_basis: str = "auto", solver: str = "exact", centers: int | None = None,
-                 patience: int | None = None, agop_classes: str | int = "auto",
+                 patience: int | None = 2, agop_classes: str | int = "auto",
                  random_state: int | None = 0, options: Options | None = None):
         self.depth = depth
         self.patch_size = patch_size

@@ -38,14 +38,14 @@ class RFMParams:
     """What one ConvRFM layer learns with; checked on construction (errors name the field)."""
 
     kernel: KernelParams = field(default_factory=KernelParams)
-    iters: int = 5
+    iters: int = 10
     ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3)
     agop_samples: int = 256
     agop_power: float = 1.0
     patch_basis: str = "auto"
     solver: str = "exact"
     centers: int | None = None
-    patience: int | None = None
+    patience: int | None = 2
     agop_classes: str | int = "auto"
 
     def __post_init__(self) -> None:

@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ConvRFM layers; more than 1 fits a Deep ConvRFM (docs/math.md section 6)")
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--padding", action="store_true")
-    f.add_argument("--iters", type=int, default=None,
-                   help="default 5 (3 for digits, 6 for digits-noise)")
+    f.add_argument("--iters", type=int, default=10,
+                   help="the most iterations (kernels fitted); --patience stops earlier")
     f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
     f.add_argument("--agop-samples", type=int, default=256)
     f.add_argument("--agop-power", type=float, default=1.0)
@@ -109,9 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--solver", default="exact", choices=SOLVERS,
                    help="exact (n x n Cholesky), nystrom (preconditioned CG over resident "
                         "kernel rows) or nystrom-direct (m x m normal equations)")
-    f.add_argument("--patience", type=int, default=None,
+    f.add_argument("--patience", type=int, default=2,
                    help="stop after this many iterations without a better validation score "
-                        "(--iters is then the maximum)")
+                        "(0: run all --iters)")
     f.add_argument("--centers", type=int, default=None,
                    help="Nystrom centers m (default min(n, 2000))")
     f.add_argument("--resident-mb", type=int, default=None,
@@ -289,8 +289,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                   random_state=args.seed)
     small = min(ds.X_train.shape[2:]) < 10
     depth = args.depth if args.depth is not None else (2 if small else 3)
-    iters = args.iters if args.iters is not None else \
-        {"digits": 3, "digits-noise": 6}.get(args.dataset, 5)
+    iters = args.iters
     out = output_dir(args, Path("runs") / ds.name)
     refuse_earlier_run(args, out)
     options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,
@@ -305,7 +304,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     ridges=args.ridges, agop_samples=args.agop_samples,
                     agop_power=args.agop_power, agop_classes=args.agop_classes,
                     val_fraction=args.val_fraction,
-                    solver=args.solver, centers=args.centers, patience=args.patience,
+                    solver=args.solver, centers=args.centers,
+                    patience=args.patience or None,
                     random_state=args.seed,
                     options=options)
     if args.layers > 1:
@@ -317,7 +317,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = layer
         what = f"ConvRFM, depth {depth}"
     print(f"{ds.name}: {len(ds.X_train)} train / {len(ds.y_test)} test images of shape "
-          f"{ds.X_train.shape[1:]}; {what}, {iters} iterations -> {args.out or out}", flush=True)
+          f"{ds.X_train.shape[1:]}; {what}, at most {iters} iterations"
+          f"{f' (patience {args.patience})' if args.patience else ''} -> {args.out or out}",
+          flush=True)
     t0 = time.perf_counter()
     monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
     model.fit(ds.X_train, ds.y_train, monitor=monitor)
