@@ -33,7 +33,8 @@ from ray_convrfm.checks import check_psd
 #: Bumped whenever the saved layout changes; ``load`` refuses other versions. Version 2: the
 #: estimators' hyper-parameters without ``Options`` (how and where to compute is not saved).
 #: Version 3: a SHA-256 ``digest`` of the config and the tensors, verified at load.
-FORMAT_VERSION = 4
+#: Version 4: ``agop_classes``. Version 5: ``DeepConvRFM.filter_power``; ``X_fit`` may be uint8.
+FORMAT_VERSION = 5
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
 DIGEST = "digest"

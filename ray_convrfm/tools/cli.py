@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", type=int, default=1,
                    help="ConvRFM layers; more than 1 fits a Deep ConvRFM (docs/math.md section 6)")
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
+    f.add_argument("--filter-power", type=float, default=None,
+                   help="Deep ConvRFM: filter banks W = G M^p (default: DeepConvRFM's)")
     f.add_argument("--padding", action="store_true")
     f.add_argument("--iters", type=int, default=10,
                    help="the most iterations (kernels fitted); --patience stops earlier")
@@ -310,7 +312,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     options=options)
     if args.layers > 1:
         # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
-        model = DeepConvRFM(layer, layers=args.layers, width=args.width, total_depth=depth)
+        model = DeepConvRFM(layer, layers=args.layers, width=args.width, total_depth=depth,
+                            **({} if args.filter_power is None
+                               else {"filter_power": args.filter_power}))
         what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
                 f"{', '.join(str(depth - i) for i in range(args.layers))}")
     else:

@@ -47,15 +47,26 @@ def test_two_layer_stack(digits, two_layers):
 
 
 def test_filters_follow_the_learned_metric(two_layers):
+    """W = G M^filter_power (the random bank G when M = I was kept)."""
     info = two_layers.layers_[0]
     W = info["filters"].reshape(8, -1).double()
     G = torch.from_numpy(np.random.default_rng([1, 0]).standard_normal((8, 9)))
+    p = two_layers.filter_power
     if info["learned"]:
         vals, vecs = torch.linalg.eigh(info["M"].double())
-        expected = G @ (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+        expected = G @ (vecs * vals.clamp_min(0) ** p) @ vecs.T
     else:
         expected = G
     torch.testing.assert_close(W, expected, rtol=1e-5, atol=1e-6)
+    # W^T W ~ AGOP^(1/2), the CNFA's relation, with filter_power = 1/4
+    vals, vecs = torch.linalg.eigh(info["M"].double())
+    two_layers.set_params(filter_power=0.25)
+    try:
+        quarter = two_layers._filters(info["M"], 1, 3, 0, True, 1).reshape(8, -1).double()
+    finally:
+        two_layers.set_params(filter_power=p)
+    torch.testing.assert_close(quarter, G @ (vecs * vals.clamp_min(0) ** 0.25) @ vecs.T,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_predicts_the_same(tmp_path, digits, two_layers):
@@ -75,5 +86,8 @@ def test_parameter_errors(digits):
         DeepConvRFM(layers=3, total_depth=2).fit(X, y)
     with pytest.raises(ValueError, match="width"):
         DeepConvRFM(width=0).fit(X, y)
+    for bad in (0, 1.5, "half", True):
+        with pytest.raises(ValueError, match="filter_power"):
+            DeepConvRFM(filter_power=bad).fit(X, y)
     with pytest.raises(ValueError, match="needs images of at least"):
         DeepConvRFM(layers=2, total_depth=6).fit(X, y)
