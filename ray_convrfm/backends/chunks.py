@@ -65,6 +65,11 @@ def side_bytes(side) -> int:
                if isinstance(t, torch.Tensor))
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The working dtype a task names ("float32" or "float64")."""
+    return torch.float32 if name == "float32" else torch.float64
+
+
 def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
     """Images after the filter banks ``chain`` = [(filters, padding), ...] (Deep ConvRFM)."""
     for filters, padding in chain:

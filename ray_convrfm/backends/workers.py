@@ -34,6 +34,7 @@ from ray_convrfm.backends.chunks import (
     prepared_chunk,
     resolve,
     side_bytes,
+    torch_dtype,
 )
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import KernelStore, StoreSpec, block_digests, fingerprint
@@ -148,13 +149,17 @@ class ShardWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def _layer_input(self, X, chain: list, dtype: torch.dtype) -> torch.Tensor:
+        """Stored images X as the current layer sees them: converted on this device
+        (``as_working``), then through ``chain``."""
+        return apply_chain(as_working(X, dtype, self.device), chain)
+
     def _features(self, chain: list, rows, dtype: torch.dtype) -> torch.Tensor:
-        """Rows of the shard (a slice or local indices) as the current layer sees them: the
-        stored pixels converted on this device (``as_working``), then through ``chain``. Made
+        """Rows of the shard (a slice or local indices) as the current layer sees them. Made
         per chunk when needed, never for the whole shard."""
         if not isinstance(rows, slice):
             rows = np.asarray(rows, dtype=np.int64)
-        return apply_chain(as_working(self.raw[rows], dtype, self.device), chain)
+        return self._layer_input(self.raw[rows], chain, dtype)
 
     def _chunks(self, n: int, step: int):
         for a in range(0, n, max(1, step)):
@@ -173,7 +178,7 @@ class ShardWorker:
         rows = np.asarray(rows, dtype=np.int64)
         if not chain and self.raw.dtype == np.uint8:
             return self.raw[rows]
-        dt = torch.float32 if dtype == "float32" else torch.float64
+        dt = torch_dtype(dtype)
         parts = [self._features(chain, rows[a:b], dt).cpu().numpy()
                  for a, b in self._chunks(len(rows), chunk)]
         return np.concatenate(parts) if parts else np.zeros(
@@ -182,7 +187,7 @@ class ShardWorker:
     def digests(self, chain: list, block: int, dtype: str) -> list[str]:
         """Per-block SHA-256 of the shard as the layer sees it (working ``dtype``: uint8 and
         float32 shards of the same pixels agree); the driver combines them in order."""
-        dt = torch.float32 if dtype == "float32" else torch.float64
+        dt = torch_dtype(dtype)
         return [block_digests(self._features(chain, slice(a, b), dt).cpu().numpy(), block)[0]
                 for a, b in self._chunks(len(self.raw), block)]
 
@@ -190,7 +195,7 @@ class ShardWorker:
                    budget_mb: float) -> np.ndarray:
         """Sum of p p^T over the shard's patches (the driver sums and finds their span),
         featurised and unfolded a chunk at a time (``chunks.gram_chunk`` of the budget)."""
-        dt = torch.float32 if dtype == "float32" else torch.float64
+        dt = torch_dtype(dtype)
         shape = chain_shape(self.raw.shape[1:], chain)
         step = gram_chunk(shape, patch_size, padding, torch.empty(0, dtype=dt).element_size(),
                           budget_mb)
@@ -241,8 +246,7 @@ class ShardWorker:
 
         def build():
             X = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=0)
-            return self._prepare(apply_chain(as_working(X, spec.torch_dtype, self.device),
-                                             chain), M, basis, spec)
+            return self._prepare(self._layer_input(X, chain, spec.torch_dtype), M, basis, spec)
 
         return self._cached(key, build)
 
@@ -297,8 +301,8 @@ class ShardWorker:
             kept: list | None = []
             used = sum(side_bytes(s) for block in cache.values() for *_, s in block)
             for a, b in self._chunks(len(X), step):
-                side = self._prepare(apply_chain(as_working(X[a:b], dt, self.device),
-                                                 centers.chain), M, basis, spec)
+                side = self._prepare(self._layer_input(X[a:b], centers.chain, dt), M, basis,
+                                     spec)
                 if kept is not None and used + side_bytes(side) <= budget:
                     kept.append((a, b, side))
                     used += side_bytes(side)
@@ -326,8 +330,7 @@ class ShardWorker:
         shape = chain_shape(np.shape(images)[1:], chain)
         step = min(block, prepared_chunk(shape, spec, basis))
         for r0, r1 in self._chunks(len(images), step):
-            Z = apply_chain(as_working(np.asarray(images[r0:r1]), spec.torch_dtype,
-                                       self.device), chain)
+            Z = self._layer_input(np.asarray(images[r0:r1]), chain, spec.torch_dtype)
             yield r0, r1, self._against_centers(self._prepare(Z, M, basis, spec), centers, M,
                                                 basis, spec)
 
@@ -404,9 +407,9 @@ class ShardWorker:
             K, fresh = self._slab(res, r0, r1)
             computed += fresh
             if task.key is None:
-                K64 = K.to(torch.float64)
+                K64 = K.to(torch.float64)  # class_sums takes it as it is: one conversion
                 KtK.addmm_(K64.T, K64)
-            KtY += class_sums(K, labels[r0:r1], task.classes)
+            KtY += class_sums(K64 if task.key is None else K, labels[r0:r1], task.classes)
             here = torch.as_tensor(task.center_rows[(task.center_rows >= r0)
                                                     & (task.center_rows < r1)] - r0,
                                    device=K.device)

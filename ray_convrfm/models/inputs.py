@@ -218,6 +218,5 @@ def training_images(X_fit, dtype: torch.dtype, device: torch.device):
     if hasattr(X_fit, "load"):
         return X_fit
     if is_pixels(X_fit):
-        return torch.as_tensor(np.asarray(X_fit) if isinstance(X_fit, np.ndarray)
-                               else X_fit).to(device)
+        return torch.as_tensor(X_fit).to(device)
     return as_tensor(X_fit, dtype, device)
