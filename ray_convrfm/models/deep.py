@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     ----------
     layers_ : one dict per layer: ``depth``, ``M`` (d, d), ``filters`` (width, C, q, q) or None
         for the last layer, ``learned`` (whether M beat M = I), ``best_iter``, ``ridge``,
-        ``history`` (the layer's ConvRFM history), ``val_acc``
+        ``history`` (the layer's ConvRFM history), ``val_acc``, ``seconds`` (the layer's fit
+        and featurisation). A layer does not depend on the layers after it, so with the same
+        ``total_depth`` the first L layers are those of an L-layer stack
     final_ : the last layer's fitted ``ConvRFM``
     classes_ : the class labels
     """
@@ -135,8 +138,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         depths = self._depths(base)
         seed = int(base.random_state)
         options = as_options(base.options)
-        data = prepare_fit_inputs(X, y, X_val, y_val, monitor, base.val_fraction,
-                                  np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)  # as ConvRFM's: layer 0 is that ConvRFM's fit
+        data = prepare_fit_inputs(X, y, X_val, y_val, monitor, base.val_fraction, rng)
         first = base.rfm_params(depths[0]).kernel
         first.grids(*data.X.shape[2:])  # image large enough for the deepest kernel
         device, spec = kernel_spec(first, options.compute, data.X)
@@ -148,6 +151,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         url = options.store.url
         try:
             for layer, depth in enumerate(depths):
+                t0 = time.perf_counter()
                 rfm = clone(base).set_params(depth=depth, random_state=seed + layer)
                 params = rfm.rfm_params()
                 backend.configure(dataclasses.replace(spec, params=params.kernel),
@@ -155,7 +159,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                 if layer == 0:  # held-out sets are featurised with the training images
                     watched = register_holdouts(backend, data, spec)
                 result = fit_rfm(backend, data.y_fit, len(data.classes), "validation", params,
-                                 np.random.default_rng(seed + layer), monitor=watched,
+                                 rng if layer == 0 else np.random.default_rng(seed + layer),
+                                 monitor=watched,
                                  verbose=options.verbose)
                 rfm.classes_ = self.classes_
                 rfm.set_result(result, backend.row_shape)
@@ -174,6 +179,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                     backend.featurise(filters, bool(base.padding))
                 else:
                     self.final_ = rfm
+                info["seconds"] = time.perf_counter() - t0
                 self.layers_.append(info)
         finally:
             backend.close()
@@ -268,7 +274,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         for i, (info, depth) in enumerate(zip(layers, depths, strict=True)):
             what = f"layers[{i}]"
             info = dict(file.keys(info, what, {"depth", "learned", "best_iter", "ridge",
-                                               "history", "val_acc"}))
+                                               "history", "val_acc"}, optional={"seconds"}))
             if file.integer(info["depth"], f"{what}.depth") != depth:
                 raise file.bad_config(f"{what}.depth is {info['depth']}; params give {depth}")
             if not isinstance(info["learned"], bool):
@@ -278,6 +284,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             file.integer(info["best_iter"], f"{what}.best_iter", 0, len(history) - 1)
             file.number(info["ridge"], f"{what}.ridge", 0.0)
             file.number(info["val_acc"], f"{what}.val_acc", 0.0)
+            if "seconds" in info:
+                file.number(info["seconds"], f"{what}.seconds", 0.0)
             d = channels * q * q
             info["M"] = file.tensor(tensors, f"layer{i}.M", (d, d), psd=True)
             info["filters"] = None

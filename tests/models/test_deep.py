@@ -17,14 +17,35 @@ def digits():
             ds.y_train[200:260], pad(ds.X_test[:60]), ds.y_test[:60])
 
 
-def test_one_layer_equals_convrfm(digits):
+@pytest.mark.parametrize("given_validation", [True, False])
+def test_one_layer_equals_convrfm(digits, given_validation):
+    """Also when the validation split is carved from X: the first layer draws its AGOP
+    samples from the generator ConvRFM uses, after the split."""
     X, y, Xv, yv, Xt, _ = digits
-    kw = dict(patch_size=3, iters=2, agop_samples=30, random_state=5)
-    deep = DeepConvRFM(ConvRFM(**kw), layers=1, total_depth=2).fit(X, y, X_val=Xv, y_val=yv)
-    single = ConvRFM(depth=2, **kw).fit(X, y, X_val=Xv, y_val=yv)
+    kw = dict(patch_size=3, iters=3, agop_samples=30, random_state=5)
+    held = dict(X_val=Xv, y_val=yv) if given_validation else {}
+    deep = DeepConvRFM(ConvRFM(**kw), layers=1, total_depth=2).fit(X, y, **held)
+    single = ConvRFM(depth=2, **kw).fit(X, y, **held)
     assert deep.layers_[0]["filters"] is None
     torch.testing.assert_close(deep.final_.M_, single.M_)
+    for path, other in zip(deep.final_.M_path_, single.M_path_, strict=True):
+        torch.testing.assert_close(path, other)
     np.testing.assert_allclose(deep.decision_function(Xt), single.decision_function(Xt))
+
+
+def test_first_layers_are_the_shorter_stack(digits, two_layers):
+    """With the same total_depth, a stack's first L layers are the L-layer stack: one fit of
+    three layers measures ConvRFM, Deep 2 and Deep 3 (examples/results_table.py)."""
+    X, y, _, _, Xt, yt = digits
+    one = DeepConvRFM(ConvRFM(iters=2, agop_samples=30, random_state=1), layers=1, width=8,
+                      total_depth=4).fit(X, y, monitor=(Xt, yt))
+    first = two_layers.layers_[0]
+    assert one.layers_[0]["best_iter"] == first["best_iter"]
+    torch.testing.assert_close(one.layers_[0]["M"], first["M"])
+    assert [h["monitor_acc"] for h in one.layers_[0]["history"]] == \
+        [h["monitor_acc"] for h in first["history"]]
+    assert one.score(Xt, yt) == first["history"][first["best_iter"]]["monitor_acc"]
+    assert all(info["seconds"] > 0 for info in two_layers.layers_)
 
 
 @pytest.fixture(scope="module")
