@@ -187,15 +187,24 @@ def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
     return (vecs * vals.clamp_min(0) ** power) @ vecs.T
 
 
-def metric_from_agop(G: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+def metric_from_agop(G: torch.Tensor, power: float = 1.0, floor: float = 0.0) -> torch.Tensor:
     """M = G^power / ||G^power||_F (docs/math.md section 5), negative eigenvalues clipped to 0.
 
     The kernel is positively homogeneous in M, so only M's direction matters; the Frobenius
-    normalisation keeps its scale fixed from one iteration to the next.
+    normalisation keeps its scale fixed from one iteration to the next. ``floor`` raises every
+    eigenvalue of G^power to at least ``floor`` times the largest: M = AGOP(M) repeated acts as
+    a power iteration whose M can collapse onto one direction, and the floor bounds M's
+    condition number by 1 / floor.
     """
     if power <= 0:
         raise ValueError(f"agop_power must be positive; found {power}")
-    P = psd_power(G, power)
+    if not 0 <= floor < 1:
+        raise ValueError(f"metric_floor must be in [0, 1); found {floor}")
+    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
+    vals = vals.clamp_min(0) ** power
+    if floor > 0:
+        vals = vals.clamp_min(floor * vals.max())
+    P = (vecs * vals) @ vecs.T
     norm = torch.linalg.matrix_norm(P)
     if not norm > 0:
         raise ValueError("the AGOP is zero: the predictor does not depend on its input")

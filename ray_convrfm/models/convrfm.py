@@ -58,6 +58,9 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
     ridges : ridge values tried at every iteration, on the kernel divided by its largest entry
     agop_samples : training images at which the AGOP is taken (the reference used 20)
     agop_power : M = AGOP^power (1 by default; 1/2 matches W^T W of a network, section 7)
+    metric_floor : every eigenvalue of M is raised to at least this share of the largest (0:
+        none); bounds M's condition number, so repeated iterations cannot collapse M onto one
+        direction (docs/math.md section 5)
     agop_classes : "auto" (the exact AGOP up to 64 classes, a 64-column sketch beyond), an
         int k (k Gaussian combinations of the class outputs: an unbiased AGOP at k/c of the
         cost; exact when k >= c) or "all" (docs/math.md 4a); seeded by ``random_state``
@@ -109,7 +112,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
     def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
                  iters: int = 10, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
-                 agop_samples: int = 256, agop_power: float = 1.0, val_fraction: float = 0.1,
+                 agop_samples: int = 256, agop_power: float = 1.0, metric_floor: float = 0.0,
+                 val_fraction: float = 0.1,
                  patch_basis: str = "auto", solver: str = "exact", centers: int | None = None,
                  patience: int | None = 2, agop_classes: str | int = "auto",
                  random_state: int | None = 0, options: Options | None = None):
@@ -120,6 +124,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         self.ridges = ridges
         self.agop_samples = agop_samples
         self.agop_power = agop_power
+        self.metric_floor = metric_floor
         self.val_fraction = val_fraction
         self.patch_basis = patch_basis
         self.solver = solver
@@ -172,7 +177,8 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                               _as_int(self.patch_size), bool(self.padding))
         return RFMParams(kernel=kernel, iters=self.iters, ridges=self.ridges,
                          agop_samples=self.agop_samples, agop_power=self.agop_power,
-                         patch_basis=self.patch_basis, solver=self.solver, centers=self.centers,
+                         metric_floor=self.metric_floor, patch_basis=self.patch_basis,
+                         solver=self.solver, centers=self.centers,
                          patience=self.patience, agop_classes=self.agop_classes)
 
     def set_result(self, result: RFMResult, image_shape: tuple[int, ...]) -> None:

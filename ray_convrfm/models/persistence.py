@@ -34,7 +34,8 @@ from ray_convrfm.checks import check_psd
 #: estimators' hyper-parameters without ``Options`` (how and where to compute is not saved).
 #: Version 3: a SHA-256 ``digest`` of the config and the tensors, verified at load.
 #: Version 4: ``agop_classes``. Version 5: ``DeepConvRFM.filter_power``; ``X_fit`` may be uint8.
-FORMAT_VERSION = 5
+#: Version 6: ``ConvRFM.metric_floor``.
+FORMAT_VERSION = 6
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
 DIGEST = "digest"

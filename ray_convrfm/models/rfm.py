@@ -42,6 +42,7 @@ class RFMParams:
     ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3)
     agop_samples: int = 256
     agop_power: float = 1.0
+    metric_floor: float = 0.0
     patch_basis: str = "auto"
     solver: str = "exact"
     centers: int | None = None
@@ -67,6 +68,9 @@ class RFMParams:
         object.__setattr__(self, "agop_samples", int(self.agop_samples))
         if not self.agop_power > 0:
             raise ValueError(f"agop_power must be positive; found {self.agop_power}")
+        if not (isinstance(self.metric_floor, numbers.Real) and 0 <= self.metric_floor < 1):
+            raise ValueError(f"metric_floor must be a number in [0, 1); found "
+                             f"{self.metric_floor!r}")
         if self.patch_basis not in ("auto", "full"):
             raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
         if self.solver not in SOLVERS:
@@ -364,7 +368,7 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
                 coef = coef @ omega.to(coef.device)
                 record["agop_classes"] = k
             G = backend.agop(coef.to(dt), sample_idx, center_idx)
-            M = metric_from_agop(G, params.agop_power)
+            M = metric_from_agop(G, params.agop_power, params.metric_floor)
         record["seconds_agop"] = time.perf_counter() - t0
         record.update(backend.report())
         history.append(record)

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
     f.add_argument("--agop-samples", type=int, default=256)
     f.add_argument("--agop-power", type=float, default=1.0)
+    f.add_argument("--metric-floor", type=float, default=0.0,
+                   help="raise M's eigenvalues to at least this share of the largest (0: none)")
     f.add_argument("--agop-classes", type=_agop_classes, default="auto",
                    help="auto (exact up to 64 classes, a 64-column sketch beyond), all, or k "
                         "class combinations for the AGOP")
@@ -304,7 +306,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          verbose=not args.quiet)
     layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
                     ridges=args.ridges, agop_samples=args.agop_samples,
-                    agop_power=args.agop_power, agop_classes=args.agop_classes,
+                    agop_power=args.agop_power, metric_floor=args.metric_floor,
+                    agop_classes=args.agop_classes,
                     val_fraction=args.val_fraction,
                     solver=args.solver, centers=args.centers,
                     patience=args.patience or None,

@@ -120,6 +120,26 @@ def test_metric_from_agop():
         metric_from_agop(G, 0.0)
 
 
+def test_metric_floor_bounds_the_condition_number():
+    """A nearly rank-one AGOP (the collapse of repeated M = AGOP(M)) keeps its eigenvectors and
+    its top direction; every other eigenvalue is raised to floor x the largest."""
+    rng = np.random.default_rng(4)
+    Q, _ = torch.linalg.qr(torch.from_numpy(rng.standard_normal((5, 5))))
+    vals = torch.tensor([1e-9, 1e-6, 0.01, 0.3, 10.0], dtype=torch.float64)
+    G = (Q * vals) @ Q.T
+    assert torch.allclose(metric_from_agop(G, 1.0, 0.0), metric_from_agop(G, 1.0))
+    M = metric_from_agop(G, 1.0, 0.05)
+    expected = torch.tensor([0.5, 0.5, 0.5, 0.5, 10.0], dtype=torch.float64)
+    expected = (Q * expected) @ Q.T
+    torch.testing.assert_close(M, expected / torch.linalg.matrix_norm(expected))
+    # the floor applies to G^power: sqrt eigenvalues 0.1 ... 3.16, floor 0.316
+    root = torch.linalg.eigvalsh(metric_from_agop(G, 0.5, 0.1))
+    assert root.max() / root.min() == pytest.approx(10.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="metric_floor"):
+            metric_from_agop(G, 1.0, bad)
+
+
 @pytest.mark.gpu
 def test_cuda_agop_matches_cpu():
     rng = np.random.default_rng(3)

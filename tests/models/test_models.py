@@ -124,7 +124,8 @@ def test_predict_input_errors(digits, fitted):
 @pytest.mark.parametrize("kwargs,message", [
     ({"iters": 0}, "iters"), ({"ridges": ()}, "ridges"), ({"val_fraction": 1.5}, "val_fraction"),
     ({"agop_samples": 0}, "agop_samples"), ({"agop_power": -1}, "agop_power"),
-    ({"depth": 0}, "depth"),
+    ({"depth": 0}, "depth"), ({"metric_floor": 1.0}, "metric_floor"),
+    ({"metric_floor": "0.1"}, "metric_floor"),
 ])
 def test_parameter_errors(digits, kwargs, message):
     X, y, _, _ = digits
