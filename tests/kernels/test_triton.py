@@ -29,7 +29,9 @@ from ray_convrfm.kernels.kernel import (  # noqa: E402
 from ray_convrfm.kernels.triton_engine import (  # noqa: E402
     kernel_block_adjoint_triton,
     kernel_block_triton,
-    tile_shape,
+    plan_launch,
+    position_tile,
+    tuned_config,
 )
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -119,7 +121,8 @@ def test_launch_tiles_and_symmetry_do_not_change_the_result():
     """A tiny budget splits the block into single-row, one-BLOCK_J-column launches."""
     case = (2, False, 1, "psd", 3, 7, 6)
     _, _, _, xs, zs = _sides(case, torch.float64, n=17, m=17)
-    assert tile_shape(17, 17, xs.grids, 8, budget_mb=1e-3) == (1, 16)
+    plan = plan_launch(17, 17, xs.grids, 3, 8, torch.device(DEVICE), budget_mb=1e-3)
+    assert (plan.rows, plan.cols, plan.n_tiles) == (1, 16, 1)
     xd = _to(xs, DEVICE)
     (split,) = _cpu(kernel_block_triton(xd, xd, budget_mb=1e-3))
     (sym,) = _cpu(kernel_block_triton(xd, xd, symmetric=True, budget_mb=1e-3))
@@ -130,6 +133,63 @@ def test_launch_tiles_and_symmetry_do_not_change_the_result():
                                             budget_mb=1e-3))
     for a, b in zip(got, kernel_block_adjoint(x3, zs, coef, "numba"), strict=True):
         assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("region", [1, 20])
+def test_position_tiles_with_halos_give_the_whole_image_result(case, region):
+    """Tiles of the last layer's positions, each recomputing its halo, sum to the same kernel;
+    the adjoint's overlapping halos accumulate into the same patch derivatives."""
+    dtype = torch.float64
+    _, _, _, xs, zs = _sides(case, dtype)
+    depth, _, _, _, q, _, _ = case
+    plan = plan_launch(3, 2, xs.grids, q, 8, torch.device(DEVICE), adjoint=True, region=region)
+    h0, w0 = xs.grids[0]
+    assert plan.n_tiles > 1 or h0 * w0 <= region or xs.grids[-1] == (1, 1)
+    coef = torch.from_numpy(np.random.default_rng(6).standard_normal((3, 4))).to(dtype)
+    xd, zd = _to(xs, DEVICE), _to(zs, DEVICE)
+    (K,) = _cpu(kernel_block_triton(xd, zd, region=region))
+    assert rel_err(K, kernel_block(xs, zs, "numba")) <= TOL[dtype]
+    got = _cpu(*kernel_block_adjoint_triton(xd, zd, coef.to(DEVICE), region=region))
+    for a, b in zip(got, kernel_block_adjoint(xs, zs, coef, "numba"), strict=True):
+        assert rel_err(a, b) <= TOL[dtype]
+
+
+def test_tile_plan_bounds_a_programs_memory_whatever_the_image_size():
+    device = torch.device("cpu")
+    grids = KernelParams(3, 3, False).grids(28, 28)
+    assert position_tile(grids, 3, 4096) == (22, 22)  # 26 x 26 first-layer positions fit
+    grids = KernelParams(3, 3, False).grids(224, 224)
+    th, tw = position_tile(grids, 3, 4096)
+    assert (th, tw) == (60, 60) and (th + 4) * (tw + 4) <= 4096
+    for adjoint in (False, True):
+        plan = plan_launch(1000, 1000, grids, 3, 4, device, budget_mb=64, adjoint=adjoint)
+        assert plan.tiles == (4, 4) and plan.region == 64 * 64
+        scratch = (plan.rows * -(-plan.cols // 16) * plan.n_tiles * 4
+                   * ((6 if adjoint else 4) * 16 * plan.region + 2 * 16 * plan.saved * adjoint))
+        assert scratch <= 64 * 2**20 and plan.cols % 16 == 0
+    wide = KernelParams(2, 3, False).grids(10, 500)  # a strip: tiles stay within the region
+    th, tw = position_tile(wide, 3, 1000)
+    assert (th, tw) == (6, 123)  # the 8 x 498 first layer: 8 x 125 positions per region
+
+
+def test_launch_configuration_is_the_fastest_and_tuned_once_per_shape_class():
+    configs = ({"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8})
+    cost = {2: 3.0, 4: 1.0, 8: 2.0}
+    calls = []
+
+    def trial(cfg):
+        calls.append(cfg["num_warps"])
+
+    def timer(fn):
+        fn()
+        return cost[calls[-1]]
+
+    key = ("test-device", "shape class")
+    assert tuned_config(key, trial, configs, timer) == {"num_warps": 4}
+    assert len(calls) == 6  # each once to compile, once timed
+    assert tuned_config(key, trial, configs, timer) == {"num_warps": 4} and len(calls) == 6
+    assert tuned_config(("other",), trial, configs, None) == {"num_warps": 2}  # no CUDA
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
