@@ -117,6 +117,7 @@ def bench_shape(C: int, H: int, W: int, depth: int, n: int, m: int,
     from ray_convrfm.kernels.triton_engine import (
         kernel_block_adjoint_triton,
         kernel_block_triton,
+        plan_launch,
     )
     from ray_convrfm.tools.costmodel import Workload
 
@@ -151,6 +152,10 @@ def bench_shape(C: int, H: int, W: int, depth: int, n: int, m: int,
                "engine": engine, "seconds": sec, "entries_per_s": rate,
                "flops_per_entry": flops, "flops_per_s": rate * flops,
                "fraction_of_fp32_peak": rate * flops / peak if peak else None}
+        if engine == "triton":  # how the block was cut: pairs per launch, position tiles
+            plan = plan_launch(n, m, xs.grids, 3, 4, dev, adjoint=op == "adjoint")
+            row["plan"] = {"rows": plan.rows, "cols": plan.cols, "tile": list(plan.tile),
+                           "tiles": list(plan.tiles), "region": plan.region}
         rows.append(row)
     for row in rows:
         key_torch = (row["op"], "torch")
@@ -193,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench(args, peak)
     rate = next((r["flops_per_s"] for r in rows if r["engine"] == "triton"
                  and r["op"] == "forward" and (*r["shape"], r["depth"]) == RATE_SHAPE), None)
+    from ray_convrfm.kernels.triton_engine import tuned_configs
+
     report = {"device": name, "fp32_peak_flops": peak, "tests": tests, "results": rows,
+              "launch_configs": tuned_configs(),
               "gpu_kernel_flops": rate, "rate_shape": list(RATE_SHAPE)}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

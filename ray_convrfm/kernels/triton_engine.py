@@ -420,6 +420,11 @@ def tuned_config(key, trial, configs=CONFIGS, timer=None) -> dict:
     return _TUNED[key]
 
 
+def tuned_configs() -> dict:
+    """The launch configurations chosen so far in this process, by shape class (for reports)."""
+    return {str(key): dict(cfg) for key, cfg in _TUNED.items()}
+
+
 def _cuda_timer(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
