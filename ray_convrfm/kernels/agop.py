@@ -56,28 +56,32 @@ def patch_gradients(train: KernelSide, coef: torch.Tensor, sample: KernelSide,
     R = ws.get("R", (P1, s, c, d), dt, dev).zero_()
     V = ws.get("V", (s, P1, c), dt, dev).zero_()
     itemsize = coef.element_size()
-    # per training image: s derivative pairs plus its (P1, c, d) weighted patches
+    # per training image: its derivative pairs plus its (P1, c, d) weighted patches, within a
+    # quarter of the budget; sample columns are split too when one image's pairs do not fit
     pair_bytes = bytes_per_pair(train.grids, engine, itemsize, adjoint=True)
-    per_row = s * pair_bytes + P1 * c * d * itemsize
-    # the weighted patches and the adjoint's buffers take at most a quarter of the budget
-    rows = max(1, min(n, int(budget_mb * 2**20 / 4 // per_row)))
+    share = budget_mb * 2**20 / 4
+    weighted_bytes = P1 * c * d * itemsize
+    cols = max(1, min(s, int((share - weighted_bytes) // pair_bytes)))
+    rows = max(1, min(n, int(share // (cols * pair_bytes + weighted_bytes))))
     for r in range(0, n, rows):
         xs = train.rows(r, r + rows)
         nb = len(xs)
         cb = coef[r : r + rows]
-        out = None
-        if engine == "numba":
-            out = ws.get("dcross", (s, P1, nb), xs.left.dtype, xs.left.device)
-        _, dcross, vself = kernel_block_adjoint(xs, sample, cb, engine, out=out)
-        dcross = dcross.to(dev).transpose(0, 1)  # (P1, s, nb), strided, no copy
         # weighted patches (nb, P1, c*d): coef_ik x_ip
         weighted = ws.get("weighted", (nb, P1, c, d), dt, dev)
         torch.mul(cb[:, None, :, None], xs.right[:, :, None, :], out=weighted)
-        weighted = weighted.view(nb, P1, c * d)
-        R.view(P1, s, c * d).baddbmm_(dcross, weighted.transpose(0, 1))
-        V += vself.to(dev)
-        if progress is not None:
-            progress(nb * s, total or n * s)
+        weighted = weighted.view(nb, P1, c * d).transpose(0, 1)
+        for c0 in range(0, s, cols):
+            zs = sample.rows(c0, c0 + cols)
+            out = None
+            if engine == "numba":
+                out = ws.get("dcross", (len(zs), P1, nb), xs.left.dtype, xs.left.device)
+            _, dcross, vself = kernel_block_adjoint(xs, zs, cb, engine, out=out)
+            dcross = dcross.to(dev).transpose(0, 1)  # (P1, cols, nb), strided, no copy
+            R[:, c0 : c0 + cols].view(P1, len(zs), c * d).baddbmm_(dcross, weighted)
+            V[c0 : c0 + cols] += vself.to(dev)
+            if progress is not None:
+                progress(nb * len(zs), total or n * s)
     return R.addcmul_(sample.right.transpose(0, 1)[:, :, None, :], V.transpose(0, 1)[..., None],
                       value=2.0)
 

@@ -265,18 +265,24 @@ def bytes_per_pair(grids, engine: str, itemsize: int, adjoint: bool = False) -> 
         # one output entry (+ the (P1) derivative row when differentiating)
         return itemsize * (1 + (p1 if adjoint else 0))
     if engine == "triton":
-        # K (+ the dcross/dself rows); the launch scratch is bounded by triton_engine.tile_shape
+        # K (+ the dcross/dself rows); the launch scratch is bounded by triton_engine.plan_launch
         return itemsize * (1 + (2 * p1 if adjoint else 0))
     ptot = sum(h * w for h, w in grids)
     # about eight live (pairs x positions) temporaries, plus two saved per layer for the adjoint
     return itemsize * (8 * p1 + (2 * ptot + 6 * p1 if adjoint else 0))
 
 
-def block_rows(n_cols: int, grids, engine: str, itemsize: int, budget_mb: int,
-               adjoint: bool = False) -> int:
-    """Rows per block so that rows x n_cols pairs fit the memory budget (at least one row)."""
-    per_row = max(1, n_cols) * bytes_per_pair(grids, engine, itemsize, adjoint)
-    return max(1, int(budget_mb * 2**20 // per_row))
+def block_shape(n: int, m: int, grids, engine: str, itemsize: int, budget_mb: float,
+                symmetric: bool = False) -> tuple[int, int]:
+    """(rows, cols) of image pairs per block so that its working memory fits the memory budget,
+    whatever the image size: square when ``symmetric`` (blocks under the diagonal are skipped
+    and diagonal blocks mirrored), else as wide as the columns allow; at least one pair."""
+    pairs = max(1, int(budget_mb * 2**20 // bytes_per_pair(grids, engine, itemsize)))
+    if symmetric:
+        side = max(1, min(n, math.isqrt(pairs)))
+        return side, side
+    cols = max(1, min(m, pairs))
+    return max(1, min(n, pairs // cols)), cols
 
 
 def as_tensor(X, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -344,9 +350,8 @@ def kernel_matrix(xs: KernelSide, zs: KernelSide, engine: str, budget_mb: int,
     n, m = len(xs), len(zs)
     if n == 0 or m == 0:  # e.g. an empty shard
         return torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
-    itemsize = xs.left.element_size()
-    cols = min(m, 4096)
-    rows = min(n, block_rows(cols, xs.grids, engine, itemsize, budget_mb))
+    rows, cols = block_shape(n, m, xs.grids, engine, xs.left.element_size(), budget_mb,
+                             symmetric)
     K = torch.empty(n, m, dtype=xs.left.dtype, device=xs.left.device)
     blocks = [(r, c) for r in range(0, n, rows) for c in range(0, m, cols)
               if not (symmetric and c + cols <= r)]

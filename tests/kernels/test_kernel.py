@@ -7,6 +7,7 @@ import torch
 from conftest import random_psd, rel_err
 
 from ray_convrfm.kernels import KernelParams, conv_ntk
+from ray_convrfm.kernels.kernel import block_shape, bytes_per_pair
 
 ENGINES = ["numba", "torch"]
 TOL = {"float32": 1e-5, "float64": 1e-10}
@@ -73,6 +74,24 @@ def test_blocks_do_not_change_the_result(rng):
     small = conv_ntk(X, depth=2, memory_budget_mb=1e-3)
     np.testing.assert_allclose(small, big, rtol=1e-6)
     np.testing.assert_allclose(big, big.T, rtol=0, atol=0)
+
+
+def test_block_shape_follows_the_budget_whatever_the_image_size(rng):
+    """No fixed column count: at 224 x 224 the torch engine's blocks stay within the budget
+    (4,096 columns of one row took 6.5 GB); symmetric blocks are square."""
+    grids = KernelParams(3, 3, False).grids(224, 224)
+    for engine in ("torch", "numba", "triton"):
+        rows, cols = block_shape(50_000, 50_000, grids, engine, 4, 512)
+        assert rows * cols * bytes_per_pair(grids, engine, 4) <= 512 * 2**20
+        assert cols == 50_000 or rows == 1
+        side = block_shape(50_000, 50_000, grids, engine, 4, 512, symmetric=True)
+        assert side[0] == side[1] and side[0] ** 2 * bytes_per_pair(grids, engine, 4) <= 2**29
+    assert block_shape(3, 5, grids, "torch", 4, 1e-9) == (1, 1)  # at least one pair
+    X = rng.random((13, 1, 9, 9))
+    Z = rng.random((11, 1, 9, 9))
+    # a budget of a few pairs splits both rows and columns
+    np.testing.assert_allclose(conv_ntk(X, Z, engine="torch", memory_budget_mb=0.01),
+                               conv_ntk(X, Z, engine="numba", dtype="float32"), rtol=1e-5)
 
 
 def test_symmetric_path_equals_general_path(rng):
