@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ray_convrfm.kernels.patches import extract_patches, grid_shape
+from ray_convrfm.kernels.patches import extract_patches, grid_shape, projected_patches
 from ray_convrfm.kernels.sides import SNAP_ULPS, KernelSide, snap_width  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def window_sum(x: torch.Tensor, q: int) -> torch.Tensor:
     return out
 
 
-#: Images unfolded at once when patches are projected onto a basis (bounds the (b, P, d) temp).
+#: Images projected at once onto a patch basis (bounds the convolution's temporaries).
 UNFOLD_BATCH = 256
 
 
@@ -96,7 +96,8 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
     With ``basis`` (d, r), orthonormal columns spanning the patches, each patch is kept as its r
     coordinates Q^T x_p and ``M`` is the (r, r) metric in those coordinates; x^T (Q M Q^T) z =
     (Q^T x)^T M (Q^T z), so the kernel is unchanged for patches in the span (see
-    ``patches.patch_span``). Images are then unfolded in batches, never all (n, P, d) at once.
+    ``patches.patch_span``). Patches are then projected by a convolution
+(``patches.projected_patches``), never unfolded to (n, P, d).
     """
     n, C, H, W = X.shape
     grids = params.grids(H, W)
@@ -104,7 +105,7 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
     if basis is None:
         right = extract_patches(X, q, pad)
     else:
-        right = torch.cat([extract_patches(X[b : b + UNFOLD_BATCH], q, pad) @ basis
+        right = torch.cat([projected_patches(X[b : b + UNFOLD_BATCH], basis, q, pad)
                            for b in range(0, n, UNFOLD_BATCH)])
     return side_from_patches(right, M, params, grids, C)
 

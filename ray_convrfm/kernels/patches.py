@@ -22,6 +22,18 @@ def extract_patches(X: torch.Tensor, patch_size: int, padding: bool) -> torch.Te
     return F.unfold(X, patch_size, padding=pad).transpose(1, 2).contiguous()
 
 
+def projected_patches(X: torch.Tensor, basis: torch.Tensor, patch_size: int,
+                      padding: bool) -> torch.Tensor:
+    """``extract_patches(X, q, padding) @ basis``, shape (n, P, r), as one q x q convolution
+    with the r basis vectors as filters: no (n, P, d) temporary, which for the 64-channel
+    inputs of a Deep ConvRFM layer (d = 576) took nine tenths of a layer's time."""
+    C = X.shape[1]
+    q = patch_size
+    weight = basis.T.reshape(basis.shape[1], C, q, q).to(X.dtype)
+    out = F.conv2d(X, weight, padding=q // 2 if padding else 0)
+    return out.flatten(2).transpose(1, 2).contiguous()
+
+
 def patch_span(X: torch.Tensor, patch_size: int, padding: bool, rtol: float = 1e-6,
                batch_size: int = 256) -> torch.Tensor | None:
     """Orthonormal basis (d, r) of the span of all patches of X, or None when r = d.

@@ -1,12 +1,18 @@
 """Patch extraction and the patch-span basis that makes deep layers exact and cheap."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from ray_convrfm import ConvRFM, Options
 from ray_convrfm.data.datasets import load_digits
-from ray_convrfm.kernels.patches import extract_patches, grid_shape, patch_span
+from ray_convrfm.kernels.patches import (
+    extract_patches,
+    grid_shape,
+    patch_span,
+    projected_patches,
+)
 
 
 def test_patches_follow_unfold_order_and_match_a_convolution():
@@ -43,3 +49,14 @@ def test_reduced_basis_gives_the_same_model():
     np.testing.assert_allclose(auto.M_path_[1].numpy(), full.M_path_[1].numpy(), atol=1e-8)
     np.testing.assert_allclose(auto.decision_function(Xt), full.decision_function(Xt),
                                rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_projected_patches_are_the_patches_times_the_basis(padding):
+    rng = np.random.default_rng(7)
+    X = torch.from_numpy(rng.standard_normal((5, 3, 9, 8)))
+    basis, _ = torch.linalg.qr(torch.from_numpy(rng.standard_normal((27, 11))))
+    expected = extract_patches(X, 3, padding) @ basis
+    got = projected_patches(X, basis, 3, padding)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
