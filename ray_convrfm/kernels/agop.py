@@ -185,10 +185,14 @@ def class_sketch(classes: int, k: int, generator: torch.Generator,
     return Q[:classes].to(dtype)
 
 
-def psd_power(G: torch.Tensor, power: float) -> torch.Tensor:
-    """G^power (float64) through a symmetric eigendecomposition, negative eigenvalues clipped."""
+def psd_power(G: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
+    """G^power (float64) through a symmetric eigendecomposition, negative eigenvalues clipped;
+    with ``floor``, every eigenvalue of G^power raised to at least floor x the largest."""
     vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
-    return (vecs * vals.clamp_min(0) ** power) @ vecs.T
+    vals = vals.clamp_min(0) ** power
+    if floor > 0:
+        vals = vals.clamp_min(floor * vals.max())
+    return (vecs * vals) @ vecs.T
 
 
 def metric_from_agop(G: torch.Tensor, power: float = 1.0, floor: float = 0.0) -> torch.Tensor:
@@ -204,11 +208,7 @@ def metric_from_agop(G: torch.Tensor, power: float = 1.0, floor: float = 0.0) ->
         raise ValueError(f"agop_power must be positive; found {power}")
     if not 0 <= floor < 1:
         raise ValueError(f"metric_floor must be in [0, 1); found {floor}")
-    vals, vecs = torch.linalg.eigh(0.5 * (G + G.T).to(torch.float64))
-    vals = vals.clamp_min(0) ** power
-    if floor > 0:
-        vals = vals.clamp_min(floor * vals.max())
-    P = (vecs * vals) @ vecs.T
+    P = psd_power(G, power, floor)
     norm = torch.linalg.matrix_norm(P)
     if not norm > 0:
         raise ValueError("the AGOP is zero: the predictor does not depend on its input")

@@ -97,7 +97,7 @@ def prepare_side(X: torch.Tensor, M: torch.Tensor, params: KernelParams,
     coordinates Q^T x_p and ``M`` is the (r, r) metric in those coordinates; x^T (Q M Q^T) z =
     (Q^T x)^T M (Q^T z), so the kernel is unchanged for patches in the span (see
     ``patches.patch_span``). Patches are then projected by a convolution
-(``patches.projected_patches``), never unfolded to (n, P, d).
+    (``patches.projected_patches``), never unfolded to (n, P, d).
     """
     n, C, H, W = X.shape
     grids = params.grids(H, W)
