@@ -61,12 +61,17 @@ class ComputeOptions:
         "auto" takes numba on the CPU, Triton on CUDA when installed, else torch.
     memory_budget_mb : int
         Working memory one block may use; block sizes are derived from it, never from n.
+    threads : int or None
+        CPU threads of this process's torch and numba pools (None: every CPU it may use);
+        numpy's and scipy's BLAS keep one (``kernels.threads``). Ray workers take
+        ``ClusterOptions.threads_per_worker`` instead.
     """
 
     dtype: str | None = None
     device: str = "auto"
     engine: str = "auto"
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, "float32", "float64"):
@@ -76,6 +81,9 @@ class ComputeOptions:
         if not _is_int(self.memory_budget_mb) or self.memory_budget_mb <= 0:
             raise ValueError(f"memory_budget_mb must be a positive integer; found "
                              f"{self.memory_budget_mb!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None; found "
+                             f"{self.threads!r}")
 
 
 @dataclass(frozen=True)

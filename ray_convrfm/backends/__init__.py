@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ray_convrfm.backends.protocol import KernelBackend, KernelSpec
+from ray_convrfm.kernels.threads import configure_threads
 from ray_convrfm.options import Options
 
 __all__ = ["KernelBackend", "KernelSpec", "open_backend"]
@@ -16,7 +17,9 @@ __all__ = ["KernelBackend", "KernelSpec", "open_backend"]
 
 def open_backend(X, options: Options, device: torch.device) -> KernelBackend:
     """A backend holding training images ``X``: a tensor in the working dtype, or parquet rows
-    (``data.parquet.ParquetRows``) that Ray workers read themselves."""
+    (``data.parquet.ParquetRows``) that Ray workers read themselves. This process's thread
+    pools are sized here, once (``kernels.threads``), for the work in process and the driver's."""
+    configure_threads(options.compute.threads)
     if options.cluster.workers:
         from ray_convrfm.backends.distributed import RayBackend
 

@@ -25,6 +25,7 @@ from ray_convrfm.backends.embedded_ray import (  # noqa: F401  (the driver's ent
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.backends.store import StoreSpec
 from ray_convrfm.backends.workers import NystromTask, ShardWorker
+from ray_convrfm.kernels.threads import worker_environment
 from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN
 from ray_convrfm.progress import progress_bar
 
@@ -116,7 +117,7 @@ class ShardedImages:
         chunk at a time), or a description of rows each worker loads itself
         (``parquet.ParquetRows``: images never pass through the driver)
     workers : number of actors (shards)
-    threads : CPU threads per actor (None: 1 CPU reserved, the libraries' default threads)
+    threads : CPU threads (and CPUs reserved) per actor; None means 1 (``kernels.threads``)
     block : rows per task (and per stored kernel block)
     align : shard boundaries fall on multiples of ``block``, so that every block of a stored
         kernel belongs to exactly one worker (needed with a store)
@@ -160,8 +161,9 @@ class ShardedImages:
         self.actors = [
             actor.options(num_cpus=threads or 1, num_gpus=gpus_per_worker or 0,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                              self.pg, placement_group_bundle_index=k)
-                          ).remote(ref, a, threads, gpus_per_worker)
+                              self.pg, placement_group_bundle_index=k),
+                          runtime_env={"env_vars": worker_environment(threads or 1)},
+                          ).remote(ref, a, threads or 1, gpus_per_worker)
             for k, (ref, (a, b)) in enumerate(zip(self.shard_refs, self.bounds, strict=True))]
         self.chain: list = []
         self.chain_ref = ray.put(self.chain)

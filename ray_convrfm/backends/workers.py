@@ -43,6 +43,7 @@ from ray_convrfm.kernels.kernel import as_tensor, as_working, kernel_matrix, pre
 from ray_convrfm.kernels.patches import patch_gram
 from ray_convrfm.kernels.pcg import factor_centers
 from ray_convrfm.kernels.solvers import class_sums
+from ray_convrfm.kernels.threads import configure_threads, pool_sizes
 
 #: Rows of K(train, centers) converted to float64 at a time in a CG product (64 x m x 8 bytes:
 #: small enough that both products read them from cache; 20 % faster than whole slabs).
@@ -105,11 +106,8 @@ class ShardWorker:
 
     def __init__(self, images: np.ndarray, start: int, threads: int | None = None,
                  gpus: float = 0):
-        if threads:
-            import numba
-
-            torch.set_num_threads(threads)
-            numba.set_num_threads(threads)
+        if threads:  # a Ray worker: as many as the CPUs reserved for it (in process: as set)
+            configure_threads(threads)
         gpu = gpus and torch.cuda.is_available()
         self.device = torch.device("cuda" if gpu else "cpu")
         if hasattr(images, "load"):  # a description of parquet rows: read them here
@@ -126,6 +124,10 @@ class ShardWorker:
         self._read_seconds = 0.0  # reading spilled rows back, since read_seconds() last asked
 
     # ------------------------------------------------------------------ the shard
+    def threads(self) -> dict[str, int]:
+        """This worker's thread pools (``kernels.threads.pool_sizes``)."""
+        return pool_sizes()
+
     def size(self) -> int:
         return len(self.raw)
 

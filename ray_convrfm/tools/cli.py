@@ -97,7 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="working precision (default: the data's own; images are float32)")
     f.add_argument("--engine", default="auto", choices=ENGINES)
     f.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB)
-    f.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    f.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch and numba in this process (default: every "
+                        "available CPU; numpy's BLAS keeps one); Ray workers use one each")
     f.add_argument("--workers", type=int, default=0,
                    help="Ray shard workers (0: compute in this process)")
     f.add_argument("--address", default=None,
@@ -219,12 +221,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
-        import numba
-        import torch
+    """This process's thread pools, once (``kernels.threads``; None: every available CPU)."""
+    from ray_convrfm.kernels.threads import configure_threads
 
-        torch.set_num_threads(threads)
-        numba.set_num_threads(threads)
+    configure_threads(threads)
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -297,7 +297,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     out = output_dir(args, Path("runs") / ds.name)
     refuse_earlier_run(args, out)
     options = Options.of(device=args.device, dtype=args.dtype, engine=args.engine,
-                         memory_budget_mb=args.memory_budget_mb, workers=args.workers,
+                         memory_budget_mb=args.memory_budget_mb, threads=args.threads,
+                         workers=args.workers,
                          address=args.address, store=store_url(args, out),
                          gpus_per_worker=args.gpus_per_worker,
                          placement_timeout_s=args.placement_timeout or None,

@@ -33,6 +33,9 @@ def test_sharded_kernel_and_agop_equal_local(cluster):
     spec = KernelSpec(KernelParams(**params))
     with ShardedImages(X, workers=2, threads=1, block=4) as shards:
         assert shards.bounds == [(0, 11), (11, 23)]
+        # one thread per worker in every pool, numba's launched at that size (kernels.threads)
+        for sizes in ray.get([a.threads.remote() for a in shards.actors]):
+            assert sizes == {"torch": 1, "numba": 1, "numba_launched": 1, "blas": 1}
         K = shards.kernel(Z, M, None, spec)
         coef = rng.standard_normal((23, 4)).astype(np.float32)
         sample = np.array([1, 5, 12, 20])  # rows in both shards

@@ -24,6 +24,20 @@ def test_patches_follow_unfold_order_and_match_a_convolution():
     torch.testing.assert_close(P @ W.reshape(4, -1).T, conv)
 
 
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("q", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_patches_equal_unfold_exactly(q, padding, dtype):
+    """The strided-view extraction is F.unfold's (channel, row, column) order, bit for bit,
+    also for a non-contiguous input and odd sizes."""
+    X = torch.randn(3, 2, 9, 7, dtype=dtype).transpose(2, 3)  # (3, 2, 7, 9), not contiguous
+    expected = F.unfold(X, q, padding=q // 2 if padding else 0).transpose(1, 2)
+    got = extract_patches(X, q, padding)
+    assert got.shape == expected.shape and got.is_contiguous()
+    assert torch.equal(got, expected)
+    assert extract_patches(X[:0], q, padding).shape == (0, *expected.shape[1:])
+
+
 def _features(X, width=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(width, X.shape[1], 3, 3, generator=g, dtype=X.dtype)
