@@ -340,11 +340,11 @@ class ShardWorker:
                spec: KernelSpec, centers: CenterBlocks) -> np.ndarray:
         """Class scores K(chain(rows), centers) @ alpha (float64) for a block of images the
         driver sends (test images); only (rows, classes) leaves the worker."""
-        alpha = np.asarray(alpha, dtype=np.float64)
+        alpha = torch.as_tensor(np.asarray(alpha, dtype=np.float64), device=self.device)
         out = np.empty((len(rows), alpha.shape[1]))
         for r0, r1, K in self._held_out_kernel(rows, chain, centers, M, basis, spec,
-                                               len(rows)):
-            out[r0:r1] = K.cpu().numpy().astype(np.float64) @ alpha
+                                               len(rows)):  # products in torch (threads.py)
+            out[r0:r1] = (K.to(torch.float64) @ alpha).cpu().numpy()
         return out
 
     def evaluate(self, name: str, images, labels: np.ndarray, chain: list, coefs: np.ndarray,

@@ -183,8 +183,11 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common],
                        help="kernel and AGOP throughput on a standard shape; 'bench "
                             "distributed': Ray workers' kernel-stage scaling")
-    b.add_argument("what", nargs="?", default="kernel", choices=("kernel", "distributed", "scale"),
-                   help="kernel: one block; distributed: kernel stage over worker counts; "
+    b.add_argument("what", nargs="?", default="kernel",
+                   choices=("kernel", "ops", "distributed", "scale"),
+                   help="kernel: one block; ops: every hot operation of the main job at 1 "
+                        "and --threads threads, median and max, outliers flagged, then the "
+                        "main job's stage seconds; distributed: kernel stage over worker counts; "
                         "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
                         "per stage next to the cost model's prediction")
     b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centers")
@@ -214,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     b.add_argument("--device", default="auto")
     b.add_argument("--engine", default="auto", choices=ENGINES)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=None, help="default: 3 (kernel), 7 (ops)")
+    b.add_argument("--no-main-job", action="store_true", help="for 'ops': skip the main job")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -525,22 +529,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"{r['entries_per_s']:>10,.0f} entries/s, speed-up {r['speedup']:.2f}x, "
                   f"driver CPU {100 * r['driver_cpu_share']:.1f}% of wall")
         return 0
+    if args.what == "ops":
+        return _bench_ops(args)
     _set_threads(args.threads)
     r = kernel_and_agop_throughput(size=args.size, channels=args.channels, depth=args.depth,
                                    patch_size=args.patch_size, n_train=args.n_train,
                                    n_sample=args.n_sample, classes=args.classes,
                                    dtype=args.dtype, device=args.device, engine=args.engine,
-                                   repeats=args.repeats)
+                                   repeats=args.repeats or 3)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"shape {r['shape']}, depth {r['depth']}, patch {r['patch_size']}, {r['dtype']}, "
           f"{r['device']} ({r['engine']} engine, {r['threads']} threads); "
-          f"medians of {args.repeats} runs")
+          f"medians of {args.repeats or 3} runs")
     print(f"kernel: {r['kernel_entries_per_s']:,.0f} entries/s "
           f"({r['pairs']} pairs in {r['kernel_seconds']:.3f} s)")
     print(f"AGOP ({r['classes']} classes): {r['agop_pairs_per_s']:,.0f} image pairs/s "
           f"({r['agop_seconds']:.3f} s), {r['agop_over_kernel']:.2f} x the kernel block")
+    return 0
+
+
+def _bench_ops(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ray_convrfm.kernels.threads import available_cpus
+    from ray_convrfm.tools import bench_ops
+
+    most = args.threads or available_cpus()
+    counts = tuple(sorted({1, most}))
+    rows = bench_ops.time_operations(bench_ops.hot_operations(engine=args.engine), counts,
+                                     args.repeats or 7)
+    job = None if args.no_main_job else bench_ops.main_job_stages(args.threads)
+    if args.json:
+        print(json.dumps({"ops": [dataclasses.asdict(r) | {"outlier": r.outlier} for r in rows],
+                          "main_job": job}))
+        return 0
+    print(f"hot operations of the main job, {args.repeats or 7} runs each, threads "
+          f"{' and '.join(map(str, counts))} in turns")
+    print(bench_ops.format_ops(rows))
+    if job is not None:
+        print(bench_ops.format_stages(job))
     return 0
 
 
