@@ -13,6 +13,7 @@ import torch
 from ray_convrfm.kernels.agop import Workspace, agop_from_sides
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
 from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side
+from ray_convrfm.kernels.threads import configure_threads, configured_threads
 from ray_convrfm.tools import costmodel
 
 
@@ -95,11 +96,8 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
     """
     import tempfile
 
-    import numba
-
-    threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
+    before = configured_threads()
+    configure_threads(1)
     try:
         kb = kernel_and_agop_throughput(size=work.height, channels=work.channels,
                                         depth=work.depth, patch_size=work.patch_size,
@@ -111,8 +109,7 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
         A.T @ A
         gemm = 2 * rows * work.m**2 / (time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads[0])
-        numba.set_num_threads(threads[1])
+        configure_threads(before)
     B = torch.randn(work.m, work.m, dtype=torch.float64)
     S = B @ B.T + work.m * torch.eye(work.m, dtype=torch.float64)
     t0 = time.perf_counter()
