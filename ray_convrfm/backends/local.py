@@ -165,7 +165,8 @@ class LocalBackend(NystromMembers):
     def _kernel(self, xs: KernelSide, zs: KernelSide, desc: str | None = None,
                 symmetric: bool = False) -> torch.Tensor:
         with Bar(desc or "kernel", enabled=self.progress and desc is not None) as bar:
-            return kernel_matrix(xs, zs, self.spec.engine, self.spec.memory_budget_mb,
+            return kernel_matrix(xs, zs, self.spec.engine_on(self.X.device),
+                                 self.spec.memory_budget_mb,
                                  symmetric=symmetric, progress=bar.callback())
 
     def train_kernel(self, desc: str = "train kernel") -> torch.Tensor:
@@ -212,7 +213,7 @@ class LocalBackend(NystromMembers):
              center_idx: np.ndarray | None) -> torch.Tensor:
         with Bar("AGOP", enabled=self.progress, unit="pair") as bar:
             return agop_from_sides(self._columns(center_idx), coef, self.xs.take(sample_idx),
-                                   self.M, engine=self.spec.engine,
+                                   self.M, engine=self.spec.engine_on(self.X.device),
                                    budget_mb=self.spec.memory_budget_mb,
                                    progress=bar.callback(), workspace=self.workspace)
 

@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ray_convrfm.kernels.devices import resolve_engine
 from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.kernels.pcg import Preconditioner
 from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
@@ -22,18 +23,24 @@ from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
 class KernelSpec:
     """How one layer's kernels are computed, besides the images and M: sent with every task.
 
-    ``dtype`` and ``engine`` are resolved (no "auto"/None): a worker on a GPU still switches to
-    the torch engine, since numba runs on the CPU only.
+    ``dtype`` is resolved (no None). ``engine`` is the one asked for ("auto" included): it is
+    resolved where the work runs (``engine_on``), since a CPU driver's "numba" is no engine for
+    a worker's GPU; an explicit engine the device cannot run is refused there, never replaced.
     """
 
     params: KernelParams
     dtype: str = "float32"
-    engine: str = "numba"
+    engine: str = "auto"
     memory_budget_mb: int = DEFAULT_MEMORY_BUDGET_MB
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype == "float32" else torch.float64
+
+    def engine_on(self, device: torch.device) -> str:
+        """The engine for work on ``device``: "auto" gives numba on a CPU, Triton on CUDA when
+        it imports, else torch (``devices.resolve_engine``)."""
+        return resolve_engine(self.engine, device)
 
 
 @dataclass(frozen=True)

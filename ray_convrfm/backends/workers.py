@@ -253,8 +253,7 @@ class ShardWorker:
         return self._cached(key, build)
 
     def _kernel(self, xs, zs, spec: KernelSpec) -> torch.Tensor:
-        engine = "torch" if self.device.type == "cuda" else spec.engine
-        return kernel_matrix(xs, zs, engine, spec.memory_budget_mb)
+        return kernel_matrix(xs, zs, spec.engine_on(self.device), spec.memory_budget_mb)
 
     # ------------------------------------------------------------------ kernels
     def kernel_rows(self, chain: list, r0: int, r1: int, M, basis, spec: KernelSpec,
@@ -587,7 +586,7 @@ class ShardWorker:
         dt = spec.torch_dtype
         coef = torch.as_tensor(np.asarray(coef), dtype=dt, device=self.device)
         Mt = torch.as_tensor(M, dtype=dt, device=self.device)
-        engine = "torch" if self.device.type == "cuda" else spec.engine
+        engine = spec.engine_on(self.device)
 
         def blocks():
             for c0, c1, xs in self._center_sides(centers, M, basis, spec):

@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ray_convrfm.backends import KernelSpec, open_backend
 from ray_convrfm.checks import as_images
-from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for, resolve_engine
+from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for
 from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.models.inputs import (
     FitInputs,
@@ -218,7 +218,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         spec = KernelSpec(self.rfm_params().kernel,
                           dtype=compute.dtype or str(resolve_dtype_for(self.X_fit_, None))
                           .removeprefix("torch."),
-                          engine=resolve_engine(compute.engine, device),
+                          engine=compute.engine,
                           memory_budget_mb=compute.memory_budget_mb)
         dt = spec.torch_dtype
         Q = None if self.patch_basis_ is None else self.patch_basis_.to(device, dt)
@@ -355,14 +355,16 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
 
 def kernel_spec(params: KernelParams, compute: ComputeOptions,
                 X) -> tuple[torch.device, KernelSpec]:
-    """The device and the resolved kernel spec of a fit on images X (dtype None: X's own)."""
+    """The device and the kernel spec of a fit on images X (dtype None: X's own; the engine is
+    resolved where the kernels are computed, ``KernelSpec.engine_on``)."""
     device = resolve_device(compute.device)
     if hasattr(X, "labels"):  # a parquet data set: 8-bit pixels, computed in float32
         dtype = compute.dtype or "float32"
     else:
         dtype = str(resolve_dtype_for(X, compute.dtype)).removeprefix("torch.")
-    return device, KernelSpec(params, dtype=dtype, engine=resolve_engine(compute.engine, device),
-                              memory_budget_mb=compute.memory_budget_mb)
+    spec = KernelSpec(params, dtype=dtype, engine=compute.engine,
+                      memory_budget_mb=compute.memory_budget_mb)
+    return device, spec
 
 
 def register_holdouts(backend, data: FitInputs, spec: KernelSpec) -> str | None:
