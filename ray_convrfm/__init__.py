@@ -6,19 +6,18 @@ predictor with respect to image patches, then refits with M inside a convolution
 arXiv 2309.00570).
 """
 
-__version__ = "0.1.0"
-
-from ray_convrfm.kernels.api import conv_ntk, patch_agop  # noqa: E402
-from ray_convrfm.models.convrfm import ConvRFM  # noqa: E402
-from ray_convrfm.models.deep import DeepConvRFM  # noqa: E402
-from ray_convrfm.models.rfm import RFMParams, RFMResult, fit_rfm  # noqa: E402
-from ray_convrfm.options import (  # noqa: E402
+from ray_convrfm.kernels.api import conv_ntk, patch_agop
+from ray_convrfm.models.convrfm import ConvRFM
+from ray_convrfm.models.deep import DeepConvRFM
+from ray_convrfm.models.rfm import RFMParams, RFMResult, fit_rfm
+from ray_convrfm.options import (
     ClusterOptions,
     ComputeOptions,
     Options,
     SolveOptions,
     StoreOptions,
 )
+from ray_convrfm.version import __version__
 
 __all__ = ["ClusterOptions", "ComputeOptions", "ConvRFM", "DeepConvRFM", "Options",
            "RFMParams", "RFMResult", "SolveOptions", "StoreOptions", "conv_ntk", "fit_rfm",

@@ -6,7 +6,6 @@ and the callers that own a stage make the bar here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 
@@ -49,7 +48,3 @@ class Bar:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def get_logger(name: str) -> logging.Logger:
-    """The package's loggers, all under ``ray_convrfm`` (one switch for the command line)."""
-    return logging.getLogger(name if name.startswith("ray_convrfm") else f"ray_convrfm.{name}")

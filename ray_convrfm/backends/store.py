@@ -32,8 +32,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
-from ray_convrfm import __version__
 from ray_convrfm.backends.lease import StoreLease
+from ray_convrfm.version import __version__
 
 log = logging.getLogger(__name__)
 

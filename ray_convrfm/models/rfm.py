@@ -402,12 +402,6 @@ class Score:
                 or (self.acc == other.acc and self.loss < other.loss))
 
 
-def validation_score(scores: torch.Tensor, Y_val: torch.Tensor) -> Score:
-    """Accuracy and mean squared error (summed over classes) of class scores on validation."""
-    acc = float((scores.argmax(1) == Y_val.argmax(1)).double().mean())
-    return Score(acc=acc, loss=float(((scores - Y_val) ** 2).sum(1).mean()))
-
-
 def stops_early(it: int, best_iter: int, patience: int | None) -> bool:
     """Whether iteration ``it`` is the last: ``patience`` iterations without a better score."""
     return patience is not None and it - best_iter >= patience
