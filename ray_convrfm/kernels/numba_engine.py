@@ -254,20 +254,31 @@ def _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, symmetric,
             out):
-    """K for every pair into ``out`` (n, m); with ``symmetric`` only j >= i is computed."""
+    """K for every pair into ``out`` (n, m); with ``symmetric`` only j >= i is computed.
+
+    Threads take rows in pairs (i, n - 1 - i) when symmetric: row i has m - i pairs, so the
+    pair's work is the same for every i and prange's equal chunks of it balance. (Plain rows
+    gave the first thread three quarters of the triangle: 1.17 x from 2 threads.)
+    """
     n = left.shape[0]
     m = right.shape[0]
     P1 = left.shape[2]
-    for i in nb.prange(n):
+    tasks = (n + 1) // 2 if symmetric else n
+    for k in nb.prange(tasks):
         S = np.empty(P1, dtype=left.dtype)
         T = np.empty(P1, dtype=left.dtype)
         tmp = np.empty(P1, dtype=left.dtype)
         unused = np.empty(0, dtype=left.dtype)
-        j0 = i if symmetric else 0
-        for j in range(j0, m):
-            out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q,
-                                      inv_c, snap, i, j, S, T, tmp, False, unused,
-                                      unused, unused)
+        row = np.int64(k)  # prange's index is unsigned: keep the arithmetic signed
+        for half in range(2 if symmetric else 1):
+            i = row if half == 0 else n - 1 - row
+            if half == 1 and i == row:  # the middle row of an odd n
+                continue
+            j0 = i if symmetric else 0
+            for j in range(j0, m):
+                out[i, j] = _pair_forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths,
+                                          q, inv_c, snap, i, j, S, T, tmp, False, unused,
+                                          unused, unused)
     if symmetric:
         for i in range(n):
             for j in range(i):
