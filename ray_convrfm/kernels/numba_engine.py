@@ -90,53 +90,71 @@ def _cosine(s, r1, r2, snap):
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _window(a, h, w, q, tmp):
-    """VALID q x q window sum of ``a`` (h, w), in place: rows into ``tmp``, then columns back.
+    """VALID q x q window sum of ``a`` (h, w), in place; ``tmp`` holds 2 h w values.
 
-    ``a`` is fully read into ``tmp`` before it is overwritten, so no copy is needed; separate
-    buffers in each stage let the inner loops vectorise; 2(q-1) adds per output.
+    Both sums run over the flat image, with the row stride w kept: row sums into the first
+    half of ``tmp`` (the q - 1 values at each row's end that wrap into the next row are never
+    read), column sums into the second, then one copy of the valid (h - q + 1, w - q + 1)
+    corner back into ``a``. Long unit-stride loops over offset views vectorise; the per-row
+    loops of w - q + 1 values they replace took 70 % of a depth-3 kernel entry at 42 x 42.
     """
     ho = h - q + 1
     wo = w - q + 1
-    for y in range(h):
-        s_row = a[y * w : y * w + w]
-        t_row = tmp[y * wo : y * wo + wo]
-        for x in range(wo):
-            t_row[x] = s_row[x]
-        for v in range(1, q):
-            for x in range(wo):
-                t_row[x] += s_row[x + v]
+    n = h * w
+    rows = tmp[:n]
+    cols = tmp[n : 2 * n]
+    span = n - q + 1  # row sums needed: every start whose window stays inside the image
+    for p in range(span):
+        rows[p] = a[p]
+    for v in range(1, q):
+        shifted = a[v:]
+        for p in range(span):
+            rows[p] += shifted[p]
+    last = (ho - 1) * w + wo  # column sums needed: up to the last valid output
+    for p in range(last):
+        cols[p] = rows[p]
+    for u in range(1, q):
+        shifted = rows[u * w :]
+        for p in range(last):
+            cols[p] += shifted[p]
     for y in range(ho):
-        d_row = a[y * wo : y * wo + wo]
+        src = cols[y * w : y * w + wo]
+        dst = a[y * wo : y * wo + wo]
         for x in range(wo):
-            d_row[x] = tmp[y * wo + x]
-        for u in range(1, q):
-            t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
-            for x in range(wo):
-                d_row[x] += t_row[x]
+            dst[x] = src[x]
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _window_adjoint(g, ho, wo, q, tmp):
     """Adjoint of ``_window``, in place: spread each output's gradient over its q x q inputs.
 
-    Columns into ``tmp`` first, then rows back into ``g`` (the reverse of ``_window``).
+    The reverse of ``_window``'s steps: the (ho, wo) gradients laid out at row stride w in
+    ``tmp``'s second half (zeros elsewhere), spread down the columns into its first half, then
+    along the rows back into ``g`` (h, w). Same flat, unit-stride loops.
     """
     h = ho + q - 1
     w = wo + q - 1
-    tmp[: h * wo] = 0
+    n = h * w
+    rows = tmp[:n]
+    cols = tmp[n : 2 * n]
+    last = (ho - 1) * w + wo
+    cols[:last] = 0
     for y in range(ho):
-        g_row = g[y * wo : y * wo + wo]
-        for u in range(q):
-            t_row = tmp[(y + u) * wo : (y + u) * wo + wo]
-            for x in range(wo):
-                t_row[x] += g_row[x]
-    g[: h * w] = 0
-    for y in range(h):
-        t_row = tmp[y * wo : y * wo + wo]
-        for v in range(q):
-            o_row = g[y * w + v : y * w + v + wo]
-            for x in range(wo):
-                o_row[x] += t_row[x]
+        src = g[y * wo : y * wo + wo]
+        dst = cols[y * w : y * w + wo]
+        for x in range(wo):
+            dst[x] = src[x]
+    span = n - q + 1
+    rows[:span] = 0
+    for u in range(q):
+        shifted = rows[u * w :]
+        for p in range(last):
+            shifted[p] += cols[p]
+    g[:n] = 0
+    for v in range(q):
+        shifted = g[v:]
+        for p in range(span):
+            shifted[p] += rows[p]
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
@@ -267,7 +285,7 @@ def forward(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap, 
     for k in nb.prange(tasks):
         S = np.empty(P1, dtype=left.dtype)
         T = np.empty(P1, dtype=left.dtype)
-        tmp = np.empty(P1, dtype=left.dtype)
+        tmp = np.empty(2 * P1, dtype=left.dtype)  # the window sums' two stages
         unused = np.empty(0, dtype=left.dtype)
         row = np.int64(k)  # prange's index is unsigned: keep the arithmetic signed
         for half in range(2 if symmetric else 1):
@@ -314,7 +332,7 @@ def adjoint(left, right, sqx, rsqx, sqz, rsqz, heights, widths, q, inv_c, snap,
         gS = np.empty(P1, dtype=left.dtype)
         gT = np.empty(P1, dtype=left.dtype)
         gZ = np.empty(P1, dtype=left.dtype)
-        tmp = np.empty(P1, dtype=left.dtype)
+        tmp = np.empty(2 * P1, dtype=left.dtype)  # the window sums' two stages
         # derivative rows of WRITE_BLOCK consecutive i, written out as whole cache lines
         bc = np.empty((WRITE_BLOCK, P1), dtype=left.dtype)
         vj = vself[j]
