@@ -5,6 +5,8 @@ took 1-11 s for a 10 ms extraction; an ``eigh`` slowed 17x beside another librar
 BLAS pool; issue 24), and a median alone hides that. So each operation is repeated, the thread
 counts are interleaved (so both see the same machine), and the table shows the median and the
 maximum and flags any operation whose maximum exceeds ``OUTLIER_RATIO`` x its median.
+Beside them, the CPU engine's kernel is set against this machine's measured fp32 peak (a large
+GEMM): its effective FLOP/s, counted with the cost model's FLOPs per entry, as a share of it.
 
 The shapes are the default main job's (``ray-convrfm fit`` with no arguments: digits in a
 14 x 14 noise frame, 1,350 fit images, depth 3, 3 x 3 patches, 256 AGOP samples, 150
@@ -13,6 +15,8 @@ validation images, 10 classes).
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +36,14 @@ from ray_convrfm.kernels.patches import extract_patches
 from ray_convrfm.kernels.solvers import kernel_scale, solve_ridge
 from ray_convrfm.kernels.threads import configure_threads
 from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
+from ray_convrfm.tools.costmodel import Workload
 
 #: A maximum over this many times the median marks an operation as having outliers.
 OUTLIER_RATIO = 3.0
+#: The side of the square fp32 GEMM whose best time stands for the machine's peak.
+PEAK_GEMM_SIZE = 4096
+#: FLOPs of each timed kernel block (sets its images per side: about a second at 2 threads).
+SHARE_BLOCK_FLOPS = 1.5e10
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,77 @@ def main_job_stages(threads: int | None = None) -> dict:
                        for s, v in stages.items()},
             "fixed_kernel_acc": hist[0]["monitor_acc"],
             "test_acc": hist[model.best_iter_]["monitor_acc"], "best_iter": model.best_iter_}
+
+
+@dataclass(frozen=True)
+class KernelShare:
+    """The kernel's effective fp32 FLOP/s on ``size`` x ``size`` images at ``threads`` threads,
+    against the best fp32 GEMM rate at the same thread count."""
+
+    size: int
+    threads: int
+    images: int
+    entries_per_s: float
+    flops_per_entry: float
+    peak_flops: float
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.entries_per_s * self.flops_per_entry
+
+    @property
+    def share(self) -> float:
+        return self.flops_per_s / self.peak_flops
+
+
+def gemm_peak(threads: int, size: int = PEAK_GEMM_SIZE, repeats: int = 3) -> float:
+    """fp32 FLOP/s of the best of ``repeats`` square products (torch's BLAS) at ``threads``."""
+    configure_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
+    a @ b  # warm-up: the pool and the pages
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def kernel_shares(sizes: tuple[int, ...] = (14, 42), threads: tuple[int, ...] = (1, 2),
+                  depth: int = 3, patch_size: int = 3, repeats: int = 3,
+                  block_flops: float = SHARE_BLOCK_FLOPS, peak_size: int = PEAK_GEMM_SIZE,
+                  engine: str = "auto", seed: int = 0) -> list[KernelShare]:
+    """The kernel block's share of the fp32 peak for each image size and thread count; each
+    block is n x n with n chosen so that it costs about ``block_flops``."""
+    eng = resolve_engine(engine, torch.device("cpu"))
+    peaks = {t: gemm_peak(t, peak_size) for t in threads}
+    params = KernelParams(depth, patch_size, False)
+    rng = np.random.default_rng(seed)
+    out = []
+    for size in sizes:
+        per_entry = Workload(n=1, m=1, channels=1, height=size, width=size,
+                             patch_size=patch_size, depth=depth).flops_per_entry()
+        n = max(2, int(math.sqrt(block_flops / per_entry)))
+        X = torch.from_numpy(rng.random((2 * n, 1, size, size), dtype=np.float32))
+        M = torch.eye(patch_size**2)  # the first iteration's metric
+        left, right = prepare_side(X[:n], M, params), prepare_side(X[n:], M, params)
+        block = functools.partial(kernel_matrix, left, right, eng, DEFAULT_MEMORY_BUDGET_MB)
+        rows = time_operations({"kernel": block}, threads, repeats)
+        out += [KernelShare(size, r.threads, n, n * n / r.median_s, per_entry, peaks[r.threads])
+                for r in rows]
+    return out
+
+
+def format_shares(rows: list[KernelShare]) -> str:
+    """The kernel's shares of the peak as a table."""
+    head = ("image    threads  block        entries/s  GFLOP/s  peak GFLOP/s  share")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.size:>2} x {r.size:<2}  {r.threads:>7}  {r.images:>4} x {r.images:<4}"
+                     f"  {r.entries_per_s:>11,.0f}  {r.flops_per_s / 1e9:>7.1f}  "
+                     f"{r.peak_flops / 1e9:>12.1f}  {100 * r.share:>4.1f} %")
+    return "\n".join(lines)
 
 
 def format_ops(rows: list[OpTiming]) -> str:

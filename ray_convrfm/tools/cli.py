@@ -186,8 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("what", nargs="?", default="kernel",
                    choices=("kernel", "ops", "distributed", "scale"),
                    help="kernel: one block; ops: every hot operation of the main job at 1 "
-                        "and --threads threads, median and max, outliers flagged, then the "
-                        "main job's stage seconds; distributed: kernel stage over worker counts; "
+                        "and --threads threads, median and max, outliers flagged, the kernel's "
+                        "share of the fp32 peak, then the main job's stage seconds; "
+                        "distributed: kernel stage over worker counts; "
                         "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
                         "per stage next to the cost model's prediction")
     b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centers")
@@ -560,14 +561,19 @@ def _bench_ops(args: argparse.Namespace) -> int:
     counts = tuple(sorted({1, most}))
     rows = bench_ops.time_operations(bench_ops.hot_operations(engine=args.engine), counts,
                                      args.repeats or 7)
+    shares = bench_ops.kernel_shares(threads=counts, engine=args.engine)
     job = None if args.no_main_job else bench_ops.main_job_stages(args.threads)
     if args.json:
         print(json.dumps({"ops": [dataclasses.asdict(r) | {"outlier": r.outlier} for r in rows],
-                          "main_job": job}))
+                          "kernel_share": [dataclasses.asdict(r) | {"share": r.share}
+                                           for r in shares], "main_job": job}))
         return 0
     print(f"hot operations of the main job, {args.repeats or 7} runs each, threads "
           f"{' and '.join(map(str, counts))} in turns")
     print(bench_ops.format_ops(rows))
+    print(f"\nthe kernel's share of this machine's fp32 peak (the best "
+          f"{bench_ops.PEAK_GEMM_SIZE:,}-square GEMM)")
+    print(bench_ops.format_shares(shares))
     if job is not None:
         print(bench_ops.format_stages(job))
     return 0
