@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench(args, peak)
     rate = next((r["flops_per_s"] for r in rows if r["engine"] == "triton"
                  and r["op"] == "forward" and (*r["shape"], r["depth"]) == RATE_SHAPE), None)
-    from ray_convrfm.kernels.triton_engine import tuned_configs
+    from ray_convrfm.kernels.triton_plan import tuned_configs
 
     report = {"device": name, "fp32_peak_flops": peak, "tests": tests, "results": rows,
               "launch_configs": tuned_configs(),

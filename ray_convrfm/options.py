@@ -23,6 +23,24 @@ DEFAULT_BLOCK = 256
 #: workers once there are more parts than this, so the driver receives one sum, not one per worker.
 REDUCE_FAN_IN = 4
 
+#: Share of ``memory_budget_mb`` one prepared chunk of images (rows, centers or AGOP samples)
+#: may take: a slab's rows and a block of centers are prepared a chunk at a time. At least one
+#: image is prepared at once, so a single prepared image larger than this share is the floor.
+PREPARED_SHARE = 1 / 8
+
+#: ``agop_classes="auto"``: the exact AGOP up to this many classes, a sketch of this many
+#: columns beyond (docs/math.md 4a).
+AUTO_SKETCH_CLASSES = 64
+
+#: Share of ``memory_budget_mb`` that a worker's prepared blocks of centers may keep between passes
+#: (32 MiB of the default 512): every center of a small problem, a few blocks of a large one, whose
+#: other blocks are prepared again for each slab of rows (about d / b of the slab's kernel).
+CENTER_CACHE_SHARE = 1 / 16
+
+#: Rows of K(train, centers) converted to float64 at a time in a CG product (64 x m x 8 bytes:
+#: small enough that both products read them from cache; 20 % faster than whole slabs).
+MATVEC_ROWS = 64
+
 #: Conjugate gradient of the iterative Nystrom solver stops at this relative residual of the
 #: preconditioned system: far below the noise of the validation choice, and reached in a few
 #: dozen steps with Falkon's preconditioner (tests/kernels/test_pcg.py).

@@ -1,32 +1,55 @@
-"""Where kernels are computed: in this process or on Ray shard workers, behind one Protocol.
+"""Where kernels are computed: shard workers in this process or on Ray, behind one Protocol.
 
-``open_backend`` is the one switch: ``ClusterOptions.workers = 0`` gives ``LocalBackend``,
-N > 0 a ``RayBackend`` over N shard workers. Both implement ``protocol.KernelBackend``.
+``open_backend`` is the one switch: it picks the executor (``ClusterOptions.workers = 0``: one
+in-process shard worker; N > 0: N Ray actors) and returns the one ``ShardedBackend`` over it,
+which implements ``protocol.KernelBackend``. Both executors run the same worker code.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ray_convrfm.backends.protocol import KernelBackend, KernelSpec
+from ray_convrfm.backends.sharded import ShardedBackend
+from ray_convrfm.data.parquet import ParquetRows
 from ray_convrfm.kernels.threads import configure_threads
 from ray_convrfm.options import Options
 
-__all__ = ["KernelBackend", "KernelSpec", "open_backend"]
+__all__ = ["KernelBackend", "KernelSpec", "ShardedBackend", "open_backend", "open_executor"]
 
 
-def open_backend(X, options: Options, device: torch.device) -> KernelBackend:
-    """A backend holding training images ``X``: a tensor in the working dtype, or parquet rows
-    (``data.parquet.ParquetRows``) that Ray workers read themselves. This process's thread
+def open_executor(X, options: Options, device: torch.device):
+    """Shard workers holding images ``X`` (an array or tensor as stored, or parquet rows that
+    Ray workers read themselves): in process without ``cluster.workers``, else Ray actors
+    (block-aligned shards when there is a kernel store)."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    elif not isinstance(X, ParquetRows):
+        X = np.asarray(X)
+    cluster = options.cluster
+    if not cluster.workers:
+        from ray_convrfm.backends.executor import InProcessExecutor
+
+        return InProcessExecutor(X, gpus=1 if device.type == "cuda" else 0,
+                                 progress=options.verbose, block=options.store.block)
+    from ray_convrfm.backends.ray_executor import RayExecutor, resolve_gpus_per_worker, start_ray
+
+    start_ray(cluster.workers, cluster.address)
+    return RayExecutor(X, cluster.workers, threads=cluster.threads_per_worker,
+                       max_restarts=cluster.max_restarts, block=options.store.block,
+                       align=bool(options.store.url), elastic=bool(cluster.address),
+                       gpus_per_worker=resolve_gpus_per_worker(cluster.gpus_per_worker),
+                       placement_timeout_s=cluster.placement_timeout_s,
+                       progress=options.verbose)
+
+
+def open_backend(X, options: Options, device: torch.device) -> ShardedBackend:
+    """The backend over shard workers holding training images ``X``; this process's thread
     pools are sized here, once (``kernels.threads``), for the work in process and the driver's."""
     configure_threads(options.compute.threads)
-    if options.cluster.workers:
-        from ray_convrfm.backends.distributed import RayBackend
-
-        return RayBackend.open(X, options, device)
-    from ray_convrfm.backends.local import LocalBackend
-
-    if hasattr(X, "load"):  # parquet rows without workers: read them here
-        X = torch.from_numpy(X.load())
-    return LocalBackend(X.to(device), progress=options.verbose, block=options.store.block,
-                        solve=options.solve)
+    shape = X.row_shape if isinstance(X, ParquetRows) else tuple(X.shape[1:])
+    ex = open_executor(X, options, device)
+    return ShardedBackend(ex, device, len(X), shape, block=options.store.block,
+                          align=not options.cluster.workers or bool(options.store.url),
+                          solve=options.solve, progress=options.verbose)

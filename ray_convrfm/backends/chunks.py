@@ -10,7 +10,7 @@ worker's memory is set by its budget, not by n, m or the width of a layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,18 +18,37 @@ import torch
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.kernels.kernel import side_bytes_per_image
 from ray_convrfm.kernels.patches import featurise, grid_shape
+from ray_convrfm.options import PREPARED_SHARE
 
-#: Share of ``memory_budget_mb`` one prepared chunk of images (rows, centers or AGOP samples)
-#: may take: a slab's rows and a block of centers are prepared a chunk at a time. At least one
-#: image is prepared at once, so a single prepared image larger than this share is the floor.
-PREPARED_SHARE = 1 / 8
+
+class Pending:
+    """The in-process executor's future: a worker call run when its value is first needed (then
+    kept), as a Ray object ref is a call that runs on a worker; ``item`` picks one of several
+    returned values."""
+
+    def __init__(self, call, item: int | None = None):
+        self._call, self._item, self._done, self._value = call, item, False, None
+
+    def value(self):
+        if not self._done:
+            self._value, self._done = self._call(), True
+            self._call = None
+        return self._value if self._item is None else self._value[self._item]
+
+    def part(self, item: int) -> Pending:
+        return Pending(self.value, item)
 
 
 def resolve(part):
-    """An array as given (in process) or the value of a Ray object ref (on a worker)."""
-    if isinstance(part, np.ndarray | torch.Tensor) or part is None:
+    """The value a task was given: an array as is, an in-process ``Pending`` run, parquet rows
+    read (``data.parquet.ParquetRows``, read where they are used) or a Ray object ref fetched."""
+    from ray_convrfm.data.parquet import ParquetRows
+
+    if isinstance(part, np.ndarray | torch.Tensor | list | tuple) or part is None:
         return part
-    if hasattr(part, "load"):  # parquet rows: read where they are used
+    if isinstance(part, Pending):
+        return part.value()
+    if isinstance(part, ParquetRows):
         return part.load()
     import ray
 
@@ -39,16 +58,15 @@ def resolve(part):
 @dataclass(frozen=True)
 class CenterBlocks:
     """The predictor's centers as blocks of at most ``block`` images in their stored pixels,
-    each left where it was made (a Ray object ref on the worker that owns those rows, or an
-    array in process) and fetched by whoever needs it one block at a time: no process holds
-    every center at once. The user of a block converts it and applies ``chain`` (the filter
-    banks of Deep ConvRFM) a prepared chunk at a time. ``key`` names the selection and the
-    chain, so workers recognise blocks they have already prepared."""
+    each left where it was made (a Ray object ref on the worker that owns those rows, or a
+    ``Pending`` call in process) and fetched by whoever needs it one block at a time: no
+    process holds every center at once. The user of a block converts it and applies the
+    layer's chain (the filter banks of Deep ConvRFM) a prepared chunk at a time. ``key``
+    names the selection, so workers recognise blocks they have already prepared."""
 
     key: str
     parts: tuple
     sizes: tuple[int, ...]
-    chain: list = field(default_factory=list)
 
     @property
     def m(self) -> int:

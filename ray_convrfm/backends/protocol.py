@@ -1,7 +1,7 @@
 """The one interface between the RFM loop and where kernels are computed.
 
 ``fit_rfm`` (``models/rfm.py``) and the estimators' predictions call only these methods, so a
-laptop fit (``LocalBackend``) and a cluster fit (``RayBackend``) run the same loop.
+laptop fit and a cluster fit run the same loop over one ``ShardedBackend`` (two executors).
 """
 
 from __future__ import annotations
@@ -41,6 +41,21 @@ class KernelSpec:
         """The engine for work on ``device``: "auto" gives numba on a CPU, Triton on CUDA when
         it imports, else torch (``devices.resolve_engine``)."""
         return resolve_engine(self.engine, device)
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Everything a task needs about the current layer besides the images, in one value: the
+    chain of filter banks the stored images pass through first (Deep ConvRFM's feature map,
+    ((filters, padding), ...)), the metric M (r x r in the basis' coordinates), the patch basis
+    (d, r) or None, and the kernel spec. ``key`` names this state: workers keep what they
+    prepared under it (sides, center blocks) and drop it when a task brings another."""
+
+    key: str
+    spec: KernelSpec
+    M: np.ndarray
+    basis: np.ndarray | None = None
+    chain: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ray_convrfm.kernels.kernel import KernelSide, bytes_per_pair, kernel_block_adjoint
-from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB
+from ray_convrfm.options import AUTO_SKETCH_CLASSES, DEFAULT_MEMORY_BUDGET_MB
 
 
 class Workspace:
@@ -102,34 +102,22 @@ def agop_from_sides(train: KernelSide, coef: torch.Tensor, sample: KernelSide, M
     workspace : scratch buffers to reuse across calls (e.g. the iterations of one fit)
     progress : called as progress(pairs done now, total pairs); the caller draws any bar
     """
-    workspace = workspace or Workspace()
-    if len(sample) == 0:
-        raise ValueError("the AGOP needs at least one sample image")
-    d = M.shape[0]
-    G = torch.zeros(d, d, dtype=coef.dtype, device=coef.device)
-    s = len(sample)
-    c = coef.shape[1]
-    P1 = sample.right.shape[1]
-    # the (P1, chunk, c, d) gradient buffer takes at most a quarter of the budget
-    chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * c * d * coef.element_size()))))
-    for start in range(0, s, chunk):
-        part = sample.rows(start, start + chunk)
-        r = patch_gradients(train, coef, part, engine, budget_mb, progress, workspace,
-                            total=len(train) * s)
-        r = r.reshape(-1, d)
-        G += r.T @ r
-    G = M @ G @ M
-    return G / s if average else G
+    return agop_from_blocks(lambda: [(train, coef)], sample, M, coef.shape[1], engine=engine,
+                            budget_mb=budget_mb, average=average, workspace=workspace,
+                            progress=progress, pairs=len(train) * len(sample))
 
 
 def agop_from_blocks(blocks: Callable[[], Iterable[tuple[KernelSide, torch.Tensor]]],
                      sample: KernelSide, M: torch.Tensor, classes: int, *,
                      engine: str = "torch", budget_mb: int = DEFAULT_MEMORY_BUDGET_MB,
-                     average: bool = True, workspace: Workspace | None = None) -> torch.Tensor:
-    """``agop_from_sides`` with the predictor's centers in blocks: ``blocks()`` yields
+                     average: bool = True, workspace: Workspace | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     pairs: int = 0) -> torch.Tensor:
+    """The one AGOP loop, with the predictor's centers in blocks: ``blocks()`` yields
     (prepared centers, their coef rows) one block at a time, afresh for every chunk of sample
     images. Gradients are linear in the centers, so a chunk's gradients are summed over the
-    blocks before the outer product, and no two blocks of centers need be held at once."""
+    blocks before the outer product, and no two blocks of centers need be held at once.
+    ``progress`` (with the total of ``pairs``) hears of every block's pairs."""
     workspace = workspace or Workspace()
     if len(sample) == 0:
         raise ValueError("the AGOP needs at least one sample image")
@@ -140,21 +128,22 @@ def agop_from_blocks(blocks: Callable[[], Iterable[tuple[KernelSide, torch.Tenso
     chunk = max(1, min(s, int(budget_mb * 2**20 / 4 // (P1 * classes * d * M.element_size()))))
     for start in range(0, s, chunk):
         part = sample.rows(start, start + chunk)
-        total = None
+        total, owned = None, False
         for train, coef in blocks():
-            r = patch_gradients(train, coef, part, engine, budget_mb, None, workspace)
-            total = r.clone() if total is None else total.add_(r)
+            if total is not None and not owned:  # the workspace's buffer: the next block
+                total, owned = total.clone(), True  # writes it
+            r = patch_gradients(train, coef, part, engine, budget_mb, progress, workspace,
+                                total=pairs)
+            if total is None:
+                total = r
+            else:
+                total.add_(r)
         if total is None:
             continue
         r = total.reshape(-1, d)
         G += r.T @ r
     G = M @ G @ M
     return G / s if average else G
-
-
-#: ``agop_classes="auto"``: the exact AGOP up to this many classes, a sketch of this many
-#: columns beyond (docs/math.md 4a).
-AUTO_SKETCH_CLASSES = 64
 
 
 def sketch_columns(classes: int, agop_classes: str | int) -> int | None:

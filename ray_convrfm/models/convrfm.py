@@ -16,6 +16,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ray_convrfm.backends import KernelSpec, open_backend
 from ray_convrfm.checks import as_images
+from ray_convrfm.data.parquet import ParquetImages, ParquetRows
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for
 from ray_convrfm.kernels.kernel import KernelParams
 from ray_convrfm.models.inputs import (
@@ -24,6 +25,7 @@ from ray_convrfm.models.inputs import (
     prepare_fit_inputs,
     training_images,
 )
+from ray_convrfm.models.lifecycle import KeepsWorkers
 from ray_convrfm.models.persistence import (
     DIGEST,
     FORMAT_VERSION,
@@ -43,7 +45,7 @@ _CONFIG_KEYS = {"params", "classes", "classes_dtype", "ridge", "kernel_scale", "
                 "image_shape", "history", "center_indices"}
 
 
-class ConvRFM(ClassifierMixin, BaseEstimator):
+class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
     """Convolutional Recursive Feature Machine: a convolutional NTK that learns its patch metric.
 
     Iterates: kernel ridge regression with the kernel K_M (docs/math.md section 2), then
@@ -158,6 +160,7 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
         data = prepare_fit_inputs(X, y, X_val, y_val, monitor, self.val_fraction, rng)
         params.kernel.grids(*data.X.shape[2:])  # image large enough for patch and depth
         device, spec = kernel_spec(params.kernel, options.compute, data.X)
+        self.close()
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
                                device)
         try:
@@ -165,10 +168,12 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
             monitor = register_holdouts(backend, data, spec)
             result = fit_rfm(backend, data.y_fit, len(data.classes), "validation", params, rng,
                              monitor=monitor, verbose=options.verbose)
-        finally:
+            self.classes_ = data.classes
+            self.set_result(result, tuple(data.X.shape[1:]))
+            self._keep_backend(backend.keep_for_predictions(result.centers))
+        except BaseException:
             backend.close()
-        self.classes_ = data.classes
-        self.set_result(result, tuple(data.X.shape[1:]))
+            raise
         return self
 
     def rfm_params(self, depth: int | None = None) -> RFMParams:
@@ -221,19 +226,19 @@ class ConvRFM(ClassifierMixin, BaseEstimator):
                           engine=compute.engine,
                           memory_budget_mb=compute.memory_budget_mb)
         dt = spec.torch_dtype
-        Q = None if self.patch_basis_ is None else self.patch_basis_.to(device, dt)
-        M = self.M_.to(device, dt)
-        if Q is not None:
-            M = Q.T @ M @ Q
-        backend = open_backend(training_images(self.X_fit_, dt, device),
-                               options.replace(store=None), device)
-        try:
+        if self._backend is None or self._backend.ex.closed:  # loaded, closed or released:
+            self._keep_backend(open_backend(training_images(self.X_fit_, dt, device),  # once
+                                            options.replace(store=None), device))
+            self._backend.ex.keep()
+        backend = self._backend
+        if not self._backend_ready:
+            Q = None if self.patch_basis_ is None else self.patch_basis_.to(device, dt)
+            M = self.M_.to(device, dt)
             backend.configure(spec, None)
-            backend.set_metric(M, Q)
-            coef = self.alpha_.to(device, torch.float64) / self.kernel_scale_
-            return backend.scores(X, coef, None, chain)
-        finally:
-            backend.close()
+            backend.set_metric(M if Q is None else Q.T @ M @ Q, Q)
+            self._backend_ready = True
+        coef = self.alpha_.to(device, torch.float64) / self.kernel_scale_
+        return backend.scores(X, coef, None, chain)
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels, shape (n,)."""
@@ -358,7 +363,7 @@ def kernel_spec(params: KernelParams, compute: ComputeOptions,
     """The device and the kernel spec of a fit on images X (dtype None: X's own; the engine is
     resolved where the kernels are computed, ``KernelSpec.engine_on``)."""
     device = resolve_device(compute.device)
-    if hasattr(X, "labels"):  # a parquet data set: 8-bit pixels, computed in float32
+    if isinstance(X, ParquetImages):  # a parquet data set: 8-bit pixels, computed in float32
         dtype = compute.dtype or "float32"
     else:
         dtype = str(resolve_dtype_for(X, compute.dtype)).removeprefix("torch.")
@@ -372,7 +377,7 @@ def register_holdouts(backend, data: FitInputs, spec: KernelSpec) -> str | None:
     parquet rows its workers read: they stay where kernels are computed, and only scores per
     ridge come back. Returns the monitor set's name, or None."""
     def images(X):
-        if hasattr(X, "load") or is_pixels(X):  # parquet rows, 8-bit pixels: as stored
+        if isinstance(X, ParquetRows) or is_pixels(X):  # parquet rows, 8-bit pixels: as stored
             return X
         return X.to(spec.torch_dtype) if isinstance(X, torch.Tensor) \
             else np.asarray(X, dtype=spec.dtype)

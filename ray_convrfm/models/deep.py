@@ -143,6 +143,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         first = base.rfm_params(depths[0]).kernel
         first.grids(*data.X.shape[2:])  # image large enough for the deepest kernel
         device, spec = kernel_spec(first, options.compute, data.X)
+        if getattr(self, "final_", None) is not None:
+            self.final_.close()
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
                                device)
         self.classes_ = data.classes
@@ -181,9 +183,23 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                     self.final_ = rfm
                 info["seconds"] = time.perf_counter() - t0
                 self.layers_.append(info)
-        finally:
+            # the last layer's predictions reuse these workers, holding only its centers
+            self.final_._keep_backend(backend.keep_for_predictions(self.final_.X_fit_))
+        except BaseException:
             backend.close()
+            raise
         return self
+
+    def close(self) -> None:
+        """Release the workers the last layer keeps for predictions."""
+        if getattr(self, "final_", None) is not None:
+            self.final_.close()
+
+    def __enter__(self) -> DeepConvRFM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _chain(self) -> list:
         """The filter banks between the input and the last layer: [(filters, padding), ...]."""

@@ -215,7 +215,9 @@ def training_images(X_fit, dtype: torch.dtype, device: torch.device):
     (a quarter of float32's bytes; ``kernel.as_working`` converts them per chunk), and parquet
     rows, which stay a description: Ray workers read their own rows
     (``backends.open_backend`` reads them in-process)."""
-    if hasattr(X_fit, "load"):
+    from ray_convrfm.data.parquet import ParquetRows
+
+    if isinstance(X_fit, ParquetRows):
         return X_fit
     if is_pixels(X_fit):
         return torch.as_tensor(X_fit).to(device)

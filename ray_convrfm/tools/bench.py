@@ -14,7 +14,7 @@ from ray_convrfm.kernels.agop import Workspace, agop_from_sides
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype, resolve_engine
 from ray_convrfm.kernels.kernel import KernelParams, kernel_block, prepare_side
 from ray_convrfm.kernels.threads import configure_threads, configured_threads
-from ray_convrfm.tools import costmodel
+from ray_convrfm.tools import costmodel, costtime
 
 
 def _interleaved_medians(fns, repeats: int) -> list[float]:
@@ -85,8 +85,8 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
 
 
 def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
-                  repeats: int = 3, store_dir: str | None = None) -> costmodel.Rates:
-    """Measure ``costmodel.Rates`` in this process on one thread, as one worker would run them.
+                  repeats: int = 3, store_dir: str | None = None) -> costtime.Rates:
+    """Measure ``costtime.Rates`` in this process on one thread, as one worker would run them.
 
     The kernel and AGOP are timed on a 512 x 128 block of random images of the workload's
     shape; the GEMM and a Cholesky (the preconditioner's factor rate) at the workload's m;
@@ -135,7 +135,7 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
             arr[i * work.block : (i + 1) * work.block] = block
         arr[...]
         store = 4 * block.nbytes / (time.perf_counter() - t0)
-    return costmodel.Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
+    return costtime.Rates(kernel_entry_s=1 / kb["kernel_entries_per_s"],
                            agop_over_kernel=kb["agop_over_kernel"], gemm_flops=gemm,
                            factor_flops=factor, decode_images_per_s=decode,
                            store_bytes_per_s=store)
@@ -146,28 +146,40 @@ def distributed_kernel_scaling(X: np.ndarray, workers: tuple[int, ...] = (1, 2),
                                address: str | None = None) -> list[dict]:
     """Kernel stage K(X, X) on Ray shard workers (one thread each), for each worker count.
 
-    As in a fit, the columns are the workers' own shards, passed worker to worker. Reports
-    wall seconds, entries per second, the speed-up over the first count, and the driver's own
-    CPU time as a share of the wall time (it should only schedule and gather).
+    As in a fit (``ShardedBackend.train_kernel``), the columns are the workers' own shards,
+    passed worker to worker, and each entry of the symmetric kernel is computed once. Reports
+    wall seconds, entries of K per second, the speed-up over the first count, and the driver's
+    own CPU time as a share of the wall time (it should only schedule and gather).
     """
     import ray
 
-    from ray_convrfm.backends.driver import ShardedImages, start_ray
+    from ray_convrfm.backends import open_backend
     from ray_convrfm.backends.protocol import KernelSpec
+    from ray_convrfm.backends.ray_executor import start_ray
+    from ray_convrfm.options import Options
 
     started_here = not ray.is_initialized()
     start_ray(max(workers), address)
     spec = KernelSpec(KernelParams(depth, patch_size, False))
-    M = np.eye(X.shape[1] * patch_size**2, dtype=np.float32)
+    M = torch.eye(X.shape[1] * patch_size**2)
     rows = []
     try:
         for w in workers:
-            with ShardedImages(X, w, threads=1, gpus_per_worker=gpus_per_worker) as shards:
-                shards.kernel(X[:4], M, None, spec)  # warm-up: workers load the compiled kernel
+            options = Options.of(workers=w, threads_per_worker=1, address=address,
+                                 gpus_per_worker=gpus_per_worker)
+            backend = open_backend(X, options, torch.device("cpu"))
+            try:
+                backend.configure(spec, None)
+                backend.set_metric(M, None)
+                # warm-up: every worker loads the compiled kernel
+                backend.ex.get([backend.ex.submit(k, "kernel_rows", backend.layer_ref, 0, 2,
+                                                  "warm-up", X[:4]) for k in range(w)])
                 cpu0, t0 = time.process_time(), time.perf_counter()
-                K = shards.kernel(shards.parts(), M, None, spec)
+                K = backend.train_kernel()
                 wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            rows.append({"workers": w, "seconds": wall, "entries_per_s": K.size / wall,
+            finally:
+                backend.close()
+            rows.append({"workers": w, "seconds": wall, "entries_per_s": K.numel() / wall,
                          "driver_cpu_share": cpu / wall,
                          "speedup": rows[0]["seconds"] / wall if rows else 1.0})
     finally:
@@ -215,12 +227,11 @@ def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str,
 def _worker_start_seconds(workers: int) -> float:
     """Seconds to start (and reach) a set of shard workers on this Ray: the fixed cost of a
     stage that opens workers (a fit's shards, a prediction's test shards)."""
-    from ray_convrfm.backends.driver import ShardedImages, start_ray
+    from ray_convrfm.backends.ray_executor import RayExecutor, start_ray
 
     start_ray(workers)
     t0 = time.perf_counter()
-    with ShardedImages(np.zeros((workers, 1, 4, 4), np.float32), workers, threads=1):
-        pass
+    RayExecutor(np.zeros((workers, 1, 4, 4), np.float32), workers, threads=1).close()
     return time.perf_counter() - t0
 
 
@@ -235,7 +246,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     predicts the test images on the workers, and returns measured and predicted seconds per
     stage, peak memory (driver, workers) and bytes stored. With ``calibration`` (the result of
     an earlier run) a second prediction uses the kernel and AGOP costs that run achieved,
-    scaled to this run's image shape (``costmodel.calibrated``).
+    scaled to this run's image shape (``costtime.calibrated``).
     """
     import resource
     import shutil
@@ -264,11 +275,11 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         rates = pool.submit(measure_rates, work, str(data),
                             store_dir=str(root)).result()
     rates = dataclasses.replace(rates, worker_start_s=_worker_start_seconds(workers))
-    predicted = costmodel.predict(work, rates)
+    predicted = costtime.predict(work, rates)
     predicted_calibrated = None
     if calibration is not None:
-        predicted_calibrated = costmodel.predict(
-            work, costmodel.calibrated(calibration, work, rates))
+        predicted_calibrated = costtime.predict(
+            work, costtime.calibrated(calibration, work, rates))
 
     t0 = time.perf_counter()
     model = ConvRFM(depth=work.depth, iters=iters, solver="nystrom", centers=centers,
@@ -284,7 +295,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     seconds_predict = time.perf_counter() - t0
 
     hist = model.history_
-    # the driver's wall seconds per stage (ShardedImages.timings), by the cost model's names
+    # the driver's wall seconds per stage (ShardedBackend.timings), by the cost model's names
     measured = {
         costmodel.LOAD: timings.get("load", 0.0),
         costmodel.ROWS: timings.get("nystrom_rows", 0.0),  # K^T Y is summed in the same tasks

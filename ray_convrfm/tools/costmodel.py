@@ -26,7 +26,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ray_convrfm.options import DEFAULT_BLOCK, DEFAULT_MEMORY_BUDGET_MB, REDUCE_FAN_IN
+from ray_convrfm.options import (  # the constants the workers use, declared once there
+    AUTO_SKETCH_CLASSES,
+    CENTER_CACHE_SHARE,
+    DEFAULT_BLOCK,
+    DEFAULT_MEMORY_BUDGET_MB,
+    MATVEC_ROWS,
+    PREPARED_SHARE,
+    REDUCE_FAN_IN,
+)
 
 #: Floating-point operations of one ReLU step of the kernel at one position (cosine, square
 #: root, polynomial arccos, sine from the cosine, the theta update).
@@ -34,22 +42,6 @@ RELU_FLOPS = 30
 
 #: Bytes of a Python/torch/numba/Ray worker before it holds any data (measured: about 0.45 GB).
 WORKER_BASE_BYTES = 450 * 2**20
-
-#: Share of the memory budget that cached prepared centers may take (as
-#: ``backends/workers.py: CENTER_CACHE_SHARE``); other blocks are prepared again for every slab.
-CENTER_CACHE_SHARE = 1 / 16
-
-#: Share of the memory budget one prepared chunk of images (rows, centers, AGOP samples) may
-#: take, and the patch gram's unfolded chunk: mirrors ``backends.chunks.PREPARED_SHARE``.
-PREPARED_SHARE = 1 / 8
-
-#: Rows of K(train, centers) converted to float64 at a time in a CG product: mirrors
-#: ``backends.workers.MATVEC_ROWS`` (a test checks the two agree).
-MATVEC_ROWS = 64
-
-#: ``agop_classes="auto"``: the exact AGOP up to this many classes, a sketch of this many
-#: outputs beyond (mirrors ``kernels.agop.AUTO_SKETCH_CLASSES``).
-AUTO_SKETCH_CLASSES = 64
 
 #: One line of a memory breakdown: (what, bytes, the code that allocates or holds it).
 Item = tuple[str, float, str]
@@ -68,7 +60,7 @@ PER_ITERATION = (ROWS, KTY, PRECONDITIONER, CG, VALIDATION, AGOP)
 
 
 def tree_levels(parts: int, fan_in: int = REDUCE_FAN_IN) -> list[int]:
-    """Parts that move at each level of ``ShardedImages.reduce``: the workers' parts, then the
+    """Parts that move at each level of ``ShardedBackend.reduce``: the workers' parts, then the
     sums made on workers, ``fan_in`` at a time, until the driver takes at most ``fan_in``."""
     levels = [parts]
     while levels[-1] > fan_in:
@@ -313,7 +305,7 @@ class Workload:
         cached, in_use = self.center_parts()
         kernel = ("the kernel's working memory", self.budget_bytes, "kernel_matrix")
         base = [("the process", WORKER_BASE_BYTES, "WORKER_BASE_BYTES"),
-                ("its shard, stored pixels", S * spx, "ShardWorker.__init__: self.raw")]
+                ("its shard, stored pixels", S * spx, "ShardWorker.load: self.raw")]
         held = [*base, ("its resident rows of K", kept, "nystrom_rows: res.slabs"),
                 ("its centers' rows of K_mm", math.ceil(m / w) * width * dt,
                  "nystrom_rows: C (object store until released)")]
@@ -342,12 +334,12 @@ class Workload:
                           ("scores, error, squared", 3 * R * chunk * c * 8, "evaluate: einsum")])]
         agop_worker = [*base, *cached, *in_use, ("coef (m x k)", m * k * dt, "agop_part: coef"),
                        *self.agop_items()]
-        # ConvRFM.scores: a new ShardedImages over the model's centers (working dtype): the
+        # ConvRFM.scores: the fit's workers reloaded with the model's centers (working dtype): the
         # blocks its workers fetch are those shards' pixels; test blocks come as stored
         p_cached, p_in_use = self.center_parts(px)
         predict_worker = [base[0], ("its shard of the model's centers", math.ceil(m / w) * spx,
-                                    "ShardWorker.__init__: self.raw"), *p_cached,
-                          ("a block of test images", blk * spx, "map_scores: rows[r : r + b]"),
+                                    "ShardWorker.load: self.raw"), *p_cached,
+                          ("a block of test images", blk * spx, "ShardedBackend.scores: Z[r:r+b]"),
                           ("alpha", mc8, "scores: alpha"), ("scores", blk * c * 8, "scores: out"),
                           *scored, *_peak([*p_in_use, side, kernel], [
                               ("their kernel in float64", chunk * m * 8, "scores: astype")])]
@@ -357,7 +349,7 @@ class Workload:
                         * self.d * (dt + 8), "patches.patch_gram (chunks.gram_chunk)")]
 
         labels = ("the training labels (int64)", n * 8, "fit_rfm: Targets")
-        puts = ("their slices, put", n * 8, "ShardedImages.nystrom: ray.put(labels[a:b])")
+        puts = ("their slices, put", n * 8, "ShardedBackend._nystrom: put(labels[a:b])")
         best = ("the best solution so far", mc8, "fit_rfm: best['alpha']")
         solved = ("every ridge's solution", R * mc8, "_choose_ridge: alphas")
         pcg = [labels, puts, best, ("K^T Y", mc8, "nystrom_operator: KtY / scale")]
@@ -365,10 +357,10 @@ class Workload:
                      ("CG's state (6 x m R c)", 6 * mrc8, "conjugate_gradient: x, r, p, b, Ap"),
                      ("a step in flight", 2 * mrc8, "preconditioned_step: v, B^T H B v"), solved]
         val_driver = [*pcg, solved, ("casts, stack, float64 copy, put", 3 * R * mc8,
-                                     "_choose_ridge; RayBackend/ShardedImages.evaluate")]
+                                     "_choose_ridge; ShardedBackend.evaluate")]
         coef = ("coef = alpha / scale", mc8, "fit_rfm: coef")
         coef_dt = ("coef (m x k, working dtype), its put", 2 * m * k * dt,
-                   "fit_rfm: coef.to(dt); ShardedImages.agop: ray.put")
+                   "fit_rfm: coef.to(dt); ShardedBackend.agop: put")
         sketch = ("coef @ Omega (m x k float64)", m * k * 8, "fit_rfm: coef @ omega")
         # with a sketch, the m x c coef is dropped once coef @ Omega is made
         agop_driver = [labels, best, *_peak([coef, sketch], [sketch, coef_dt])] \
@@ -392,29 +384,29 @@ class Workload:
             # every slab to the run's store (with none, the spilled slabs to a temporary one)
             ROWS: row(n * m, n * m * f, w * m * spx, n * m * dt, 0, rows_worker,
                       driver=[labels, puts, best]),
-            # class_sums adds each slab's rows by label (index_add); ShardedImages.nystrom: the
+            # class_sums adds each slab's rows by label (index_add); ShardedBackend.nystrom: the
             # labels' slices (int64) to the workers, then reduce: the tree of m x c parts
             KTY: row(0, n * m, n * 8 + tree * mc8, 0, 0, rows_worker, driver=[
                 labels, puts, best, ("the tree's last parts, their sum",
-                                     (REDUCE_FAN_IN + 2) * mc8, "ShardedImages.reduce")]),
+                                     (REDUCE_FAN_IN + 2) * mc8, "ShardedBackend.reduce")]),
             # ShardWorker.precondition: the shards' K_mm rows to the first worker; v to it and
             # B v back at the applications outside the steps (inside them: counted with CG)
             PRECONDITIONER: row(0, fac + gem + self.applications() * app,
                                 m * width * dt + 4 * mrc8, 0, 0, cg_worker,
                                 cg_worker + built, cg_driver),
-            # ShardedImages.preconditioned_step, every step: v to the first worker, B v to every
+            # ShardedBackend.preconditioned_step, every step: v to the first worker, B v to every
             # worker, hessian_matvec's parts up the tree, B^T H B v back (R c columns); then
             # H alpha (c columns). hessian_matvec: spilled slabs read back at every pass
             CG: row(0, 4 * n * m * self.cg_columns(),
                     self.cg_steps * (w + tree + 2) * mrc8 + (w + tree) * mc8, 0,
                     self.cg_products() * w * spilled, cg_worker,
                     cg_worker + steady, cg_driver),
-            # ShardedImages.evaluate: every ridge's coefficients to every worker; center blocks
+            # ShardedBackend.evaluate: every ridge's coefficients to every worker; center blocks
             # not cached fetched again as stored (new refs); 3 numbers back
             VALIDATION: row(self.n_val * m, self.n_val * m * f + 2 * R * self.n_val * m * c,
                             w * (R * mc8 + refetch * m * spx), 0, 0, val_worker,
                             val_worker + steady, val_driver),
-            # ShardedImages.agop: ray.put(coef) (m x k) to every worker, center blocks not
+            # ShardedBackend.agop: put(coef) (m x k) to every worker, center blocks not
             # cached again; (r, r) float64 back through the tree
             AGOP: row(self.agop_samples * m, None,
                       w * (m * k * dt + refetch * m * spx) + tree * self.r**2 * 8, 0, 0,
@@ -424,152 +416,25 @@ class Workload:
             # workers read their parquet row groups, then the patch gram; add_holdout: the
             # validation parts put once as stored (parquet: read by the workers)
             LOAD: row(moved=self.n_val * spx, worker=load_worker),
-            # ShardedImages.gather: ShardWorker.images, a ConvRFM's centers as stored (a Deep
+            # ShardedBackend.centers: ShardWorker.images, a ConvRFM's centers as stored (a Deep
             # model's last layer gathers featurised ones, in the working dtype), concatenated
             GATHER: row(moved=m * spx, worker=[*base, ("its centers as stored, concatenated",
                                                       2 * math.ceil(m / w) * spx, "images")],
                         driver=[labels, best, ("the model's centers, parts and concatenation",
-                                               2 * m * spx, "ShardedImages.gather")]),
-            # ConvRFM.scores: a new ShardedImages puts X_fit_ (as stored), every worker
+                                               2 * m * spx, "ShardedBackend.centers")]),
+            # ConvRFM.scores: the fit's workers reloaded with X_fit_ (as stored), every worker
             # fetches every block; map_scores: test blocks (as stored) and alpha out, scores back
             PREDICT: row(self.n_test * m, self.n_test * m * f, m * spx + w * m * spx
                          + self.n_test * spx + w * mc8 + self.n_test * c * 8,
                          worker=predict_worker, driver=[
                              ("the model's centers, their shards' puts", 2 * m * spx,
-                              "ConvRFM.scores: X_fit_; ShardedImages"),
+                              "ConvRFM.scores: X_fit_; ShardedBackend"),
                              ("test images as stored, their puts", 2 * self.n_test * spx,
                               "map_scores: rows"), ("alpha, its put", 2 * mc8, "map_scores: alpha"),
                              ("scores, parts and concatenation", 2 * self.n_test * c * 8,
                               "map_scores: np.concatenate(parts)")]),
         }
         return {"per_iteration": per_iter, "once": once}
-
-
-@dataclasses.dataclass(frozen=True)
-class Rates:
-    """Costs measured on one worker (one thread or one GPU).
-
-    kernel_entry_s : seconds per kernel entry at the workload's image shape
-    agop_over_kernel : AGOP seconds / kernel seconds on the same block of pairs
-    gemm_flops : float64 GEMM FLOP/s (K^T Y, the CG products, the factor's matrix products)
-    factor_flops : float64 FLOP/s of the factor's Cholesky, triangular solves, QR, eigh
-    decode_images_per_s : images a worker reads and decodes per second
-    store_bytes_per_s : bytes of kernel slabs a worker writes and reads back per second
-    worker_start_s : seconds to start a set of shard workers (processes, imports, placement)
-    network_bytes_per_s : bytes per second one transfer of a partial result moves
-    """
-
-    kernel_entry_s: float
-    agop_over_kernel: float
-    gemm_flops: float
-    factor_flops: float
-    decode_images_per_s: float
-    store_bytes_per_s: float
-    worker_start_s: float = 0.0
-    network_bytes_per_s: float = 2e9  # object store transfers (same machine: memory copies)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Rates:
-        """From ``scale.json``'s rates (earlier runs': ``cholesky_flops``)."""
-        d = dict(d)
-        if "cholesky_flops" in d:
-            d.setdefault("factor_flops", d.pop("cholesky_flops"))
-        return cls(**d)
-
-    def scaled(self, workload_from: Workload, workload_to: Workload,
-               kernel_flops_per_s: float | None = None) -> Rates:
-        """These rates for another image shape (kernel cost in proportion to its FLOPs), or,
-        with ``kernel_flops_per_s``, for a device with that effective kernel FLOP rate."""
-        if kernel_flops_per_s is None:
-            entry = self.kernel_entry_s * (workload_to.flops_per_entry()
-                                           / workload_from.flops_per_entry())
-        else:
-            entry = workload_to.flops_per_entry() / kernel_flops_per_s
-        return dataclasses.replace(self, kernel_entry_s=entry)
-
-
-def _tree_seconds(work: Workload, rates: Rates, part: float, adds: bool) -> float:
-    """A tree over the workers, level after level: each receiver takes up to ``fan_in`` parts
-    of ``part`` bytes (and, with ``adds``, sums them). Broadcasts (V to every worker) are
-    assumed to spread the same way, as nodes fetch from nodes that already hold a copy."""
-    return sum(k * part / rates.network_bytes_per_s
-               + (k * part / 8 / rates.gemm_flops if adds else 0.0)
-               for k in (min(n, REDUCE_FAN_IN) for n in tree_levels(work.workers)))
-
-
-def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float]:
-    """Wall seconds of every stage of the fit (all iterations) with ``work.workers`` workers
-    in parallel. Keys as in ``Workload.stages``, plus "total"."""
-    w, it, m, c, S = work.workers, work.iters, work.m, work.classes, work.shard
-    spx, dt, net = work.stored_pixel_bytes, work.dtype_bytes, rates.network_bytes_per_s
-    mc8 = m * c * 8
-    _, spilled = work.resident()
-    # compute, the centers' stored pixels received once, slabs written (run store, or spilled)
-    rows = S * m * rates.kernel_entry_s + m * spx / net \
-        + (S * m * dt if store else spilled) / rates.store_bytes_per_s
-    # class sums (one add per entry), the shard's labels, the tree of m x c parts
-    kty = S * m / rates.gemm_flops + S * 8 / net + _tree_seconds(work, rates, mc8, adds=True)
-    fac, gem = work.factor_flops()
-    afac, agem = work.apply_flops()
-    width = work.rank() or m
-    pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * dt / net \
-        + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops) \
-        + 4 * work.ridges * mc8 / net
-    # one CG step: every ridge's R c columns in one pass over the rows; the chained
-    # preconditioner's v and B v travel with it; the training error's c-column product last
-    Rc8 = work.ridges * mc8
-
-    def product(cols8: float) -> float:
-        return (4 * S * cols8 / 8 / rates.gemm_flops + _tree_seconds(work, rates, cols8,
-                adds=False) + _tree_seconds(work, rates, cols8, adds=True)
-                + spilled / rates.store_bytes_per_s)
-
-    cg = work.cg_steps * (product(Rc8) + 2 * Rc8 / net) + product(mc8)
-    v_rows = math.ceil(work.n_val / w)
-    refetched = work.centers_refetched() * m * spx
-    val = v_rows * m * rates.kernel_entry_s + 2 * work.ridges * v_rows * m * c \
-        / rates.gemm_flops + (work.ridges * mc8 + refetched) / net
-    agop = math.ceil(work.agop_samples / w) * m * rates.kernel_entry_s \
-        * rates.agop_over_kernel + (m * work.agop_columns() * dt + refetched) / net \
-        + _tree_seconds(work, rates, work.r**2 * 8, adds=True)
-    out = {
-        LOAD: rates.worker_start_s + S / rates.decode_images_per_s,
-        ROWS: it * rows, KTY: it * kty, PRECONDITIONER: it * pre,
-        CG: it * cg,
-        # the validation parts are read (parquet) by the workers at the first evaluation
-        VALIDATION: it * val + v_rows / rates.decode_images_per_s,
-        # the AGOP is taken after every iteration but the last
-        AGOP: (it - 1) * agop,
-        GATHER: m * spx / net,
-        # the centers put again, then fetched by every worker, and test images as stored; alpha
-        PREDICT: rates.worker_start_s + (2 * m * spx + work.n_test * spx + mc8) / net
-        + math.ceil(work.n_test / w) * m * rates.kernel_entry_s,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def calibrated(run: dict, target: Workload, fresh: Rates) -> Rates:
-    """Rates for ``target`` from a measured run (``bench scale`` JSON): the per-entry kernel
-    cost its row stage achieved (all workers busy, task overheads included) scaled to
-    ``target``'s FLOPs per entry, and the AGOP's cost relative to it; the rest from ``fresh``.
-    Runs of the earlier pipeline ("kernel K(train, centers)" with an m x m Gram) are read too;
-    K^T Y, now class sums (S m adds), was 2 S m c GEMM FLOPs: under 1 % of the stage either way."""
-    work = Workload(**run["workload"])
-    rates = Rates.from_dict(run["rates"])
-    S, m, c = work.shard, work.m, work.classes
-    store = S * m * work.dtype_bytes / rates.store_bytes_per_s
-    if ROWS in run["measured"]:
-        stage, other = run["measured"][ROWS], S * m / rates.gemm_flops  # class sums
-    else:
-        stage, other = run["measured"]["kernel K(train, centers)"], \
-            2 * S * m * (m + c) / rates.gemm_flops
-    entry = (stage / work.iters - other - store) / (S * m)
-    agop_entries = (work.iters - 1) * math.ceil(work.agop_samples / work.workers) * m
-    agop_ratio = run["measured"][AGOP] / (agop_entries * entry) if agop_entries else \
-        rates.agop_over_kernel
-    scale = target.flops_per_entry() / work.flops_per_entry()
-    return dataclasses.replace(fresh, kernel_entry_s=entry * scale, agop_over_kernel=agop_ratio)
 
 
 def peak_stages(work: Workload) -> dict[str, str]:

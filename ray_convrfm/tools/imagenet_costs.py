@@ -18,15 +18,14 @@ from ray_convrfm.tools.costmodel import (
     PER_ITERATION,
     PREDICT,
     WORKER_BASE_BYTES,
-    Rates,
     Workload,
     memory,
     memory_breakdown,
     peak_stages,
-    predict,
     storage,
     total,
 )
+from ray_convrfm.tools.costtime import Rates, predict
 
 
 @dataclasses.dataclass(frozen=True)

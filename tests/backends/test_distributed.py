@@ -3,91 +3,26 @@
 import numpy as np
 import pytest
 import torch
-from conftest import random_psd, rel_err
 
 from ray_convrfm import Options
 from ray_convrfm.backends import KernelSpec
-from ray_convrfm.kernels.agop import agop_from_sides
-from ray_convrfm.kernels.kernel import KernelParams, kernel_matrix, prepare_side
+from ray_convrfm.kernels.kernel import KernelParams
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray_convrfm.backends.driver import start_ray
+    from ray_convrfm.backends.ray_executor import start_ray
 
     start_ray(workers=2)
     yield
     ray.shutdown()
 
 
-def test_sharded_kernel_and_agop_equal_local(cluster):
-    from ray_convrfm.backends.driver import ShardedImages
-
-    rng = np.random.default_rng(0)
-    X = rng.random((23, 1, 12, 12), dtype=np.float32)
-    Z = rng.random((7, 1, 12, 12), dtype=np.float32)
-    M = random_psd(rng, 9).astype(np.float32)
-    params = {"depth": 2, "patch_size": 3, "padding": False}
-    spec = KernelSpec(KernelParams(**params))
-    with ShardedImages(X, workers=2, threads=1, block=4) as shards:
-        assert shards.bounds == [(0, 11), (11, 23)]
-        # one thread per worker in every pool, numba's launched at that size (kernels.threads)
-        for sizes in ray.get([a.threads.remote() for a in shards.actors]):
-            assert sizes == {"torch": 1, "numba": 1, "numba_launched": 1, "blas": 1}
-        K = shards.kernel(Z, M, None, spec)
-        coef = rng.standard_normal((23, 4)).astype(np.float32)
-        sample = np.array([1, 5, 12, 20])  # rows in both shards
-        # the predictor's 23 centers as 6 blocks of at most 4, fetched one at a time
-        blocks = shards.center_blocks()
-        assert blocks.sizes == (4, 4, 3, 4, 4, 4) and blocks.m == 23
-        G = shards.agop(blocks, coef, sample, M, None, spec)
-        some = np.array([0, 3, 11, 12, 22])
-        G_some = shards.agop(shards.center_blocks(some), coef[some], sample, M, None, spec)
-
-    Mt = torch.from_numpy(M)
-    xs = prepare_side(torch.from_numpy(X), Mt, KernelParams(**params))
-    zs = prepare_side(torch.from_numpy(Z), Mt, KernelParams(**params))
-    assert rel_err(K, kernel_matrix(xs, zs, "numba", 512).numpy()) < 1e-6
-
-    local = agop_from_sides(xs, torch.from_numpy(coef), xs.take(sample), Mt, engine="numba")
-    assert rel_err(G, local.numpy()) < 1e-5
-    some_local = agop_from_sides(xs.take(some), torch.from_numpy(coef[some]), xs.take(sample),
-                                 Mt, engine="numba")
-    assert rel_err(G_some, some_local.numpy()) < 1e-5
-
-
-def test_workers_featurise_their_shards_and_reduce_by_a_tree(cluster):
-    """Deep ConvRFM's feature map runs on the workers, a chunk at a time (nothing featurised
-    is kept); their images, fingerprints and sums match the local ones."""
-    from ray_convrfm.backends.driver import ShardedImages
-    from ray_convrfm.backends.store import rows_fingerprint
-    from ray_convrfm.kernels.patches import featurise, patch_gram
-
-    rng = np.random.default_rng(1)
-    X = rng.random((37, 1, 10, 10), dtype=np.float32)
-    filters = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
-    local = featurise(torch.from_numpy(X), torch.from_numpy(filters), False)
-    with ShardedImages(X, workers=2, threads=1, block=8, align=True) as shards:
-        assert shards.bounds == [(0, 16), (16, 37)]  # block-aligned for the store
-        assert shards.fingerprint("float32") == rows_fingerprint(X, 8)
-        shards.featurise(filters, padding=False)
-        assert shards.row_shape == (4, 8, 8)
-        np.testing.assert_allclose(shards.gather(None, "float32"), local.numpy(), rtol=1e-6)
-        np.testing.assert_allclose(shards.gather(np.array([3, 20, 36]), "float32"),
-                                   local.numpy()[[3, 20, 36]], rtol=1e-6)
-        assert shards.fingerprint("float32") == rows_fingerprint(shards.gather(None, "float32"),
-                                                                 8)
-        np.testing.assert_allclose(shards.patch_gram(3, False, "float32", 1),
-                                   patch_gram(local, 3, False).numpy(), rtol=1e-9)
-        parts = [ray.put(np.full(3, float(k))) for k in range(11)]
-        np.testing.assert_array_equal(shards.reduce(parts, fan_in=2), np.full(3, 55.0))
-
-
 def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
     from ray_convrfm import ConvRFM
-    from ray_convrfm.backends.driver import PlacementTimeoutError
+    from ray_convrfm.backends.ray_executor import PlacementTimeoutError
 
     X = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
     y = np.arange(20) % 2
@@ -95,7 +30,7 @@ def test_workers_the_cluster_cannot_place_time_out_clearly(cluster):
                     options=Options.of(workers=2, gpus_per_worker=1, placement_timeout_s=1))
     with pytest.raises(PlacementTimeoutError, match="2 workers of .*'GPU': 1.0.*in all"):
         model.fit(X, y)  # the embedded Ray cannot grow: refused at once
-    from ray_convrfm.backends.driver import reserve_workers
+    from ray_convrfm.backends.ray_executor import reserve_workers
 
     with pytest.raises(PlacementTimeoutError, match="gave up after 1 s waiting for 3 workers"):
         reserve_workers(3, {"CPU": 1.0}, timeout_s=1, poll_s=0.5, elastic=True)  # autoscaler
@@ -120,6 +55,46 @@ def test_convrfm_with_two_workers_equals_in_process(cluster):
     np.testing.assert_array_equal(remote.predict(Xt), local.predict(Xt))
 
 
+def test_a_fitted_model_keeps_its_workers_for_every_prediction(cluster, tmp_path):
+    """fit, then predict / decision_function / score three times: the fit's actors, started
+    once, reloaded with the model's centers; close() releases them and a later prediction
+    opens new ones, once."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt, yt = ds.X_train[:100], ds.y_train[:100], ds.X_test[:40], ds.y_test[:40]
+    model = ConvRFM(depth=2, iters=1, random_state=1, options=Options.of(workers=2)).fit(X, y)
+    ex = model._backend.ex
+    actors = [a._actor_id.hex() for a in ex.actors]
+    assert len(actors) == 2 and sum(b - a for a, b in ex.bounds) == len(model.X_fit_)
+    first = model.decision_function(Xt)
+    for _ in range(3):
+        np.testing.assert_array_equal(model.decision_function(Xt), first)
+    assert model.score(Xt, yt) == np.mean(model.predict(Xt) == yt)
+    assert model._backend.ex is ex and ex.starts == 1
+    assert [a._actor_id.hex() for a in ex.actors] == actors
+    with model:
+        pass  # leaving the block releases the workers
+    assert model._backend is None and ex.actors == [] and ex.pg is None
+    np.testing.assert_array_equal(model.decision_function(Xt), first)  # new workers, once
+    again = model._backend.ex
+    assert again is not ex and again.starts == 1
+    # a second fit beside the kept workers: they make room when the cluster lacks the CPUs
+    cpus = ray.cluster_resources().get("CPU", 0)
+    other = ConvRFM(depth=2, iters=1, random_state=2, options=Options.of(workers=2)).fit(X, y)
+    if cpus < 4:
+        assert again.closed and not other._backend.ex.closed
+    np.testing.assert_array_equal(model.decision_function(Xt), first)  # reopened if released
+    other.close()
+    model.close()
+    loaded = ConvRFM.load(model.save(tmp_path / "model"))
+    assert loaded._backend is None  # opened on the first prediction
+    loaded.set_params(options=Options.of(workers=2))
+    np.testing.assert_allclose(loaded.decision_function(Xt), first, rtol=1e-6)
+    loaded.close()
+
+
 def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
     from ray_convrfm import ConvRFM, DeepConvRFM
     from ray_convrfm.data.datasets import load_digits
@@ -135,35 +110,17 @@ def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
                                rtol=1e-3, atol=1e-4)
 
 
-def test_uint8_shards_give_the_float32_kernel_and_fit(cluster):
-    """8-bit pixels rest on the workers as uint8 and are converted a prepared chunk at a time
-    (a 1 MB budget prepares two 3 x 16 x 16 images at once): the kernel rows equal those of
-    float32 shards of the same pixels bit for bit, and the fit (sketched AGOP on the workers
-    included) equals an in-process fit on the float32 images."""
+def test_uint8_shards_give_the_float32_fit(cluster):
+    """8-bit pixels rest on the workers as uint8 (a 1 MB budget: two 3 x 16 x 16 images
+    prepared at once): the fit (sketched AGOP on the workers included) equals an in-process
+    fit on the float32 images."""
     from ray_convrfm import ConvRFM
-    from ray_convrfm.backends.chunks import prepared_chunk
-    from ray_convrfm.backends.driver import ShardedImages
-    from ray_convrfm.backends.protocol import Targets
 
     rng = np.random.default_rng(0)
     U = rng.integers(0, 256, (48, 3, 16, 16), dtype=np.uint8)
     U[:24, :, 4:12, 4:12] //= 4  # a class signal: darker centres
     y = (np.arange(48) < 24).astype(int) + 2 * (np.arange(48) % 2)
     F = U.astype(np.float32) / np.float32(255)
-    spec = KernelSpec(KernelParams(2, 3, False), memory_budget_mb=1)
-    assert prepared_chunk((3, 16, 16), spec, None) == 2
-    M = np.eye(27, dtype=np.float32)
-    centers = np.arange(0, 48, 5)
-    targets = Targets(y, 4)
-    out = []
-    for X in (U, F):
-        with ShardedImages(X, workers=2, threads=1, block=8) as shards:
-            assert ray.get(shards.actors[0].pixels.remote()).dtype == X.dtype
-            KtK, KtY, parts, kmax, _ = shards.nystrom(centers, targets, M, None, spec)
-            out.append((KtK, KtY, shards.collect(parts), kmax))
-    for a, b in zip(*out, strict=True):
-        np.testing.assert_array_equal(a, b)
-
     kw = dict(depth=2, iters=2, agop_samples=12, random_state=1, solver="nystrom",
               centers=20, agop_classes=2)
     local = ConvRFM(**kw).fit(F, y)
@@ -304,20 +261,25 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
     import threading
     import time
 
-    from ray_convrfm.backends.driver import ShardedImages
+    from conftest import sharded
+
+    from ray_convrfm.backends.ray_executor import RayExecutor
 
     rng = np.random.default_rng(7)
-    M = np.eye(9, dtype=np.float32)
     spec = KernelSpec(KernelParams(depth=3, patch_size=3, padding=False))
     landed = False
     for n in (500, 800, 1200):  # larger problems if the kill came too late on a busy machine
         X = rng.random((n, 1, 28, 28), dtype=np.float32)
-        with ShardedImages(X, workers=2, threads=1) as shards:
-            shards.kernel(X[:4], M, None, spec)  # warm-up: workers load the compiled kernel
+        ex = RayExecutor(X, 2, threads=1)
+        try:
+            backend = sharded(ex, X, block=256, align=False)
+            backend.configure(spec, None)
+            backend.set_metric(torch.eye(9), None)
+            backend.train_kernel()  # warm-up: workers load the compiled kernel
             t0 = time.perf_counter()
-            expected = shards.kernel(X, M, None, spec)
+            expected = backend.train_kernel()
             seconds = time.perf_counter() - t0
-            victim = ray.get(shards.actors[1].pid.remote())
+            victim = ray.get(ex.actors[1].pid.remote())
             killed_at = []
 
             def kill_midway(victim=victim, seconds=seconds, killed_at=killed_at):
@@ -327,11 +289,13 @@ def test_killing_a_worker_mid_kernel_gives_the_same_result(cluster, tmp_path):
 
             killer = threading.Thread(target=kill_midway)
             killer.start()
-            again = shards.kernel(X, M, None, spec)
+            again = backend.train_kernel()
             finished_at = time.perf_counter()
             killer.join()
-            assert ray.get(shards.actors[1].pid.remote()) != victim  # a new process took over
-            np.testing.assert_array_equal(again, expected)
+            assert ray.get(ex.actors[1].pid.remote()) != victim  # a new process took over
+            torch.testing.assert_close(again, expected, rtol=0, atol=0)
+        finally:
+            ex.close()
         if killed_at[0] < finished_at:
             landed = True
             break

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from ray_convrfm.backends import KernelSpec
-from ray_convrfm.backends import workers as workers_module
+from ray_convrfm.backends.protocol import LayerState
 from ray_convrfm.backends.workers import ShardWorker
+from ray_convrfm.backends.workers import shard as workers_module
 from ray_convrfm.kernels.kernel import KernelParams
 
 CUDA = torch.device("cuda")  # only its type is read: no GPU is needed
@@ -40,13 +41,17 @@ def test_a_worker_computes_with_the_engine_of_its_own_device(monkeypatch):
     device, where it once forced the eager torch engine."""
     seen = []
     monkeypatch.setattr(workers_module, "kernel_matrix",
-                        lambda xs, zs, engine, budget: seen.append(engine))
+                        lambda xs, zs, engine, budget, symmetric: seen.append(engine))
     worker = ShardWorker(np.zeros((2, 1, 6, 6), np.float32), 0)
-    worker._kernel(None, None, SPEC)
+
+    def layer(spec):
+        return LayerState("k", spec, np.eye(9, dtype=np.float32))
+
+    worker._kernel(None, None, layer(SPEC))
     worker.device = CUDA
-    worker._kernel(None, None, SPEC)
-    worker._kernel(None, None, KernelSpec(SPEC.params, engine="torch"))
+    worker._kernel(None, None, layer(SPEC))
+    worker._kernel(None, None, layer(KernelSpec(SPEC.params, engine="torch")))
     expected = "triton" if importlib.util.find_spec("triton") else "torch"
     assert seen == ["numba", expected, "torch"]
     with pytest.raises(ValueError, match="runs on the CPU only"):
-        worker._kernel(None, None, KernelSpec(SPEC.params, engine="numba"))
+        worker._kernel(None, None, layer(KernelSpec(SPEC.params, engine="numba")))

@@ -37,8 +37,9 @@ def test_chunked_preparation_and_no_one_hot_targets_change_nothing(monkeypatch):
     """The Nystrom rows, validation scores and AGOP prepared one image at a time (a tiny
     ``PREPARED_SHARE``, no center cache) give the model prepared in whole blocks; and the
     Nystrom solvers never form the n x c one-hot targets (only the exact solver may)."""
-    from ray_convrfm.backends import chunks, workers
+    from ray_convrfm.backends import chunks
     from ray_convrfm.backends.protocol import Targets
+    from ray_convrfm.backends.workers import shard
 
     ds = load_digits()
     X, y, Xt = ds.X_train[:200], ds.y_train[:200], ds.X_test[:30]
@@ -51,7 +52,7 @@ def test_chunked_preparation_and_no_one_hot_targets_change_nothing(monkeypatch):
 
     monkeypatch.setattr(Targets, "one_hot", refuse)
     monkeypatch.setattr(chunks, "PREPARED_SHARE", 1e-12)
-    monkeypatch.setattr(workers, "CENTER_CACHE_SHARE", 0.0)
+    monkeypatch.setattr(shard, "CENTER_CACHE_SHARE", 0.0)
     spec = KernelSpec(KernelParams(2, 3, False))
     assert chunks.prepared_chunk((1, 8, 8), spec, None) == 1
     for solver in ("nystrom", "nystrom-direct"):

@@ -125,7 +125,7 @@ def test_damaged_nystrom_blocks_are_recomputed_in_process(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def cluster():
     ray = pytest.importorskip("ray")
-    from ray_convrfm.backends.driver import start_ray
+    from ray_convrfm.backends.ray_executor import start_ray
 
     start_ray(workers=2)
     yield
@@ -156,11 +156,13 @@ def test_damage_read_by_ray_workers_is_recomputed(cluster, tmp_path, caplog):
     np.testing.assert_array_equal(again.decision_function(Xt), first.decision_function(Xt))
 
 
-def test_damage_read_by_the_driver_is_recomputed_by_the_workers(cluster, tmp_path, caplog):
-    """The exact solver's kernel, written by two workers and read whole by the driver: a
+def test_damage_read_by_the_driver_is_recomputed_by_the_workers(executor, tmp_path, caplog):
+    """The exact solver's kernel, written by the workers and read whole by the driver: a
     deleted and a swapped-in chunk are found there, and the owning workers recompute them."""
+    import torch
+    from conftest import sharded
+
     from ray_convrfm.backends import KernelSpec
-    from ray_convrfm.backends.driver import ShardedImages
     from ray_convrfm.backends.store import StoreSpec, fingerprint, rows_fingerprint
     from ray_convrfm.kernels.kernel import KernelParams
 
@@ -171,17 +173,21 @@ def test_damage_read_by_the_driver_is_recomputed_by_the_workers(cluster, tmp_pat
     store_spec = StoreSpec(fp, fp, fingerprint(M), 2, 3, False, "float32", 64)
     other = StoreSpec(fp, fp, fingerprint(2 * M), 2, 3, False, "float32", 64)
     url, url2 = str(tmp_path / "K"), str(tmp_path / "K2")
-    with ShardedImages(X, workers=2, threads=1, block=64, align=True) as shards:
-        K, computed = shards.kernel_via_store(shards.parts(), 200, M, None, spec, url,
-                                              store_spec, "K")
-        assert computed == 16
-        shards.kernel_via_store(shards.parts(), 200, 2 * M, None, spec, url2, other, "K")
-        (tmp_path / "K" / "K" / "c" / "3" / "1").unlink()  # the second worker's rows
-        shutil.copyfile(tmp_path / "K2" / "K" / "c" / "0" / "2",
-                        tmp_path / "K" / "K" / "c" / "0" / "2")  # another kernel's chunk
-        caplog.set_level(logging.WARNING)
-        again, computed = shards.kernel_via_store(shards.parts(), 200, M, None, spec, url,
-                                                  store_spec, "K")
+    backend = sharded(executor(X, workers=2, block=64, align=True), X, block=64)
+    backend.configure(spec, None)
+
+    def stored(M, url, store_spec):
+        backend.set_metric(torch.from_numpy(M), None)
+        return backend.kernel_via_store(backend.parts(), url, store_spec, "K")
+
+    K, computed = stored(M, url, store_spec)
+    assert computed == 16
+    stored(2 * M, url2, other)
+    (tmp_path / "K" / "K" / "c" / "3" / "1").unlink()  # rows of the second (Ray) worker
+    shutil.copyfile(tmp_path / "K2" / "K" / "c" / "0" / "2",
+                    tmp_path / "K" / "K" / "c" / "0" / "2")  # another kernel's chunk
+    caplog.set_level(logging.WARNING)
+    again, computed = stored(M, url, store_spec)
     assert computed == 2
     np.testing.assert_array_equal(again, K)
     assert _warned(caplog, Path(url), (3, 1), "is missing its chunk"), caplog.text

@@ -29,6 +29,8 @@ from ray_convrfm.kernels.kernel import (  # noqa: E402
 from ray_convrfm.kernels.triton_engine import (  # noqa: E402
     kernel_block_adjoint_triton,
     kernel_block_triton,
+)
+from ray_convrfm.kernels.triton_plan import (  # noqa: E402
     plan_launch,
     position_tile,
     tuned_config,

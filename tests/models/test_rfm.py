@@ -8,8 +8,8 @@ from sklearn.exceptions import NotFittedError
 
 from ray_convrfm import ConvRFM, DeepConvRFM, Options, fit_rfm
 from ray_convrfm.backends import KernelBackend, KernelSpec
-from ray_convrfm.backends.distributed import RayBackend
-from ray_convrfm.backends.local import LocalBackend
+from ray_convrfm.backends.executor import Executor, InProcessExecutor
+from ray_convrfm.backends.sharded import ShardedBackend
 from ray_convrfm.data.datasets import load_digits
 from ray_convrfm.kernels import KernelParams
 from ray_convrfm.models.rfm import Labelled, RFMParams
@@ -21,17 +21,22 @@ def digits():
     return ds.X_train[:150], ds.y_train[:150], ds.X_train[150:190], ds.y_train[150:190]
 
 
-def test_both_backends_implement_the_protocol():
-    local = LocalBackend(torch.zeros(3, 1, 8, 8))
-    assert isinstance(local, KernelBackend)
-    members = {name for name in dir(KernelBackend) if not name.startswith("_")}
-    assert members <= set(dir(RayBackend)), members - set(dir(RayBackend))
+def test_the_backend_and_both_executors_implement_their_protocols():
+    ex = InProcessExecutor(np.zeros((3, 1, 8, 8), np.float32))
+    assert isinstance(ex, Executor)
+    assert isinstance(ShardedBackend(ex, torch.device("cpu"), 3, (1, 8, 8)), KernelBackend)
+    pytest.importorskip("ray")
+    from ray_convrfm.backends.ray_executor import RayExecutor
+
+    members = {name for name in dir(Executor) if not name.startswith("_")}
+    assert members <= set(dir(RayExecutor)) | {"bounds", "starts"}, \
+        members - set(dir(RayExecutor))
 
 
 def test_fit_rfm_is_what_the_estimator_runs(digits):
     X, y, Xv, yv = digits
     params = RFMParams(kernel=KernelParams(depth=2), iters=2, agop_samples=20)
-    backend = LocalBackend(torch.from_numpy(X))
+    backend = ShardedBackend(InProcessExecutor(X), torch.device("cpu"), len(X), X.shape[1:])
     backend.configure(KernelSpec(params.kernel), None)
     result = fit_rfm(backend, y, 10, Labelled(torch.from_numpy(Xv), yv), params,
                      np.random.default_rng(3))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ray_convrfm.tools import costmodel, imagenet_costs
+from ray_convrfm.tools import costmodel, costtime, imagenet_costs
 from ray_convrfm.tools.costmodel import (
     AGOP,
     CG,
@@ -23,16 +23,15 @@ from ray_convrfm.tools.costmodel import (
     ROWS,
     VALIDATION,
     WORKER_BASE_BYTES,
-    Rates,
     Workload,
     memory,
     memory_breakdown,
     peak_stages,
-    predict,
     storage,
     total,
     tree_levels,
 )
+from ray_convrfm.tools.costtime import Rates, predict
 from ray_convrfm.tools.imagenet_costs import (
     breakdown_table,
     imagenet_memory_table,
@@ -145,16 +144,6 @@ def test_prepared_chunks_and_sides_are_the_workers():
                                                        spec.memory_budget_mb)
 
 
-def test_mirrored_constants_are_the_workers():
-    from ray_convrfm.backends import chunks, workers
-    from ray_convrfm.kernels import agop
-
-    assert costmodel.CENTER_CACHE_SHARE == workers.CENTER_CACHE_SHARE
-    assert costmodel.MATVEC_ROWS == workers.MATVEC_ROWS
-    assert costmodel.PREPARED_SHARE == chunks.PREPARED_SHARE
-    assert costmodel.AUTO_SKETCH_CLASSES == agop.AUTO_SKETCH_CLASSES
-
-
 def test_preconditioner_factor_memory_and_flops():
     m, q, c = 4000, 500, BASE.classes
     full = dataclasses.replace(BASE, m=m)
@@ -248,14 +237,14 @@ def test_calibrated_recovers_the_entry_cost_of_new_and_old_runs():
     scale = target.flops_per_entry() / BASE.flops_per_entry()
     for measured, rates in ((new, dataclasses.asdict(RATES)), (old, old_rates)):
         run = {"workload": dataclasses.asdict(BASE), "rates": rates, "measured": measured}
-        got = costmodel.calibrated(run, target, RATES)
+        got = costtime.calibrated(run, target, RATES)
         assert got.kernel_entry_s == pytest.approx(entry * scale)
         assert got.agop_over_kernel == pytest.approx(2.5)
 
 
 def test_bench_scale_table_reads_the_stage_names():
     """``ray-convrfm bench scale`` prints measured next to predicted seconds by stage name."""
-    from ray_convrfm.tools.cli import _scale_table
+    from ray_convrfm.tools.cli_bench import _scale_table
 
     predicted = predict(BASE, RATES)
     r = {"workload": dataclasses.asdict(BASE), "predicted": predicted,
