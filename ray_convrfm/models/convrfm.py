@@ -40,6 +40,9 @@ from ray_convrfm.options import ComputeOptions, Options, as_options
 
 __all__ = ["FORMAT_VERSION", "ConvRFM"]
 
+#: The defaults of every per-layer learning parameter (declared once, in ``RFMParams``).
+_D = RFMParams()
+
 #: What ``save`` writes into ``config.json`` besides the format version, type and digest.
 _CONFIG_KEYS = {"params", "classes", "classes_dtype", "ridge", "kernel_scale", "best_iter",
                 "image_shape", "history", "center_indices"}
@@ -112,12 +115,14 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
     True
     """
 
-    def __init__(self, depth: int = 3, patch_size: int = 3, padding: bool = False,
-                 iters: int = 10, ridges: tuple[float, ...] = (1e-8, 1e-5, 1e-3),
-                 agop_samples: int = 256, agop_power: float = 1.0, metric_floor: float = 0.0,
-                 val_fraction: float = 0.1,
-                 patch_basis: str = "auto", solver: str = "exact", centers: int | None = None,
-                 patience: int | None = 2, agop_classes: str | int = "auto",
+    # the defaults are declared once, in RFMParams (and KernelParams); the CLI takes them here
+    def __init__(self, depth: int = _D.kernel.depth, patch_size: int = _D.kernel.patch_size,
+                 padding: bool = _D.kernel.padding, iters: int = _D.iters,
+                 ridges: tuple[float, ...] = _D.ridges, agop_samples: int = _D.agop_samples,
+                 agop_power: float = _D.agop_power, metric_floor: float = _D.metric_floor,
+                 val_fraction: float = 0.1, patch_basis: str = _D.patch_basis,
+                 solver: str = _D.solver, centers: int | None = _D.centers,
+                 patience: int | None = _D.patience, agop_classes: str | int = _D.agop_classes,
                  random_state: int | None = 0, options: Options | None = None):
         self.depth = depth
         self.patch_size = patch_size

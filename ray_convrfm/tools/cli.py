@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_convrfm.options import DEFAULT_MEMORY_BUDGET_MB, ENGINES, SOLVERS
+from ray_convrfm.options import ENGINES, SOLVERS
 from ray_convrfm.tools.cli_bench import add_bench_parser, cmd_bench
 from ray_convrfm.tools.outputs import (
     CNFA_RESULTS,
@@ -45,6 +45,12 @@ def _ridges(text: str) -> tuple[float, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line; every default a flag shares with the Python API is taken from there
+    (the estimator's parameters, ``ComputeOptions``, ``ClusterOptions``), never declared again."""
+    from ray_convrfm.models.convrfm import ConvRFM
+    from ray_convrfm.options import ClusterOptions, ComputeOptions
+
+    est, compute, cluster = ConvRFM().get_params(), ComputeOptions(), ClusterOptions()
     p = argparse.ArgumentParser(prog="ray-convrfm", description=__doc__)
     p.add_argument("--debug", action="store_true",
                    help="on an error, show the Python traceback, not only the message")
@@ -75,48 +81,48 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--depth", type=int, default=None,
                    help="kernel depth (default 3; 2 for images under 10 pixels); with --layers, "
                         "the total number of convolutions (layer l has depth - l)")
-    f.add_argument("--patch-size", type=int, default=3)
+    f.add_argument("--patch-size", type=int, default=est["patch_size"])
     f.add_argument("--layers", type=int, default=1,
                    help="ConvRFM layers; more than 1 fits a Deep ConvRFM (docs/math.md section 6)")
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--filter-power", type=float, default=None,
                    help="Deep ConvRFM: filter banks W = G M^p (default: DeepConvRFM's)")
     f.add_argument("--padding", action="store_true")
-    f.add_argument("--iters", type=int, default=10,
+    f.add_argument("--iters", type=int, default=est["iters"],
                    help="the most iterations (kernels fitted); --patience stops earlier")
-    f.add_argument("--ridges", type=_ridges, default=(1e-8, 1e-5, 1e-3))
-    f.add_argument("--agop-samples", type=int, default=256)
-    f.add_argument("--agop-power", type=float, default=1.0)
-    f.add_argument("--metric-floor", type=float, default=0.0,
+    f.add_argument("--ridges", type=_ridges, default=est["ridges"])
+    f.add_argument("--agop-samples", type=int, default=est["agop_samples"])
+    f.add_argument("--agop-power", type=float, default=est["agop_power"])
+    f.add_argument("--metric-floor", type=float, default=est["metric_floor"],
                    help="raise M's eigenvalues to at least this share of the largest (0: none)")
-    f.add_argument("--agop-classes", type=_agop_classes, default="auto",
+    f.add_argument("--agop-classes", type=_agop_classes, default=est["agop_classes"],
                    help="auto (exact up to 64 classes, a 64-column sketch beyond), all, or k "
                         "class combinations for the AGOP")
-    f.add_argument("--val-fraction", type=float, default=0.1)
-    f.add_argument("--device", default="auto")
+    f.add_argument("--val-fraction", type=float, default=est["val_fraction"])
+    f.add_argument("--device", default=compute.device)
     f.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="working precision (default: the data's own; images are float32)")
-    f.add_argument("--engine", default="auto", choices=ENGINES)
-    f.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB)
+    f.add_argument("--engine", default=compute.engine, choices=ENGINES)
+    f.add_argument("--memory-budget-mb", type=int, default=compute.memory_budget_mb)
     f.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch and numba in this process (default: every "
                         "available CPU; numpy's BLAS keeps one); Ray workers use one each")
-    f.add_argument("--workers", type=int, default=0,
+    f.add_argument("--workers", type=int, default=cluster.workers,
                    help="Ray shard workers (0: compute in this process)")
     f.add_argument("--address", default=None,
                    help="Ray cluster to join (auto, ray://...); default: an embedded local Ray")
     f.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else 0)")
-    f.add_argument("--placement-timeout", type=float, default=600,
+    f.add_argument("--placement-timeout", type=float, default=cluster.placement_timeout_s,
                    help="seconds to wait for the cluster to provide the workers (0: forever)")
     f.add_argument("--store", default=None,
                    help="zarr store (path or fsspec URL such as s3://...) for kernel blocks; "
                         "with --workers the default is OUT/kernels.zarr; a rerun computes only "
                         "missing blocks ('none': no store)")
-    f.add_argument("--solver", default="exact", choices=SOLVERS,
+    f.add_argument("--solver", default=est["solver"], choices=SOLVERS,
                    help="exact (n x n Cholesky), nystrom (preconditioned CG over resident "
                         "kernel rows) or nystrom-direct (m x m normal equations)")
-    f.add_argument("--patience", type=int, default=2,
+    f.add_argument("--patience", type=int, default=est["patience"],
                    help="stop after this many iterations without a better validation score "
                         "(0: run all --iters)")
     f.add_argument("--centers", type=int, default=None,
@@ -128,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--preconditioner-rank", type=int, default=None,
                    help="--solver nystrom: a rank-q preconditioner (m x q numbers on one "
                         "worker) instead of the m x m factor")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=est["random_state"])
     f.add_argument("--out", default=None,
                    help="output directory or URL (s3://..., uploaded at the end; default "
                         "runs/<dataset>); one holding an earlier run's results is refused "

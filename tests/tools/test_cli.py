@@ -258,3 +258,22 @@ def test_convert_overwrite_keeps_files_it_did_not_write_and_refuses_links(tmp_pa
     assert "link.png is a symbolic link to" in err and "--follow-symlinks" in err
     assert main([*convert, "--follow-symlinks"]) == 0
     assert len(load_parquet(tmp_path / "folder").y_train) == 5
+
+
+def test_the_flags_defaults_are_the_python_apis():
+    """Declared once: ``fit``'s defaults are the estimator's parameters and the options'."""
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.options import ClusterOptions, ComputeOptions
+    from ray_convrfm.tools.cli import _parser
+
+    args = _parser().parse_args(["fit"])
+    est, compute, cluster = ConvRFM().get_params(), ComputeOptions(), ClusterOptions()
+    for flag, param in [("patch_size", "patch_size"), ("iters", "iters"), ("ridges", "ridges"),
+                        ("agop_samples", "agop_samples"), ("agop_power", "agop_power"),
+                        ("metric_floor", "metric_floor"), ("agop_classes", "agop_classes"),
+                        ("val_fraction", "val_fraction"), ("solver", "solver"),
+                        ("patience", "patience"), ("seed", "random_state")]:
+        assert getattr(args, flag) == est[param], flag
+    assert (args.device, args.engine, args.memory_budget_mb) == \
+        (compute.device, compute.engine, compute.memory_budget_mb)
+    assert (args.workers, args.placement_timeout) == (cluster.workers, cluster.placement_timeout_s)
