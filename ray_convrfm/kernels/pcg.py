@@ -278,26 +278,3 @@ def preconditioned_cg(hessian: Callable[[torch.Tensor], torch.Tensor], rhs: torc
     result = conjugate_gradient(step or h, pre.apply_t(rhs.to(torch.float64)), tol=tol,
                                 max_iter=max_iter)
     return dataclasses.replace(result, x=pre.apply(result.x))
-
-
-def solve_nystrom_pcg(gram_matvec: Callable[[torch.Tensor], torch.Tensor], K_mm: torch.Tensor,
-                      KtY: torch.Tensor, ridge: float, n: int, tol: float = 1e-8,
-                      max_iter: int = 500, rank: int | None = None) -> CGResult:
-    """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y by preconditioned CG, with
-    every matrix in this process (the backends run ``preconditioned_cg`` with their own
-    products and factors).
-
-    ``gram_matvec(V)`` returns K_nm^T (K_nm V) for an (m, c) float64 V; ``rank`` q < m uses
-    the rank-q spectral preconditioner instead of Falkon's.
-    """
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0; found {ridge}")
-    K_mm = K_mm.to(torch.float64)
-    cols = preconditioner_columns(len(K_mm), rank)
-    factor = factor_centers(K_mm if cols is None else K_mm[:, torch.as_tensor(cols)], cols)
-    result = preconditioned_cg(lambda u: gram_matvec(u) + ridge * (K_mm @ u), KtY,
-                               factor.for_ridge(ridge, n), tol, max_iter)
-    if not torch.isfinite(result.x).all():
-        raise SingularKernelError(f"ridge={ridge:g} gives non-finite coefficients; use a "
-                                  "larger ridge")
-    return result

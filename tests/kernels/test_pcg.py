@@ -1,5 +1,7 @@
 """Falkon-preconditioned CG (docs/math.md 9a) against the direct Nystrom solve."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -7,13 +9,15 @@ import torch
 from ray_convrfm.data.datasets import load_digits
 from ray_convrfm.kernels import conv_ntk
 from ray_convrfm.kernels.pcg import (
+    CGResult,
     FalkonPreconditioner,
     SpectralFactor,
     conjugate_gradient,
+    factor_centers,
+    preconditioned_cg,
     preconditioner_columns,
-    solve_nystrom_pcg,
 )
-from ray_convrfm.kernels.solvers import normal_equations, solve_nystrom
+from ray_convrfm.kernels.solvers import SingularKernelError, normal_equations, solve_nystrom
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,29 @@ def test_pcg_equals_the_direct_solve(problem, ridge):
     assert res.converged and len(calls) == res.iterations
     assert float((res.x - direct).norm() / direct.norm()) < 1e-4
     assert torch.equal(res.x.argmax(1), direct.argmax(1))
+
+
+def solve_nystrom_pcg(gram_matvec: Callable[[torch.Tensor], torch.Tensor], K_mm: torch.Tensor,
+                      KtY: torch.Tensor, ridge: float, n: int, tol: float = 1e-8,
+                      max_iter: int = 500, rank: int | None = None) -> CGResult:
+    """alpha (m, c) of (K_nm^T K_nm + ridge K_mm) alpha = K_nm^T Y by preconditioned CG, with
+    every matrix in this process: what the backends run with their own products and factors
+    (``preconditioned_cg``), for these tests.
+
+    ``gram_matvec(V)`` returns K_nm^T (K_nm V) for an (m, c) float64 V; ``rank`` q < m uses
+    the rank-q spectral preconditioner instead of Falkon's.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0; found {ridge}")
+    K_mm = K_mm.to(torch.float64)
+    cols = preconditioner_columns(len(K_mm), rank)
+    factor = factor_centers(K_mm if cols is None else K_mm[:, torch.as_tensor(cols)], cols)
+    result = preconditioned_cg(lambda u: gram_matvec(u) + ridge * (K_mm @ u), KtY,
+                               factor.for_ridge(ridge, n), tol, max_iter)
+    if not torch.isfinite(result.x).all():
+        raise SingularKernelError(f"ridge={ridge:g} gives non-finite coefficients; use a "
+                                  "larger ridge")
+    return result
 
 
 def test_the_preconditioner_is_what_makes_it_fast(problem):
