@@ -7,26 +7,21 @@ which implements ``protocol.KernelBackend``. Both executors run the same worker 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ray_convrfm.backends.protocol import KernelBackend, KernelSpec
 from ray_convrfm.backends.sharded import ShardedBackend
-from ray_convrfm.data.parquet import ParquetRows
+from ray_convrfm.data.rows import ImageRows, image_rows
 from ray_convrfm.kernels.threads import configure_threads
 from ray_convrfm.options import Options
 
 __all__ = ["KernelBackend", "KernelSpec", "ShardedBackend", "open_backend", "open_executor"]
 
 
-def open_executor(X, options: Options, device: torch.device):
-    """Shard workers holding images ``X`` (an array or tensor as stored, or parquet rows that
-    Ray workers read themselves): in process without ``cluster.workers``, else Ray actors
+def open_executor(X: ImageRows, options: Options, device: torch.device):
+    """Shard workers holding images ``X`` (rows as stored: in memory, or parquet rows that Ray
+    workers read themselves): in process without ``cluster.workers``, else Ray actors
     (block-aligned shards when there is a kernel store)."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    elif not isinstance(X, ParquetRows):
-        X = np.asarray(X)
     cluster = options.cluster
     if not cluster.workers:
         from ray_convrfm.backends.executor import InProcessExecutor
@@ -48,8 +43,8 @@ def open_backend(X, options: Options, device: torch.device) -> ShardedBackend:
     """The backend over shard workers holding training images ``X``; this process's thread
     pools are sized here, once (``kernels.threads``), for the work in process and the driver's."""
     configure_threads(options.compute.threads)
-    shape = X.row_shape if isinstance(X, ParquetRows) else tuple(X.shape[1:])
+    X = image_rows(X)
     ex = open_executor(X, options, device)
-    return ShardedBackend(ex, device, len(X), shape, block=options.store.block,
+    return ShardedBackend(ex, device, len(X), X.row_shape, block=options.store.block,
                           align=not options.cluster.workers or bool(options.store.url),
                           solve=options.solve, progress=options.verbose)

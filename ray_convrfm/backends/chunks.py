@@ -40,15 +40,16 @@ class Pending:
 
 
 def resolve(part):
-    """The value a task was given: an array as is, an in-process ``Pending`` run, parquet rows
-    read (``data.parquet.ParquetRows``, read where they are used) or a Ray object ref fetched."""
-    from ray_convrfm.data.parquet import ParquetRows
+    """The value a task was given: an array as is, an in-process ``Pending`` run, image rows
+    loaded (``data.rows.ImageRows``: parquet rows are read where they are used) or a Ray object
+    ref fetched."""
+    from ray_convrfm.data.rows import ImageRows
 
     if isinstance(part, np.ndarray | torch.Tensor | list | tuple) or part is None:
         return part
     if isinstance(part, Pending):
         return part.value()
-    if isinstance(part, ParquetRows):
+    if isinstance(part, ImageRows):
         return part.load()
     import ray
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from ray_convrfm.backends.chunks import Pending
 from ray_convrfm.backends.workers import ShardWorker
+from ray_convrfm.data.rows import image_rows
 from ray_convrfm.progress import Bar, progress_bar
 
 
@@ -88,7 +89,7 @@ class InProcessExecutor:
     is first needed (``chunks.Pending``), so a stage's progress bar sees its work."""
 
     def __init__(self, images, gpus: float = 0, progress: bool = False, block: int = 256):
-        self.worker = ShardWorker(images, 0, gpus=gpus)
+        self.worker = ShardWorker(image_rows(images), 0, gpus=gpus)
         self.bounds = [(0, self.worker.size())]
         self.progress, self.block, self.starts = progress, block, 1
 
@@ -123,7 +124,7 @@ class InProcessExecutor:
         return [Pending(lambda: self.worker.add(*map(_value, futures)))]
 
     def reload(self, images) -> None:
-        self.bounds = [(0, self.worker.load(images))]
+        self.bounds = [(0, self.worker.load(image_rows(images)))]
 
     def keep(self) -> None:
         pass  # one process: nothing to make room for

@@ -12,11 +12,10 @@ import logging
 import time
 import weakref
 
-import numpy as np
-
 from ray_convrfm.backends.embedded_ray import start_ray
 from ray_convrfm.backends.executor import shard_bounds
 from ray_convrfm.backends.workers import ShardWorker
+from ray_convrfm.data.rows import image_rows
 from ray_convrfm.kernels.threads import worker_environment
 from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN
 from ray_convrfm.progress import progress_bar
@@ -155,14 +154,12 @@ class RayExecutor:
             raise
 
     def _shards(self, images) -> list:
+        """One object per shard: its rows (pixels in memory, or parquet rows read by the
+        worker that loads them)."""
         import ray
 
-        from ray_convrfm.data.parquet import ParquetRows
-
-        if not isinstance(images, ParquetRows):
-            images = np.asarray(images)
-        return [ray.put(images.slice(a, b) if isinstance(images, ParquetRows) else images[a:b])
-                for a, b in self.bounds]
+        images = image_rows(images)
+        return [ray.put(images.slice(a, b)) for a, b in self.bounds]
 
     def submit(self, worker: int, method: str, *args, returns: int = 1):
         call = getattr(self.actors[worker], method)

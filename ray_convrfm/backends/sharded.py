@@ -23,7 +23,7 @@ from ray_convrfm.backends.chunks import CenterBlocks, chain_shape
 from ray_convrfm.backends.nystrom import NystromSolvers
 from ray_convrfm.backends.protocol import KernelSpec, LayerState
 from ray_convrfm.backends.store import KernelStore, RunStore, combine_digests
-from ray_convrfm.data.parquet import ParquetRows
+from ray_convrfm.data.rows import image_rows
 from ray_convrfm.kernels.patches import span_from_gram
 from ray_convrfm.options import DEFAULT_BLOCK, SolveOptions
 
@@ -243,21 +243,18 @@ class ShardedBackend(NystromSolvers):
         """Spread a held-out set (validation, monitor) over the workers: images put once per
         worker (or parquet rows each worker reads when first asked), labels beside them;
         ``evaluate`` returns only numbers."""
-        if isinstance(X, torch.Tensor):
-            X = X.detach().cpu().numpy()
-        y = np.asarray(y)
+        X, y, key = image_rows(X), np.asarray(y), uuid.uuid4().hex
         edges = np.linspace(0, len(y), len(self.ex.bounds) + 1).astype(int)
-        self.holdouts[name] = [
-            (X.slice(a, b) if isinstance(X, ParquetRows) else self.ex.put(np.asarray(X[a:b])),
-             self.ex.put(y[a:b])) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        self.holdouts[name] = [(key, self.ex.put(X.slice(a, b)), self.ex.put(y[a:b]))
+                               for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
     def evaluate(self, name: str, coefs: list[torch.Tensor],
                  center_idx: np.ndarray | None) -> np.ndarray:
         stacked = np.stack([c.detach().cpu().numpy() for c in coefs]).astype(np.float64)
         coefs_ref, centers = self.ex.put(stacked), self.center_blocks(center_idx)
-        futures = [self.ex.submit(k, "evaluate", name, images, labels, coefs_ref,
+        futures = [self.ex.submit(k, "evaluate", name, key, images, labels, coefs_ref,
                                   self.layer_ref, centers, self.block)
-                   for k, (images, labels) in enumerate(self.holdouts[name])]
+                   for k, (key, images, labels) in enumerate(self.holdouts[name])]
         t0 = time.perf_counter()
         out = sum(self.ex.get(futures, f"{name} scores"))
         self._time(f"evaluate_{name}", t0)

@@ -40,19 +40,16 @@ class HoldoutScoring:
             out[r0:r1] = (K.to(torch.float64) @ alpha).cpu().numpy()
         return out
 
-    def evaluate(self, name: str, images, labels, coefs, layer: LayerState,
+    def evaluate(self, name: str, key: str, images, labels, coefs, layer: LayerState,
                  centers: CenterBlocks, block: int) -> np.ndarray:
         """Per coefficient matrix in ``coefs`` (R, m, c): [correct, summed squared error on the
         one-hot targets, count] over this worker's part of a held-out set (validation,
-        monitor). The images (``name``'s part, an object ref resolved here, or parquet rows read
-        here once) pass through the layer's chain block by block; only (R, 3) numbers leave."""
-        if not isinstance(images, np.ndarray):  # parquet rows: read once, kept for next time
-            key = f"{name}:{images!r}"
-            if key not in self._holdouts:
-                self._holdouts = {k: v for k, v in self._holdouts.items()
-                                  if not k.startswith(f"{name}:")}
-                self._holdouts[key] = resolve(images)
-            images = self._holdouts[key]
+        monitor). The images (``name``'s part under ``key``: rows loaded here once, parquet
+        rows read here, and kept for the next call) pass through the layer's chain block by
+        block; only (R, 3) numbers leave."""
+        if self._holdouts.get(name, (None,))[0] != key:
+            self._holdouts[name] = (key, resolve(images))
+        images = self._holdouts[name][1]
         coefs = torch.as_tensor(np.asarray(resolve(coefs)), dtype=torch.float64,
                                 device=self.device)
         labels = torch.as_tensor(np.asarray(resolve(labels), dtype=np.int64),

@@ -59,7 +59,7 @@ class ShardCore:
         self._center_cache: tuple[tuple, dict] = ((), {})
         self._resident = None  # ResidentRows of a Nystrom solve (workers.nystrom)
         self._factor: tuple | None = None  # (key, factor, {ridges: preconditioner})
-        self._holdouts: dict[str, np.ndarray] = {}
+        self._holdouts: dict[str, tuple[str, np.ndarray]] = {}  # name: (key, images)
         self._read_seconds = 0.0  # reading spilled rows back, since read_seconds() last asked
         return len(self.raw)
 
