@@ -423,16 +423,18 @@ class Workload:
                         driver=[labels, best, ("the model's centers, parts and concatenation",
                                                2 * m * spx, "ShardedBackend.centers")]),
             # ConvRFM.scores: the fit's workers reloaded with X_fit_ (as stored), every worker
-            # fetches every block; map_scores: test blocks (as stored) and alpha out, scores back
+            # fetches every block; ShardedBackend.scores: test blocks (as stored) and alpha
+            # out, scores back
             PREDICT: row(self.n_test * m, self.n_test * m * f, m * spx + w * m * spx
                          + self.n_test * spx + w * mc8 + self.n_test * c * 8,
                          worker=predict_worker, driver=[
                              ("the model's centers, their shards' puts", 2 * m * spx,
                               "ConvRFM.scores: X_fit_; ShardedBackend"),
                              ("test images as stored, their puts", 2 * self.n_test * spx,
-                              "map_scores: rows"), ("alpha, its put", 2 * mc8, "map_scores: alpha"),
+                              "ShardedBackend.scores: Z"),
+                             ("alpha, its put", 2 * mc8, "scores: alpha, put"),
                              ("scores, parts and concatenation", 2 * self.n_test * c * 8,
-                              "map_scores: np.concatenate(parts)")]),
+                              "ShardedBackend.scores: concatenate")]),
         }
         return {"per_iteration": per_iter, "once": once}
 
