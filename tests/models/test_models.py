@@ -225,3 +225,29 @@ def test_agop_classes_sketch_the_class_outputs(digits):
     for bad in (0, -2, "some", 2.5, True):
         with pytest.raises(ValueError, match="agop_classes"):
             ConvRFM(agop_classes=bad, iters=1).fit(X, y)
+
+
+def test_a_fitted_model_keeps_its_workers_but_never_pickles_them():
+    """The fit's (in-process) workers serve the model's predictions; pickling, deep copies and
+    clones carry none, and a copy opens its own on its first prediction."""
+    import copy
+    import pickle
+
+    from sklearn.base import clone
+
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    model = ConvRFM(depth=2, iters=1).fit(ds.X_train[:120], ds.y_train[:120])
+    kept = model._backend
+    assert kept is not None and kept.n == len(model.X_fit_)
+    first = model.decision_function(ds.X_test[:20])
+    assert model._backend is kept  # reused, not reopened
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert other._backend is None
+        np.testing.assert_array_equal(other.decision_function(ds.X_test[:20]), first)
+    assert clone(model)._backend is None
+    with model:
+        pass
+    assert model._backend is None
