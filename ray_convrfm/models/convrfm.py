@@ -175,7 +175,8 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
                              monitor=monitor, verbose=options.verbose)
             self.classes_ = data.classes
             self.set_result(result, tuple(data.X.shape[1:]))
-            self._keep_backend(backend.keep_for_predictions(result.centers))
+            self._keep_backend(backend.keep_for_predictions(result.centers),
+                               options.replace(store=None))
         except BaseException:
             backend.close()
             raise
@@ -231,11 +232,12 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
                           engine=compute.engine,
                           memory_budget_mb=compute.memory_budget_mb)
         dt = spec.torch_dtype
-        if self._backend is None or self._backend.ex.closed:  # loaded, closed or released:
-            self._keep_backend(open_backend(training_images(self.X_fit_, dt, device),  # once
-                                            options.replace(store=None), device))
-            self._backend.ex.keep()
-        backend = self._backend
+        options = options.replace(store=None)
+        backend = self._kept_backend(options)
+        if backend is None:  # loaded, closed, released, or other options: open workers, once
+            backend = open_backend(training_images(self.X_fit_, dt, device), options, device)
+            backend.ex.keep()
+            self._keep_backend(backend, options)
         if not self._backend_ready:
             Q = None if self.patch_basis_ is None else self.patch_basis_.to(device, dt)
             M = self.M_.to(device, dt)

@@ -184,7 +184,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                 info["seconds"] = time.perf_counter() - t0
                 self.layers_.append(info)
             # the last layer's predictions reuse these workers, holding only its centers
-            self.final_._keep_backend(backend.keep_for_predictions(self.final_.X_fit_))
+            self.final_._keep_backend(backend.keep_for_predictions(self.final_.X_fit_),
+                                      options.replace(store=None))
         except BaseException:
             backend.close()
             raise

@@ -18,13 +18,23 @@ class KeepsWorkers:
 
     _backend = None
     _backend_ready = False
+    _backend_options = None
     _backend_finalizer = None
 
-    def _keep_backend(self, backend) -> None:
-        """Hold ``backend`` for predictions (configured on first use); closed with the model."""
+    def _keep_backend(self, backend, options) -> None:
+        """Hold ``backend`` (opened with ``options``) for predictions, configured on first use;
+        closed with the model, or when the model's options change."""
         self.close()
-        self._backend, self._backend_ready = backend, False
+        self._backend, self._backend_ready, self._backend_options = backend, False, options
         self._backend_finalizer = weakref.finalize(self, backend.close)
+
+    def _kept_backend(self, options):
+        """The kept backend when it still serves ``options`` (not closed, not released to make
+        room for another pool), else None."""
+        backend = self._backend
+        if backend is None or backend.ex.closed or self._backend_options != options:
+            return None
+        return backend
 
     def close(self) -> None:
         """Release the workers this model keeps (its Ray actors and their reservation); a later
@@ -42,6 +52,6 @@ class KeepsWorkers:
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for name in ("_backend", "_backend_ready", "_backend_finalizer"):
+        for name in ("_backend", "_backend_ready", "_backend_options", "_backend_finalizer"):
             state.pop(name, None)
         return state

@@ -251,3 +251,20 @@ def test_a_fitted_model_keeps_its_workers_but_never_pickles_them():
     with model:
         pass
     assert model._backend is None
+
+
+def test_other_options_reopen_the_workers_the_same_options_reuse_them():
+    from ray_convrfm import ConvRFM, Options
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    model = ConvRFM(depth=2, iters=1).fit(ds.X_train[:120], ds.y_train[:120])
+    kept = model._backend
+    first = model.decision_function(ds.X_test[:20])
+    model.set_params(options=Options.of(dtype="float64"))
+    np.testing.assert_allclose(model.decision_function(ds.X_test[:20]), first, rtol=1e-4,
+                               atol=1e-5)  # the float64 kernel of the float32 model
+    assert model._backend is not kept and model._backend.dtype == torch.float64
+    again = model._backend
+    model.decision_function(ds.X_test[:20])
+    assert model._backend is again
