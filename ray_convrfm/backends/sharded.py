@@ -25,7 +25,7 @@ from ray_convrfm.backends.protocol import KernelSpec, LayerState
 from ray_convrfm.backends.store import KernelStore, RunStore, combine_digests
 from ray_convrfm.data.rows import image_rows
 from ray_convrfm.kernels.patches import span_from_gram
-from ray_convrfm.options import DEFAULT_BLOCK, SolveOptions
+from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN, SolveOptions
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class ShardedBackend(NystromSolvers):
     # ------------------------------------------------------------------ reductions
     def reduce(self, futures: list):
         """Sum of partial results (a tree of sums on the workers when there are many)."""
-        parts = self.ex.get(self.ex.tree(futures, keep=4))
+        parts = self.ex.get(self.ex.tree(futures, keep=REDUCE_FAN_IN))
         return sum(parts[1:], parts[0])
 
     # ------------------------------------------------------------------ kernels
@@ -314,7 +314,6 @@ class ShardedBackend(NystromSolvers):
         self.release_stores()
         X = centers.detach().cpu().numpy()
         self.ex.reload(X)
-        self.ex.keep()
         self._n, self._row_shape, self.chain = len(X), tuple(X.shape[1:]), ()
         self.store, self.holdouts, self._tasks, self.layer = None, {}, None, None
         return self

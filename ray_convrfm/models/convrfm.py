@@ -236,7 +236,6 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
         backend = self._kept_backend(options)
         if backend is None:  # loaded, closed, released, or other options: open workers, once
             backend = open_backend(training_images(self.X_fit_, dt, device), options, device)
-            backend.ex.keep()
             self._keep_backend(backend, options)
         if not self._backend_ready:
             Q = None if self.patch_basis_ is None else self.patch_basis_.to(device, dt)

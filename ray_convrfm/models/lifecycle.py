@@ -25,6 +25,7 @@ class KeepsWorkers:
         """Hold ``backend`` (opened with ``options``) for predictions, configured on first use;
         closed with the model, or when the model's options change."""
         self.close()
+        backend.ex.keep()  # idle between predictions: released first when room is needed
         self._backend, self._backend_ready, self._backend_options = backend, False, options
         self._backend_finalizer = weakref.finalize(self, backend.close)
 

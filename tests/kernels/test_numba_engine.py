@@ -56,3 +56,33 @@ def test_kernel_and_adjoint_match_the_torch_engine(q, depth, padding):
         assert rel_err(a, b) < tol
     G = agop_from_sides(xs, coef, zs, M, engine="numba")
     assert rel_err(G, agop_from_sides(xs, coef, zs, M, engine="torch")) < tol
+
+
+_ADJOINT_BITS = """
+import hashlib, numpy as np, torch
+from ray_convrfm.kernels.kernel import (KernelParams, kernel_block_adjoint, kernel_matrix,
+                                       prepare_side)
+rng = np.random.default_rng(0)
+X = torch.from_numpy(rng.random((40, 1, 8, 8), dtype=np.float32))
+A = torch.from_numpy(rng.standard_normal((9, 9)).astype(np.float32))
+xs = prepare_side(X, A @ A.T / 9, KernelParams(2, 3, False))
+coef = torch.from_numpy(rng.standard_normal((40, 3)).astype(np.float32))
+out = [kernel_matrix(xs, xs, "numba", 512, symmetric=True),
+       *kernel_block_adjoint(xs, xs.rows(0, 10), coef, "numba")]
+print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in out)).hexdigest())
+"""
+
+
+def test_cached_machine_code_gives_the_bits_of_a_fresh_compile(tmp_path):
+    """A rerun that resumes from a kernel store loads the engine from numba's cache; it must
+    compute what the interrupted run compiled afresh, bit for bit, or it learns another M."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    runs = [subprocess.run([sys.executable, "-c", _ADJOINT_BITS], env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]  # fresh, then cached
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert any((tmp_path / "numba-cache").rglob("*.nbi"))  # the second run had a cache
+    assert runs[0].stdout.split()[-1] == runs[1].stdout.split()[-1]
