@@ -44,7 +44,7 @@ def executor(request):
         if request.param == "in-process":
             from ray_convrfm.backends.executor import InProcessExecutor
 
-            ex = InProcessExecutor(X, block=block)
+            ex = InProcessExecutor(X)
         else:
             pytest.importorskip("ray")
             from ray_convrfm.backends.ray_executor import RayExecutor, start_ray

@@ -27,7 +27,7 @@ def open_executor(X: ImageRows, options: Options, device: torch.device):
         from ray_convrfm.backends.executor import InProcessExecutor
 
         return InProcessExecutor(X, gpus=1 if device.type == "cuda" else 0,
-                                 progress=options.verbose, block=options.store.block)
+                                 progress=options.verbose)
     from ray_convrfm.backends.ray_executor import RayExecutor, resolve_gpus_per_worker, start_ray
 
     start_ray(cluster.workers, cluster.address)

@@ -88,10 +88,10 @@ class InProcessExecutor:
     """One ``ShardWorker`` over all images, called in this process; calls run when their value
     is first needed (``chunks.Pending``), so a stage's progress bar sees its work."""
 
-    def __init__(self, images, gpus: float = 0, progress: bool = False, block: int = 256):
+    def __init__(self, images, gpus: float = 0, progress: bool = False):
         self.worker = ShardWorker(image_rows(images), 0, gpus=gpus)
         self.bounds = [(0, self.worker.size())]
-        self.progress, self.block, self.starts = progress, block, 1
+        self.progress, self.starts = progress, 1
 
     def submit(self, worker: int, method: str, *args, returns: int = 1):
         if worker != 0:
