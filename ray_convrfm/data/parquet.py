@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -222,17 +222,6 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
 MIN_GROUPS_FOR_GROUP_SPLIT = 10
 
 
-def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, with adjacent ranges joined."""
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class ParquetImages:
     """One split of a parquet data set, read only where it is needed: pass it to ``fit`` in
@@ -281,28 +270,17 @@ class ParquetImages:
             return np.zeros((0, c, h, w), dtype), np.zeros(0, np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def split_validation(self, fraction: float, rng: np.random.Generator
-                         ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """(fit ranges, validation ranges): a random ``fraction`` of the rows held out in whole
-        row groups, so the driver reads only those and each worker only its own; with fewer
-        than ``MIN_GROUPS_FOR_GROUP_SPLIT`` groups, in chunks of about 1% of the rows."""
+    def holdout_units(self) -> list[int]:
+        """Sizes of the blocks of rows the validation split holds out whole
+        (``data.split``): the row groups, so the driver reads only the held-out ones and each
+        worker only its own; with fewer than ``MIN_GROUPS_FOR_GROUP_SPLIT`` groups, chunks of
+        about 1% of the rows."""
         n = len(self)
         sizes = [s.stop - s.start for s in self.manifest.groups_for(self.split, 0, n)]
-        units = [(end - k, end) for k, end in zip(sizes, itertools.accumulate(sizes), strict=True)]
-        if len(units) < MIN_GROUPS_FOR_GROUP_SPLIT:
-            chunk = max(1, n // 100)
-            units = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-        if len(units) < 2:
-            raise ValueError(f"{n} rows cannot be split into fit and validation parts")
-        want = max(1, int(round(fraction * n)))
-        val, held = [], 0
-        for k in rng.permutation(len(units)):
-            if held >= want or len(val) == len(units) - 1:
-                break
-            val.append(units[k])
-            held += units[k][1] - units[k][0]
-        held_out = set(val)
-        return _merge(u for u in units if u not in held_out), _merge(val)
+        if len(sizes) >= MIN_GROUPS_FOR_GROUP_SPLIT:
+            return sizes
+        chunk = max(1, n // 100)
+        return [min(chunk, n - a) for a in range(0, n, chunk)]
 
 
 @dataclasses.dataclass(frozen=True)

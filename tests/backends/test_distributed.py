@@ -370,6 +370,7 @@ def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, 
     from ray_convrfm import ConvRFM
     from ray_convrfm.data import parquet as pqmod
     from ray_convrfm.data.datasets import load_digits
+    from ray_convrfm.data.split import split_validation
 
     ds = load_digits().subset(240, 30)
     path = pqmod.write_parquet_dataset(ds, tmp_path / "digits", rows_per_group=20)
@@ -386,13 +387,12 @@ def test_fit_from_parquet_reads_training_rows_on_the_workers(cluster, tmp_path, 
 
     monkeypatch.setattr(pqmod, "read_rows", spy)
     remote = ConvRFM(options=Options.of(workers=2), **kw).fit(images)
-    fit, val = images.split_validation(0.1, np.random.default_rng(9))
-    assert len(val) >= 1 and sum(b - a for a, b in val) >= 20  # whole row groups held out
     assert driver_reads == []  # labels only: validation is read and scored on the workers
-    assert len(remote.X_fit_) == sum(b - a for a, b in fit)
-
-    fit_rows = np.concatenate([np.arange(a, b) for a, b in fit])
-    val_rows = np.concatenate([np.arange(a, b) for a, b in val])
+    seed = int(np.random.default_rng(9).integers(2**31 - 1))  # as the fit draws it
+    fit_rows, val_rows = split_validation(y, np.unique(y), 0.1, seed, images.holdout_units())
+    assert len(remote.X_fit_) == len(fit_rows)
+    groups, rows_held = np.unique(val_rows // 20, return_counts=True)
+    assert len(groups) >= 1 and np.all(rows_held == 20)  # whole row groups held out
     local = ConvRFM(**kw).fit(X[fit_rows], y[fit_rows], X_val=X[val_rows], y_val=y[val_rows])
     np.testing.assert_allclose(remote.decision_function(ds.X_test),
                                local.decision_function(ds.X_test), rtol=1e-3, atol=1e-4)

@@ -374,19 +374,23 @@ def test_module_exports():
 def test_validation_split_holds_out_whole_row_groups(tmp_path):
     from ray_convrfm.data.datasets import load_digits
     from ray_convrfm.data.parquet import ParquetImages, ParquetRows, write_parquet_dataset
+    from ray_convrfm.data.split import ranges_of, split_validation
 
     ds = load_digits()
     path = write_parquet_dataset(ds, tmp_path / "d", rows_per_group=50, rows_per_file=400)
     images = ParquetImages.open(path, "train", limit=1000)
     assert len(images) == 1000 and images.shape == (1000, 1, 8, 8)
     np.testing.assert_array_equal(images.labels(), ds.y_train[:1000])
-    fit, val = images.split_validation(0.1, np.random.default_rng(0))
-    rows = [r for a, b in fit + val for r in range(a, b)]
-    assert sorted(rows) == list(range(1000))  # a partition of the rows
+    labels = images.labels()
+    assert images.holdout_units() == [50] * 20  # the row groups
+    fit_idx, val_idx = split_validation(labels, np.unique(labels), 0.1, 0,
+                                        images.holdout_units())
+    fit, val = ranges_of(fit_idx), ranges_of(val_idx)
+    assert sorted([*fit_idx, *val_idx]) == list(range(1000))  # a partition of the rows
     assert all(a % 50 == 0 and (b % 50 == 0 or b == 1000) for a, b in val)  # whole groups
     assert sum(b - a for a, b in val) == 100
-    again = images.split_validation(0.1, np.random.default_rng(0))
-    assert again == (fit, val)  # seeded
+    again = split_validation(labels, np.unique(labels), 0.1, 0, images.holdout_units())
+    np.testing.assert_array_equal(again[1], val_idx)  # seeded
 
     part = ParquetRows(images, tuple(fit)).slice(10, 130)  # what one worker is given
     expected = np.concatenate([np.arange(a, b) for a, b in fit])[10:130]

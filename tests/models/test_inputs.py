@@ -9,6 +9,7 @@ from sklearn.model_selection import train_test_split
 
 from ray_convrfm import ConvRFM, DeepConvRFM
 from ray_convrfm.data.datasets import ImageDataset, load_digits
+from ray_convrfm.data.split import split_validation
 from ray_convrfm.models.inputs import prepare_fit_inputs
 
 
@@ -110,8 +111,7 @@ def test_parquet_split_that_holds_out_every_row_of_a_class_is_refused(tmp_path):
     ds = ImageDataset(X, y, X[:0], y[:0], "sorted", ("a", "b", "c"))
     write_parquet_dataset(ds, tmp_path / "pq", rows_per_group=10, rows_per_file=200)
     images = ParquetImages.open(tmp_path / "pq")
-    seed = next(s for s in range(100) if (190, 200) in
-                _units(images.split_validation(0.5, np.random.default_rng(s))[1]))
+    seed = next(s for s in range(100) if _refuses(y, images.holdout_units(), s))
     with pytest.raises(ValueError, match=r"val_fraction=0.5 take every row of class\(es\) "
                                          r"\[2\]") as info:
         ConvRFM(depth=1, iters=1, val_fraction=0.5, random_state=seed).fit(images)
@@ -119,9 +119,14 @@ def test_parquet_split_that_holds_out_every_row_of_a_class_is_refused(tmp_path):
     assert "2: 0}" in str(info.value)
 
 
-def _units(ranges):
-    """Ranges split back into rows of 10 (the row groups)."""
-    return [(a, a + 10) for start, stop in ranges for a in range(start, stop, 10)]
+def _refuses(y, units, random_state):
+    """Whether the block split a fit with ``random_state`` draws leaves a class untrained."""
+    seed = int(np.random.default_rng(random_state).integers(2**31 - 1))
+    try:
+        split_validation(y, np.unique(y), 0.5, seed, units)
+    except ValueError:
+        return True
+    return False
 
 
 # ------------------------------------------------------------------ labels and ridges
@@ -156,3 +161,17 @@ def test_non_finite_ridges_are_refused_at_fit_time(ridges):
     y = np.repeat(np.arange(2), 10)
     with pytest.raises(ValueError, match=r"ridges must be a non-empty list of finite values"):
         ConvRFM(depth=1, iters=1, ridges=ridges).fit(_images(y), y)
+
+
+def test_a_carved_split_fits_as_the_same_split_given_explicitly():
+    """The split's seed is drawn whether or not it is used, so every later draw (AGOP sample,
+    centres) is the same: carving and passing the carved rows as X_val give one model."""
+    ds = load_digits().subset(200, 10)
+    kw = dict(depth=2, iters=2, agop_samples=30, random_state=4)
+    carved = ConvRFM(**kw).fit(ds.X_train, ds.y_train)
+    seed = int(np.random.default_rng(4).integers(2**31 - 1))
+    fit, val = split_validation(ds.y_train, np.unique(ds.y_train), carved.val_fraction, seed)
+    given = ConvRFM(**kw).fit(ds.X_train[fit], ds.y_train[fit], X_val=ds.X_train[val],
+                              y_val=ds.y_train[val])
+    np.testing.assert_allclose(given.decision_function(ds.X_test),
+                               carved.decision_function(ds.X_test), rtol=1e-6, atol=1e-7)
