@@ -123,7 +123,12 @@ class ClusterOptions:
     threads_per_worker : int
         CPU threads (and CPUs reserved) per worker.
     max_restarts : int
-        How often Ray restarts a dead worker and retries its tasks (tasks are pure, so safe).
+        How often Ray restarts each dead worker; its tasks wait for the restart and run again
+        (they are pure, so that is safe).
+    recovery_timeout_s : float
+        How long the work waits for a lost worker (its node gone, its restart waiting for a
+        node, as an autoscaler brings one up) before it stops with ``WorkerLostError`` naming
+        the node; a rerun with the same store resumes.
     """
 
     workers: int = 0
@@ -132,6 +137,7 @@ class ClusterOptions:
     placement_timeout_s: float | None = 600
     threads_per_worker: int = 1
     max_restarts: int = 3
+    recovery_timeout_s: float = 300
 
     def __post_init__(self) -> None:
         if not _is_int(self.workers) or self.workers < 0:
@@ -146,6 +152,9 @@ class ClusterOptions:
                              f"{self.threads_per_worker!r}")
         if not _is_int(self.max_restarts) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be an integer >= 0; found {self.max_restarts!r}")
+        if not self.recovery_timeout_s > 0:
+            raise ValueError(f"recovery_timeout_s must be positive; found "
+                             f"{self.recovery_timeout_s!r}")
 
 
 @dataclass(frozen=True)

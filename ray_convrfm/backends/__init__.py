@@ -36,7 +36,8 @@ def open_executor(X: ImageRows, options: Options, device: torch.device):
                        align=bool(options.store.url), elastic=bool(cluster.address),
                        gpus_per_worker=resolve_gpus_per_worker(cluster.gpus_per_worker),
                        placement_timeout_s=cluster.placement_timeout_s,
-                       progress=options.verbose)
+                       recovery_timeout_s=cluster.recovery_timeout_s,
+                       store=options.store.url, progress=options.verbose)
 
 
 def open_backend(X, options: Options, device: torch.device) -> ShardedBackend:

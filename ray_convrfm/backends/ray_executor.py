@@ -1,9 +1,15 @@
 """The Ray executor: one ``ShardWorker`` actor per shard, placed by a placement group.
 
 It owns the pool's lifecycle: the placement group (SPREAD over nodes, waited for with a timeout
-so an autoscaler can bring nodes up), the actors and their restarts (each rebuilt from its
-shard's object ref, which stays referenced here), the tree of sums on the workers and the
-progress of every stage. What the workers compute is ``ShardedBackend``'s business.
+so an autoscaler can bring nodes up), the actors and their restarts, the tree of sums on the
+workers and the progress of every stage. What the workers compute is ``ShardedBackend``'s
+business.
+
+Restarts: a restarted actor asks the pool's ``ShardDirectory`` (a small actor beside the driver)
+for its current shard, so a pool reloaded with a model's centers is rebuilt with the centers, and
+no actor's creation pins the training images once they are replaced. Tasks wait for a lost
+worker's restart (``recovery.NodeWatch``, bounded by ``recovery_timeout_s``) instead of spending
+a fixed number of retries.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import weakref
 
 from ray_convrfm.backends.embedded_ray import start_ray
 from ray_convrfm.backends.executor import shard_bounds
+from ray_convrfm.backends.recovery import NodeWatch, WorkerLostError, wait_watched
 from ray_convrfm.backends.workers import ShardWorker
 from ray_convrfm.data.rows import image_rows
 from ray_convrfm.kernels.threads import worker_environment
@@ -22,11 +29,14 @@ from ray_convrfm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
+#: The resource Ray gives the head node alone.
+HEAD_RESOURCE = "node:__internal_head__"
+
 #: Executors kept by fitted models for their predictions, oldest first: released when a new
 #: pool cannot be placed beside them (their models reopen workers on their next prediction).
 _KEPT: list = []
 
-__all__ = ["PlacementTimeoutError", "RayExecutor", "reserve_workers",
+__all__ = ["PlacementTimeoutError", "RayExecutor", "WorkerLostError", "reserve_workers",
            "resolve_gpus_per_worker", "start_ray", "wait_all"]
 
 
@@ -86,18 +96,38 @@ def reserve_workers(workers: int, bundle: dict, timeout_s: float | None, poll_s:
 
 
 def wait_all(futures: list, desc: str = "", progress: bool = False,
-             unit: str = "block") -> list:
-    """``ray.get`` with one progress bar over every worker's tasks (results in order)."""
-    import ray
-
+             unit: str = "block", watch: NodeWatch | None = None) -> list:
+    """``ray.get`` with one progress bar over every worker's tasks (results in order), the
+    workers' nodes watched meanwhile (``recovery.wait_watched``)."""
     if not progress:
-        return ray.get(futures)
-    pending = list(futures)
+        return wait_watched(futures, watch)
     with progress_bar(len(futures), desc, True, unit) as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-    return ray.get(futures)
+        return wait_watched(futures, watch, bar)
+
+
+class ShardDirectory:
+    """Each worker's current shard (its object ref, wrapped so that it is passed on, not
+    fetched, and its first global row): what a restarted actor loads."""
+
+    def __init__(self):
+        self.shards: dict[int, tuple[list, int]] = {}
+
+    def set(self, worker: int, ref: list, start: int) -> None:
+        self.shards[worker] = (ref, start)
+
+    def shard(self, worker: int) -> tuple[list, int]:
+        return self.shards[worker]
+
+
+class RayShardWorker(ShardWorker):
+    """A ``ShardWorker`` that takes its shard from the pool's directory, at its first start
+    and at every restart (Ray calls the constructor again with the same arguments)."""
+
+    def __init__(self, directory, worker: int, threads: int, gpus: float):
+        import ray
+
+        (ref,), start = ray.get(directory.shard.remote(worker))
+        super().__init__(ray.get(ref), start, threads, gpus)
 
 
 class RayExecutor:
@@ -114,6 +144,10 @@ class RayExecutor:
     align : shard boundaries fall on multiples of ``block``, so that every block of a stored
         kernel belongs to exactly one worker (needed with a store)
     gpus_per_worker : GPUs reserved per actor (its shard and kernels then live on its GPU)
+    max_restarts : how often Ray restarts each actor (its tasks wait for the restart)
+    recovery_timeout_s : how long a lost worker may stay away (its node lost, its restart
+        waiting for a node) before ``WorkerLostError`` stops the work
+    store : the run's kernel store, if any (named in that error: a rerun resumes from it)
     placement_timeout_s : give up waiting for the workers' resources after this long
     elastic : whether the cluster can grow (an autoscaler); if not, resources it does not
         have at all are refused at once
@@ -123,7 +157,8 @@ class RayExecutor:
     def __init__(self, images, workers: int, threads: int | None = None,
                  max_restarts: int = 3, block: int = DEFAULT_BLOCK, align: bool = False,
                  gpus_per_worker: float = 0, placement_timeout_s: float | None = 600,
-                 progress: bool = False, elastic: bool = True):
+                 progress: bool = False, elastic: bool = True,
+                 recovery_timeout_s: float = 300, store: str | None = None):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -134,21 +169,31 @@ class RayExecutor:
             bundle["GPU"] = float(gpus_per_worker)
         self.actors: list = []
         self.shard_refs: list = []
+        self.watch: NodeWatch | None = None
+        self.directory = None
         _release_kept_for(workers, bundle)
         self.pg = reserve_workers(workers, bundle, placement_timeout_s, elastic=elastic)
-        actor = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ShardWorker)
-        # the refs stay referenced here: a restarted actor is rebuilt from them
+        # on the head node, which the cluster cannot lose without losing the driver's work
+        head = {HEAD_RESOURCE: 0.001} if HEAD_RESOURCE in ray.cluster_resources() else {}
+        self.directory = ray.remote(ShardDirectory).options(num_cpus=0, resources=head).remote()
+        # the refs stay referenced here and in the directory: restarted actors load them
         self.shard_refs = self._shards(images)
+        actor = ray.remote(max_restarts=max_restarts, max_task_retries=-1)(RayShardWorker)
         self.actors = [
             actor.options(num_cpus=threads or 1, num_gpus=gpus_per_worker or 0,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
                               self.pg, placement_group_bundle_index=k),
                           runtime_env={"env_vars": worker_environment(threads or 1)},
-                          ).remote(ref, a, threads or 1, gpus_per_worker)
-            for k, (ref, (a, _)) in enumerate(zip(self.shard_refs, self.bounds, strict=True))]
+                          ).remote(self.directory, k, threads or 1, gpus_per_worker)
+            for k in range(workers)]
         self.starts = 1
+        resume = (f"rerun the same fit with store {store!r} to resume: the kernel blocks "
+                  "already stored are kept" if store else
+                  "with a kernel store (StoreOptions.url, --store) a rerun resumes from the "
+                  "blocks already computed")
         try:  # the workers load their shards (parquet rows are read and decoded there)
             self.get([a.size.remote() for a in self.actors], "load shards")
+            self.watch = NodeWatch(self.actors, recovery_timeout_s, max_restarts, resume)
         except BaseException:
             self.close()  # e.g. an unreadable row group: release the workers and reservation
             raise
@@ -159,7 +204,10 @@ class RayExecutor:
         import ray
 
         images = image_rows(images)
-        return [ray.put(images.slice(a, b)) for a, b in self.bounds]
+        refs = [ray.put(images.slice(a, b)) for a, b in self.bounds]
+        ray.get([self.directory.set.remote(k, [ref], a)
+                 for k, (ref, (a, _)) in enumerate(zip(refs, self.bounds, strict=True))])
+        return refs
 
     def submit(self, worker: int, method: str, *args, returns: int = 1):
         call = getattr(self.actors[worker], method)
@@ -173,7 +221,7 @@ class RayExecutor:
         return ray.put(value)
 
     def get(self, futures: list, desc: str = "", unit: str = "block") -> list:
-        return wait_all(futures, desc, self.progress and bool(desc), unit)
+        return wait_all(futures, desc, self.progress and bool(desc), unit, self.watch)
 
     def tree(self, futures: list, keep: int = 1, fan_in: int = REDUCE_FAN_IN) -> list:
         """Sum ``futures`` by a tree of ``add`` tasks on the workers until at most ``keep``
@@ -187,8 +235,8 @@ class RayExecutor:
         return futures
 
     def reload(self, images) -> None:
-        """New images on the same actors (no new placement or actor start); a restarted
-        actor is rebuilt from the new shards' refs."""
+        """New images on the same actors (no new placement or actor start); the directory
+        holds the new shards first, so an actor restarted from now on loads them."""
         self.bounds = shard_bounds(len(images), len(self.actors), self.block, self.align)
         self.shard_refs = self._shards(images)
         self.get([a.load.remote(ref, b[0]) for a, ref, b in
@@ -209,8 +257,9 @@ class RayExecutor:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        actors, pg = self.actors, self.pg
-        self.actors, self.shard_refs, self.pg = [], [], None
+        actors, pg = [a for a in (*self.actors, self.directory) if a is not None], self.pg
+        self.actors, self.shard_refs, self.pg, self.watch = [], [], None, None
+        self.directory = None
         _KEPT[:] = [r for r in _KEPT if r() is not None and r() is not self]
         if not ray.is_initialized():  # never start a Ray just to stop one
             return

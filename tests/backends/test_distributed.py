@@ -95,6 +95,30 @@ def test_a_fitted_model_keeps_its_workers_for_every_prediction(cluster, tmp_path
     loaded.close()
 
 
+def test_a_kept_worker_killed_restarts_with_the_models_centers(cluster):
+    """A kept pool's actor killed between predictions is restarted by Ray from the pool's
+    directory, which holds the model's centers (not the training shard it started with):
+    the predictions do not change."""
+    import os
+    import signal
+
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.datasets import load_digits
+
+    ds = load_digits()
+    X, y, Xt = ds.X_train[:100], ds.y_train[:100], ds.X_test[:40]
+    model = ConvRFM(depth=2, iters=1, random_state=1, solver="nystrom", centers=30,
+                    options=Options.of(workers=2)).fit(X, y)
+    first = model.decision_function(Xt)
+    ex = model._backend.ex
+    victim = ray.get(ex.actors[1].pid.remote())
+    os.kill(victim, signal.SIGKILL)
+    np.testing.assert_array_equal(model.decision_function(Xt), first)
+    assert ray.get(ex.actors[1].pid.remote()) != victim  # a new process took over
+    assert sum(ray.get([a.size.remote() for a in ex.actors])) == 30  # the centers, not X
+    model.close()
+
+
 def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
     from ray_convrfm import ConvRFM, DeepConvRFM
     from ray_convrfm.data.datasets import load_digits
