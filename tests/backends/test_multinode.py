@@ -190,3 +190,47 @@ def test_a_node_never_replaced_stops_the_fit_naming_it_and_a_rerun_resumes(
     np.testing.assert_allclose(rerun.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
     rerun.close()
+
+
+def test_a_fit_survives_a_lost_node_replaced_during_the_cg_steps(worker_nodes, monkeypatch):
+    """A node removed between CG steps of the Nystrom solve (after the workers built their
+    resident rows) and a node added: the restarted worker rebuilds its rows, the steps go on,
+    and the model predicts as the in-process fit."""
+    import threading
+    import time
+
+    from ray_convrfm import ConvRFM, Options
+    from ray_convrfm.backends.nystrom import NystromSolvers
+
+    X, y, Xt = _digits()
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=3, solver="nystrom",
+              centers=120)
+    steps, stepping = [], threading.Event()
+    real = NystromSolvers.preconditioned_step
+
+    def counted(self, *args, **kwargs):  # the driver's side of a CG step, observed
+        steps.append(time.monotonic())
+        if len(steps) == 3:
+            stepping.set()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(NystromSolvers, "preconditioned_step", counted)
+    model = ConvRFM(options=Options.of(workers=2, address=worker_nodes.address, block=16,
+                                       recovery_timeout_s=120), **kw)
+    thread, failed = _fit_in_thread(model, X, y)
+    assert stepping.wait(240), failed or "no CG step was taken"
+    taken = len(steps)
+    victim = next(iter(worker_nodes.worker_nodes))
+    worker_nodes.remove_node(victim, allow_graceful=False)
+    time.sleep(1.0)
+    worker_nodes.add_node(num_cpus=1)
+    thread.join(300)
+    assert not thread.is_alive() and not failed, failed
+    assert len(steps) > taken  # steps went on after the loss
+    nodes = {node for h in model.history_ for node in h["worker_nodes"]}
+    assert victim.node_id not in nodes
+    monkeypatch.setattr(NystromSolvers, "preconditioned_step", real)
+    local = ConvRFM(**kw).fit(X, y)
+    np.testing.assert_allclose(model.decision_function(Xt), local.decision_function(Xt),
+                               rtol=1e-3, atol=1e-4)
+    model.close()
