@@ -102,7 +102,7 @@ def test_every_listener_is_on_loopback_while_a_fit_runs(embedded):
     assert not errors, errors
 
     names = {name for _, name, _, _ in seen}
-    workers = {pid for pid, name, _, _ in seen if name.startswith("ray::ShardWorker")}
+    workers = {pid for pid, name, _, _ in seen if name.startswith("ray::RayShardWorker")}
     assert {"gcs_server", "raylet"} <= names and len(workers) >= 2, sorted(seen)
     assert me.pid in {pid for pid, _, _, _ in seen}  # the driver's own gRPC server
     wide = sorted(s for s in seen if not embedded_ray._is_loopback(s[2]))

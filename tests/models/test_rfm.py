@@ -38,8 +38,9 @@ def test_fit_rfm_is_what_the_estimator_runs(digits):
     params = RFMParams(kernel=KernelParams(depth=2), iters=2, agop_samples=20)
     backend = ShardedBackend(InProcessExecutor(X), torch.device("cpu"), len(X), X.shape[1:])
     backend.configure(KernelSpec(params.kernel), None)
-    result = fit_rfm(backend, y, 10, Labelled(torch.from_numpy(Xv), yv), params,
-                     np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    rng.integers(2**31 - 1)  # the split's seed, drawn by the estimator whether used or not
+    result = fit_rfm(backend, y, 10, Labelled(torch.from_numpy(Xv), yv), params, rng)
     model = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=3).fit(
         X, y, X_val=Xv, y_val=yv)
     assert result.best_iter == model.best_iter_ and result.ridge == model.ridge_
