@@ -11,7 +11,9 @@ rows, a rerun computes only missing blocks, and the driver reads the finished ke
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +28,12 @@ from ray_convrfm.backends.store import KernelStore, RunStore, combine_digests
 from ray_convrfm.data.rows import image_rows
 from ray_convrfm.kernels.patches import span_from_gram
 from ray_convrfm.options import DEFAULT_BLOCK, REDUCE_FAN_IN, SolveOptions
+from ray_convrfm.progress import progress_bar
+
+#: Batch predictions: blocks per task (one read of parquet rows, one row group written; 4 x
+#: 256 rows: the default row group of ``convert``) and tasks in flight per worker.
+PREDICT_SPAN = 4
+PREDICT_WINDOW = 3
 
 
 @dataclass(frozen=True)
@@ -280,10 +288,8 @@ class ShardedBackend(NystromSolvers):
         Z = Z.detach().cpu().numpy() if isinstance(Z, torch.Tensor) else np.asarray(Z)
         if Z.dtype != np.uint8:  # 8-bit pixels travel as they are; workers convert them
             Z = Z.astype(self.spec.dtype, copy=False)
-        chain = tuple((np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f), bool(p))
-                      for f, p in chain)
         alpha = coef.detach().cpu().numpy()
-        alpha_ref, chain_ref = self.ex.put(alpha), self.ex.put(chain)
+        alpha_ref, chain_ref = self.ex.put(alpha), self._chain_ref(chain)
         centers, workers = self.center_blocks(center_idx), len(self.ex.bounds)
         futures = [self.ex.submit(k % workers, "scores", Z[r : r + self.block], chain_ref,
                                   alpha_ref, self.layer_ref, centers)
@@ -292,6 +298,57 @@ class ShardedBackend(NystromSolvers):
         parts = self.ex.get(futures, "predict")
         self._time("scores", t0)
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, alpha.shape[1]))
+
+    def _chain_ref(self, chain: list):
+        """The filter banks ``chain`` as arrays, put once for every task."""
+        return self.ex.put(tuple((np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f),
+                                  bool(p)) for f, p in chain))
+
+    def write_predictions(self, X, labels: np.ndarray | None, coef: torch.Tensor,
+                          center_idx: np.ndarray | None, chain: list,
+                          target) -> tuple[list[dict], int, int]:
+        """Batch predictions of images ``X`` written where the workers are (``data.
+        predictions``): worker k takes the k-th contiguous share of the rows, loads them a span
+        of ``PREDICT_SPAN`` blocks at a time (``ImageRows``: parquet rows it reads itself, or
+        an array's rows sent with the task), scores them and appends them to its own part
+        file. At most ``PREDICT_WINDOW`` spans per worker are in flight and only counts come
+        back, so the driver's memory does not grow with the images. Returns the parts' marker
+        entries, the rows written and the correct predictions (-1 without labels)."""
+        X = image_rows(X)
+        n, workers = len(X), len(self.ex.bounds)
+        edges = np.linspace(0, n, workers + 1).astype(int)
+        span = self.block * PREDICT_SPAN
+        shards = [[(k, r, min(r + span, int(b))) for r in range(int(a), int(b), span)]
+                  for k, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True))]
+        opened = [k for k, spans in enumerate(shards) if spans]
+        # round robin over the workers, so that the window keeps every one of them busy
+        tasks = [t for level in itertools.zip_longest(*shards) for t in level if t]
+        alpha_ref, chain_ref = self.ex.put(coef.detach().cpu().numpy()), self._chain_ref(chain)
+        centers, t0 = self.center_blocks(center_idx), time.perf_counter()
+        rows, correct, pending = 0, 0, collections.deque()
+        try:
+            self.ex.get([self.ex.submit(k, "batch_open", target, k) for k in opened])
+            with progress_bar(n, "predict", self.progress, unit="image") as bar:
+                for i, (k, r0, r1) in enumerate(tasks):
+                    pending.append(self.ex.submit(
+                        k, "batch_block", target.run, r0, X.slice(r0, r1),
+                        None if labels is None else labels[r0:r1], self.block, chain_ref,
+                        alpha_ref, self.layer_ref, centers))
+                    while pending and (len(pending) >= PREDICT_WINDOW * workers
+                                       or i == len(tasks) - 1):
+                        done, right = self.ex.get([pending.popleft()])[0]
+                        rows, correct = rows + done, correct + right
+                        bar.update(done)
+            parts = self.ex.get([self.ex.submit(k, "batch_close", target.run) for k in opened])
+        except BaseException:
+            for k in opened:  # drop the unfinished parts where the workers still can
+                try:
+                    self.ex.get([self.ex.submit(k, "batch_abort", target.run)])
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            raise
+        self._time("write_predictions", t0)
+        return parts, rows, correct if target.labelled else -1
 
     # ------------------------------------------------------------------ lifecycle
     def report(self) -> dict:

@@ -429,10 +429,13 @@ def encode_uint8(pixels: np.ndarray, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None,
+                 crop: bool = False) -> np.ndarray:
     """``uint8`` pixels ``(H, W)`` or ``(H, W, 3)`` of PNG/JPEG bytes, resized (bilinear) to
-    ``size`` ``(H, W)`` when given. 16-bit grey is scaled down, not clipped as PIL would."""
-    from PIL import Image
+    ``size`` ``(H, W)`` when given: stretched to it, or with ``crop`` scaled to cover it and
+    centre-cropped (``PIL.ImageOps.fit``: ImageNet's shorter side, then centre crop, keeping the
+    aspect ratio). 16-bit grey is scaled down, not clipped as PIL would."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -442,10 +445,28 @@ def decode_uint8(data: bytes, channels: int, size: tuple[int, int] | None = None
                 image = Image.fromarray(np.rint(wide / np.float32(257.0)).astype(np.uint8))
             image = image.convert("L" if channels == 1 else "RGB")
             if size is not None and (image.height, image.width) != tuple(size):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                image = (ImageOps.fit(image, (size[1], size[0]), Image.Resampling.BILINEAR)
+                         if crop else image.resize((size[1], size[0]), Image.Resampling.BILINEAR))
             return np.asarray(image, dtype=np.uint8)
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def decode_to(out: np.ndarray, data: bytes | None, size: tuple[int, int] | None, crop: bool,
+              expected: str) -> None:
+    """Decode one image into ``out`` ``(C, H, W)``: its 8-bit pixels (uint8 ``out``) or them
+    divided by 255 (float ``out``), as every on-disk set reads a row. Without ``size`` the image
+    must already be ``H x W`` (``expected`` says who says so: a ``ValueError`` otherwise)."""
+    if data is None:
+        raise ValueError("image is null")
+    pixels = decode_uint8(data, out.shape[0], size, crop)
+    if pixels.shape[:2] != out.shape[1:]:
+        raise ValueError(f"image is {pixels.shape[0]}x{pixels.shape[1]}, but {expected} "
+                         f"{out.shape[1]}x{out.shape[2]}; pass size=(H, W) to resize")
+    if out.dtype == np.uint8:
+        out[...] = chw(pixels)
+    else:
+        np.divide(chw(pixels), np.float32(255.0), out=out)
 
 
 def encode_image(x: np.ndarray, encoding: str = "png", quality: int = 95) -> bytes:

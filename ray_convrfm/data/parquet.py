@@ -1,25 +1,29 @@
 """Parquet image data sets: lazy splits for fits on Ray, and conversion to the layout.
 
 The layout, its writer and reader are :mod:`ray_convrfm.data.parquet_io`'s (re-exported here).
-:class:`ParquetImages` stands in for an image array in ``ConvRFM.fit``: the driver reads labels
-and validation rows through :func:`read_rows`, each Ray worker its own :class:`ParquetRows`.
-:func:`convert` writes whatever ``load_dataset`` loads, or a folder of class subfolders.
+:class:`ParquetImages` (a ``data.ondisk.DiskImages``) stands in for an image array in
+``ConvRFM.fit``: the driver reads labels and validation rows through :func:`read_rows`, each Ray
+worker its own :class:`ParquetRows`. ``ParquetImages.open_hf`` opens Hugging Face style shards
+as they are (``data.hf_parquet``). :func:`convert` writes whatever ``load_dataset`` loads, or,
+in parallel on Ray (``data.conversion``), a folder tree or a Hugging Face set.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from ray_convrfm.data import images as img
 from ray_convrfm.data import parquet_io as pio
+from ray_convrfm.data.conversion import Target, convert_images, first_image
 from ray_convrfm.data.datasets import ImageDataset, load_dataset
+from ray_convrfm.data.folder_tree import FolderImages, scan_tree
+from ray_convrfm.data.hf_parquet import open_hf_parquet
+from ray_convrfm.data.ondisk import DiskImages, DiskRows, check_resize
 from ray_convrfm.data.parquet_io import (  # the public names of the layout, re-exported
     FORMAT,
     VERSION,
@@ -38,129 +42,55 @@ __all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetImages", "ParquetManifest"
            "RowGroup", "convert", "decode_image", "encode_image", "load_parquet",
            "open_parquet_dataset", "read_rows", "write_parquet_dataset"]
 
-_MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
-_FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg")
-# PIL modes that hold one (grey) channel; every other mode is treated as colour.
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+#: Rows of any on-disk set a worker loads (the name from when parquet was the only kind).
+ParquetRows = DiskRows
 
 
-class _FolderImage(NamedTuple):
-    path: Path
-    label: int
-    fmt: str | None  # PIL format of the file
-    mode: str
-    height: int
-    width: int
-
-    @property
-    def channels(self) -> int:
-        return 1 if self.mode in _GREY_MODES else 3
-
-
-def _check_link(path: Path, root: Path, follow_symlinks: bool) -> Path:
-    """``path``, unless a symbolic link out of ``root`` and not ``follow_symlinks``."""
-    if not follow_symlinks and path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(root):
-            raise ValueError(
-                f"{path} is a symbolic link to {target}, outside the folder {root} being "
-                "converted; pass follow_symlinks=True (ray-convrfm convert --follow-symlinks) "
-                "to read what links outside it point to")
-    return path
-
-
-def _files_under(folder: Path, root: Path, follow_symlinks: bool) -> list[Path]:
-    """Every file under ``folder``, sorted, links checked; a folder is visited once."""
-    out, stack, seen = [], [folder], {folder.resolve()}
-    while stack:
-        for p in stack.pop().iterdir():
-            _check_link(p, root, follow_symlinks)
-            if p.is_dir():
-                if p.resolve() not in seen:
-                    seen.add(p.resolve())
-                    stack.append(p)
-            elif p.is_file():
-                out.append(p)
-    return sorted(out)
-
-
-def _scan_folder(directory: Path, follow_symlinks: bool = False
-                 ) -> tuple[dict[str, list[_FolderImage]], tuple[str, ...]]:
-    """The images of ``DIR/[train|test]/<class>/`` (or ``DIR/<class>/``: all train) with their
-    headers, and the sorted class names of both splits. Symbolic links that lead out of
-    ``DIR`` are refused unless ``follow_symlinks``."""
-    from PIL import Image
-
-    if not directory.is_dir():
-        raise FileNotFoundError(f"folder data set {directory} is not a directory")
-    root = directory.resolve()
-    dirs = {s: _check_link(directory / s, root, follow_symlinks) for s in pio.SPLITS
-            if (directory / s).is_dir()}
-    if dirs and "train" not in dirs:
-        raise ValueError(f"{directory}: has a test/ folder but no train/ folder")
-    dirs = dirs or {"train": directory}
-    classes = tuple(sorted({p.name for d in dirs.values() for p in d.iterdir()
-                            if _check_link(p, root, follow_symlinks).is_dir()
-                            and not p.name.startswith(".")}))
-    if not classes:
-        raise ValueError(f"{directory}: no class folders found; expected "
-                         f"{directory}/[train|test]/<class>/*.png|jpg|jpeg")
-    out: dict[str, list[_FolderImage]] = {}
-    for split, d in dirs.items():
-        out[split] = []
-        for label, cls in enumerate(classes):
-            if not (d / cls).is_dir():
-                continue
-            for p in _files_under(d / cls, root, follow_symlinks):
-                if p.suffix.lower() not in _FOLDER_SUFFIXES or p.name.startswith("."):
-                    continue
-                try:
-                    with Image.open(p) as im:  # lazy: reads the header only
-                        out[split].append(
-                            _FolderImage(p, label, im.format, im.mode, im.height, im.width))
-                except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-                    raise ValueError(f"{p}: not a readable image ({exc})") from exc
-    if not out["train"]:
-        raise ValueError(f"{directory}: no *.png/*.jpg/*.jpeg images in the train split")
-    return out, classes
-
-
-def _convert_folder(directory: Path, out: str | os.PathLike[str], fmt: str,
-                    size: tuple[int, int] | None, channels: int | None, quality: int,
-                    shuffle_seed: int | None, name: str | None, follow_symlinks: bool,
-                    **write) -> Path | str:
-    images, classes = _scan_folder(directory, follow_symlinks)
-    first = images["train"][0]
-    c = first.channels if channels is None else img.check_channels(channels)
-    h, w = size or (first.height, first.width)
-    for im in itertools.chain(*images.values()):
-        if ((size is None and (im.height, im.width) != (h, w))
-                or (channels is None and im.channels != c)):
-            raise ValueError(
-                f"{im.path}: image is {im.height}x{im.width} with {im.channels} channel(s), but "
-                f"the first image {first.path} is {first.height}x{first.width} with "
-                f"{first.channels}; pass size=(H, W) (and channels=1 or 3) to convert all")
-    mode = "L" if c == 1 else "RGB"
-
-    def rows(items: Sequence[_FolderImage]) -> Iterator[tuple[bytes, int]]:
-        for im in items:
-            data = im.path.read_bytes()
-            if (im.fmt != fmt or not data.startswith(_MAGIC[fmt]) or im.mode != mode
-                    or (im.height, im.width) != (h, w)):
-                try:  # re-encode; images already in the wanted form are stored byte for byte
-                    data = img.encode_uint8(img.decode_uint8(data, c, (h, w)), fmt, quality)
-                except ValueError as exc:
-                    raise ValueError(f"{im.path}: {exc}") from exc
-            yield data, im.label
-
+def _convert_tree(directory: Path, out: str | os.PathLike[str], fmt: str,
+                  size: tuple[int, int] | None, channels: int | None, quality: int,
+                  shuffle_seed: int | None, name: str | None, follow_symlinks: bool,
+                  labels_file: str | os.PathLike[str] | None, resize: str,
+                  splits: Sequence[str] | None, **write) -> Path | str:
+    """A folder tree: its splits listed here, converted by ``data.conversion``'s tasks."""
+    tree = scan_tree(directory, follow_symlinks)
+    sources = {}
+    for split in splits or tree.splits:
+        try:
+            sources[split] = FolderImages.open(directory, split, size, shuffle_seed=None,
+                                               labels_file=labels_file,
+                                               follow_symlinks=follow_symlinks)
+        except ValueError as exc:  # an empty test/val folder is skipped, as it always was
+            if split == "train" or not str(exc).endswith(f"images in the {split} split"):
+                raise
+    h, w, c, first = first_image(sources["train"])  # before shuffling: the first on disk
     if shuffle_seed is not None:
         # Folder order is class by class; contiguous worker shards need mixed classes.
         rng = np.random.default_rng(shuffle_seed)
-        images = {s: [items[i] for i in rng.permutation(len(items))] for s, items in images.items()}
+        sources = {s: im.take(rng.permutation(len(im))) for s, im in sources.items()}
+    c = c if channels is None else img.check_channels(channels)
+    h, w = size or (h, w)
     meta = {"name": name or directory.resolve().name or "folder", "channels": c, "height": h,
-            "width": w, "encoding": fmt.lower(), "classes": list(classes)}
-    splits = {s: (len(items), rows(items)) for s, items in images.items() if items}
-    return pio.write_encoded(out, meta, splits, **write)
+            "width": w, "encoding": fmt.lower(), "classes": list(tree.classes)}
+    target = Target(fmt, quality, c, h, w, size is not None, channels is not None,
+                    resize == "crop", first)
+    return convert_images(sources, out, meta, target, **write)
+
+
+def _convert_hf(directory: str, out: str | os.PathLike[str], fmt: str,
+                size: tuple[int, int] | None, channels: int | None, quality: int,
+                name: str | None, resize: str, splits: Sequence[str] | None,
+                **write) -> Path | str:
+    """A Hugging Face style set: rows in the shards' order, converted by tasks."""
+    m = open_hf_parquet(directory, channels or 3)
+    sources = {s: ParquetImages(m, s) for s in (splits or m.groups)}
+    h, w, c, first = first_image(sources.get("train") or next(iter(sources.values())))
+    c = c if channels is None else img.check_channels(channels)
+    h, w = size or (h, w)
+    meta = {"name": name or m.name, "channels": c, "height": h, "width": w,
+            "encoding": fmt.lower(), "classes": list(m.classes)}
+    target = Target(fmt, quality, c, h, w, size is not None, channels is not None,
+                    resize == "crop", first)
+    return convert_images(sources, out, meta, target, **write)
 
 
 def _resize(ds: ImageDataset, size: tuple[int, int]) -> ImageDataset:
@@ -185,30 +115,43 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
             rows_per_file: int = 16384, rows_per_group: int = 1024,
             shuffle_seed: int | None = 0, name: str | None = None, overwrite: bool = False,
             progress: bool = False, root: str | os.PathLike[str] | None = None,
-            download: bool = False, follow_symlinks: bool = False) -> Path | str:
+            download: bool = False, follow_symlinks: bool = False, resize: str = "stretch",
+            splits: Sequence[str] | None = None,
+            labels_file: str | os.PathLike[str] | None = None, workers: int | None = None,
+            address: str | None = None) -> Path | str:
     """Write a data set in the parquet layout; returns what :func:`write_parquet_dataset` does.
 
-    ``source_spec``: anything ``load_dataset`` accepts (``root``, ``download`` go to it), or
-    ``"folder:DIR"``: ``DIR/[train|test]/<class>/*.png|jpg|jpeg`` (without ``train/``, ``DIR`` is
-    the train split), classes the sorted class-folder names. Folder images already in
-    ``encoding``, mode (``L``/``RGB``) and size are stored byte for byte, others re-encoded.
-    ``size`` ``(H, W)`` resizes (bilinear); without it all must have the first image's size, and
-    without ``channels`` (1 or 3) its channels. ``shuffle_seed`` (``None``: keep) shuffles folder
-    rows, which come class by class. ``name`` renames the set. Symbolic links leading out of
-    ``DIR`` are refused unless ``follow_symlinks``. The rest is as in :func:`write_parquet_dataset`.
+    ``source_spec``: anything ``load_dataset`` accepts (``root``, ``download`` go to it); or
+    ``"folder:DIR"`` (also ``"imagenet:DIR"``): a folder tree as ``data.folder_tree`` reads it
+    (``DIR/[train|test|val]/<class>/*.png|jpg|jpeg``, a flat ``val/`` with ``labels_file``;
+    without ``train/``, ``DIR`` is the train split), classes the sorted class-folder names; or
+    ``"hf:DIR"``: Hugging Face style shards (``data.hf_parquet``). Those two are converted one
+    output file per task, on ``workers`` Ray workers (``address``: a cluster to join) or in this
+    process without ``workers``; ``splits`` picks theirs (default all). Their images already
+    in ``encoding``, mode (``L``/``RGB``) and size are stored byte for byte, others
+    re-encoded. ``size`` ``(H, W)`` resizes (bilinear; ``resize="crop"``: scaled to cover it,
+    then centre-cropped); without it all must have the first image's size, and without
+    ``channels`` (1 or 3) its channels. ``shuffle_seed`` (``None``: keep) shuffles folder rows,
+    which come class by class. ``name`` renames the set. Symbolic links leading out of ``DIR``
+    are refused unless ``follow_symlinks``. The rest is as in :func:`write_parquet_dataset`.
     """
     fmt, size = img.format_of(encoding), img.check_size(size)
     write = {"rows_per_file": rows_per_file, "rows_per_group": rows_per_group,
              "overwrite": overwrite, "progress": progress}
     s = source_spec.strip()
-    if s.lower().startswith("folder:") and len(s) > len("folder:"):
-        return _convert_folder(Path(s[len("folder:"):]).expanduser(), out, fmt, size, channels,
-                               quality, shuffle_seed, name, follow_symlinks, **write)
+    kind, _, where = s.partition(":")
+    if kind.lower() in ("folder", "imagenet", "hf") and where:
+        tasks = {"resize": check_resize(resize), "splits": splits, "workers": workers,
+                 "address": address}
+        if kind.lower() == "hf":
+            return _convert_hf(where, out, fmt, size, channels, quality, name, **tasks, **write)
+        return _convert_tree(Path(where).expanduser(), out, fmt, size, channels, quality,
+                             shuffle_seed, name, follow_symlinks, labels_file, **tasks, **write)
     try:
         ds = load_dataset(s, root=root, download=download)
     except ValueError as exc:
         if str(exc).startswith("unknown data set spec"):
-            raise ValueError(f'{exc}, or "folder:DIR"') from exc
+            raise ValueError(f'{exc}, or "folder:DIR", "imagenet:DIR", "hf:DIR"') from exc
         raise
     if channels is not None and img.check_channels(channels) != ds.image_shape[0]:
         raise ValueError(f"{ds.name}: channels={channels} requested but the images have "
@@ -223,21 +166,39 @@ MIN_GROUPS_FOR_GROUP_SPLIT = 10
 
 
 @dataclasses.dataclass(frozen=True)
-class ParquetImages:
+class ParquetImages(DiskImages):
     """One split of a parquet data set, read only where it is needed: pass it to ``fit`` in
     place of an image array; the driver reads the labels and validation rows, each Ray worker
-    its own :class:`ParquetRows`. ``size`` ``(H, W)`` resizes; ``limit`` keeps the first rows.
+    its own :class:`ParquetRows`. ``size`` ``(H, W)`` resizes (``resize``: ``"stretch"`` to it,
+    or ``"crop"``: scaled to cover it, then centre-cropped); ``limit`` keeps the first rows.
     """
 
     manifest: ParquetManifest
     split: str = "train"
     size: tuple[int, int] | None = None
     limit: int | None = None
+    resize: str = "stretch"
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], split: str = "train",
-             size: tuple[int, int] | None = None, limit: int | None = None) -> ParquetImages:
-        return cls(open_parquet_dataset(path), split, img.check_size(size), limit)
+             size: tuple[int, int] | None = None, limit: int | None = None,
+             resize: str = "stretch") -> ParquetImages:
+        """A split of the project's layout (``dataset.json``)."""
+        return cls(open_parquet_dataset(path), split, img.check_size(size), limit,
+                   check_resize(resize))
+
+    @classmethod
+    def open_hf(cls, path: str | os.PathLike[str], split: str = "train",
+                size: tuple[int, int] | None = None, limit: int | None = None,
+                resize: str = "crop", channels: int = 3, image_column: str = "image",
+                label_column: str = "label") -> ParquetImages:
+        """A split of Hugging Face style shards as they are (``data.hf_parquet``): images read
+        with ``channels`` (3: grey converted), resized by centre crop unless told otherwise;
+        without ``size`` every image must have the first one's."""
+        size = img.check_size(size)
+        m = open_hf_parquet(path, channels, image_column, label_column,
+                            size_of=None if size else split)
+        return cls(m, split, size, limit, check_resize(resize))
 
     def __len__(self) -> int:
         n = self.manifest.rows(self.split)
@@ -254,7 +215,8 @@ class ParquetImages:
     def labels(self) -> np.ndarray:
         """All labels, reading only the ``label`` column."""
         slices = self.manifest.groups_for(self.split, 0, len(self))
-        parts = [y for *_, y in pio.read_slices(self.manifest, self.split, slices, ["label"])]
+        parts = [y for *_, y in pio.read_slices(self.manifest, self.split, slices,
+                                                [self.manifest.label_column])]
         return np.concatenate([np.zeros(0, np.int64), *parts]).astype(np.int64)
 
     def read(self, ranges: Sequence[tuple[int, int]] | None = None, dtype: str = "float32"
@@ -263,8 +225,8 @@ class ParquetImages:
         in ``[0, 1]`` (float32) or as stored 8-bit pixels (``dtype="uint8"``)."""
         ranges = [(0, len(self))] if ranges is None else list(ranges)
         # read_rows is looked up here, so that a test can count the driver's reads
-        parts = [read_rows(self.manifest, self.split, a, b, size=self.size, dtype=dtype)
-                 for a, b in ranges]
+        parts = [read_rows(self.manifest, self.split, a, b, size=self.size, dtype=dtype,
+                           resize=self.resize) for a, b in ranges]
         if not parts:
             n, c, h, w = self.shape
             return np.zeros((0, c, h, w), dtype), np.zeros(0, np.int64)
@@ -282,34 +244,13 @@ class ParquetImages:
         chunk = max(1, n // 100)
         return [min(chunk, n - a) for a in range(0, n, chunk)]
 
-
-@dataclasses.dataclass(frozen=True)
-class ParquetRows:
-    """Some rows of :class:`ParquetImages` (sorted ranges): the shard a worker loads. Small and
-    picklable: a Ray actor receives it instead of pixels, and calls :meth:`load` (again after a
-    restart)."""
-
-    images: ParquetImages
-    ranges: tuple[tuple[int, int], ...]
-    dtype: str = "uint8"  # the stored pixels; "float32" decodes to [0, 1] here
-
-    def __len__(self) -> int:
-        return sum(b - a for a, b in self.ranges)
-
-    @property
-    def row_shape(self) -> tuple[int, int, int]:
-        return self.images.shape[1:]
-
-    def slice(self, start: int, stop: int) -> ParquetRows:
-        """Rows ``start:stop`` of this selection (positions counted across the ranges)."""
-        r = self.ranges
-        return dataclasses.replace(self, ranges=tuple(
-            (r[i][0] + lo, r[i][0] + hi) for i, lo, hi in pio.overlaps(
-                (b - a for a, b in r), start, stop)))
-
-    def load(self) -> np.ndarray:
-        """Read and decode these rows: ``(len, C, H, W)``, uint8 pixels as stored (the
-        default) or float in ``[0, 1]``."""
-        if self.dtype == "uint8":
-            return self.images.read(self.ranges, dtype="uint8")[0]
-        return self.images.read(self.ranges)[0].astype(self.dtype, copy=False)
+    def encoded(self, ranges: Sequence[tuple[int, int]]
+                ) -> Iterator[tuple[bytes | None, int, str]]:
+        m = self.manifest
+        for a, b in ranges:
+            slices = m.groups_for(self.split, a, b)
+            for s, table, labels in pio.read_slices(m, self.split, slices,
+                                                    [m.image_column, m.label_column]):
+                images = pio.image_bytes(table.column(m.image_column))
+                for j, (data, label) in enumerate(zip(images, labels, strict=True)):
+                    yield data, int(label), f"{s.file}: row group {s.index}, row {s.start + j}"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import re
@@ -37,7 +36,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,6 +44,13 @@ import pyarrow.fs as pafs
 
 from ray_convrfm.data import images as img
 from ray_convrfm.data.images import ImageDataset, decode_image, default_classes, encode_image
+from ray_convrfm.data.parquet_fs import is_file as _is_file
+from ray_convrfm.data.parquet_fs import join as _join
+from ray_convrfm.data.parquet_fs import list_parquet as _list_parquet
+from ray_convrfm.data.parquet_fs import natural_key as _natural_key
+from ray_convrfm.data.parquet_fs import overlaps, resolve
+from ray_convrfm.data.parquet_fs import read_json as _read_json
+from ray_convrfm.data.parquet_fs import write_json as _write_json
 
 __all__ = ["FORMAT", "VERSION", "GroupSlice", "ParquetManifest", "RowGroup", "check_labels",
            "decode_image", "encode_image", "load_parquet", "open_parquet_dataset", "read_rows",
@@ -64,42 +69,16 @@ PENDING_FILE = "_writing.json"
 SPLITS = ("train", "test")
 _SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
 _PARQUET = pads.ParquetFileFormat()
+# Encoded images are incompressible and unique: no dictionary, no statistics for them.
+_WRITE_OPTIONS = {"use_dictionary": ["label"], "write_statistics": ["label"]}
 
 
-def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str, bool]:
-    """``(file system, path inside it, is local)``: pyarrow's own file systems first, any other
-    URL through fsspec, wrapped so that the rest sees one pyarrow interface."""
-    s = os.fspath(path)
-    if "://" not in s:
-        return pafs.LocalFileSystem(), str(Path(s).expanduser().resolve()), True
-    try:
-        fs, inner = pafs.FileSystem.from_uri(s)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        ffs, inner = fsspec.core.url_to_fs(s)
-        fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
-    return fs, inner.rstrip("/") or inner, isinstance(fs, pafs.LocalFileSystem)
-
-
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _natural_key(name: str) -> list:
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name)]
-
-
-def _list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:
-    """The ``*.parquet`` files of ``directory`` in natural order (``part-2`` before ``part-10``)."""
-    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-    names = [i.base_name for i in infos if i.type == pafs.FileType.File
-             and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_"))]
-    return [_join(directory, n) for n in sorted(names, key=_natural_key)]
-
-
-def _batches(rows: Iterable[tuple[bytes, int]], size: int, bar) -> Iterator[pa.RecordBatch]:
+def _batches(rows: Iterable[tuple[bytes, int]], size: int, bar=None
+             ) -> Iterator[pa.RecordBatch]:
     it = iter(rows)
     while chunk := list(itertools.islice(it, size)):
-        bar.update(len(chunk))
+        if bar is not None:
+            bar.update(len(chunk))
         images, labels = zip(*chunk, strict=True)
         yield pa.record_batch([pa.array(images, pa.binary()), pa.array(labels, pa.int64())],
                               schema=_SCHEMA)
@@ -108,23 +87,6 @@ def _batches(rows: Iterable[tuple[bytes, int]], size: int, bar) -> Iterator[pa.R
 def _planned_files(n: int, rows_per_file: int) -> list[str]:
     """The names ``write_dataset`` gives the files of a split of ``n`` rows, written in order."""
     return [f"part-{i}.parquet" for i in range(-(-int(n) // int(rows_per_file)))]
-
-
-def _is_file(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _read_json(fs: pafs.FileSystem, path: str) -> object:
-    """A JSON file's content (None when it is missing; ``ValueError`` when not JSON)."""
-    if not _is_file(fs, path):
-        return None
-    with fs.open_input_stream(path) as fh:
-        return json.loads(fh.read())
-
-
-def _write_json(fs: pafs.FileSystem, path: str, doc: dict) -> None:
-    with fs.open_output_stream(path) as fh:
-        fh.write((json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
 def _written_files(fs: pafs.FileSystem, root: str) -> dict[str, set[str]]:
@@ -152,16 +114,6 @@ def _plain_file(name: object) -> bool:  # a *.parquet name inside a split folder
             and "\\" not in name and not name.startswith("."))
 
 
-def overlaps(sizes: Iterable[int], start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-    """``(i, lo, hi)``: rows ``lo:hi`` of piece ``i`` (pieces of ``sizes`` laid end to end) fall
-    in ``start:stop``."""
-    first = 0
-    for i, n in enumerate(sizes):
-        if min(stop, first + n) > max(start, first):
-            yield i, max(start, first) - first, min(stop, first + n) - first
-        first += n
-
-
 def write_encoded(out: str | os.PathLike[str], meta: dict,
                   splits: dict[str, tuple[int, Iterable[tuple[bytes, int]]]],
                   rows_per_file: int = 16384, rows_per_group: int = 1024,
@@ -171,20 +123,45 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
     files of each split). See :func:`write_parquet_dataset` for the arguments."""
     from tqdm.auto import tqdm
 
+    counts = {split: n for split, (n, _) in splits.items()}
+    fs, root, local, group = begin_write(out, counts, rows_per_file, rows_per_group, overwrite)
+    options = _PARQUET.make_write_options(**_WRITE_OPTIONS)
+    written: dict[str, list[str]] = {split: [] for split in splits}
+    with tqdm(total=sum(counts.values()), desc=f"write {meta['name']}", disable=not progress,
+              leave=False, unit="img") as bar:
+        for split, (_, rows) in splits.items():
+            pads.write_dataset(
+                pa.RecordBatchReader.from_batches(_SCHEMA, _batches(rows, group, bar)),
+                _join(root, split), filesystem=fs, format=_PARQUET, file_options=options,
+                basename_template="part-{i}.parquet", max_rows_per_file=int(rows_per_file),
+                max_rows_per_group=group, min_rows_per_group=group, preserve_order=True,
+                existing_data_behavior="overwrite_or_ignore",
+                file_visitor=lambda f, s=split: written[s].append(f.path.rsplit("/", 1)[-1]))
+    finish_write(out, fs, root, meta, counts, written)
+    return Path(root) if local else os.fspath(out)
+
+
+def begin_write(out: str | os.PathLike[str], counts: dict[str, int], rows_per_file: int,
+                rows_per_group: int, overwrite: bool) -> tuple[pafs.FileSystem, str, bool, int]:
+    """Make room at ``out`` for a set of ``counts`` rows per split, in files named as
+    :func:`write_encoded` names them (refused as documented there); the planned files are
+    announced in ``_writing.json`` before the old set's files are deleted. Returns ``(file
+    system, root, is local, rows per row group)``: whoever writes the files calls
+    :func:`finish_write` after them."""
     for arg, value in (("rows_per_file", rows_per_file), ("rows_per_group", rows_per_group)):
         if int(value) != value or value < 1:
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     group = int(min(rows_per_group, rows_per_file))
     fs, root, local = resolve(out)
     meta_path, pending_path = _join(root, META_FILE), _join(root, PENDING_FILE)
-    old = {split: _list_parquet(fs, _join(root, split)) for split in SPLITS}
+    old = {split: _list_parquet(fs, _join(root, split)) for split in {*SPLITS, *counts}}
     has_meta = _is_file(fs, meta_path)
     n_old = sum(len(files) for files in old.values())
     if (n_old or has_meta) and not overwrite:
         raise FileExistsError(f"{out} already holds a parquet data set ({n_old} parquet file(s)"
                               f"{', dataset.json' if has_meta else ''}); pass overwrite=True")
     ours = _written_files(fs, root) if overwrite else {}
-    planned = {split: _planned_files(n, rows_per_file) for split, (n, _) in splits.items()}
+    planned = {split: _planned_files(n, rows_per_file) for split, n in counts.items()}
     for split, names in planned.items():  # never write over a file this module did not write
         clash = [_join(root, split, n) for n in names if n not in ours.get(split, ())
                  and fs.get_file_info(_join(root, split, n)).type != pafs.FileType.NotFound]
@@ -204,26 +181,33 @@ def write_encoded(out: str | os.PathLike[str], meta: dict,
         for name in sorted(names, key=_natural_key):
             if _is_file(fs, path := _join(root, split, name)):
                 fs.delete_file(path)
-    # Encoded images are incompressible and unique: no dictionary, no statistics for them.
-    options = _PARQUET.make_write_options(use_dictionary=["label"], write_statistics=["label"])
-    counts = {split: n for split, (n, _) in splits.items()}
-    written: dict[str, list[str]] = {split: [] for split in splits}
-    with tqdm(total=sum(counts.values()), desc=f"write {meta['name']}", disable=not progress,
-              leave=False, unit="img") as bar:
-        for split, (_, rows) in splits.items():
-            pads.write_dataset(
-                pa.RecordBatchReader.from_batches(_SCHEMA, _batches(rows, group, bar)),
-                _join(root, split), filesystem=fs, format=_PARQUET, file_options=options,
-                basename_template="part-{i}.parquet", max_rows_per_file=int(rows_per_file),
-                max_rows_per_group=group, min_rows_per_group=group, preserve_order=True,
-                existing_data_behavior="overwrite_or_ignore",
-                file_visitor=lambda f, s=split: written[s].append(f.path.rsplit("/", 1)[-1]))
-    _write_json(fs, meta_path, {
+    return fs, root, local, group
+
+
+def write_part(fs: pafs.FileSystem, path: str, rows: Iterable[tuple[bytes, int]],
+               group: int) -> int:
+    """Write one file of the layout, as :func:`write_encoded` writes them (encoded rows in row
+    groups of ``group``), streamed one row group at a time; returns its row count."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    with fs.open_output_stream(path) as sink, \
+            pq.ParquetWriter(sink, _SCHEMA, **_WRITE_OPTIONS) as writer:
+        for batch in _batches(rows, group):
+            writer.write_batch(batch, row_group_size=group)
+            n += batch.num_rows
+    return n
+
+
+def finish_write(out: str | os.PathLike[str], fs: pafs.FileSystem, root: str, meta: dict,
+                 counts: dict[str, int], files: dict[str, list[str]]) -> None:
+    """``dataset.json`` (``meta``, format, version, ``counts`` and the ``files`` of each split),
+    written last: from then on the set is readable; ``_writing.json`` goes."""
+    _write_json(fs, _join(root, META_FILE), {
         "format": FORMAT, "version": VERSION, **meta, "splits": counts,
-        "files": {s: sorted(names, key=_natural_key) for s, names in written.items()}})
-    fs.delete_file(pending_path)
+        "files": {s: sorted(names, key=_natural_key) for s, names in files.items()}})
+    fs.delete_file(_join(root, PENDING_FILE))
     logger.info("wrote parquet data set %r to %s: %s", meta["name"], out, counts)
-    return Path(root) if local else os.fspath(out)
 
 
 def write_parquet_dataset(ds: ImageDataset, out: str | os.PathLike[str], encoding: str = "png",
@@ -284,7 +268,9 @@ class GroupSlice(NamedTuple):
 class ParquetManifest:
     """An opened data set: ``dataset.json`` and, per split, its row groups in row order. Small
     and picklable (as pyarrow file systems are): the driver ships it to the Ray workers, which
-    call :func:`read_rows` on their rows. ``height``/``width`` are ``None`` for varying sizes."""
+    call :func:`read_rows` on their rows. ``height``/``width`` are ``None`` for varying sizes.
+    A Hugging Face set (``data.hf_parquet``) names its columns, and where its classes and size
+    come from (for messages)."""
 
     root: str  # the path or URL it was opened from
     filesystem: pafs.FileSystem
@@ -295,6 +281,10 @@ class ParquetManifest:
     encoding: str
     classes: tuple[str, ...]
     groups: dict[str, list[RowGroup]]
+    image_column: str = "image"
+    label_column: str = "label"
+    meta_source: str = META_FILE  # under root: what states the classes
+    size_source: str = f"{META_FILE} says"  # "image is 7x5, but <this> 6x5"
 
     def rows(self, split: str) -> int:
         """Number of rows of ``split`` (0 for an absent ``"test"`` split)."""
@@ -320,18 +310,20 @@ class ParquetManifest:
                 f"shape=({self.channels}, {self.height}, {self.width}), {sizes})")
 
 
-def _check_schema(schema: pa.Schema, path: str) -> None:
-    if "image" not in schema.names or "label" not in schema.names:
-        raise ValueError(f"{path}: parquet file needs columns 'image' and 'label'; "
+def check_schema(schema: pa.Schema, path: str, image: str = "image",
+                 label: str = "label") -> None:
+    """Refuse a file without an encoded-image column ``image`` and an integer ``label``."""
+    if image not in schema.names or label not in schema.names:
+        raise ValueError(f"{path}: parquet file needs columns {image!r} and {label!r}; "
                          f"has {schema.names}")
-    image, label = schema.field("image").type, schema.field("label").type
-    if pa.types.is_struct(image) and image.get_field_index("bytes") >= 0:
-        image = image.field("bytes").type
-    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)):
-        raise ValueError(f"{path}: column 'image' must be binary or struct<bytes: binary, "
-                         f"path: string>, got {schema.field('image').type}")
-    if not pa.types.is_integer(label):
-        raise ValueError(f"{path}: column 'label' must be an integer type, got {label}")
+    image_type, label_type = schema.field(image).type, schema.field(label).type
+    if pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0:
+        image_type = image_type.field("bytes").type
+    if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)):
+        raise ValueError(f"{path}: column {image!r} must be binary or struct<bytes: binary, "
+                         f"path: string>, got {schema.field(image).type}")
+    if not pa.types.is_integer(label_type):
+        raise ValueError(f"{path}: column {label!r} must be an integer type, got {label_type}")
 
 
 def _read_meta(fs: pafs.FileSystem, root: str, display: str) -> dict:
@@ -395,7 +387,7 @@ def open_parquet_dataset(path: str | os.PathLike[str]) -> ParquetManifest:
             files = _list_parquet(fs, _join(root, split))
         groups[split] = []
         for fragment in pads.dataset(files, format=_PARQUET, filesystem=fs).get_fragments():
-            _check_schema(fragment.physical_schema, fragment.path)
+            check_schema(fragment.physical_schema, fragment.path)
             groups[split] += [RowGroup(fragment.path, g.id, g.num_rows)
                               for g in fragment.row_groups]
         found = sum(g.num_rows for g in groups[split])
@@ -418,7 +410,7 @@ def check_labels(m: ParquetManifest, labels: np.ndarray, where: str) -> np.ndarr
         values = np.unique(labels[bad]).tolist()
         known = f"the {n} classes (0..{n - 1})" if n else "classes (labels are >= 0)"
         raise ValueError(
-            f"{where}: {int(bad.sum())} label(s) outside {known} of {m.root}/{META_FILE}: "
+            f"{where}: {int(bad.sum())} label(s) outside {known} of {m.root}/{m.meta_source}: "
             f"{values[:10]}{' ...' if len(values) > 10 else ''}; fix the labels, or the "
             "classes in the manifest")
     return labels
@@ -432,59 +424,56 @@ def read_slices(m: ParquetManifest, split: str, slices: list[GroupSlice], column
         in_file = list(in_file)
         fragment = _PARQUET.make_fragment(file, filesystem=m.filesystem,
                                           row_groups=[s.index for s in in_file])
-        for s, group in zip(in_file, fragment.split_by_row_group(), strict=True):
-            table = group.to_table(columns=columns).slice(s.start, s.stop - s.start)
-            if table.column("label").null_count:
+        # by id: pyarrow (26) may give the row groups out of order (7, 8 as 8, 7)
+        groups = {g.row_groups[0].id: g for g in fragment.split_by_row_group()}
+        for s in in_file:
+            table = groups[s.index].to_table(columns=columns).slice(s.start, s.stop - s.start)
+            labels = table.column(m.label_column)
+            if labels.null_count:
                 raise ValueError(f"{s.file}: row group {s.index} has null labels")
-            yield s, table, check_labels(m, table.column("label").to_numpy(),
+            yield s, table, check_labels(m, labels.to_numpy().astype(np.int64, copy=False),
                                          f"{s.file} (split {split!r}), row group {s.index}")
 
 
 def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split: str, start: int,
-              stop: int, size: tuple[int, int] | None = None, dtype: str = "float32"
-              ) -> tuple[np.ndarray, np.ndarray]:
+              stop: int, size: tuple[int, int] | None = None, dtype: str = "float32",
+              resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """``float32`` images ``(stop - start, C, H, W)`` in ``[0, 1]`` (or the stored pixels with
     ``dtype="uint8"``, a quarter of the bytes) and ``int64`` labels of rows
     ``start:stop`` of ``split`` (of an opened set, or its root), reading only the row groups that
-    cover them. ``size`` ``(H, W)`` resizes (bilinear); without it images must have the recorded
-    size. A bad range, a null or undecodable image or label, or another size raise a
-    ``ValueError`` naming the row."""
+    cover them. ``size`` ``(H, W)`` resizes (bilinear; ``resize="crop"``: scaled to cover it,
+    then centre-cropped); without it images must have the recorded size. A bad range, a null or
+    undecodable image or label, or another size raise a ``ValueError`` naming the row."""
     m = (manifest_or_path if isinstance(manifest_or_path, ParquetManifest)
          else open_parquet_dataset(manifest_or_path))
     size = img.check_size(size)
     slices = m.groups_for(split, start, stop)
     target = size or (m.height, m.width)
     if None in target:
-        raise ValueError(f"{m.root}: images vary in size (no height/width in {META_FILE}); "
+        raise ValueError(f"{m.root}: images vary in size (no height/width in {m.meta_source}); "
                          "pass size=(H, W)")
     if dtype not in ("float32", "uint8"):
         raise ValueError(f"dtype must be 'float32' or 'uint8'; found {dtype!r}")
     X = np.empty((int(stop) - int(start), m.channels, *target), dtype=dtype)
     y = np.empty(len(X), dtype=np.int64)
     row = 0
-    for s, table, labels in read_slices(m, split, slices, ["image", "label"]):
+    for s, table, labels in read_slices(m, split, slices, [m.image_column, m.label_column]):
         y[row : row + table.num_rows] = labels
-        images = table.column("image")
-        if pa.types.is_struct(images.type):
-            images = pc.struct_field(images, "bytes")
-        for j, data in enumerate(images.to_pylist()):
+        for j, data in enumerate(image_bytes(table.column(m.image_column))):
             try:
-                if data is None:
-                    raise ValueError("image is null")
-                pixels = img.decode_uint8(data, m.channels, size)
-                if pixels.shape[:2] != target:
-                    raise ValueError(f"image is {pixels.shape[0]}x{pixels.shape[1]}, but "
-                                     f"{META_FILE} says {target[0]}x{target[1]}; pass "
-                                     "size=(H, W) to resize")
+                img.decode_to(X[row + j], data, size, resize == "crop", m.size_source)
             except ValueError as exc:
                 raise ValueError(f"{s.file}: row group {s.index}, row {s.start + j}: "
                                  f"{exc}") from exc
-            if dtype == "uint8":
-                X[row + j] = img.chw(pixels)
-            else:
-                np.divide(img.chw(pixels), np.float32(255.0), out=X[row + j])
         row += table.num_rows
     return X, y
+
+
+def image_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
+    """The encoded images of a ``binary`` or Hugging Face ``struct<bytes, path>`` column."""
+    if pa.types.is_struct(column.type):
+        column = pc.struct_field(column, "bytes")
+    return column.to_pylist()
 
 
 def load_parquet(path: str | os.PathLike[str] | ParquetManifest,

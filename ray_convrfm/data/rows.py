@@ -3,9 +3,10 @@
 Training images, held-out sets and shards travel as an ``ImageRows``: its length, the shape of
 a row, a ``slice`` (another ``ImageRows``, small when the rows are on disk) and ``load``, which
 returns the rows as stored (8-bit pixels stay uint8). ``ArrayRows`` holds an array in memory;
-``data.parquet.ParquetRows`` names row groups of a parquet data set that whoever loads them
-reads. ``image_rows`` is the one check at the boundary, as scikit-learn's ``check_array`` is:
-past it no code asks what an input is.
+``data.ondisk.DiskRows`` (``data.parquet.ParquetRows``) names rows of an on-disk set (parquet
+row groups, Hugging Face shards, files of a folder tree) that whoever loads them reads (with
+their labels: ``load_labelled``). ``image_rows`` is the one check at the boundary, as
+scikit-learn's ``check_array`` is: past it no code asks what an input is.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ class ArrayRows:
 
     def __repr__(self) -> str:  # never the pixels
         return f"ArrayRows({self.array.shape}, {self.array.dtype})"
+
+
+def load_labelled(rows: ImageRows) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rows.load()`` and the labels the rows carry (a parquet set's ``label`` column: rows
+    with a ``load_labelled`` method), else None; read in one pass."""
+    labelled = getattr(rows, "load_labelled", None)
+    return labelled() if labelled is not None else (rows.load(), None)
 
 
 def image_rows(X) -> ImageRows:

@@ -119,7 +119,7 @@ def _refuse_untrained(classes: np.ndarray, y_fit: np.ndarray, y_val: np.ndarray,
 
 
 def ranges_of(rows: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """Sorted row indices as ``(start, stop)`` ranges of consecutive rows."""
+    """Row indices as ``(start, stop)`` ranges of consecutive rows, in their order."""
     if not len(rows):
         return ()
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1

@@ -14,11 +14,12 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ray_convrfm.backends import KernelSpec, open_backend
+from ray_convrfm.backends import KernelSpec, ShardedBackend, open_backend
 from ray_convrfm.checks import as_images
-from ray_convrfm.data.parquet import ParquetImages, ParquetRows
+from ray_convrfm.data.ondisk import DiskImages, DiskRows
 from ray_convrfm.kernels.devices import resolve_device, resolve_dtype_for
 from ray_convrfm.kernels.kernel import KernelParams
+from ray_convrfm.models.batch import BatchPredictions, predict_to_parquet
 from ray_convrfm.models.inputs import (
     FitInputs,
     is_pixels,
@@ -147,9 +148,11 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : (n, C, H, W) training images, or ``data.parquet.ParquetImages`` (each Ray worker then
-            reads its own rows; validation is held out in whole row groups)
-        y : (n,) labels (at least two classes); None with ``ParquetImages`` (stored labels)
+        X : (n, C, H, W) training images, or an on-disk set (``data.ondisk.DiskImages``:
+            ``data.parquet.ParquetImages``, also of Hugging Face shards through ``open_hf``;
+            ``data.folder_tree.FolderImages``): each Ray worker then reads its own rows;
+            validation is held out in whole row groups of a parquet set
+        y : (n,) labels (at least two classes); None with an on-disk set (stored labels)
         X_val, y_val : optional validation data for choosing ridge and iteration; by default
             ``val_fraction`` of (X, y) is held out (stratified, seeded by ``random_state``)
         monitor : optional (X, y) evaluated at every iteration for reporting only (recorded as
@@ -222,6 +225,24 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
     def scores(self, X, chain: list) -> np.ndarray:
         """Scores of images X after the filter banks ``chain`` ([(filters, padding), ...],
         Deep ConvRFM's feature map, applied where the images are scored)."""
+        backend, coef = self.prediction_backend()
+        return backend.scores(X, coef, None, chain)
+
+    def predict_to_parquet(self, X, out: str | Path, y=None,
+                           overwrite: bool = False) -> BatchPredictions:
+        """Predict a whole data set where it lives: the rows are sharded over the model's
+        workers, each loads its own (an on-disk set, ``DiskImages``: read and decoded there;
+        an array: sent in blocks), scores them and writes its parquet part under folder
+        ``out`` (``row``, ``predicted_label``, ``scores``, ``true_label`` with labels: ``y``
+        or those stored), then ``_SUCCESS`` last (``data.predictions``). The driver never
+        holds the scores. A folder holding files is refused unless ``overwrite``."""
+        check_is_fitted(self, "alpha_")
+        return predict_to_parquet(self, X, out, y, overwrite, [], self.image_shape_,
+                                  type(self).__name__)
+
+    def prediction_backend(self) -> tuple[ShardedBackend, torch.Tensor]:
+        """The workers set up for this model's predictions (those kept since the fit, or
+        opened once) and the coefficients on the normalised kernel."""
         check_is_fitted(self, "alpha_")
         options = as_options(self.options)
         compute = options.compute
@@ -243,8 +264,7 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
             backend.configure(spec, None)
             backend.set_metric(M if Q is None else Q.T @ M @ Q, Q)
             self._backend_ready = True
-        coef = self.alpha_.to(device, torch.float64) / self.kernel_scale_
-        return backend.scores(X, coef, None, chain)
+        return backend, self.alpha_.to(device, torch.float64) / self.kernel_scale_
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels, shape (n,)."""
@@ -369,7 +389,7 @@ def kernel_spec(params: KernelParams, compute: ComputeOptions,
     """The device and the kernel spec of a fit on images X (dtype None: X's own; the engine is
     resolved where the kernels are computed, ``KernelSpec.engine_on``)."""
     device = resolve_device(compute.device)
-    if isinstance(X, ParquetImages):  # a parquet data set: 8-bit pixels, computed in float32
+    if isinstance(X, DiskImages):  # an on-disk set: 8-bit pixels, computed in float32
         dtype = compute.dtype or "float32"
     else:
         dtype = str(resolve_dtype_for(X, compute.dtype)).removeprefix("torch.")
@@ -383,7 +403,7 @@ def register_holdouts(backend, data: FitInputs, spec: KernelSpec) -> str | None:
     parquet rows its workers read: they stay where kernels are computed, and only scores per
     ridge come back. Returns the monitor set's name, or None."""
     def images(X):
-        if isinstance(X, ParquetRows) or is_pixels(X):  # parquet rows, 8-bit pixels: as stored
+        if isinstance(X, DiskRows) or is_pixels(X):  # on-disk rows, 8-bit pixels: as stored
             return X
         return X.to(spec.torch_dtype) if isinstance(X, torch.Tensor) \
             else np.asarray(X, dtype=spec.dtype)

@@ -27,6 +27,7 @@ from ray_convrfm.backends import open_backend
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.agop import psd_power
 from ray_convrfm.kernels.patches import grid_shape
+from ray_convrfm.models.batch import BatchPredictions, predict_to_parquet
 from ray_convrfm.models.convrfm import ConvRFM, kernel_spec, register_holdouts
 from ray_convrfm.models.inputs import prepare_fit_inputs, training_images
 from ray_convrfm.models.persistence import (
@@ -218,6 +219,14 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         """Predicted class labels, shape (n,)."""
         check_is_fitted(self, "final_")
         return self.classes_[self.decision_function(X).argmax(1)]
+
+    def predict_to_parquet(self, X, out: str | Path, y=None,
+                           overwrite: bool = False) -> BatchPredictions:
+        """``ConvRFM.predict_to_parquet`` through the filter banks: each worker featurises
+        and scores its own rows and writes its part of the predictions under ``out``."""
+        check_is_fitted(self, "final_")
+        return predict_to_parquet(self.final_, X, out, y, overwrite, self._chain(),
+                                  self.image_shape_, type(self).__name__)
 
     def save(self, path: str | Path) -> Path:
         """``config.json`` + ``model.safetensors`` (metrics, filters) + ``final/`` (no pickle).

@@ -1,7 +1,8 @@
 """Checked training, validation and monitor data for the estimators (one place for both).
 
 Labels become indices into ``classes_``; validation is carved from the training data unless
-given (stratified, seeded); parquet data sets keep their training rows unread, for the workers.
+given (stratified, seeded); on-disk sets (``data.ondisk.DiskImages``: parquet, Hugging Face
+shards, folder trees) keep their training rows unread, for the workers.
 """
 
 from __future__ import annotations
@@ -34,22 +35,24 @@ def prepare_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
     """Check inputs, find the classes and carve the validation split (shared by estimators).
 
     Without X_val, ``val_fraction`` of (X, y) is held out, drawn from ``rng``, by
-    ``data.split.split_validation``: single rows (stratified) in memory, whole row groups of
-    a parquet data set; every class keeps a training image or the split is refused with the
-    counts. Parquet rows are read as their stored 8-bit pixels, where they are used. The
+    ``data.split.split_validation``: single rows (stratified) in memory, the units an on-disk
+    set gives (whole row groups of a parquet set; single rows of a folder tree); every class
+    keeps a training image or the split is refused with the counts. On-disk rows are read as
+    8-bit pixels, where they are used. The
     split's seed is drawn from ``rng`` whether or not it is used, so a fit on a carved split
     draws what a fit given that split as X_val, y_val draws, and equals it.
     """
-    from ray_convrfm.data.parquet import ParquetImages
+    from ray_convrfm.data.ondisk import DiskImages
 
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1); found {val_fraction}")
     seed = int(rng.integers(2**31 - 1))
-    if isinstance(X, ParquetImages):
-        return _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction, seed)
+    if isinstance(X, DiskImages):
+        return _disk_fit_inputs(X, y, X_val, y_val, monitor, val_fraction, seed)
     X = as_images(X, "X")
     if y is None:
-        raise ValueError("y is required (only parquet.ParquetImages carry their own labels)")
+        raise ValueError("y is required (only on-disk image sets such as "
+                         "parquet.ParquetImages carry their own labels)")
     y = as_labels(y, X.shape[0], "y")
     classes, y_idx, X_val, y_val = _classes_and_given_validation(y, X_val, y_val, X.shape)
     if X_val is not None:
@@ -84,29 +87,25 @@ def _monitor(classes: np.ndarray, monitor, shape: tuple[int, ...]):
     return X_mon, y_mon
 
 
-def _parquet_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
-                        seed: int):
-    """Fit inputs from a parquet split: labels read here, validation rows held out in whole
-    row groups; the fit and validation rows are left for the workers to read
-    (``ParquetRows``)."""
-    from ray_convrfm.data.parquet import ParquetRows
-
+def _disk_fit_inputs(X, y, X_val, y_val, monitor, val_fraction: float,
+                     seed: int):
+    """Fit inputs from an on-disk split: labels read here, validation rows held out in the
+    set's units; the fit and validation rows are left for the workers to read
+    (``DiskRows``)."""
     labels = X.labels()
     if y is not None:
         y = as_labels(y, len(labels), "y")
         if not np.array_equal(y, labels):
-            raise ValueError("y differs from the labels stored in the parquet data set; "
+            raise ValueError("y differs from the labels stored in the on-disk data set; "
                              "pass y=None to use the stored labels")
     classes, y_idx, X_val, y_val = _classes_and_given_validation(labels, X_val, y_val, X.shape)
     if X_val is not None:
-        fit = [(0, len(X))]
-    else:
+        fit_idx = np.arange(len(X))
+    else:  # rows in the split's order, as an array's fit takes them (runs of rows on disk)
         fit_idx, val_idx = split_validation(y_idx, classes, val_fraction, seed,
                                             X.holdout_units())
-        fit = ranges_of(fit_idx)
-        X_val, y_val = ParquetRows(X, ranges_of(val_idx)), y_idx[val_idx]  # read where scored
-    X_fit = ParquetRows(X, tuple(fit))
-    y_fit = np.concatenate([y_idx[a:b] for a, b in fit])
+        X_val, y_val = X.rows(ranges_of(val_idx)), y_idx[val_idx]  # read where scored
+    X_fit, y_fit = X.rows(ranges_of(fit_idx)), y_idx[fit_idx]
     return FitInputs(classes, X, X_fit, y_fit, X_val, y_val,
                      *_monitor(classes, monitor, X.shape))
 
@@ -127,12 +126,12 @@ def is_pixels(X) -> bool:
 
 def training_images(X_fit, dtype: torch.dtype, device: torch.device):
     """Training images as a tensor in the working dtype, except 8-bit pixels, which stay uint8
-    (a quarter of float32's bytes; ``kernel.as_working`` converts them per chunk), and parquet
+    (a quarter of float32's bytes; ``kernel.as_working`` converts them per chunk), and on-disk
     rows, which stay a description: Ray workers read their own rows
     (``backends.open_backend`` reads them in-process)."""
-    from ray_convrfm.data.parquet import ParquetRows
+    from ray_convrfm.data.ondisk import DiskRows
 
-    if isinstance(X_fit, ParquetRows):
+    if isinstance(X_fit, DiskRows):
         return X_fit
     if is_pixels(X_fit):
         return torch.as_tensor(X_fit).to(device)

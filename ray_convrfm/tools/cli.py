@@ -1,4 +1,5 @@
-"""The ``ray-convrfm`` command: ``fit`` a ConvRFM, measure the ``cnfa`` of a CNN, ``bench``."""
+"""The ``ray-convrfm`` command: ``fit`` a ConvRFM, ``predict`` a data set with a saved one,
+measure the ``cnfa`` of a CNN, ``bench``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ import numpy as np
 
 from ray_convrfm.options import ENGINES, SOLVERS
 from ray_convrfm.tools.cli_bench import add_bench_parser, cmd_bench
+from ray_convrfm.tools.cli_data import (
+    add_convert_parser,
+    add_disk_arguments,
+    cmd_convert,
+    disk_fit_data,
+)
+from ray_convrfm.tools.cli_predict import add_predict_parser, cmd_predict
 from ray_convrfm.tools.outputs import (
     CNFA_RESULTS,
     UsageError,
@@ -66,12 +74,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="digits-noise (default: the bundled digits at random places in a "
                         "14 x 14 noise frame, where learning the patch metric pays) | digits | "
                         "fashion-mnist | idx:DIR | npz:PATH | "
-                        "parquet:PATH_OR_URL (each Ray worker reads its own row groups)")
+                        "parquet:PATH_OR_URL | hf:PATH_OR_URL (Hugging Face shards) | "
+                        "folder:DIR or imagenet:DIR (train/<class>/*.JPEG); on-disk sets are "
+                        "read by each Ray worker, its own rows")
     f.add_argument("--data-root", default=None, help="directory holding the dataset files")
     f.add_argument("--download", action="store_true",
                    help="download Fashion-MNIST if it is not found locally")
     f.add_argument("--resize", default=None,
-                   help="HxW: parquet: images are resized to this on the workers as they read")
+                   help="HxW: on-disk images are resized to this on the workers as they read")
+    add_disk_arguments(f, report_split=True)
     f.add_argument("--n-train", type=int, default=None, help="first N training images")
     f.add_argument("--n-test", type=int, default=None, help="first N test images")
     f.add_argument("--noise-frame", type=int, default=None,
@@ -115,6 +126,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPUs per worker (default: 1 when the Ray cluster has GPUs, else 0)")
     f.add_argument("--placement-timeout", type=float, default=cluster.placement_timeout_s,
                    help="seconds to wait for the cluster to provide the workers (0: forever)")
+    f.add_argument("--max-restarts", type=int, default=cluster.max_restarts,
+                   help="restarts of each Ray worker (its tasks wait for the restart)")
+    f.add_argument("--recovery-timeout", type=float, default=cluster.recovery_timeout_s,
+                   help="seconds to wait for a worker lost with its node (a rerun with the "
+                        "same --store resumes)")
     f.add_argument("--store", default=None,
                    help="zarr store (path or fsspec URL such as s3://...) for kernel blocks; "
                         "with --workers the default is OUT/kernels.zarr; a rerun computes only "
@@ -165,29 +181,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the results of an earlier run in --out")
     c.add_argument("--quiet", action="store_true")
 
-    v = sub.add_parser("convert", parents=[common],
-                       help="write a data set as parquet shards (encoded images + labels) for "
-                            "fits at scale")
-    v.add_argument("source", help="digits | fashion-mnist | idx:DIR | npz:PATH | folder:DIR "
-                                  "(DIR/[train|test]/<class>/*.png|jpg)")
-    v.add_argument("out", help="output directory or URL (s3://..., gs://...)")
-    v.add_argument("--encoding", default="png", choices=("png", "jpeg"))
-    v.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    v.add_argument("--size", default=None, help="resize every image to HxW, e.g. 64x64")
-    v.add_argument("--rows-per-file", type=int, default=16384)
-    v.add_argument("--rows-per-group", type=int, default=1024,
-                   help="rows per parquet row group: the unit a worker reads")
-    v.add_argument("--data-root", default=None)
-    v.add_argument("--download", action="store_true")
-    v.add_argument("--overwrite", action="store_true",
-                   help="replace the data set at OUT: deletes only the files its dataset.json "
-                        "names (files this command wrote), never others")
-    v.add_argument("--follow-symlinks", action="store_true",
-                   help="folder:DIR: read symbolic links that lead out of DIR (refused "
-                        "otherwise)")
-    v.add_argument("--quiet", action="store_true")
-
+    add_convert_parser(sub, common)
     add_bench_parser(sub, common)
+    add_predict_parser(sub, common)
     return p
 
 
@@ -196,35 +192,6 @@ def _set_threads(threads: int | None) -> None:
     from ray_convrfm.kernels.threads import configure_threads
 
     configure_threads(threads)
-
-
-def _size(text: str | None) -> tuple[int, int] | None:
-    """'HxW' (e.g. 64x64) as (H, W)."""
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"sizes are HxW, e.g. 64x64; found {text!r}") from None
-    return h, w
-
-
-def _parquet_fit_data(args: argparse.Namespace):
-    """A parquet data set for ``fit``: training images left in place for the workers to read
-    (``ParquetImages``), the test images (for reporting) read here."""
-    from types import SimpleNamespace
-
-    from ray_convrfm.data.parquet import ParquetImages
-
-    if args.noise_frame:
-        raise UsageError("--noise-frame works on in-memory data sets, not parquet:")
-    path = args.dataset[len("parquet:"):]
-    size = _size(args.resize)
-    train = ParquetImages.open(path, "train", size=size, limit=args.n_train)
-    test = ParquetImages.open(path, "test", size=size, limit=args.n_test)
-    X_test, y_test = test.read()
-    return SimpleNamespace(name=train.manifest.name, X_train=train, y_train=None,
-                           X_test=X_test, y_test=y_test)
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -246,17 +213,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
     from ray_convrfm.data.datasets import load_dataset, with_noise_frame
+    from ray_convrfm.data.sources import is_disk_spec
     from ray_convrfm.models.convrfm import ConvRFM
     from ray_convrfm.models.deep import DeepConvRFM
     from ray_convrfm.options import Options
     from ray_convrfm.tools.viz import plot_deep_filters, plot_filters, plot_history
 
     _set_threads(args.threads)
-    if args.dataset.lower().startswith("parquet:"):
-        ds = _parquet_fit_data(args)
+    if is_disk_spec(args.dataset):
+        ds = disk_fit_data(args)
     else:
         if args.resize:
-            raise UsageError("--resize works with parquet: data sets (convert with --size)")
+            raise UsageError("--resize works with parquet:, hf: and folder: data sets "
+                             "(convert with --size)")
         ds = load_dataset(args.dataset, root=args.data_root, download=args.download)
         ds = ds.subset(args.n_train, args.n_test)
         if args.noise_frame:
@@ -273,6 +242,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          address=args.address, store=store_url(args, out),
                          gpus_per_worker=args.gpus_per_worker,
                          placement_timeout_s=args.placement_timeout or None,
+                         max_restarts=args.max_restarts,
+                         recovery_timeout_s=args.recovery_timeout,
                          resident_mb=args.resident_mb,
                          preconditioner_rank=args.preconditioner_rank,
                          verbose=not args.quiet)
@@ -421,20 +392,6 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from ray_convrfm.data.parquet import convert, open_parquet_dataset
-
-    size = _size(args.size)
-    t0 = time.perf_counter()
-    out = convert(args.source, args.out, encoding=args.encoding, size=size, quality=args.quality,
-                  rows_per_file=args.rows_per_file, rows_per_group=args.rows_per_group,
-                  overwrite=args.overwrite, progress=not args.quiet, root=args.data_root,
-                  download=args.download, follow_symlinks=args.follow_symlinks)
-    m = open_parquet_dataset(out)
-    print(f"wrote {out}: {m!r} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that report a problem with the input, the files or the cluster (bad values,
     missing or existing files, a Ray that cannot be confined), not a bug."""
@@ -462,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     np.set_printoptions(precision=4)
-    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench, "convert": cmd_convert}
+    commands = {"fit": cmd_fit, "cnfa": cmd_cnfa, "bench": cmd_bench, "convert": cmd_convert,
+                "predict": cmd_predict}
     try:
         return commands[args.command](args)
     except SystemExit as exc:

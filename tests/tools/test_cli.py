@@ -277,3 +277,79 @@ def test_the_flags_defaults_are_the_python_apis():
     assert (args.device, args.engine, args.memory_budget_mb) == \
         (compute.device, compute.engine, compute.memory_budget_mb)
     assert (args.workers, args.placement_timeout) == (cluster.workers, cluster.placement_timeout_s)
+
+
+# --------------------------------------------------------------------------------------------
+# predict: a saved model over a data set, parts written where the workers are
+# --------------------------------------------------------------------------------------------
+
+
+def test_predict_writes_parts_and_accuracy_for_npz_and_parquet_data(tmp_path, small_npz,
+                                                                   capsys):
+    from ray_convrfm import ConvRFM
+    from ray_convrfm.data.predictions import read_predictions
+
+    run = tmp_path / "run"
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--iters", "1", "--depth", "2",
+                 "--out", str(run), "--quiet"]) == 0
+    model = ConvRFM.load(run / "model")
+    ds = np.load(small_npz)
+    capsys.readouterr()
+    preds = tmp_path / "preds.parquet"
+    assert main(["predict", str(run / "model"), f"npz:{small_npz}", "--out", str(preds),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    accuracy = model.score(ds["X_test"], ds["y_test"])
+    assert f"accuracy {100 * accuracy:.2f}% ({round(accuracy * 40)} of 40 images)" in out
+    assert f"wrote {preds}: 40 predictions in 1 part file(s)" in out
+    table = read_predictions(preds)
+    np.testing.assert_array_equal(table.column("predicted_label").to_numpy(),
+                                  model.predict(ds["X_test"]))
+    np.testing.assert_array_equal(table.column("true_label").to_numpy(), ds["y_test"])
+
+    # the same images from parquet shards, the train split, the first 100 rows
+    data = tmp_path / "pq"
+    assert main(["convert", f"npz:{small_npz}", str(data), "--rows-per-group", "16",
+                 "--quiet"]) == 0
+    assert main(["predict", str(run / "model"), f"parquet:{data}", "--split", "train",
+                 "--limit", "100", "--out", str(preds), "--quiet"]) == 2
+    assert "already holds the predictions of an earlier run" in capsys.readouterr().err
+    assert main(["predict", str(run / "model"), f"parquet:{data}", "--split", "train",
+                 "--limit", "100", "--out", str(preds), "--overwrite", "--quiet"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    table = read_predictions(preds)
+    X = np.round(ds["X_train"][:100] * 255) / np.float32(255)  # as stored: 8-bit PNG pixels
+    np.testing.assert_allclose(np.stack(table.column("scores").to_numpy(zero_copy_only=False)),
+                               model.decision_function(X), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(table.column("true_label").to_numpy(), ds["y_train"][:100])
+
+
+def test_predict_refuses_data_of_another_shape_and_a_folder_without_a_model(tmp_path,
+                                                                           small_npz, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--iters", "1", "--depth", "2",
+                 "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run / "model"), f"npz:{small_npz}", "--noise-frame", "12",
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the images have shape (1, 12, 12) (C, H, W); the model was fitted on (1, 8, 8)" in err
+    assert main(["predict", str(run), f"npz:{small_npz}", "--out", str(tmp_path / "p"),
+                 "--quiet"]) == 2
+    assert "holds no saved model (no config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_predict_a_deep_model_on_the_fits_noise_frame_gives_its_test_accuracy(tmp_path,
+                                                                              small_npz,
+                                                                              capsys):
+    run = tmp_path / "deep"
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--noise-frame",
+                 "12", "--layers", "2", "--width", "4", "--depth", "3", "--iters", "1",
+                 "--agop-samples", "10", "--seed", "3", "--out", str(run), "--quiet"]) == 0
+    test_acc = json.loads((run / "summary.json").read_text())["test_acc"]
+    capsys.readouterr()
+    assert main(["predict", str(run / "model"), f"npz:{small_npz}", "--noise-frame", "12",
+                 "--seed", "3", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "DeepConvRFM" in out and f"accuracy {100 * test_acc:.2f}%" in out
