@@ -17,7 +17,7 @@ import torch
 
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.kernels.kernel import side_bytes_per_image
-from ray_convrfm.kernels.patches import featurise, grid_shape
+from ray_convrfm.kernels.patches import featurise, grid_shape, pool_images
 from ray_convrfm.options import PREPARED_SHARE
 
 
@@ -89,20 +89,46 @@ def torch_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "float32" else torch.float64
 
 
+@dataclass(frozen=True, eq=False)
+class FilterBank:
+    """One link of Deep ConvRFM's feature map: a bias-free convolution with ``filters``
+    (k, C, q, q), ``padding`` as the kernel's, then ``pool`` x ``pool`` pooling (``mode``
+    "avg" or "max"; 1: none)."""
+
+    filters: np.ndarray
+    padding: bool
+    pool: int = 1
+    mode: str = "avg"
+
+    def shape(self, H: int, W: int) -> tuple[int, int]:
+        """(H, W) of an image after this link."""
+        H, W = grid_shape(H, W, self.filters.shape[-1], self.padding)
+        return H // self.pool, W // self.pool
+
+
+def filter_bank(link) -> FilterBank:
+    """A link of a chain as a ``FilterBank`` (a ``(filters, padding)`` pair: no pooling)."""
+    if isinstance(link, FilterBank):
+        return link
+    filters, padding = link
+    f = filters.detach().cpu().numpy() if isinstance(filters, torch.Tensor) else filters
+    return FilterBank(np.asarray(f), bool(padding))
+
+
 def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
-    """Images after the filter banks ``chain`` = [(filters, padding), ...] (Deep ConvRFM)."""
-    for filters, padding in chain:
-        Z = featurise(Z, torch.as_tensor(np.asarray(filters)), padding)
+    """Images after the filter banks ``chain`` (``FilterBank``s or (filters, padding) pairs)."""
+    for link in map(filter_bank, chain):
+        Z = pool_images(featurise(Z, torch.as_tensor(link.filters), link.padding), link.pool,
+                        link.mode)
     return Z
 
 
 def chain_shape(shape: tuple[int, ...], chain: list) -> tuple[int, int, int]:
     """(C, H, W) of images of ``shape`` after the filter banks ``chain``, without computing."""
     C, H, W = (int(s) for s in shape)
-    for filters, padding in chain:
-        filters = np.asarray(filters)
-        H, W = grid_shape(H, W, filters.shape[-1], bool(padding))
-        C = int(filters.shape[0])
+    for link in map(filter_bank, chain):
+        H, W = link.shape(H, W)
+        C = int(link.filters.shape[0])
     return C, H, W
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ray_convrfm.backends.chunks import CenterBlocks, chain_shape
+from ray_convrfm.backends.chunks import CenterBlocks, FilterBank, chain_shape, filter_bank
 from ray_convrfm.backends.nystrom import NystromSolvers
 from ray_convrfm.backends.protocol import KernelSpec, LayerState
 from ray_convrfm.backends.store import KernelStore, RunStore, combine_digests
@@ -148,11 +148,14 @@ class ShardedBackend(NystromSolvers):
                                 self.chain)
         self.layer_ref = self.ex.put(self.layer)
 
-    def featurise(self, filters: torch.Tensor, padding: bool) -> None:
-        """Deep ConvRFM's next inputs: the images convolved with ``filters``. Nothing is
-        computed now: every task gets the chain of filter banks and featurises the chunk of
-        stored pixels it works on, so no featurised shard ever exists."""
-        self.chain = (*self.chain, (filters.detach().cpu().numpy(), bool(padding)))
+    def featurise(self, filters: torch.Tensor, padding: bool, pool: int = 1,
+                  mode: str = "avg") -> None:
+        """Deep ConvRFM's next inputs: the images convolved with ``filters``, then pooled
+        (``pool`` x ``pool``, ``mode``). Nothing is computed now: every task gets the chain of
+        filter banks and featurises the chunk of stored pixels it works on, so no featurised
+        shard ever exists."""
+        self.chain = (*self.chain, FilterBank(filters.detach().cpu().numpy(), bool(padding),
+                                              int(pool), mode))
         self._row_shape = chain_shape(self._row_shape, self.chain[-1:])
         self.layer = self.layer_ref = None
 
@@ -301,8 +304,7 @@ class ShardedBackend(NystromSolvers):
 
     def _chain_ref(self, chain: list):
         """The filter banks ``chain`` as arrays, put once for every task."""
-        return self.ex.put(tuple((np.asarray(f.cpu() if isinstance(f, torch.Tensor) else f),
-                                  bool(p)) for f, p in chain))
+        return self.ex.put(tuple(map(filter_bank, chain)))
 
     def write_predictions(self, X, labels: np.ndarray | None, coef: torch.Tensor,
                           center_idx: np.ndarray | None, chain: list,

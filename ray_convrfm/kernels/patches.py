@@ -76,6 +76,20 @@ def span_from_gram(gram: torch.Tensor, rtol: float = 1e-6,
     return vecs[:, keep].flip(1).to(dtype)
 
 
+POOL_MODES = ("avg", "max")
+
+
+def pool_images(X: torch.Tensor, pool: int, mode: str = "avg") -> torch.Tensor:
+    """Non-overlapping ``pool`` x ``pool`` average or max pooling of images (n, C, H, W), the
+    last rows and columns that do not fill a window dropped (floor), as a CNN's pooling
+    layer: Deep ConvRFM's next layer then sees a coarser image and fewer patch positions."""
+    if pool == 1:
+        return X
+    if mode not in POOL_MODES:
+        raise ValueError(f"pool mode must be one of {POOL_MODES}; found {mode!r}")
+    return (F.avg_pool2d if mode == "avg" else F.max_pool2d)(X, pool, pool)
+
+
 def featurise(X: torch.Tensor, filters: torch.Tensor, padding: bool,
               batch_size: int = 256) -> torch.Tensor:
     """Bias-free q x q convolution of every image with ``filters`` (k, C, q, q), in batches.

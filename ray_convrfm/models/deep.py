@@ -3,7 +3,9 @@
 Layer l fits a ConvRFM of depth ``total_depth - l`` on its inputs and chooses M on validation;
 the next layer's inputs are the bias-free q x q convolution of every image with ``width``
 filters W = G M^p (G: seeded i.i.d. N(0, 1); p = ``filter_power``, 1/2 in the reference); no
-non-linearity, the next kernel brings it.
+non-linearity, the next kernel brings it. With ``pool``, the convolved images are pooled as a
+CNN pools between layers (average or max over non-overlapping windows), so each later layer
+sees a coarser image with fewer positions, and every layer keeps the estimator's depth.
 A layer whose learned M did not beat M = I on validation keeps the random bank W = G. The final
 predictor is the kernel regressor of the last layer.
 
@@ -24,9 +26,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
 from ray_convrfm.backends import open_backend
+from ray_convrfm.backends.chunks import FilterBank
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.agop import psd_power
-from ray_convrfm.kernels.patches import grid_shape
+from ray_convrfm.kernels.patches import POOL_MODES, grid_shape
 from ray_convrfm.models.batch import BatchPredictions, predict_to_parquet
 from ray_convrfm.models.convrfm import ConvRFM, kernel_spec, register_holdouts
 from ray_convrfm.models.inputs import prepare_fit_inputs, training_images
@@ -73,6 +76,10 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     filter_power : the filter bank is W = G M^filter_power, so W^T W tracks M^(2 filter_power):
         1/2 is the reference's W^T W ~ M; 1/4 makes W^T W ~ AGOP^(1/2) for M = AGOP, the
         relation the CNFA finds in trained networks (docs/math.md sections 6 and 7)
+    pool : pooling after each filter bank: an integer (p x p windows, stride p, for every
+        layer; 1 none) or one integer per filter bank (``layers - 1`` of them). With pooling,
+        and no ``total_depth``, every layer's kernel has the estimator's depth
+    pool_mode : "avg" (average pooling) or "max"
 
     Attributes
     ----------
@@ -86,12 +93,15 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, estimator: ConvRFM | None = None, layers: int = 3, width: int = 64,
-                 total_depth: int | None = None, filter_power: float = FILTER_POWER):
+                 total_depth: int | None = None, filter_power: float = FILTER_POWER,
+                 pool: int | tuple[int, ...] = 1, pool_mode: str = "avg"):
         self.estimator = estimator
         self.layers = layers
         self.width = width
         self.total_depth = total_depth
         self.filter_power = filter_power
+        self.pool = pool
+        self.pool_mode = pool_mode
 
     def _base(self) -> ConvRFM:
         if self.estimator is None:
@@ -113,12 +123,45 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"estimator.random_state must be an integer (it seeds the filter "
                              f"banks); found {base.random_state!r}")
         layers = int(self.layers)
+        if self.total_depth is None and any(p > 1 for p in self._pools()):
+            return [int(base.depth)] * layers  # pooled: every layer keeps its own depth
         total = base.depth + layers - 1 if self.total_depth is None else int(self.total_depth)
         depths = [total - layer for layer in range(layers)]
         if depths[-1] < 1:
             raise ValueError(f"total_depth {total} leaves layer {layers - 1} a kernel of "
                              f"depth {depths[-1]}; it must be at least layers ({layers})")
         return depths
+
+    def _pools(self) -> list[int]:
+        """The pooling window after each of the ``layers - 1`` filter banks, checked."""
+        banks = int(self.layers) - 1
+        pools = [self.pool] * banks if isinstance(self.pool, numbers.Integral) \
+            and not isinstance(self.pool, bool) else list(np.atleast_1d(self.pool).tolist())
+        if len(pools) != banks or not all(isinstance(p, int) and not isinstance(p, bool)
+                                          and p >= 1 for p in pools):
+            raise ValueError(f"pool must be a positive integer or {banks} of them (one per "
+                             f"filter bank); found {self.pool!r}")
+        if self.pool_mode not in POOL_MODES:
+            raise ValueError(f"pool_mode must be one of {POOL_MODES}; found {self.pool_mode!r}")
+        return pools
+
+    def _layer_shapes(self, base: ConvRFM, depths: list[int],
+                      image_shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """(C, H, W) of every layer's inputs, each checked against its kernel's windows before
+        anything is computed (a ``ValueError`` naming the layer)."""
+        q, padding = base.rfm_params().kernel.patch_size, bool(base.padding)
+        C, H, W = (int(s) for s in image_shape)
+        shapes = []
+        for layer, (depth, pool) in enumerate(zip(depths, [*self._pools(), 1], strict=True)):
+            try:
+                base.rfm_params(depth).kernel.grids(H, W)
+            except ValueError as err:
+                raise ValueError(f"layer {layer} sees images of {H} x {W} (pool "
+                                 f"{self.pool!r}): {err}") from err
+            shapes.append((C, H, W))
+            H, W = grid_shape(H, W, q, padding)
+            C, H, W = int(self.width), H // pool, W // pool
+        return shapes
 
     def _filters(self, M: torch.Tensor, channels: int, q: int, layer: int, learned: bool,
                  seed: int) -> torch.Tensor:
@@ -141,9 +184,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         options = as_options(base.options)
         rng = np.random.default_rng(seed)  # as ConvRFM's: layer 0 is that ConvRFM's fit
         data = prepare_fit_inputs(X, y, X_val, y_val, monitor, base.val_fraction, rng)
-        first = base.rfm_params(depths[0]).kernel
-        first.grids(*data.X.shape[2:])  # image large enough for the deepest kernel
-        device, spec = kernel_spec(first, options.compute, data.X)
+        self._layer_shapes(base, depths, data.X.shape[1:])  # every layer's images big enough
+        pools = self._pools()
+        device, spec = kernel_spec(base.rfm_params(depths[0]).kernel, options.compute, data.X)
         if getattr(self, "final_", None) is not None:
             self.final_.close()
         backend = open_backend(training_images(data.X_fit, spec.torch_dtype, device), options,
@@ -179,7 +222,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                                             params.kernel.patch_size, layer, info["learned"],
                                             seed)
                     info["filters"] = filters
-                    backend.featurise(filters, bool(base.padding))
+                    backend.featurise(filters, bool(base.padding), pools[layer],
+                                      self.pool_mode)
                 else:
                     self.final_ = rfm
                 info["seconds"] = time.perf_counter() - t0
@@ -203,10 +247,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _chain(self) -> list:
-        """The filter banks between the input and the last layer: [(filters, padding), ...]."""
+    def _chain(self) -> list[FilterBank]:
+        """The filter banks (and pooling) between the input and the last layer."""
         padding = bool(self.final_.padding)
-        return [(info["filters"].numpy(), padding) for info in self.layers_[:-1]]
+        return [FilterBank(info["filters"].numpy(), padding, pool, self.pool_mode)
+                for info, pool in zip(self.layers_[:-1], self._pools(), strict=True)]
 
     def decision_function(self, X) -> np.ndarray:
         """Class scores of the last layer's kernel regressor, shape (n, n_classes); with Ray
@@ -280,22 +325,21 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         layer_params["ridges"] = tuple(layer_params["ridges"])
         model = cls(estimator=ConvRFM(**layer_params, options=options), **params)
         base = model._base()
+        model.classes_ = file.classes(config)
+        model.image_shape_ = file.shape(config["image_shape"], "image_shape", 3)
         try:
             depths = model._depths(base)
             q = base.rfm_params().kernel.patch_size
+            shapes = model._layer_shapes(base, depths, model.image_shape_)
         except (ValueError, TypeError) as err:
             raise file.bad_config(f"params: {err}") from err
-        model.classes_ = file.classes(config)
-        model.image_shape_ = file.shape(config["image_shape"], "image_shape", 3)
         layers = config["layers"]
         if not isinstance(layers, list) or len(layers) != len(depths):
             raise file.bad_config(f"layers must be a list of {len(depths)} records (params."
                                   f"layers); found {str(layers)[:80]}")
         file.tensor_names(tensors, {f"layer{i}.M" for i in range(len(depths))}
                           | {f"layer{i}.filters" for i in range(len(depths) - 1)})
-        channels, height, width = model.image_shape_
         width_ = int(model.width)
-        padding = bool(base.padding)
         model.layers_ = []
         for i, (info, depth) in enumerate(zip(layers, depths, strict=True)):
             what = f"layers[{i}]"
@@ -312,18 +356,15 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             file.number(info["val_acc"], f"{what}.val_acc", 0.0)
             if "seconds" in info:
                 file.number(info["seconds"], f"{what}.seconds", 0.0)
+            channels = shapes[i][0]
             d = channels * q * q
             info["M"] = file.tensor(tensors, f"layer{i}.M", (d, d), psd=True)
             info["filters"] = None
             if i < len(depths) - 1:
                 info["filters"] = file.tensor(tensors, f"layer{i}.filters",
                                               (width_, channels, q, q))
-                channels = width_
-                height, width = grid_shape(height, width, q, padding)
-                if height < 1 or width < 1:
-                    raise file.bad_config(f"image_shape {list(model.image_shape_)} is too "
-                                          f"small for {len(depths)} layers of {q} x {q} filters")
             model.layers_.append(info)
+        channels, height, width = shapes[-1]
         final = ConvRFM.load(file.path / _FINAL, options=options)
         if saved_digest(file.path / _FINAL) != config["final_digest"]:
             raise ModelFileError(f"{file.path / _FINAL} is not the final model saved with "

@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--width", type=int, default=64, help="filters per Deep ConvRFM layer")
     f.add_argument("--filter-power", type=float, default=None,
                    help="Deep ConvRFM: filter banks W = G M^p (default: DeepConvRFM's)")
+    f.add_argument("--pool", type=int, default=1,
+                   help="Deep ConvRFM: P x P pooling after each filter bank (1: none); with "
+                        "pooling every layer's kernel has --depth")
+    f.add_argument("--pool-mode", default="avg", choices=("avg", "max"))
     f.add_argument("--padding", action="store_true")
     f.add_argument("--iters", type=int, default=est["iters"],
                    help="the most iterations (kernels fitted); --patience stops earlier")
@@ -257,12 +261,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
                     random_state=args.seed,
                     options=options)
     if args.layers > 1:
-        # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l
-        model = DeepConvRFM(layer, layers=args.layers, width=args.width, total_depth=depth,
+        # --depth is the total number of convolutions, as for ConvRFM: layer l has depth - l;
+        # with pooling, every layer's kernel has depth --depth
+        pooled = args.pool > 1
+        model = DeepConvRFM(layer, layers=args.layers, width=args.width,
+                            total_depth=None if pooled else depth, pool=args.pool,
+                            pool_mode=args.pool_mode,
                             **({} if args.filter_power is None
                                else {"filter_power": args.filter_power}))
+        depths = [depth] * args.layers if pooled else [depth - i for i in range(args.layers)]
         what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
-                f"{', '.join(str(depth - i) for i in range(args.layers))}")
+                f"{', '.join(map(str, depths))}"
+                + (f", {args.pool_mode} pooling {args.pool} x {args.pool}" if pooled else ""))
     else:
         model = layer
         what = f"ConvRFM, depth {depth}"

@@ -83,6 +83,15 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
     assert backend.fingerprint("float32") == rows_fingerprint(backend.centers(None), 8)
     gram = sum(ex.get(backend._each("patch_gram", backend.chain, 3, False, "float32", 1)))
     np.testing.assert_allclose(gram, patch_gram(local, 3, False).numpy(), rtol=1e-9)
+    # a second bank, pooled 2 x 2 (max), applied after the first on the workers
+    from ray_convrfm.kernels.patches import pool_images
+
+    second = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    backend.featurise(torch.from_numpy(second), padding=True, pool=2, mode="max")
+    assert backend.row_shape == (3, 4, 4)
+    pooled = pool_images(featurise(local, torch.from_numpy(second), True), 2, "max")
+    np.testing.assert_allclose(backend.centers(None).numpy(), pooled.numpy(), rtol=1e-5,
+                               atol=1e-6)
     parts = [ex.put(np.full(3, float(k))) for k in range(11)]
     if executor.kind == "ray":
         assert len(ex.tree(parts, keep=1, fan_in=2)) == 1

@@ -74,3 +74,21 @@ def test_projected_patches_are_the_patches_times_the_basis(padding):
     got = projected_patches(X, basis, 3, padding)
     assert got.shape == expected.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_pool_images_is_the_plain_windowed_mean_or_max(pool, mode):
+    from ray_convrfm.kernels.patches import pool_images
+
+    X = np.random.default_rng(pool).standard_normal((3, 2, 7, 8))
+    n, C, H, W = X.shape
+    ref = np.zeros((n, C, H // pool, W // pool))
+    for i in range(H // pool):  # windows of pool x pool, the leftover rows/columns dropped
+        for j in range(W // pool):
+            win = X[:, :, i * pool : (i + 1) * pool, j * pool : (j + 1) * pool]
+            ref[:, :, i, j] = win.mean((2, 3)) if mode == "avg" else win.max((2, 3))
+    out = pool_images(torch.from_numpy(X), pool, mode)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pool mode"):
+        pool_images(torch.from_numpy(X), 2, "median")
