@@ -1,10 +1,13 @@
 """Measurements: throughput of the kernel and the AGOP on a standard shape (``ray-convrfm bench``),
 the per-worker rates the cost model predicts from (``measure_rates``), the distributed kernel
-stage's scaling and the Nystrom pipeline measured next to its prediction (``bench scale``)."""
+stage's scaling and the Nystrom pipeline measured next to its prediction (``bench scale``), and
+the peak memory of every process of a local Ray cluster (``MemorySampler``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 import time
 
 import numpy as np
@@ -85,14 +88,16 @@ def kernel_and_agop_throughput(size: int = 42, channels: int = 1, depth: int = 3
 
 
 def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
-                  repeats: int = 3, store_dir: str | None = None) -> costtime.Rates:
+                  repeats: int = 3, store_dir: str | None = None,
+                  source: str | None = None) -> costtime.Rates:
     """Measure ``costtime.Rates`` in this process on one thread, as one worker would run them.
 
     The kernel and AGOP are timed on a 512 x 128 block of random images of the workload's
     shape; the GEMM and a Cholesky (the preconditioner's factor rate) at the workload's m;
-    decoding on the first row group of ``parquet_path`` (when given); store throughput by
-    writing and reading blocks of ``block`` x m float32 values into a zarr store under
-    ``store_dir``.
+    decoding on the first row group of ``parquet_path`` (when given), or on the first 1,024
+    training rows of the on-disk set ``source`` (``folder:DIR``, ...: as a worker reads its
+    shard); store throughput by writing and reading blocks of ``block`` x m float32 values
+    into a zarr store under ``store_dir``.
     """
     import tempfile
 
@@ -123,6 +128,14 @@ def measure_rates(work: costmodel.Workload, parquet_path: str | None = None,
         k = min(len(images), 1024)
         t0 = time.perf_counter()
         read_rows(images.manifest, "train", 0, k)
+        decode = k / (time.perf_counter() - t0)
+    elif source is not None:
+        from ray_convrfm.data.sources import open_disk_images
+
+        images = open_disk_images(source, "train")
+        k = min(len(images), 1024)
+        t0 = time.perf_counter()
+        images.rows([(0, k)]).load()
         decode = k / (time.perf_counter() - t0)
     with tempfile.TemporaryDirectory(dir=store_dir) as tmp:
         import zarr
@@ -224,6 +237,26 @@ def _write_imagenet_shaped(size: int, n: int, n_test: int, seed: int, out: str,
     return str(write_parquet_dataset(imagenet_shaped(size, n, n_test, seed, classes), out))
 
 
+def write_jpeg_tree(root: str, size: int, n: int, n_test: int, seed: int = 0,
+                    classes: int = 10) -> dict:
+    """``imagenet_shaped`` as an ImageNet-style folder tree, ``train/<class>/*.jpg`` and
+    ``val/<class>/*.jpg`` (JPEG quality 90), for fits that read ``folder:ROOT`` in place;
+    the images written and their rate (making them included)."""
+    from pathlib import Path
+
+    from ray_convrfm.data import images as img
+
+    t0 = time.perf_counter()
+    ds = imagenet_shaped(size, n, n_test, seed, classes)
+    for split, X, y in (("train", ds.X_train, ds.y_train), ("val", ds.X_test, ds.y_test)):
+        for i, (x, label) in enumerate(zip(X, y, strict=True)):
+            path = Path(root) / split / f"c{int(label):04d}" / f"{i:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(img.encode_image(x, "jpeg", quality=90))
+    seconds, images = time.perf_counter() - t0, len(ds.X_train) + len(ds.X_test)
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
 def _worker_start_seconds(workers: int) -> float:
     """Seconds to start (and reach) a set of shard workers on this Ray: the fixed cost of a
     stage that opens workers (a fit's shards, a prediction's test shards)."""
@@ -297,7 +330,7 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
     hist = model.history_
     # the driver's wall seconds per stage (ShardedBackend.timings), by the cost model's names
     measured = {
-        costmodel.LOAD: timings.get("load", 0.0),
+        costmodel.LOAD: None,  # not timed apart: the fit's seconds outside the stages below
         costmodel.ROWS: timings.get("nystrom_rows", 0.0),  # K^T Y is summed in the same tasks
         costmodel.KTY: timings.get("nystrom_reduce", 0.0),  # its reduction
         costmodel.PRECONDITIONER: timings.get("precondition", 0.0),  # factors and applications
@@ -307,6 +340,8 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         costmodel.GATHER: None,  # not timed apart from the fit
         costmodel.PREDICT: seconds_predict,
     }
+    measured[costmodel.LOAD] = seconds_fit - sum(
+        v for k, v in measured.items() if v is not None and k != costmodel.PREDICT)
     store_bytes = sum(f.stat().st_size for f in (root / "kernels.zarr").rglob("*")
                       if f.is_file())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
@@ -325,3 +360,72 @@ def scale_run(size: int = 32, n: int = 20000, centers: int = 2000, workers: int 
         "store_bytes": store_bytes, "predicted_store_bytes": costmodel.storage(work),
         "test_acc": test_acc, "val_acc": hist[model.best_iter_]["val_acc"],
     }
+
+
+#: Ray's helper processes by script, for ``MemorySampler``.
+_SCRIPTS = {"agent.py": "dashboard agent", "main.py": "runtime-env agent",
+            "dashboard.py": "dashboard API server", "log_monitor.py": "log monitor",
+            "monitor.py": "autoscaler monitor", "setup_worker.py": "Ray worker (starting)",
+            "default_worker.py": "Ray worker (starting)"}
+
+
+def _peak_mb(p) -> float:
+    """A process's peak resident memory (Linux: VmHWM), else its resident memory now."""
+    try:
+        with open(f"/proc/{p.pid}/status") as fh:
+            hwm = [line.split()[1] for line in fh if line.startswith("VmHWM:")]
+        if hwm:
+            return int(hwm[0]) / 2**10
+    except OSError:
+        pass
+    return p.memory_info().rss / 2**20
+
+
+def _role(p) -> tuple[str, bool]:
+    """(role, whether it is final): a Ray actor's title (``ray::Class.method``) is."""
+    name, cmd = p.name(), p.cmdline()
+    if cmd and cmd[0].startswith("ray::") and not cmd[0].startswith("ray::IDLE"):
+        return cmd[0][5:].split(".")[0].split()[0], True
+    script = next((os.path.basename(a) for a in cmd if a.endswith(".py")), None)
+    return _SCRIPTS.get(script, script or name), name in ("gcs_server", "raylet")
+
+
+class MemorySampler(threading.Thread):
+    """Every process under this one (a local cluster's GCS, raylets, agents, actors): role,
+    node and peak resident memory, looked at every ``period_s``, so that no process's peak is
+    missed, the driver's included. ``raylets`` maps a raylet's pid to (node label, node id),
+    filled by whoever starts the nodes; a process under none is on "head"."""
+
+    def __init__(self, period_s: float = 0.2):
+        import ray  # noqa: F401 - psutil is Ray's dependency, importable once ray is
+
+        super().__init__(daemon=True)
+        self.period_s, self.raylets, self.seen = period_s, {}, {}
+        self.done, self._lock = threading.Event(), threading.Lock()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period_s):
+            self.sample()
+
+    def sample(self) -> list[dict]:
+        """Look now; a copy of every process seen so far (``ended``: gone by now)."""
+        import psutil  # importable: ray is (see __init__)
+
+        with self._lock:
+            me, alive = psutil.Process(), set()
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    (role, final), parent = ("driver", True) if p is me else _role(p), p.ppid()
+                    peak = _peak_mb(p)
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    continue
+                alive.add(p.pid)
+                rec = self.seen.setdefault(p.pid, {"pid": p.pid, "role": role, "final": False,
+                                                   "peak_mb": 0.0, "since": time.monotonic()})
+                if final and not rec["final"]:  # e.g. a worker process became an actor
+                    rec.update(role=role, final=True, since=time.monotonic())
+                node = self.raylets.get(p.pid) or self.raylets.get(parent) or ("head", None)
+                rec.update(node=node[0], node_id=node[1], peak_mb=max(rec["peak_mb"], peak))
+            for pid, rec in self.seen.items():
+                rec["ended"] = pid not in alive
+            return [dict(rec) for rec in self.seen.values()]

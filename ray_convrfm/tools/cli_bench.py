@@ -1,4 +1,5 @@
-"""``ray-convrfm bench``: its flags and its commands (kernel, ops, distributed, scale)."""
+"""``ray-convrfm bench``: its flags and its commands (kernel, ops, distributed, scale,
+rehearsal)."""
 
 from __future__ import annotations
 
@@ -16,23 +17,35 @@ def add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
                        help="kernel and AGOP throughput on a standard shape; 'bench "
                             "distributed': Ray workers' kernel-stage scaling")
     b.add_argument("what", nargs="?", default="kernel",
-                   choices=("kernel", "ops", "distributed", "scale"),
+                   choices=("kernel", "ops", "distributed", "scale", "rehearsal"),
                    help="kernel: one block; ops: every hot operation of the main job at 1 "
                         "and --threads threads, median and max, outliers flagged, the kernel's "
                         "share of the fp32 peak, then the main job's stage seconds; "
                         "distributed: kernel stage over worker counts; "
                         "scale: the Nystrom pipeline on ImageNet-shaped parquet data, measured "
-                        "per stage next to the cost model's prediction")
-    b.add_argument("--centers", type=int, default=2000, help="for 'scale': Nystrom centers")
-    b.add_argument("--iters", type=int, default=2, help="for 'scale'")
-    b.add_argument("--n-test", type=int, default=1000, help="for 'scale'")
-    b.add_argument("--out", default=None, help="for 'scale': work directory and result JSON")
+                        "per stage next to the cost model's prediction; rehearsal: the same "
+                        "from a JPEG folder tree on a two-node loopback cluster, one node "
+                        "removed and replaced mid-fit, every process's peak memory beside "
+                        "the model's")
+    b.add_argument("--centers", type=int, default=2000,
+                   help="for 'scale', 'rehearsal': Nystrom centers")
+    b.add_argument("--iters", type=int, default=2, help="for 'scale', 'rehearsal'")
+    b.add_argument("--n-test", type=int, default=1000, help="for 'scale', 'rehearsal'")
+    b.add_argument("--out", default=None,
+                   help="for 'scale', 'rehearsal': work directory and result JSON")
+    b.add_argument("--seed", type=int, default=0, help="for 'rehearsal': data, split, centers")
+    b.add_argument("--remove-after", default="0.25",
+                   help="for 'rehearsal': remove a worker node once this share of the first "
+                        "kernel's slabs is stored, or 'Ns': N seconds into the fit")
+    b.add_argument("--block", type=int, default=None,
+                   help="for 'rehearsal': rows per task and per stored slab (default 256)")
     b.add_argument("--calibration", default=None,
                    help="for 'scale': scale.json of an earlier run; adds a prediction from the "
                         "kernel and AGOP costs that run achieved")
     b.add_argument("--dataset", default="fashion-mnist",
                    help="for 'distributed': images whose training kernel is timed")
-    b.add_argument("--n", type=int, default=4000, help="for 'distributed': images")
+    b.add_argument("--n", type=int, default=4000,
+                   help="for 'distributed': images; 'rehearsal': training images")
     b.add_argument("--workers", default="1,2", help="for 'distributed': worker counts")
     b.add_argument("--gpus-per-worker", type=float, default=0,
                    help="for 'distributed': GPUs per worker (their kernels run there)")
@@ -96,6 +109,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       if args.calibration else None)
         (out / "scale.json").write_text(json.dumps(r, indent=2))
         print(_scale_table(r))
+        return 0
+    if args.what == "rehearsal":
+        from ray_convrfm.tools.rehearsal import rehearsal, table
+
+        r = rehearsal(size=args.size, n=args.n, n_test=args.n_test, classes=args.classes,
+                      centers=args.centers, iters=args.iters,
+                      out=args.out or f"runs/rehearsal-{args.size}", seed=args.seed,
+                      remove_after=args.remove_after,
+                      **({} if args.block is None else {"block": args.block}))
+        print(table(r))
         return 0
     if args.what == "distributed":
         from ray_convrfm.data.datasets import load_dataset

@@ -239,7 +239,16 @@ class Workload:
     def applications(self) -> int:
         """Columns to which B or B^T is applied per iteration (``preconditioned_cg``: 2 per
         step and 2 per run, R c columns each)."""
-        return (2 * self.cg_steps + 2) * self.ridges * self.classes
+        return self.applications_in_steps() + self.applications_outside_steps()
+
+    def applications_in_steps(self) -> int:
+        """Of ``applications``, those chained into the CG steps (``preconditioned_step``: B
+        before and B^T after every product), timed as the steps are."""
+        return 2 * self.cg_steps * self.ridges * self.classes
+
+    def applications_outside_steps(self) -> int:
+        """Of ``applications``, the run's first and last (``ShardedBackend.precondition``)."""
+        return 2 * self.ridges * self.classes
 
     def factor_memory(self) -> tuple[float, float]:
         """(steady, peak) bytes of the factor on the first worker (``ShardWorker.precondition``)."""
@@ -391,13 +400,13 @@ class Workload:
                                      (REDUCE_FAN_IN + 2) * mc8, "ShardedBackend.reduce")]),
             # ShardWorker.precondition: the shards' K_mm rows to the first worker; v to it and
             # B v back at the applications outside the steps (inside them: counted with CG)
-            PRECONDITIONER: row(0, fac + gem + self.applications() * app,
+            PRECONDITIONER: row(0, fac + gem + self.applications_outside_steps() * app,
                                 m * width * dt + 4 * mrc8, 0, 0, cg_worker,
                                 cg_worker + built, cg_driver),
             # ShardedBackend.preconditioned_step, every step: v to the first worker, B v to every
             # worker, hessian_matvec's parts up the tree, B^T H B v back (R c columns); then
             # H alpha (c columns). hessian_matvec: spilled slabs read back at every pass
-            CG: row(0, 4 * n * m * self.cg_columns(),
+            CG: row(0, 4 * n * m * self.cg_columns() + self.applications_in_steps() * app,
                     self.cg_steps * (w + tree + 2) * mrc8 + (w + tree) * mc8, 0,
                     self.cg_products() * w * spilled, cg_worker,
                     cg_worker + steady, cg_driver),

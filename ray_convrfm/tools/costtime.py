@@ -76,9 +76,11 @@ def _tree_seconds(work: Workload, rates: Rates, part: float, adds: bool) -> floa
                for k in (min(n, REDUCE_FAN_IN) for n in tree_levels(work.workers)))
 
 
-def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float]:
+def predict(work: Workload, rates: Rates, store: bool = True,
+            kept_workers: bool = True) -> dict[str, float]:
     """Wall seconds of every stage of the fit (all iterations) with ``work.workers`` workers
-    in parallel. Keys as in ``Workload.stages``, plus "total"."""
+    in parallel. Keys as in ``Workload.stages``, plus "total". ``kept_workers``: the
+    prediction reuses the fit's workers (``models.lifecycle``), else it starts new ones."""
     w, it, m, c, S = work.workers, work.iters, work.m, work.classes, work.shard
     spx, dt, net = work.stored_pixel_bytes, work.dtype_bytes, rates.network_bytes_per_s
     mc8 = m * c * 8
@@ -91,9 +93,10 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
     fac, gem = work.factor_flops()
     afac, agem = work.apply_flops()
     width = work.rank() or m
+    apply = afac / rates.factor_flops + agem / rates.gemm_flops  # B (or B^T) on one column
+    # the factor and the run's first and last applications; those of every step are the CG's
     pre = fac / rates.factor_flops + gem / rates.gemm_flops + m * width * dt / net \
-        + work.applications() * (afac / rates.factor_flops + agem / rates.gemm_flops) \
-        + 4 * work.ridges * mc8 / net
+        + work.applications_outside_steps() * apply + 4 * work.ridges * mc8 / net
     # one CG step: every ridge's R c columns in one pass over the rows; the chained
     # preconditioner's v and B v travel with it; the training error's c-column product last
     Rc8 = work.ridges * mc8
@@ -103,7 +106,8 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
                 adds=False) + _tree_seconds(work, rates, cols8, adds=True)
                 + spilled / rates.store_bytes_per_s)
 
-    cg = work.cg_steps * (product(Rc8) + 2 * Rc8 / net) + product(mc8)
+    cg = work.cg_steps * (product(Rc8) + 2 * Rc8 / net) + product(mc8) \
+        + work.applications_in_steps() * apply
     v_rows = math.ceil(work.n_val / w)
     refetched = work.centers_refetched() * m * spx
     val = v_rows * m * rates.kernel_entry_s + 2 * work.ridges * v_rows * m * c \
@@ -121,7 +125,8 @@ def predict(work: Workload, rates: Rates, store: bool = True) -> dict[str, float
         AGOP: (it - 1) * agop,
         GATHER: m * spx / net,
         # the centers put again, then fetched by every worker, and test images as stored; alpha
-        PREDICT: rates.worker_start_s + (2 * m * spx + work.n_test * spx + mc8) / net
+        PREDICT: (0.0 if kept_workers else rates.worker_start_s)
+        + (2 * m * spx + work.n_test * spx + mc8) / net
         + math.ceil(work.n_test / w) * m * rates.kernel_entry_s,
     }
     out["total"] = sum(out.values())

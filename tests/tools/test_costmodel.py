@@ -168,11 +168,16 @@ def test_preconditioner_factor_memory_and_flops():
     R = full.ridges
     cols = (2 * full.cg_steps + 2) * R * c
     assert full.applications() == cols
+    # those of every step are chained into the step and timed with it: counted with CG
+    assert full.applications_in_steps() == 2 * full.cg_steps * R * c
+    assert full.applications_outside_steps() == 2 * R * c
     assert full.apply_flops() == (m * m, 2 * m * m)
     assert rank.apply_flops() == (0, 4 * m * q)
     fac, gem = full.factor_flops()  # one factor for every ridge: Cholesky and eigh, T T^T
     assert fac == m**3 / 3 + 9 * m**3 and gem == 2 * m**3
-    assert st[PRECONDITIONER]["flops"] == fac + gem + cols * 3 * m * m
+    assert st[PRECONDITIONER]["flops"] == fac + gem + 2 * R * c * 3 * m * m
+    assert st[CG]["flops"] == 4 * full.n_fit * m * c * (R * full.cg_steps + 1) \
+        + 2 * full.cg_steps * R * c * 3 * m * m
     # the shards' K_mm rows once; v out and B v back for the two applications outside the
     # steps (inside them B, H and B^T are chained on the workers: counted with CG)
     assert st[PRECONDITIONER]["bytes_moved"] == m * m * 4 + 4 * R * m * c * 8
@@ -188,18 +193,25 @@ def test_cg_flops_and_bytes_per_step():
         mc8, R = work.m * work.classes * 8, work.ridges
         # every step passes over the rows once for all R ridges (R c columns); then H alpha
         assert work.cg_products() == work.cg_steps + 1
-        assert st["flops"] == 4 * work.n_fit * work.m * work.classes * (R * work.cg_steps + 1)
+        apply = 2 * work.cg_steps * R * work.classes * 3 * work.m**2  # B, B^T in the steps
+        assert st["flops"] == 4 * work.n_fit * work.m * work.classes * (R * work.cg_steps + 1) \
+            + apply
         inner = sum(tree_levels(w)[1:])  # sums made on workers, then sent on
         # a step: v to the first worker, B v to every worker, the tree, B^T H B v back
         assert st["bytes_moved"] == (work.cg_steps * (2 * w + inner + 2) * R * mc8
                                      + (2 * w + inner) * mc8)
     # K^T Y: class_sums adds every entry of the rows into its label's column
     assert per_iteration(BASE)[KTY]["flops"] == BASE.n_fit * BASE.m
-    # with a network that costs nothing, CG's seconds are its FLOPs per worker at GEMM rate
+    # with a network that costs nothing, CG's seconds are its products' FLOPs per worker at
+    # GEMM rate, and the first worker's applications of B (a triangular solve at the factor's
+    # rate, Q's product at GEMM rate per column)
     fast = dataclasses.replace(RATES, network_bytes_per_s=1e30)
-    per_worker = per_iteration(BASE)[CG]["flops"] * BASE.shard / BASE.n_fit
+    m, R, c = BASE.m, BASE.ridges, BASE.classes
+    products = 4 * BASE.n_fit * m * c * (R * BASE.cg_steps + 1) * BASE.shard / BASE.n_fit
+    applications = BASE.applications_in_steps() * (m * m / RATES.factor_flops
+                                                   + 2 * m * m / RATES.gemm_flops)
     assert predict(BASE, fast)[CG] == pytest.approx(
-        BASE.iters * per_worker / RATES.gemm_flops, rel=1e-3)  # + the trees' adds
+        BASE.iters * (products / RATES.gemm_flops + applications), rel=1e-3)  # + trees' adds
 
 
 def test_prediction_scales_with_workers_entries_and_centers():
