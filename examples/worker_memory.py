@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = ConvRFM(depth=args.depth, iters=args.iters, solver="nystrom", centers=args.centers,
                    agop_samples=64, random_state=0, options=options)
     model = base if args.layers == 1 else DeepConvRFM(base, layers=args.layers,
-                                                      width=args.width)
+                                                      width=args.width, layer_patience=None)
     t0 = time.perf_counter()
     model.fit(X, ds.y_train)
     seconds = time.perf_counter() - t0

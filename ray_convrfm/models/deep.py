@@ -69,7 +69,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         ``random_state + l``; with a kernel store, layer l's kernels go to ``store/layer<l>``.
         Its ``random_state`` (an integer) also seeds the validation split and the filters
         (``numpy.random.default_rng([random_state, l])``).
-    layers : number of ConvRFM layers
+    layers : the most ConvRFM layers; the stack is chosen on validation (``layer_patience``)
     width : filters per learned filter bank
     total_depth : kernel depth of the first layer; layer l uses total_depth - l, so the number
         of convolutions stays constant (default: the last layer gets the estimator's depth)
@@ -80,6 +80,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         layer; 1 none) or one integer per filter bank (``layers - 1`` of them). With pooling,
         and no ``total_depth``, every layer's kernel has the estimator's depth
     pool_mode : "avg" (average pooling) or "max"
+    layer_patience : stop adding layers once this many in a row did not beat the best
+        validation accuracy so far, and keep the stack up to the best layer (a shallower one
+        on ties), as iterations and ridges are chosen; None fits and keeps all ``layers``
 
     Attributes
     ----------
@@ -88,13 +91,15 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         ``history`` (the layer's ConvRFM history), ``val_acc``, ``seconds`` (the layer's fit
         and featurisation). A layer does not depend on the layers after it, so with the same
         ``total_depth`` the first L layers are those of an L-layer stack
-    final_ : the last layer's fitted ``ConvRFM``
+    final_ : the last kept layer's fitted ``ConvRFM``
+    layer_val_acc_ : the validation accuracy of every layer fitted, kept or not
     classes_ : the class labels
     """
 
     def __init__(self, estimator: ConvRFM | None = None, layers: int = 3, width: int = 64,
                  total_depth: int | None = None, filter_power: float = FILTER_POWER,
-                 pool: int | tuple[int, ...] = 1, pool_mode: str = "avg"):
+                 pool: int | tuple[int, ...] = 1, pool_mode: str = "avg",
+                 layer_patience: int | None = 1):
         self.estimator = estimator
         self.layers = layers
         self.width = width
@@ -102,6 +107,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.filter_power = filter_power
         self.pool = pool
         self.pool_mode = pool_mode
+        self.layer_patience = layer_patience
 
     def _base(self) -> ConvRFM:
         if self.estimator is None:
@@ -119,6 +125,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         if isinstance(power, bool) or not isinstance(power, numbers.Real) \
                 or not 0 < float(power) <= 1:
             raise ValueError(f"filter_power must be a number in (0, 1]; found {power!r}")
+        patience = self.layer_patience
+        if patience is not None and (not isinstance(patience, numbers.Integral)
+                                     or isinstance(patience, bool) or patience < 1):
+            raise ValueError(f"layer_patience must be a positive integer or None; found "
+                             f"{patience!r}")
         if not isinstance(base.random_state, numbers.Integral):
             raise ValueError(f"estimator.random_state must be an integer (it seeds the filter "
                              f"banks); found {base.random_state!r}")
@@ -152,7 +163,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         q, padding = base.rfm_params().kernel.patch_size, bool(base.padding)
         C, H, W = (int(s) for s in image_shape)
         shapes = []
-        for layer, (depth, pool) in enumerate(zip(depths, [*self._pools(), 1], strict=True)):
+        pools = [*self._pools()[: len(depths) - 1], 1]  # depths: all layers, or the kept ones
+        for layer, (depth, pool) in enumerate(zip(depths, pools, strict=True)):
             try:
                 base.rfm_params(depth).kernel.grids(H, W)
             except ValueError as err:
@@ -193,8 +205,10 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                                device)
         self.classes_ = data.classes
         self.image_shape_ = tuple(int(s) for s in data.X.shape[1:])
-        self.layers_ = []
+        self.layers_, self.layer_val_acc_, fitted = [], [], []
         url = options.store.url
+        patience = None if self.layer_patience is None else int(self.layer_patience)
+        best = 0
         try:
             for layer, depth in enumerate(depths):
                 t0 = time.perf_counter()
@@ -217,17 +231,30 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                 log.info("layer %d (kernel depth %d): val acc %.4f, iteration %d chosen%s",
                          layer, depth, info["val_acc"], rfm.best_iter_,
                          "" if info["learned"] else " (M = I: random filters)")
-                if layer < len(depths) - 1:
+                self.layers_.append(info)
+                self.layer_val_acc_.append(info["val_acc"])
+                fitted.append(rfm)
+                if info["val_acc"] > self.layer_val_acc_[best]:
+                    best = layer
+                stalled = patience is not None and layer - best >= patience
+                if layer < len(depths) - 1 and not stalled:
                     filters = self._filters(rfm.M_, backend.row_shape[0],
                                             params.kernel.patch_size, layer, info["learned"],
                                             seed)
                     info["filters"] = filters
                     backend.featurise(filters, bool(base.padding), pools[layer],
                                       self.pool_mode)
-                else:
-                    self.final_ = rfm
                 info["seconds"] = time.perf_counter() - t0
-                self.layers_.append(info)
+                if stalled:
+                    log.info("layer %d did not beat layer %d on validation in %d layer(s): "
+                             "the stack stops at layer %d", layer, best, patience, best)
+                    break
+            # the best stack: up to the best layer, whose bank (if any) feeds nothing; without
+            # a patience, every layer
+            best = len(self.layers_) - 1 if patience is None else best
+            self.layers_ = self.layers_[: best + 1]
+            self.layers_[-1]["filters"] = None
+            self.final_ = fitted[best]
             # the last layer's predictions reuse these workers, holding only its centers
             self.final_._keep_backend(backend.keep_for_predictions(self.final_.X_fit_),
                                       options.replace(store=None))
@@ -250,8 +277,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     def _chain(self) -> list[FilterBank]:
         """The filter banks (and pooling) between the input and the last layer."""
         padding = bool(self.final_.padding)
+        banks = self.layers_[:-1]
         return [FilterBank(info["filters"].numpy(), padding, pool, self.pool_mode)
-                for info, pool in zip(self.layers_[:-1], self._pools(), strict=True)]
+                for info, pool in zip(banks, self._pools()[: len(banks)], strict=True)]
 
     def decision_function(self, X) -> np.ndarray:
         """Class scores of the last layer's kernel regressor, shape (n, n_classes); with Ray
@@ -291,6 +319,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         config = {"params": params, "classes": self.classes_.tolist(),
                   "classes_dtype": str(self.classes_.dtype),
                   "image_shape": list(self.image_shape_), "layers": layers,
+                  "layer_val_acc": [float(v) for v in self.layer_val_acc_],
                   "final_digest": saved_digest(path / _FINAL)}
         return write_model(path, type(self).__name__, config, tensors)
 
@@ -312,7 +341,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     def _from_saved(cls, config: dict, tensors: dict, options, file: ModelFile) -> DeepConvRFM:
         file.keys(config, "the config", {"format_version", "model", DIGEST, "params", "classes",
                                          "classes_dtype", "image_shape", "layers",
-                                         "final_digest"})
+                                         "layer_val_acc", "final_digest"})
         hint = (" (a saved model holds no compute or cluster settings: pass them as options "
                 "to load)")
         params = dict(file.keys(config["params"], "params", saved_parameter_names(cls),
@@ -330,13 +359,22 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         try:
             depths = model._depths(base)
             q = base.rfm_params().kernel.patch_size
-            shapes = model._layer_shapes(base, depths, model.image_shape_)
         except (ValueError, TypeError) as err:
             raise file.bad_config(f"params: {err}") from err
-        layers = config["layers"]
-        if not isinstance(layers, list) or len(layers) != len(depths):
-            raise file.bad_config(f"layers must be a list of {len(depths)} records (params."
-                                  f"layers); found {str(layers)[:80]}")
+        layers, tried = config["layers"], config["layer_val_acc"]
+        if not isinstance(tried, list) or not 1 <= len(tried) <= len(depths):
+            raise file.bad_config(f"layer_val_acc must list 1 to {len(depths)} accuracies "
+                                  f"(params.layers); found {str(tried)[:80]}")
+        model.layer_val_acc_ = [file.number(v, f"layer_val_acc[{i}]", 0.0)
+                                for i, v in enumerate(tried)]
+        if not isinstance(layers, list) or not 1 <= len(layers) <= len(tried):
+            raise file.bad_config(f"layers must be a list of 1 to {len(tried)} records (the "
+                                  f"layers fitted); found {str(layers)[:80]}")
+        depths = depths[: len(layers)]  # the stack kept on validation
+        try:
+            shapes = model._layer_shapes(base, depths, model.image_shape_)
+        except ValueError as err:
+            raise file.bad_config(f"params: {err}") from err
         file.tensor_names(tensors, {f"layer{i}.M" for i in range(len(depths))}
                           | {f"layer{i}.filters" for i in range(len(depths) - 1)})
         width_ = int(model.width)

@@ -34,8 +34,9 @@ from ray_convrfm.checks import check_psd
 #: estimators' hyper-parameters without ``Options`` (how and where to compute is not saved).
 #: Version 3: a SHA-256 ``digest`` of the config and the tensors, verified at load.
 #: Version 4: ``agop_classes``. Version 5: ``DeepConvRFM.filter_power``; ``X_fit`` may be uint8.
-#: Version 6: ``ConvRFM.metric_floor``.
-FORMAT_VERSION = 6
+#: Version 6: ``ConvRFM.metric_floor``. Version 7: ``DeepConvRFM.pool``, ``pool_mode``,
+#: ``layer_patience`` and ``layer_val_acc`` (the stack kept may be shorter than ``layers``).
+FORMAT_VERSION = 7
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
 DIGEST = "digest"

@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="Deep ConvRFM: P x P pooling after each filter bank (1: none); with "
                         "pooling every layer's kernel has --depth")
     f.add_argument("--pool-mode", default="avg", choices=("avg", "max"))
+    f.add_argument("--layer-patience", type=int, default=1,
+                   help="Deep ConvRFM: stop adding layers after this many that do not beat "
+                        "the best on validation and keep the best stack (--layers is the "
+                        "most); 0: fit and keep every layer")
     f.add_argument("--padding", action="store_true")
     f.add_argument("--iters", type=int, default=est["iters"],
                    help="the most iterations (kernels fitted); --patience stops earlier")
@@ -267,6 +271,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = DeepConvRFM(layer, layers=args.layers, width=args.width,
                             total_depth=None if pooled else depth, pool=args.pool,
                             pool_mode=args.pool_mode,
+                            layer_patience=args.layer_patience or None,
                             **({} if args.filter_power is None
                                else {"filter_power": args.filter_power}))
         depths = [depth] * args.layers if pooled else [depth - i for i in range(args.layers)]
@@ -298,6 +303,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     summary = {
         "dataset": ds.name, "n_train": int(len(ds.X_train)), "n_test": int(len(ds.y_test)),
         "model": type(model).__name__, "layers": len(layers), "depth": depth, "iters": iters,
+        "layer_val_acc": list(getattr(model, "layer_val_acc_", [])),
         "best_iter": [la["best_iter"] for la in layers], "ridge": [la["ridge"] for la in layers],
         "val_acc": last["history"][last["best_iter"]]["val_acc"], "test_acc": test_acc,
         "fixed_kernel_test_acc": fixed, "fit_seconds": seconds,

@@ -128,8 +128,9 @@ def test_two_layer_deep_convrfm_with_two_workers_equals_in_process(cluster):
     X, y = np.pad(ds.X_train[:100], pad), ds.y_train[:100]
     Xt = np.pad(ds.X_test[:20], pad)
     kw = dict(iters=2, agop_samples=15, random_state=2)
-    local = DeepConvRFM(ConvRFM(**kw), layers=2, width=4).fit(X, y)
-    remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2), **kw), layers=2, width=4).fit(X, y)
+    deep = dict(layers=2, width=4, layer_patience=None)
+    local = DeepConvRFM(ConvRFM(**kw), **deep).fit(X, y)
+    remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2), **kw), **deep).fit(X, y)
     np.testing.assert_allclose(remote.decision_function(Xt), local.decision_function(Xt),
                                rtol=1e-3, atol=1e-4)
 
@@ -170,9 +171,9 @@ def test_deep_convrfm_featurised_per_chunk_predicts_as_materialised(cluster):
     F = U.astype(np.float32) / np.float32(255)
     kw = dict(iters=2, agop_samples=12, random_state=2, solver="nystrom", centers=30,
               depth=1)
-    local = DeepConvRFM(ConvRFM(**kw), layers=2, width=8).fit(F, y)
+    local = DeepConvRFM(ConvRFM(**kw), layers=2, width=8, layer_patience=None).fit(F, y)
     remote = DeepConvRFM(ConvRFM(options=Options.of(workers=2, memory_budget_mb=1), **kw),
-                         layers=2, width=8).fit(U, y)
+                         layers=2, width=8, layer_patience=None).fit(U, y)
     assert remote.final_.X_fit_.shape[1:] == (8, 12, 12)
     torch.testing.assert_close(remote.layers_[0]["M"], local.layers_[0]["M"], rtol=1e-4,
                                atol=1e-6)

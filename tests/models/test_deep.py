@@ -52,6 +52,7 @@ def test_first_layers_are_the_shorter_stack(digits, two_layers):
 def two_layers(digits):
     X, y, _, _, Xt, yt = digits
     return DeepConvRFM(ConvRFM(iters=2, agop_samples=30, random_state=1), layers=2,
+                       layer_patience=None,
                        width=8).fit(X, y, monitor=(Xt, yt))
 
 
@@ -122,7 +123,8 @@ def test_pooling_between_layers(tmp_path, digits):
 
     X, y, Xv, yv, Xt, _ = digits
     kw = dict(depth=2, iters=2, agop_samples=20, random_state=1)
-    deep = DeepConvRFM(ConvRFM(**kw), layers=2, width=6, pool=2, pool_mode="avg").fit(
+    deep = DeepConvRFM(ConvRFM(**kw), layers=2, width=6, pool=2, pool_mode="avg",
+                       layer_patience=None).fit(
         X, y, X_val=Xv, y_val=yv)
     assert [info["depth"] for info in deep.layers_] == [2, 2]
     assert deep.final_.image_shape_ == (6, 5, 5)  # 12 -> 10 (3 x 3, no padding) -> 5
@@ -145,3 +147,39 @@ def test_pool_errors(digits):
         DeepConvRFM(layers=2, pool=2, pool_mode="median").fit(X, y)
     with pytest.raises(ValueError, match="layer 2 sees images of 1 x 1"):
         DeepConvRFM(ConvRFM(depth=1), layers=3, pool=2).fit(X, y)  # 12 -> 5 -> 1
+
+
+def _stack_rule(val_acc: list[float], patience: int, most: int) -> tuple[int, int]:
+    """(layers fitted, layers kept) by the rule, from each fitted layer's validation accuracy:
+    a layer beats the best so far only strictly; fitting stops ``patience`` layers after it."""
+    best = 0
+    for layer, acc in enumerate(val_acc):
+        best = layer if acc > val_acc[best] else best
+        if layer - best >= patience:
+            return layer + 1, best + 1
+    return min(len(val_acc), most), best + 1
+
+
+@pytest.mark.parametrize("width", [1, 8])  # one filter: the second layer is likely worse
+def test_the_number_of_layers_is_chosen_on_validation(tmp_path, digits, width):
+    """layers is the most: the stack stops after a layer that does not beat the best on
+    validation and keeps the best one; it is the stack a fit of that many layers gives (same
+    total_depth), and survives save/load."""
+    X, y, Xv, yv, Xt, _ = digits
+    base = ConvRFM(iters=2, agop_samples=20, random_state=3)
+    chosen = DeepConvRFM(base, layers=3, width=width, total_depth=4, layer_patience=1).fit(
+        X, y, X_val=Xv, y_val=yv)
+    fitted, kept = _stack_rule(chosen.layer_val_acc_, 1, 3)
+    assert len(chosen.layer_val_acc_) == fitted and len(chosen.layers_) == kept
+    assert chosen.layers_[-1]["filters"] is None
+    assert chosen.final_.depth == 4 - (kept - 1)
+    same = DeepConvRFM(base, layers=kept, width=width, total_depth=4,
+                       layer_patience=None).fit(X, y, X_val=Xv, y_val=yv)
+    np.testing.assert_allclose(chosen.decision_function(Xt), same.decision_function(Xt),
+                               rtol=1e-6, atol=1e-7)
+    loaded = DeepConvRFM.load(chosen.save(tmp_path / f"chosen{width}"))
+    assert loaded.layer_val_acc_ == chosen.layer_val_acc_ and len(loaded.layers_) == kept
+    np.testing.assert_allclose(loaded.decision_function(Xt), chosen.decision_function(Xt),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="layer_patience"):
+        DeepConvRFM(layer_patience=0).fit(X, y)

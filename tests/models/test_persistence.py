@@ -64,7 +64,7 @@ def refused(path: Path, file: str, match: str, cls=ConvRFM) -> ModelFileError:
 # ------------------------------------------------------------------------------ round trip
 def test_saved_model_records_format_3_and_a_digest_and_loads(digits, fitted, model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert cfg["format_version"] == FORMAT_VERSION == 6
+    assert cfg["format_version"] == FORMAT_VERSION == 7
     assert cfg["digest"].startswith("sha256:") and len(cfg["digest"]) == 7 + 64
     assert not {"options", "workers", "address"} & set(cfg["params"])
     # reformatting the JSON is no edit: the digest is over its content
@@ -261,10 +261,10 @@ def deep_saved(tmp_path_factory, digits):
     X, y, _ = digits
     pad = lambda A: np.pad(A, ((0, 0), (0, 0), (2, 2), (2, 2)))  # noqa: E731
     deep = DeepConvRFM(ConvRFM(iters=2, agop_samples=20, random_state=1), layers=2,
-                       width=4).fit(pad(X), y)
+                       width=4, layer_patience=None).fit(pad(X), y)
     root = tmp_path_factory.mktemp("deep")
     other = DeepConvRFM(ConvRFM(iters=1, agop_samples=20, random_state=2), layers=2,
-                        width=4).fit(pad(X), y)
+                        width=4, layer_patience=None).fit(pad(X), y)
     return deep, deep.save(root / "deep"), other.save(root / "other"), pad(digits[2])
 
 
@@ -290,16 +290,19 @@ def test_deep_cluster_settings_are_refused_naming_the_keys(deep_dir):
     (lambda c: c["layers"][0].update(ridge=0.5), "does not match the digest"),
     (lambda c: c["params"].update(total_depth=5), r"layers\[0\].depth is 4; params give 5"),
     (lambda c: c["layers"][0].update(depth=2), r"layers\[0\].depth is 2; params give 4"),
-    (lambda c: c.update(layers=c["layers"][:1]), "layers must be a list of 2 records"),
+    # a shorter stack is one kept on validation: its tensors must then be that stack's
+    (lambda c: c.update(layers=c["layers"][:1]), "has unexpected tensors"),
+    (lambda c: c.update(layer_val_acc=[0.5]), "layers must be a list of 1 to 1 records"),
+    (lambda c: c.update(layer_val_acc=[0.5, 0.5, 0.5]), "layer_val_acc must list 1 to 2"),
     (lambda c: c["params"]["estimator"].update(patch_size=0), "patch_size must be a positive"),
     (lambda c: c["params"].update(width=5), r"layer0.filters has shape \(4, 1, 3, 3\); the "
                                             r"config says \(5, 1, 3, 3\)"),
     (lambda c: c.pop("final_digest"), r"lacks \['final_digest'\]"),
-], ids=["ridge", "total_depth", "layer-depth", "layers", "estimator-patch_size", "width",
-        "final_digest"])
+], ids=["ridge", "total_depth", "layer-depth", "layers", "layer_val_acc-short",
+        "layer_val_acc-long", "estimator-patch_size", "width", "final_digest"])
 def test_deep_config_edits_are_refused(deep_dir, change, match):
     edit_config(deep_dir, change)
-    file = "model.safetensors" if "filters" in match else "config.json"
+    file = "model.safetensors" if "filters" in match or "tensors" in match else "config.json"
     refused(deep_dir, file, match, DeepConvRFM)
 
 

@@ -200,7 +200,8 @@ def test_deep_convrfm_in_process_and_on_two_workers(digits, ray_cluster, tmp_pat
     X, y = np.pad(digits.X_train[:120], pad), digits.y_train[:120]
     Xt, yt = np.pad(digits.X_test[:90], pad), digits.y_test[:90]
     deep = DeepConvRFM(ConvRFM(iters=1, agop_samples=10, random_state=2,
-                               options=Options.of(block=16)), layers=2, width=4).fit(X, y)
+                               options=Options.of(block=16)), layers=2, width=4,
+                       layer_patience=None).fit(X, y)
     expected = deep.decision_function(Xt)
     deep.predict_to_parquet(Xt, tmp_path / "local", y=yt)
     np.testing.assert_array_equal(scores_of(read_predictions(tmp_path / "local")),

@@ -61,8 +61,9 @@ def test_cnfa_trains_a_cnn_and_reports_every_layer(tmp_path, small_npz, capsys):
 def test_fit_deep_writes_one_row_per_layer_and_iteration(tmp_path, small_npz, capsys):
     out = tmp_path / "deep"
     rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--n-test", "20",
-               "--noise-frame", "12", "--layers", "2", "--width", "4", "--depth", "3",
-               "--iters", "2", "--agop-samples", "10", "--out", str(out), "--quiet"])
+               "--noise-frame", "12", "--layers", "2", "--layer-patience", "0", "--width", "4",
+               "--depth", "3", "--iters", "2", "--agop-samples", "10", "--out", str(out),
+               "--quiet"])
     assert rc == 0
     assert "layer 1 (kernel depth 2)" in capsys.readouterr().out
     table = pq.read_table(out / "metrics.parquet").to_pydict()
@@ -71,9 +72,9 @@ def test_fit_deep_writes_one_row_per_layer_and_iteration(tmp_path, small_npz, ca
     assert (out / "model" / "final" / "config.json").exists()
     # pooled: both layers keep --depth, the second sees 12 -> 10 -> 5 pixels
     rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--n-test", "20",
-               "--noise-frame", "12", "--layers", "2", "--width", "4", "--depth", "2",
-               "--pool", "2", "--pool-mode", "max", "--iters", "1", "--agop-samples", "10",
-               "--out", str(tmp_path / "pooled"), "--quiet"])
+               "--noise-frame", "12", "--layers", "2", "--layer-patience", "0", "--width", "4",
+               "--depth", "2", "--pool", "2", "--pool-mode", "max", "--iters", "1",
+               "--agop-samples", "10", "--out", str(tmp_path / "pooled"), "--quiet"])
     assert rc == 0
     said = capsys.readouterr().out
     assert "kernel depths 2, 2, max pooling 2 x 2" in said and "layer 1 (kernel depth 2)" in said
@@ -355,7 +356,8 @@ def test_predict_a_deep_model_on_the_fits_noise_frame_gives_its_test_accuracy(tm
                                                                               capsys):
     run = tmp_path / "deep"
     assert main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--noise-frame",
-                 "12", "--layers", "2", "--width", "4", "--depth", "3", "--iters", "1",
+                 "12", "--layers", "2", "--layer-patience", "0", "--width", "4", "--depth", "3",
+                 "--iters", "1",
                  "--agop-samples", "10", "--seed", "3", "--out", str(run), "--quiet"]) == 0
     test_acc = json.loads((run / "summary.json").read_text())["test_acc"]
     capsys.readouterr()
