@@ -1,16 +1,23 @@
-"""Fixed kernel, ConvRFM, Deep ConvRFM with 2 and 3 layers on one split, from one fit.
+"""Fixed kernel, ConvRFM, Deep ConvRFM (layers chosen on validation; 2 and 3 forced) and a CNN,
+on one split, from one stack fit and one CNN run.
 
 Run:  python examples/results_table.py --n-train 2000 --out runs/table/fm2k.json
       python examples/results_table.py --n-train 2000 --noise-frame 42 --out runs/table/n42.json
+      python examples/results_table.py --dataset photos --out runs/table/photos.json
       python examples/results_table.py --collect runs/table/fm2k.json runs/table/n42.json
 
-A Deep ConvRFM layer does not depend on the layers after it, so with ``total_depth`` fixed the
-first L layers of a 3-layer stack are the L-layer stack (``tests/models/test_deep.py``): one fit
-gives every column. Fixed kernel = iteration 0 of the first layer (M = I), ConvRFM = the first
-layer (kernel depth 3), Deep 2 and Deep 3 = the second and third layers (depths 2 and 1). Each
-column's iteration and ridge are chosen on the same seeded validation split; its test accuracy
-is on the first ``--n-test`` test images (monitored, never used for a choice); its seconds are
-the layers' cumulative wall time (the fixed kernel: iteration 0's kernels and solve).
+A Deep ConvRFM layer does not depend on the layers after it, so the first L layers of a
+3-layer stack are the L-layer stack (``tests/models/test_deep.py``): one fit gives every
+column. Fixed kernel = iteration 0 of the first layer (M = I), ConvRFM = the first layer,
+Deep 2 and Deep 3 = the second and third layers, Deep chosen = the stack
+``DeepConvRFM(layer_patience=1)`` keeps (the rule applied to the layers' validation
+accuracies, as ``tests/models/test_deep.py`` checks it). Without ``--pool`` layer l has kernel
+depth 3 - l (the reference's total depth); with it every layer has depth 3 and the images are
+pooled between layers. The CNN is ``cnfa.networks.SmallCNN`` (4 conv layers of ``--width``)
+trained with Adam on the same training rows, its epoch chosen on the same validation rows.
+Each column's choices use only the validation split; test accuracy is on the first
+``--n-test`` test images (monitored, never used for a choice); seconds are the layers'
+cumulative wall time (the fixed kernel: iteration 0's kernels and solve).
 """
 
 from __future__ import annotations
@@ -18,12 +25,47 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import time
 from pathlib import Path
 
-from ray_convrfm import ConvRFM, DeepConvRFM, Options
-from ray_convrfm.data.datasets import load_dataset, with_noise_frame
+import numpy as np
+import torch
 
-COLUMNS = ("fixed kernel", "ConvRFM", "Deep ConvRFM, 2 layers", "Deep ConvRFM, 3 layers")
+from ray_convrfm import ConvRFM, DeepConvRFM, Options
+from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_on_validation
+from ray_convrfm.data.datasets import load_dataset, with_noise_frame
+from ray_convrfm.models.inputs import prepare_fit_inputs
+
+COLUMNS = ("fixed kernel", "ConvRFM", "Deep ConvRFM, layers chosen", "Deep ConvRFM, 2 layers",
+           "Deep ConvRFM, 3 layers", "CNN")
+
+
+def chosen_layers(val_acc: list[float], patience: int = 1) -> int:
+    """The layers DeepConvRFM(layer_patience=patience) keeps, from each layer's val accuracy."""
+    best = 0
+    for layer, acc in enumerate(val_acc):
+        best = layer if acc > val_acc[best] else best
+        if layer - best >= patience:
+            break
+    return best + 1
+
+
+def cnn_row(X, y, seed: int, val_fraction: float, X_test, y_test, width: int,
+            epochs: int) -> dict:
+    """The CNN anchor on the estimator's own split (its epoch chosen on validation)."""
+    data = prepare_fit_inputs(X, y, None, None, None, val_fraction, np.random.default_rng(seed))
+    y_test_idx = np.searchsorted(data.classes, y_test)
+    torch.manual_seed(seed)
+    model = SmallCNN(X.shape[1], len(data.classes), width=width, depth=4)
+    t0 = time.perf_counter()
+    history = train_on_validation(model, np.asarray(data.X_fit), data.y_fit,
+                                  np.asarray(data.X_val), data.y_val, epochs=epochs,
+                                  patience=5, seed=seed)
+    seconds = time.perf_counter() - t0
+    chosen = next(h for h in history if h["chosen"])
+    return {"model": COLUMNS[-1], "iter": chosen["epoch"], "ridge": None,
+            "val_acc": chosen["val_acc"], "test_acc": accuracy(model, X_test, y_test_idx),
+            "seconds": seconds, "learned": True, "epochs_run": len(history)}
 
 
 def results(model: DeepConvRFM) -> list[dict]:
@@ -32,28 +74,47 @@ def results(model: DeepConvRFM) -> list[dict]:
     rows = [{"model": COLUMNS[0], "iter": 0, "ridge": first["ridge"],
              "val_acc": first["val_acc"], "test_acc": first["monitor_acc"],
              "seconds": first["seconds_kernel"] + first["seconds_solve"], "learned": False}]
-    seconds = 0.0
-    for layer, info in enumerate(model.layers_):
+    seconds, per_layer = 0.0, []
+    for info in model.layers_:
         seconds += info["seconds"]
         chosen = info["history"][info["best_iter"]]
-        rows.append({"model": COLUMNS[layer + 1], "iter": info["best_iter"],
-                     "ridge": info["ridge"], "val_acc": chosen["val_acc"],
-                     "test_acc": chosen["monitor_acc"], "seconds": seconds,
-                     "learned": info["learned"], "depth": info["depth"],
-                     "iterations_run": len(info["history"])})
+        per_layer.append({"iter": info["best_iter"], "ridge": info["ridge"],
+                          "val_acc": chosen["val_acc"], "test_acc": chosen["monitor_acc"],
+                          "seconds": seconds, "layer_seconds": info["seconds"],
+                          "learned": info["learned"], "depth": info["depth"],
+                          "iterations_run": len(info["history"]),
+                          "top_eigen_share": top_share(info["M"])})
+    kept = chosen_layers([r["val_acc"] for r in per_layer])
+    names = [COLUMNS[1], COLUMNS[3], COLUMNS[4]]
+    for name, row in zip(names, per_layer, strict=False):
+        rows.append({"model": name, **row})
+    rows.insert(2, {"model": COLUMNS[2], **per_layer[kept - 1], "layers": kept})
     return rows
+
+
+def top_share(M: torch.Tensor) -> float:
+    """The top eigenvalue's share of M's spectrum: 1 when M has collapsed to rank one."""
+    vals = torch.linalg.eigvalsh(M.double()).clamp(min=0)
+    return float(vals[-1] / vals.sum())
 
 
 def markdown(runs: list[dict]) -> str:
     """The table: one row per model, one column per run."""
     head = "| model | " + " | ".join(r["task"] for r in runs) + " |"
     lines = [head, "|" + " --- |" * (len(runs) + 1)]
-    for i, name in enumerate(COLUMNS):
+    for name in COLUMNS:
         cells = []
         for run in runs:
-            r = run["rows"][i]
-            cells.append(f"{100 * r['test_acc']:.2f} % (it {r['iter']}, ridge {r['ridge']:g}, "
-                         f"val {100 * r['val_acc']:.2f} %, {r['seconds']:.0f} s)")
+            r = next((r for r in run["rows"] if r["model"] == name), None)
+            if r is None:
+                cells.append("-")
+                continue
+            what = (f"epoch {r['iter']}" if r["ridge"] is None
+                    else f"it {r['iter']}, ridge {r['ridge']:g}")
+            if "layers" in r:
+                what = f"{r['layers']} layer(s), " + what
+            cells.append(f"{100 * r['test_acc']:.2f} % ({what}, val {100 * r['val_acc']:.2f} %, "
+                         f"{r['seconds']:.0f} s)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -71,6 +132,11 @@ def main() -> None:
     p.add_argument("--metric-floor", type=float, default=None,
                    help="ConvRFM.metric_floor (default: the estimator's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool", type=int, default=1,
+                   help="Deep ConvRFM: pooling between layers (every layer then has depth 3)")
+    p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
+    p.add_argument("--cnn-width", type=int, default=64)
+    p.add_argument("--cnn-epochs", type=int, default=30)
     p.add_argument("--out", default=None, help="JSON file for this run's records")
     p.add_argument("--collect", nargs="+", default=None,
                    help="print the markdown table of earlier runs' JSON files")
@@ -89,12 +155,20 @@ def main() -> None:
                f"n = {args.n_train:,}"
     extra = {} if args.metric_floor is None else {"metric_floor": args.metric_floor}
     layer = ConvRFM(depth=3, iters=args.iters, patience=args.patience or None,
-                    random_state=args.seed, options=Options.of(verbose=True), **extra)
-    model = DeepConvRFM(layer, layers=3, width=args.width, total_depth=3)
+                    padding=args.padding, random_state=args.seed,
+                    options=Options.of(verbose=True), **extra)
+    model = DeepConvRFM(layer, layers=3, width=args.width, layer_patience=None,
+                        pool=args.pool, total_depth=None if args.pool > 1 else 3)
     model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test))
-    run = {"task": task, "n_train": args.n_train, "n_test": len(ds.y_test),
+    rows = results(model)
+    rows.append(cnn_row(ds.X_train, ds.y_train, args.seed, layer.val_fraction, ds.X_test,
+                        ds.y_test, args.cnn_width, args.cnn_epochs))
+    if args.pool > 1:
+        task += f", pool {args.pool}"
+    run = {"task": task, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
            "width": args.width, "iters": args.iters, "patience": args.patience,
-           "filter_power": model.filter_power, "rows": results(model)}
+           "pool": args.pool, "padding": args.padding,
+           "filter_power": model.filter_power, "rows": rows}
     print(markdown([run]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

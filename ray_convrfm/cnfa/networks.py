@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,8 +35,10 @@ class SmallCNN(nn.Module):
 
 def train_classifier(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int = 3,
                      batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-                     progress: bool = False) -> list[dict]:
-    """Adam on cross-entropy; returns one dict per epoch (loss, train accuracy, seconds)."""
+                     progress: bool = False,
+                     on_epoch: Callable[[dict], bool] | None = None) -> list[dict]:
+    """Adam on cross-entropy; returns one dict per epoch (loss, train accuracy, seconds).
+    ``on_epoch`` sees each epoch's record (and may add to it); True stops the training."""
     gen = torch.Generator().manual_seed(seed)
     Xt = torch.as_tensor(X, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.long)
@@ -65,7 +68,38 @@ def train_classifier(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: 
         log.info("epoch %d: loss %.4f, train acc %.4f (%.0f s)", epoch, rec["loss"],
                  rec["train_acc"], rec["seconds"])
         history.append(rec)
+        if on_epoch is not None and on_epoch(rec):
+            break
     model.eval()
+    return history
+
+
+def train_on_validation(model: nn.Module, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
+                        y_val: np.ndarray, *, epochs: int = 30, patience: int | None = 5,
+                        batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+                        progress: bool = False) -> list[dict]:
+    """``train_classifier`` with its epoch chosen on (X_val, y_val), as a kernel machine's
+    iteration is: the model ends with the weights of its best validation epoch (the first on
+    ties), and training stops ``patience`` epochs after it. Returns one dict per epoch with
+    ``val_acc`` and ``chosen`` (the kept epoch)."""
+    import copy
+
+    best: dict = {"epoch": -1, "val_acc": -1.0, "state": None}
+
+    def choose(rec: dict) -> bool:
+        rec["val_acc"] = accuracy(model, X_val, y_val)
+        model.train()
+        if rec["val_acc"] > best["val_acc"]:
+            best.update(epoch=rec["epoch"], val_acc=rec["val_acc"],
+                        state=copy.deepcopy(model.state_dict()))
+        return patience is not None and rec["epoch"] - best["epoch"] >= patience
+
+    history = train_classifier(model, X, y, epochs=epochs, batch_size=batch_size, lr=lr,
+                               seed=seed, progress=progress, on_epoch=choose)
+    model.load_state_dict(best["state"])
+    model.eval()
+    for rec in history:
+        rec["chosen"] = rec["epoch"] == best["epoch"]
     return history
 
 

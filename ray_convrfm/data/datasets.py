@@ -175,8 +175,8 @@ def load_fashion_mnist(
 DIGITS_NOISE_FRAME = 14
 DIGITS_NOISE_STD = 0.25
 
-_SPEC_FORMS = ('"digits", "digits-noise", "fashion-mnist", "fashion-mnist-pairs", "idx:DIR", '
-               '"npz:PATH", "parquet:PATH_OR_URL" or a path ending in .npz')
+_SPEC_FORMS = ('"digits", "digits-noise", "fashion-mnist", "fashion-mnist-pairs", "photos", '
+               '"idx:DIR", "npz:PATH", "parquet:PATH_OR_URL" or a path ending in .npz')
 
 
 def item_pairs(ds: ImageDataset, n_train: int | None = None, n_test: int | None = None,
@@ -258,7 +258,8 @@ def load_dataset(
         14 x 14 frame of N(0, 0.25^2) noise, seeded: the bundled local-signal task, where a
         learned patch metric pays), ``"fashion-mnist"``, ``"fashion-mnist-pairs"``
         (``item_pairs``: 100 classes of two items side by side, seeded), ``"idx:DIR"``,
-        ``"npz:PATH"``, ``PATH.npz`` or
+        ``"npz:PATH"``, ``PATH.npz``, ``"photos"`` (``data.photos``: 32 x 32 colour crops of
+        ten photographs, labelled by photograph; needs scikit-image) or
         ``"parquet:PATH_OR_URL"`` (read whole; fits on Ray read it lazily, see ``parquet``).
     root, download
         Passed to :func:`load_fashion_mnist`; ignored by the other forms.
@@ -290,4 +291,8 @@ def load_dataset(
         from ray_convrfm.data.parquet_io import load_parquet  # pyarrow only when needed
 
         return load_parquet(s[8:])
+    if key == "photos":  # natural images: crops of scikit-image's photographs
+        from ray_convrfm.data.photos import load_photo_crops
+
+        return load_photo_crops()
     raise ValueError(f"unknown data set spec {spec!r}; accepted: {_SPEC_FORMS}")
