@@ -11,6 +11,8 @@ def as_images(X, name: str = "X", channels: int | None = None,
     """Check an image batch: rank 4, non-empty, floating/int pixels, finite, expected C and size."""
     if not isinstance(X, np.ndarray | torch.Tensor):
         X = np.asarray(X)
+    if isinstance(X, torch.Tensor):
+        readable_tensor(X, name)
     shape = tuple(X.shape)
     if len(shape) != 4:
         hint = " (add a channel axis: X[:, None])" if len(shape) == 3 else ""
@@ -27,6 +29,8 @@ def as_images(X, name: str = "X", channels: int | None = None,
             raise TypeError(f"{name} must hold numbers; found dtype {X.dtype}")
         bad = ~np.isfinite(X) if np.issubdtype(X.dtype, np.floating) else None
     else:
+        if X.is_complex() or X.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers; found dtype {X.dtype}")
         bad = ~torch.isfinite(X) if X.is_floating_point() else None
     if bad is not None and bool(bad.any()):
         count = int(bad.sum())
@@ -35,9 +39,21 @@ def as_images(X, name: str = "X", channels: int | None = None,
     return X
 
 
+def readable_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse a tensor whose values cannot be read: on the ``meta`` device (shapes only, no
+    data) or not a dense (strided) one."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a tensor on the meta device, which holds shapes but no "
+                         f"values; pass one on a device with data (cpu, cuda)")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} is a {t.layout} tensor on device {t.device}; pass a dense "
+                         f"one ({name}.to_dense())")
+    return t
+
+
 def as_labels(y, n: int, name: str = "y") -> np.ndarray:
     """Check a label vector: 1-D, one label per image, no NaN or inf labels."""
-    y = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+    y = np.asarray(readable_tensor(y, name).cpu() if isinstance(y, torch.Tensor) else y)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D with one label per image; found shape {y.shape}")
     if len(y) != n:

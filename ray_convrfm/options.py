@@ -114,7 +114,7 @@ class ClusterOptions:
         0 computes in this process; N > 0 spreads the training images over N Ray actors.
     address : str or None
         None starts an embedded local Ray sized to ``workers`` (loopback only, no dashboard);
-        "auto" or "ray://..." joins that cluster.
+        "auto" or "ray://..." joins that cluster. Refused with ``workers=0`` (no effect).
     gpus_per_worker : float or None
         GPUs reserved per worker; None means 1 when the Ray cluster has GPUs, else 0.
     placement_timeout_s : float or None
@@ -142,6 +142,10 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         if not _is_int(self.workers) or self.workers < 0:
             raise ValueError(f"workers must be an integer >= 0; found {self.workers!r}")
+        if self.address is not None and not self.workers:
+            raise ValueError(f"address={self.address!r} has no effect with workers=0 (the work "
+                             f"runs in this process); pass workers=N to run on N Ray workers "
+                             f"of that cluster, or address=None")
         if self.gpus_per_worker is not None and not self.gpus_per_worker >= 0:
             raise ValueError(f"gpus_per_worker must be >= 0; found {self.gpus_per_worker!r}")
         if self.placement_timeout_s is not None and not self.placement_timeout_s > 0:

@@ -32,6 +32,18 @@ def test_bad_values_name_the_field(kwargs, message):
         Options.of(**kwargs)
 
 
+def test_an_address_without_workers_is_refused_naming_both():
+    """An address with workers=0 would be ignored (the work runs in this process)."""
+    with pytest.raises(ValueError) as err:
+        Options.of(address="auto")
+    assert str(err.value) == (
+        "address='auto' has no effect with workers=0 (the work runs in this process); pass "
+        "workers=N to run on N Ray workers of that cluster, or address=None")
+    with pytest.raises(ValueError, match="address='ray://head:10001' has no effect"):
+        ClusterOptions(address="ray://head:10001")
+    assert Options.of(address="auto", workers=2).cluster.address == "auto"
+
+
 def test_unknown_names_and_wrong_types_are_refused():
     with pytest.raises(TypeError, match="unknown option 'wokers'"):
         Options.of(wokers=2)

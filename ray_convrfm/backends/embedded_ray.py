@@ -150,7 +150,7 @@ def _start_embedded_ray(workers: int) -> None:
     except ImportError as err:
         raise RayConfinementError(
             f"this Ray ({ray.__version__}) has no token authentication ({err}); the embedded "
-            "Ray needs it: upgrade Ray, or join a cluster you secured with --address") from err
+            "Ray needs it: upgrade Ray, or join a cluster you secured with address=...") from err
     _check_token_file()
     me = psutil.Process()
     before = set(listening_sockets([me]))
@@ -175,7 +175,7 @@ def _start_embedded_ray(workers: int) -> None:
             raise RayConfinementError(
                 f"the embedded Ray {ray.__version__} could not be confined to this machine: "
                 f"{'; '.join(problems)}. Refusing to run on it; join a cluster you secured "
-                "with --address (Options.of(address=...)) instead")
+                "with address=... instead")
     except BaseException:
         ray.shutdown()
         raise

@@ -73,8 +73,9 @@ def reserve_workers(workers: int, bundle: dict, timeout_s: float | None, poll_s:
     if short and not elastic:
         raise PlacementTimeoutError(
             f"{workers} workers of {bundle} need {short}, but this local Ray has "
-            f"{ {k: total.get(k, 0) for k in short} } in all; lower --workers / "
-            "--gpus-per-worker, or join a larger cluster with --address")
+            f"{ {k: total.get(k, 0) for k in short} } in all; lower workers={workers} or "
+            f"gpus_per_worker={bundle.get('GPU', 0):g}, or join a larger cluster with "
+            "address=...")
 
     pg = placement_group([dict(bundle)] * workers, strategy="SPREAD")
     start = time.monotonic()
@@ -90,7 +91,8 @@ def reserve_workers(workers: int, bundle: dict, timeout_s: float | None, poll_s:
             raise PlacementTimeoutError(
                 f"gave up after {waited:.0f} s waiting for {workers} workers of {bundle}; the "
                 f"cluster has {have} available. Add nodes (or let the autoscaler), lower "
-                "--workers / --gpus-per-worker, or raise the placement timeout.")
+                f"workers={workers} or gpus_per_worker={bundle.get('GPU', 0):g}, or raise "
+                f"placement_timeout_s={timeout_s:g}.")
         log.warning("waiting %.0f s so far for %d workers of %s; cluster has %s available",
                     waited, workers, bundle, have)
 
@@ -189,7 +191,7 @@ class RayExecutor:
         self.starts = 1
         resume = (f"rerun the same fit with store {store!r} to resume: the kernel blocks "
                   "already stored are kept" if store else
-                  "with a kernel store (StoreOptions.url, --store) a rerun resumes from the "
+                  "with a kernel store (store=PATH) a rerun resumes from the "
                   "blocks already computed")
         try:  # the workers load their shards (parquet rows are read and decoded there)
             self.get([a.size.remote() for a in self.actors], "load shards")

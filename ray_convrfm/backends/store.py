@@ -419,7 +419,7 @@ def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
     elif recorded != json.loads(json.dumps(run)):
         diff = {k: (recorded.get(k), v) for k, v in run.items() if recorded.get(k) != v}
         raise StoreMismatchError(f"{url} is the kernel store of another run; differing "
-                                 f"(store, now): {diff}. Use another --store path.")
+                                 f"(store, now): {diff}. Pass another store=PATH.")
     return root
 
 

@@ -2,12 +2,13 @@
 
 :func:`load_dataset` turns a short spec (``"digits"``, ``"fashion-mnist"``, ``"idx:DIR"``,
 ``"npz:PATH"``, ``"parquet:PATH_OR_URL"``) into an :class:`ImageDataset`. The loaders
-themselves live in :mod:`~ray_convrfm.data.images` (container, digits, ``.npz``, noise frame),
+themselves live in :mod:`~ray_convrfm.data.images` (container, digits, noise frame),
+:mod:`~ray_convrfm.data.npz` (``.npz`` archives),
 :mod:`~ray_convrfm.data.idx` (IDX files) and :mod:`~ray_convrfm.data.parquet_io` (parquet
 shards); all but the parquet reader are re-exported here. Fashion-MNIST is found (or
 downloaded) here because its search locations are module settings that users and tests repoint.
 
-Imports go one way: ``images`` <- ``idx``; ``images`` <- ``parquet_io``; both <- ``datasets``
+Imports go one way: ``images`` <- ``idx``, ``npz``, ``parquet_io``; all but the last <- ``datasets``
 <- ``parquet`` (which holds ``convert``, as it needs this dispatcher).
 """
 
@@ -25,9 +26,9 @@ from ray_convrfm.data.images import (
     ImageDataset,
     digit_in_noise,
     load_digits,
-    load_npz,
     with_noise_frame,
 )
+from ray_convrfm.data.npz import load_npz
 
 __all__ = [
     "CACHE_DIR",
@@ -161,7 +162,7 @@ def load_fashion_mnist(
     raise FileNotFoundError(
         "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] etc.) not found; tried:\n"
         f"{tried}\n"
-        "Fix: pass download=True (or --download) to fetch them into the cache, "
+        "Fix: pass download=True to fetch them into the cache, "
         "run `apt-get install dataset-fashion-mnist`, "
         f"or set {FASHION_MNIST_ENV_VAR} to a directory holding them."
     )

@@ -59,7 +59,7 @@ def check_link(path: Path, root: Path, follow_symlinks: bool) -> Path:
         if not target.is_relative_to(root):
             raise ValueError(
                 f"{path} is a symbolic link to {target}, outside the folder {root} being "
-                "read; pass follow_symlinks=True (ray-convrfm convert --follow-symlinks) to "
+                "read; pass follow_symlinks=True to "
                 "read what links outside it point to")
     return path
 

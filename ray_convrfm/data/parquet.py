@@ -126,15 +126,20 @@ def convert(source_spec: str, out: str | os.PathLike[str], encoding: str = "png"
     (``DIR/[train|test|val]/<class>/*.png|jpg|jpeg``, a flat ``val/`` with ``labels_file``;
     without ``train/``, ``DIR`` is the train split), classes the sorted class-folder names; or
     ``"hf:DIR"``: Hugging Face style shards (``data.hf_parquet``). Those two are converted one
-    output file per task, on ``workers`` Ray workers (``address``: a cluster to join) or in this
-    process without ``workers``; ``splits`` picks theirs (default all). Their images already
-    in ``encoding``, mode (``L``/``RGB``) and size are stored byte for byte, others
-    re-encoded. ``size`` ``(H, W)`` resizes (bilinear; ``resize="crop"``: scaled to cover it,
-    then centre-cropped); without it all must have the first image's size, and without
-    ``channels`` (1 or 3) its channels. ``shuffle_seed`` (``None``: keep) shuffles folder rows,
-    which come class by class. ``name`` renames the set. Symbolic links leading out of ``DIR``
-    are refused unless ``follow_symlinks``. The rest is as in :func:`write_parquet_dataset`.
+    output file per task, on ``workers`` Ray workers (``address``: a cluster to join; refused
+    without ``workers``) or in this process without ``workers``; ``splits`` picks theirs
+    (default all). Their images already in ``encoding``, mode (``L``/``RGB``) and size are
+    stored byte for byte, others re-encoded. ``size`` ``(H, W)`` resizes (bilinear;
+    ``resize="crop"``: scaled to cover it, then centre-cropped); without it all must have the
+    first image's size, and without ``channels`` (1 or 3) its channels. ``shuffle_seed``
+    (``None``: keep) shuffles folder rows, which come class by class. ``name`` renames the set.
+    Symbolic links leading out of ``DIR`` are refused unless ``follow_symlinks``. The rest is as
+    in :func:`write_parquet_dataset`.
     """
+    if address is not None and not workers:
+        raise ValueError(f"address={address!r} has no effect with workers=None (the conversion "
+                         f"runs in this process); pass workers=N to convert on N Ray workers "
+                         f"of that cluster, or address=None")
     fmt, size = img.format_of(encoding), img.check_size(size)
     write = {"rows_per_file": rows_per_file, "rows_per_group": rows_per_group,
              "overwrite": overwrite, "progress": progress}

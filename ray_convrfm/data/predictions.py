@@ -114,7 +114,7 @@ def prepare_out(out: str | os.PathLike[str], classes: np.ndarray,
                      f"an incomplete run (no {MARKER}: killed or failed)" if any(
                          _OURS.match(n) for n in names) else "other files")
             raise FileExistsError(f"{out} already holds {state}; pass overwrite=True "
-                                  "(--overwrite) to replace them, or choose another folder")
+                                  "to replace them, or choose another folder")
         foreign = sorted(n for n in names if not _OURS.match(n))
         if foreign:
             raise FileExistsError(f"{out} holds files batch prediction did not write "

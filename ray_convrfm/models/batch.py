@@ -67,7 +67,7 @@ def _batch_rows(X, y, image_shape: tuple[int, ...]):
     if shape != tuple(image_shape):
         raise ValueError(f"the images have shape {shape} (C, H, W); the model was fitted on "
                          f"{tuple(image_shape)}" + ("; resize them as they are read (parquet: "
-                         "size=(H, W), --resize HxW)" if shape[0] == image_shape[0] else ""))
+                         "size=(H, W))" if shape[0] == image_shape[0] else ""))
     carried = isinstance(X, DiskRows)  # rows of an on-disk set carry their labels
     if y is not None:
         if carried:

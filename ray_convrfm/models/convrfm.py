@@ -79,7 +79,8 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
         sample of the training images, solved by Falkon-preconditioned conjugate gradient over
         rows of K_nm that stay with the backend; section 9a) or "nystrom-direct" (the same
         problem through its m x m normal equations and a Cholesky, for small m)
-    centers : m for the Nystrom solver (default min(n, ``options.DEFAULT_CENTERS``))
+    centers : m for the Nystrom solver (default min(n, ``options.DEFAULT_CENTERS``)); fit
+        refuses it with ``solver="exact"`` (no effect there)
     patience : stop after this many iterations without a better validation score (``iters``
         is then the maximum; by default 10 iterations, stopping 2 after the best); None runs
         all ``iters``. Scores compare accuracy first, then the squared error on the one-hot
@@ -163,6 +164,7 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
         self
         """
         params = self.rfm_params()
+        params.refuse_ignored()
         options = as_options(self.options)
         rng = np.random.default_rng(self.random_state)
         data = prepare_fit_inputs(X, y, X_val, y_val, monitor, self.val_fraction, rng)
@@ -273,7 +275,9 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle).
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path`` (no pickle),
+        atomically: a failed write is an ``OSError`` naming the file and leaves the model that
+        was there, or nothing.
 
         ``options`` are not saved: how and where to compute is the loader's choice.
         """

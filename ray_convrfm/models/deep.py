@@ -25,6 +25,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
+from ray_convrfm.atomic import transaction
 from ray_convrfm.backends import open_backend
 from ray_convrfm.backends.chunks import FilterBank
 from ray_convrfm.checks import as_images
@@ -191,6 +192,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         they are (on Ray, every worker its own shard), so they never return to this process.
         """
         base = self._base()
+        base.rfm_params().refuse_ignored()
         depths = self._depths(base)
         seed = int(base.random_state)
         options = as_options(base.options)
@@ -308,7 +310,6 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self, "final_")
         path = Path(path)
-        self.final_.save(path / _FINAL)
         tensors = {f"layer{i}.M": info["M"] for i, info in enumerate(self.layers_)}
         tensors.update({f"layer{i}.filters": info["filters"]
                         for i, info in enumerate(self.layers_) if info["filters"] is not None})
@@ -319,9 +320,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         config = {"params": params, "classes": self.classes_.tolist(),
                   "classes_dtype": str(self.classes_.dtype),
                   "image_shape": list(self.image_shape_), "layers": layers,
-                  "layer_val_acc": [float(v) for v in self.layer_val_acc_],
-                  "final_digest": saved_digest(path / _FINAL)}
-        return write_model(path, type(self).__name__, config, tensors)
+                  "layer_val_acc": [float(v) for v in self.layer_val_acc_]}
+        with transaction():  # final/ and this folder's files: replaced together, or none
+            self.final_.save(path / _FINAL)
+            config["final_digest"] = saved_digest(path / _FINAL)
+            return write_model(path, type(self).__name__, config, tensors)
 
     @classmethod
     def load(cls, path: str | Path, options=None) -> DeepConvRFM:

@@ -28,6 +28,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from ray_convrfm.atomic import make_dirs, readable_name, transaction, write_file, write_text
 from ray_convrfm.checks import check_psd
 
 #: Bumped whenever the saved layout changes; ``load`` refuses other versions. Version 2: the
@@ -52,16 +53,19 @@ class ModelFileError(ValueError):
 def write_model(path: str | Path, model_name: str, config: dict,
                 tensors: dict[str, torch.Tensor]) -> Path:
     """Write the tensors and then the config with its digest (a directory without a config is
-    no model)."""
+    no model), atomically: both go to temporary names in ``path`` and are renamed into place
+    once both are written (at the end of the caller's ``atomic.transaction()``, if any), so a
+    failed write leaves the previous model, or nothing, and is an ``OSError`` naming the file."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path / TENSORS))
     config = jsonable({"format_version": FORMAT_VERSION, "model": model_name, **config})
     config[DIGEST] = model_digest(config, tensors)
-    (path / CONFIG).write_text(json.dumps(config, indent=2))
+    with transaction():
+        make_dirs(path)
+        write_file(path / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+        write_text(path / CONFIG, json.dumps(config, indent=2))
     return path
 
 
@@ -273,8 +277,10 @@ def model_digest(config: dict, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def saved_digest(path: str | Path) -> str | None:
-    """The digest recorded in the ``config.json`` of a model just written by ``write_model``."""
-    return json.loads((Path(path) / CONFIG).read_text())[DIGEST]
+    """The digest recorded in the ``config.json`` of a model just written by ``write_model``
+    (also while the enclosing ``atomic.transaction()`` still holds it under its temporary
+    name)."""
+    return json.loads(readable_name(Path(path) / CONFIG).read_text())[DIGEST]
 
 
 def hyper_parameters(estimator) -> dict:

@@ -90,6 +90,14 @@ class RFMParams:
                 raise ValueError(f"centers must be a positive integer; found {self.centers!r}")
             object.__setattr__(self, "centers", int(self.centers))
 
+    def refuse_ignored(self) -> None:
+        """Refuse, before a fit, parameters it would ignore (not at load: a model saved with
+        them still loads)."""
+        if self.centers is not None and self.solver == "exact":
+            raise ValueError(f"centers={self.centers} has no effect with solver='exact' (it "
+                             f"solves over every training image); pass solver='nystrom' or "
+                             f"solver='nystrom-direct' with centers, or centers=None")
+
 
 @dataclass(frozen=True)
 class Labelled:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_convrfm.atomic import transaction, write_file, write_text
 from ray_convrfm.options import ENGINES, SOLVERS
 from ray_convrfm.tools.cli_bench import add_bench_parser, cmd_bench
 from ray_convrfm.tools.cli_data import (
@@ -24,6 +25,7 @@ from ray_convrfm.tools.cli_predict import add_predict_parser, cmd_predict
 from ray_convrfm.tools.outputs import (
     CNFA_RESULTS,
     UsageError,
+    in_flags,
     output_dir,
     peak_rss_mb,
     refuse_earlier_run,
@@ -224,9 +226,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from ray_convrfm.data.sources import is_disk_spec
     from ray_convrfm.models.convrfm import ConvRFM
     from ray_convrfm.models.deep import DeepConvRFM
-    from ray_convrfm.options import Options
+    from ray_convrfm.models.rfm import RFMParams
+    from ray_convrfm.options import ClusterOptions, Options
     from ray_convrfm.tools.viz import plot_deep_filters, plot_filters, plot_history
 
+    # flags that would have no effect together are refused before any work (main says the
+    # API's messages in flags: "--address auto has no effect with --workers 0 ...")
+    ClusterOptions(workers=args.workers, address=args.address)
+    RFMParams(solver=args.solver, centers=args.centers).refuse_ignored()
     _set_threads(args.threads)
     if is_disk_spec(args.dataset):
         ds = disk_fit_data(args)
@@ -324,7 +331,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
               f"{' at the last layer' if len(layers) > 1 else ''}; test accuracy "
               f"{100 * test_acc:.2f}% (fixed kernel {100 * fixed:.2f}%, "
               f"{100 * (test_acc - fixed):+.2f} points)")
-    model.save(out / "model")
     rows = [(i, h, h["iter"] == la["best_iter"]) for i, la in enumerate(layers)
             for h in la["history"]]
     table = pa.table({
@@ -339,8 +345,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "seconds_agop": [h["seconds_agop"] for _, h, _ in rows],
         "chosen": [c for _, _, c in rows],
     })
-    pq.write_table(table, out / "metrics.parquet")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with transaction():  # the model and the run's records: all in place, or none replaced
+        model.save(out / "model")
+        write_file(out / "metrics.parquet", lambda tmp: pq.write_table(table, str(tmp)))
+        write_text(out / "summary.json", json.dumps(summary, indent=2))
     C = ds.X_train.shape[1]
     if len(layers) > 1:
         plot_deep_filters(layers, C, out / "filters.png",
@@ -398,12 +406,13 @@ def cmd_cnfa(args: argparse.Namespace) -> int:
               f"{r.init_corr_power_half:>9.3f}")
     if test_acc is not None:
         print(f"CNN test accuracy {100 * test_acc:.2f}% after {args.epochs} epochs")
-    pq.write_table(to_table(rows), out / "cnfa.parquet")
+    with transaction():
+        write_file(out / "cnfa.parquet", lambda tmp: pq.write_table(to_table(rows), str(tmp)))
+        write_text(out / "summary.json", json.dumps(
+            {"dataset": ds.name, "n_train": int(len(ds.y_train)), "test_acc": test_acc,
+             "epochs": history, "cnfa_images": int(len(images)),
+             "layers": [r.__dict__ for r in rows]}, indent=2, default=str))
     plot_cnfa(rows, out / "cnfa.png", title=f"CNFA, {ds.name}: W^T W vs patch AGOP")
-    (out / "summary.json").write_text(json.dumps(
-        {"dataset": ds.name, "n_train": int(len(ds.y_train)), "test_acc": test_acc,
-         "epochs": history, "cnfa_images": int(len(images)),
-         "layers": [r.__dict__ for r in rows]}, indent=2, default=str))
     print(f"wrote {out}/cnfa.parquet, cnfa.png, summary.json")
     return 0
 
@@ -446,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.debug:
             raise
-        message = _message(exc)
+        message = in_flags(_message(exc))
     sys.stdout.flush()
     print(f"ray-convrfm: error: {message}", file=sys.stderr)
     return 2

@@ -1,8 +1,10 @@
 """Where the command line writes: --out folders or URLs, refusal of an earlier run's results,
-the kernel store's default place, and the process's peak memory for the summary."""
+the kernel store's default place, the process's peak memory for the summary, and the Python
+API's messages said in flags."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +16,36 @@ CNFA_RESULTS = ("cnfa.parquet", "summary.json")
 
 class UsageError(ValueError):
     """A command line that cannot run as given: reported in one line, exit status 2."""
+
+
+#: The Python API's keyword names (in its messages) and the command line's flags for them.
+KEYWORD_FLAGS = {"address": "--address", "centers": "--centers", "download": "--download",
+                 "follow_symlinks": "--follow-symlinks", "gpus_per_worker": "--gpus-per-worker",
+                 "overwrite": "--overwrite", "placement_timeout_s": "--placement-timeout",
+                 "size": "--resize", "solver": "--solver", "store": "--store",
+                 "workers": "--workers"}
+_NOT_AFTER = r"(?<![\w.`'\"/=-])(?<!\w\()"  # not in a path, a quote or a call f(name=...)
+_KEYWORD_VALUE = re.compile(_NOT_AFTER + "(" + "|".join(KEYWORD_FLAGS)
+                            + r")=('[^']*'|\([^)]*\)|\.\.\.|[^\s,;)]*[^\s,;).])")
+_BARE_KEYWORD = re.compile(_NOT_AFTER + "(" + "|".join(k for k in KEYWORD_FLAGS if "_" in k)
+                           + r")(?![\w=])")
+
+
+def in_flags(message: str) -> str:
+    """An API message as the command line says it, for the names in ``KEYWORD_FLAGS``:
+    ``overwrite=True`` is ``--overwrite``, ``address=None`` ``no --address``, ``workers=2``
+    ``--workers 2`` (quotes dropped, ``size=(H, W)`` as ``--resize HxW``); names with an
+    underscore are translated alone too (``gpus_per_worker`` is ``--gpus-per-worker``)."""
+    def keyword_value(m: re.Match) -> str:
+        flag, value = KEYWORD_FLAGS[m[1]], m[2]
+        if value in ("True", "None"):
+            return flag if value == "True" else f"no {flag}"
+        if value.startswith("("):
+            value = "x".join(v.strip() for v in value[1:-1].split(","))
+        return f"{flag} {value.strip(chr(39))}"
+
+    message = _KEYWORD_VALUE.sub(keyword_value, message)
+    return _BARE_KEYWORD.sub(lambda m: KEYWORD_FLAGS[m[1]], message)
 
 
 def peak_rss_mb() -> float:

@@ -49,7 +49,7 @@ def test_a_ray_that_cannot_be_confined_is_refused(monkeypatch):
     monkeypatch.setattr(embedded_ray, "_embedded_settings", unconfined)
     with pytest.raises(embedded_ray.RayConfinementError,
                        match=r"could not be confined.*gcs_server \(pid \d+\) listens on "
-                             r"(::|0\.0\.0\.0|[0-9.]+):\d+.*--address"):
+                             r"(::|0\.0\.0\.0|[0-9.]+):\d+.*address=\.\.\."):
         embedded_ray.start_ray(1)
     assert not ray.is_initialized()
 

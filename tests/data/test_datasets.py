@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import struct
 from pathlib import Path
 
@@ -424,7 +425,7 @@ def test_npz_float_out_of_range(tmp_path):
 
 def test_npz_errors(tmp_path):
     np.savez(tmp_path / "k.npz", foo=np.zeros((2, 4, 4)))
-    with pytest.raises(KeyError, match="X_train"):
+    with pytest.raises(ValueError, match="X_train"):
         load_npz(tmp_path / "k.npz")
     np.savez(tmp_path / "n.npz", X_train=np.zeros((3, 4, 4)), y_train=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="3 images but 2 labels"):
@@ -443,6 +444,57 @@ def test_npz_refuses_pickled_objects(tmp_path):
     np.savez(tmp_path / "o.npz", X_train=obj, y_train=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match="allow_pickle"):
         load_npz(tmp_path / "o.npz")
+
+
+def test_npz_without_the_expected_keys_names_the_file_and_the_keys(tmp_path):
+    """Not a KeyError: a ValueError naming the file, the keys it has and those expected."""
+    path = tmp_path / "wrong.npz"
+    np.savez(path, pixels=np.zeros((2, 4, 4)), targets=np.zeros(2, np.int64))
+    with pytest.raises(ValueError) as err:
+        load_npz(path)
+    assert str(err.value) == (
+        f"{path}: expected keys X_train and y_train (or x_train, or images and labels), "
+        "optionally X_test and y_test; found ['pixels', 'targets']")
+    np.savez(path, X_train=np.zeros((2, 4, 4)), y_train=np.zeros(2, np.int64),
+             X_test=np.zeros((1, 4, 4)))
+    with pytest.raises(ValueError, match=r"wrong.npz: X_test and y_test must be given "
+                                         r"together; found \['X_test', 'X_train', 'y_train'\]"):
+        load_npz(path)
+
+
+@pytest.mark.parametrize("content,kind", [
+    (b"label,pixel0\n3,0.5\n", "it starts with b'label,'"),
+    (None, "a single .npy array"),
+    (b"", "it starts with b''"),
+])
+def test_a_file_that_is_no_npz_archive_is_refused_naming_it(tmp_path, content, kind):
+    """A text, .npy or empty file: "PATH is not an .npz archive", never numpy's "contains
+    pickled (object) data" without a file name."""
+    path = tmp_path / "data.npz"
+    if content is None:
+        with open(path, "wb") as fh:
+            np.save(fh, np.zeros((2, 4, 4)))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_npz(path)
+    assert str(err.value) == f"{path} is not an .npz archive (a zip of .npy arrays): {kind}"
+
+
+def test_a_damaged_npz_archive_is_refused_naming_it(tmp_path):
+    path = tmp_path / "cut.npz"
+    np.savez_compressed(path, X_train=np.zeros((20, 8, 8)), y_train=np.zeros(20, np.int64))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the central directory is gone
+    named = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"^{named} is not a readable .npz archive \("):
+        load_npz(path)
+    damaged = bytearray(data)
+    start = data.index(b"X_train.npy") + 60  # inside X_train's compressed bytes
+    damaged[start:start + 8] = b"\xff" * 8
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=rf"^{named}: cannot read X_train \("):
+        load_npz(path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,3 +175,21 @@ def test_a_carved_split_fits_as_the_same_split_given_explicitly():
                               y_val=ds.y_train[val])
     np.testing.assert_allclose(given.decision_function(ds.X_test),
                                carved.decision_function(ds.X_test), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ parameters without effect
+def test_centers_with_the_exact_solver_are_refused_before_the_fit(digits, tmp_path):
+    """centers is the Nystrom solver's: with solver="exact" the fit refuses it by name (a
+    model saved with it still loads: the check is the fit's)."""
+    X, y = digits
+    said = ("centers=40 has no effect with solver='exact' (it solves over every training "
+            "image); pass solver='nystrom' or solver='nystrom-direct' with centers, or "
+            "centers=None")
+    for model in (ConvRFM(depth=2, iters=1, centers=40),
+                  DeepConvRFM(ConvRFM(iters=1, centers=40), layers=2, width=4)):
+        with pytest.raises(ValueError) as err:
+            model.fit(X[:60], y[:60])
+        assert str(err.value) == said
+    fitted = ConvRFM(depth=2, iters=1, agop_samples=10).fit(X[:60], y[:60])
+    path = fitted.set_params(centers=40).save(tmp_path / "model")  # as older versions could
+    assert ConvRFM.load(path).centers == 40

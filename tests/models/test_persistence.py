@@ -363,3 +363,111 @@ def test_a_model_fitted_on_8_bit_pixels_keeps_them_and_round_trips(tmp_path):
     assert loaded.X_fit_.dtype == torch.uint8
     np.testing.assert_allclose(loaded.decision_function(Ut), pixels.decision_function(Ut),
                                rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (temporary ones included) by relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()} if root.exists() else {}
+
+
+_SAVE_UNDER_A_FILE_SIZE_LIMIT = """
+import json, resource, signal, sys
+from ray_convrfm import ConvRFM
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+model = ConvRFM.load(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+try:
+    model.save(sys.argv[2])
+except Exception as err:
+    print(json.dumps([type(err).__name__, str(err)]))
+"""
+
+
+def test_a_file_size_limit_while_saving_leaves_the_previous_model_or_nothing(saved, fitted,
+                                                                           digits, tmp_path):
+    """A real failed write (RLIMIT_FSIZE in a child): an OSError naming model.safetensors,
+    and the folder holds what it held before, byte for byte, or does not exist."""
+    import subprocess
+    import sys
+
+    limit = (saved / "model.safetensors").stat().st_size // 2
+    assert limit > (saved / "config.json").stat().st_size  # the tensors are what fails
+    other = ConvRFM(depth=2, iters=1, agop_samples=20, random_state=5).fit(*digits[:2])
+    for target, before in ((tmp_path / "fresh" / "model", None),
+                           (tmp_path / "earlier", other.save(tmp_path / "earlier"))):
+        held = files(target)
+        run = subprocess.run([sys.executable, "-c", _SAVE_UNDER_A_FILE_SIZE_LIMIT, str(saved),
+                              str(target), str(limit)], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout) == [
+            "OSError", f"[Errno 27] File too large: '{target / 'model.safetensors'}'"]
+        assert files(target) == held  # no 0-byte, partial or temporary file
+        if before is None:
+            assert not (tmp_path / "fresh").exists()
+        else:
+            np.testing.assert_array_equal(ConvRFM.load(target).predict(digits[2]),
+                                          other.predict(digits[2]))
+
+
+def _failing_writes(monkeypatch, fail_at: int) -> None:
+    """``Path.write_text`` (the configs' writer) writes half its text and then fails with a
+    full disk at call ``fail_at`` (1: the first)."""
+    import errno
+
+    real, calls = Path.write_text, []
+
+    def write_text(self, text, *args, **kwargs):
+        calls.append(self)
+        if len(calls) < fail_at:
+            return real(self, text, *args, **kwargs)
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_full_disk_while_writing_the_config_leaves_no_0_byte_config(fitted, digits, tmp_path,
+                                                                      monkeypatch):
+    """The config's write fails half-way: the OSError names config.json; an earlier model in
+    the folder is kept whole (tensors included), a new folder is not left behind."""
+    earlier = ConvRFM(depth=2, iters=1, agop_samples=20, random_state=5).fit(*digits[:2])
+    earlier.save(tmp_path / "earlier")
+    for target in (tmp_path / "earlier", tmp_path / "new" / "model"):
+        held = files(target)
+        with monkeypatch.context() as m:
+            _failing_writes(m, 1)
+            with pytest.raises(OSError) as err:
+                fitted.save(target)
+        assert str(err.value) == f"[Errno 28] No space left on device: '{target / 'config.json'}'"
+        assert files(target) == held
+    assert not (tmp_path / "new").exists()
+    np.testing.assert_array_equal(ConvRFM.load(tmp_path / "earlier").predict(digits[2]),
+                                  earlier.predict(digits[2]))
+
+
+def test_a_failed_deep_save_keeps_the_previous_final_model_too(deep_saved, tmp_path,
+                                                               monkeypatch):
+    """final/ is written first; when the top config then fails, final/ is not replaced either
+    (its digest is recorded in the top config: a new final/ would not load with the old)."""
+    deep, path, other, Xt = deep_saved
+    target = Path(shutil.copytree(other, tmp_path / "deep"))
+    held = files(target)
+    with monkeypatch.context() as m:
+        _failing_writes(m, 2)  # final/config.json is written, then config.json fails
+        with pytest.raises(OSError, match=r"No space left on device: '.*deep/config.json'"):
+            deep.save(target)
+    assert files(target) == held
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        _failing_writes(m, 2)
+        with pytest.raises(OSError, match="fresh/config.json"):
+            deep.save(fresh)
+    assert not fresh.exists()
+    deep.save(target)  # and without a failure the new model replaces the old one whole
+    np.testing.assert_allclose(DeepConvRFM.load(target).decision_function(Xt),
+                               deep.decision_function(Xt))
+    assert sorted(files(target)) == ["config.json", "final/config.json",
+                                     "final/model.safetensors", "model.safetensors"]

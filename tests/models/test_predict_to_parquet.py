@@ -99,7 +99,7 @@ def test_images_of_another_shape_are_refused_clearly(model, digits, tmp_path):
     with pytest.raises(ValueError, match=r"shape \(n, C, H, W\)"):
         model.predict_to_parquet(X[:, 0], tmp_path / "c")
     path = pqmod.write_parquet_dataset(digits.subset(40, 20), tmp_path / "d")
-    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*fitted on.*--resize"):
+    with pytest.raises(ValueError, match=r"\(1, 12, 12\).*fitted on.*size=\(H, W\)"):
         model.predict_to_parquet(pqmod.ParquetImages.open(path, "test", size=(12, 12)),
                                  tmp_path / "e")
     bad = X.copy()

@@ -365,3 +365,155 @@ def test_predict_a_deep_model_on_the_fits_noise_frame_gives_its_test_accuracy(tm
                  "--seed", "3", "--out", str(tmp_path / "p"), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "DeepConvRFM" in out and f"accuracy {100 * test_acc:.2f}%" in out
+
+
+# --------------------------------------------------------------------------------------------
+# Trust: files it cannot read, writes that fail, flags without effect, messages in flags
+# --------------------------------------------------------------------------------------------
+def _files(root) -> dict:
+    """Every file under ``root`` (temporary ones included) by relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()} if root.exists() else {}
+
+
+def test_fit_refuses_an_npz_without_its_keys_or_a_text_file_in_one_line(tmp_path, capsys):
+    wrong, text = tmp_path / "wrong.npz", tmp_path / "text.npz"
+    np.savez(wrong, pixels=np.zeros((4, 8, 8)), targets=np.arange(4))
+    text.write_text("label,pixel0\n3,0.5\n")
+    for path, said in (
+            (wrong, f"{wrong}: expected keys X_train and y_train (or x_train, or images and "
+                    "labels), optionally X_test and y_test; found ['pixels', 'targets']"),
+            (text, f"{text} is not an .npz archive (a zip of .npy arrays): it starts with "
+                   "b'label,'")):
+        out = tmp_path / f"run-{path.stem}"
+        assert main(["fit", "--dataset", f"npz:{path}", "--out", str(out), "--quiet"]) == 2
+        assert capsys.readouterr().err == f"ray-convrfm: error: {said}\n"
+        assert not out.exists()
+
+
+def test_a_failed_write_of_the_results_leaves_the_earlier_run_or_nothing(tmp_path, small_npz,
+                                                                        capsys, monkeypatch):
+    """The disk fills while model.safetensors is written (safetensors' own error, no OSError)
+    or while metrics.parquet is: status 2, one line naming the file, and --out holds what it
+    held before, byte for byte: nothing in a new one, the earlier run after --overwrite."""
+    import errno
+
+    import pyarrow.parquet as pq
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk_tensors(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    real_write_table = pq.write_table
+
+    def full_disk_table(table, where, **kwargs):
+        with open(where, "wb") as fh:
+            fh.write(b"PAR1")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    fit = ["fit", "--dataset", f"npz:{small_npz}", "--n-train", "60", "--n-test", "20",
+           "--depth", "2", "--iters", "1", "--agop-samples", "10", "--out", str(out), "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", full_disk_tensors)
+        assert main(fit) == 2
+    capsys.readouterr()
+    assert main(fit) == 0  # nothing of the failed run was in the way
+    earlier = _files(out)
+    assert {"model/config.json", "model/model.safetensors", "summary.json",
+            "metrics.parquet"} <= set(earlier)
+    for patched, attribute, writer, name in (
+            (safetensors.torch, "save_file", full_disk_tensors, "model/model.safetensors"),
+            (pq, "write_table", full_disk_table, "metrics.parquet")):
+        with monkeypatch.context() as m:
+            m.setattr(patched, attribute, writer)
+            assert main([*fit, "--overwrite"]) == 2
+        assert capsys.readouterr().err == (
+            f"ray-convrfm: error: [Errno 28] No space left on device: '{out / name}'\n")
+        assert _files(out) == earlier
+    assert pq.write_table is real_write_table
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as m:
+        m.setattr(pq, "write_table", full_disk_table)
+        assert main([*fit[:-3], "--out", str(fresh), "--quiet"]) == 2
+    assert "metrics.parquet'" in capsys.readouterr().err
+    assert _files(fresh) == {}  # the model written before it is not left either
+
+
+_FIT_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from ray_convrfm.tools import cli
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_fit_under_a_file_size_limit_reports_the_file_and_leaves_nothing(tmp_path, small_npz):
+    """The real command with RLIMIT_FSIZE below the model's size: status 2, one line naming
+    model.safetensors, nothing in --out."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-c", _FIT_UNDER_A_FILE_SIZE_LIMIT, "20000", "fit",
+                          "--dataset", f"npz:{small_npz}", "--depth", "2", "--iters", "1",
+                          "--agop-samples", "10", "--engine", "torch", "--out", str(out),
+                          "--quiet"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        f"ray-convrfm: error: [Errno 27] File too large: '{out / 'model' / 'model.safetensors'}'"]
+    assert _files(out) == {}
+
+
+def test_flags_without_effect_together_are_refused_naming_both(tmp_path, small_npz, capsys):
+    """--address without --workers and --centers with --solver exact, before any work."""
+    out = tmp_path / "run"
+    fit = ["fit", "--dataset", f"npz:{small_npz}", "--out", str(out), "--quiet"]
+    assert main([*fit, "--address", "auto"]) == 2
+    assert capsys.readouterr().err == (
+        "ray-convrfm: error: --address auto has no effect with --workers 0 (the work runs in "
+        "this process); pass --workers N to run on N Ray workers of that cluster, or no "
+        "--address\n")
+    assert main([*fit, "--centers", "50", "--solver", "exact"]) == 2
+    assert capsys.readouterr().err == (
+        "ray-convrfm: error: --centers 50 has no effect with --solver exact (it solves over "
+        "every training image); pass --solver nystrom or --solver nystrom-direct with "
+        "centers, or no --centers\n")
+    assert not out.exists()
+    assert main(["predict", str(out / "model"), f"npz:{small_npz}", "--address", "auto",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.startswith(
+        "ray-convrfm: error: --address auto has no effect with --workers 0")
+    assert main(["convert", f"npz:{small_npz}", str(tmp_path / "pq"), "--address", "auto"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "ray-convrfm: error: --address auto has no effect with no --workers (the conversion "
+        "runs in this process)")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "pq").exists()
+
+
+def test_the_apis_keywords_are_said_in_flags(tmp_path, small_npz, capsys):
+    """The Python API names keywords (overwrite=True); the command line says its flags."""
+    from ray_convrfm.tools.outputs import in_flags
+
+    assert in_flags("pass overwrite=True, follow_symlinks=True or download=True") == \
+        "pass --overwrite, --follow-symlinks or --download"
+    assert in_flags("lower workers=2 or gpus_per_worker=1, or raise placement_timeout_s=600"
+                    ", or join a larger cluster with address=...") == \
+        "lower --workers 2 or --gpus-per-worker 1, or raise --placement-timeout 600, or join " \
+        "a larger cluster with --address ..."
+    assert in_flags("resize them (size=(H, W)); store=PATH; solver='nystrom'") == \
+        "resize them (--resize HxW); --store PATH; --solver nystrom"
+    for kept in ("e.g. Options.of(workers=2)", "/data/workers=2/a.npz", "2 workers lost",
+                 "``workers=0``"):
+        assert in_flags(kept) == kept
+    data = tmp_path / "pq"
+    convert = ["convert", f"npz:{small_npz}", str(data), "--quiet"]
+    assert main(convert) == 0
+    assert main(convert) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("; pass --overwrite\n") and "overwrite=True" not in err
