@@ -22,6 +22,8 @@ try:
 except ImportError:  # no flock (Windows): local paths use the lease object too
     _flock = None
 
+from ray_convrfm.backends.store_errors import store_io
+
 log = logging.getLogger(__name__)
 
 #: The lease file (local paths) or object (fsspec URLs) at the root of a run's store.
@@ -93,11 +95,12 @@ class StoreLease:
         ``StoreBusyError`` naming the store and the holder."""
         deadline = time.monotonic() + wait_s
         while True:
-            try:
-                local = _local_path(url)
-                if local is not None and _flock is not None:
-                    return cls._acquire_local(str(url), local)
-                return cls._acquire_fsspec(str(url), ttl_s)
+            try:  # a store that cannot be written: an OSError naming it (StoreBusyError as is)
+                with store_io(str(url), "taking the kernel store's lease"):
+                    local = _local_path(url)
+                    if local is not None and _flock is not None:
+                        return cls._acquire_local(str(url), local)
+                    return cls._acquire_fsspec(str(url), ttl_s)
             except StoreBusyError:
                 if time.monotonic() >= deadline:
                     raise

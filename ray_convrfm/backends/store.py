@@ -33,6 +33,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError
 
 from ray_convrfm.backends.lease import StoreLease
+from ray_convrfm.backends.store_errors import part_name, store_io
 from ray_convrfm.version import __version__
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ STORE_FORMAT = 4
 
 #: Bytes of a block digest (SHA-256), kept per block in ``<name>.digest``.
 DIGEST_BYTES = 32
-
 
 
 #: What a kernel sub-store holds, per layout (recorded in its attributes as "kernels").
@@ -63,8 +63,6 @@ class StoreMismatchError(ValueError):
 class DamagedBlockError(ValueError):
     """A stored block is missing, corrupted or not the block its digest names, and no
     recomputation was offered (or the recomputed block read back damaged again)."""
-
-
 
 
 def fingerprint(*arrays, extra: Any = None) -> str:
@@ -141,15 +139,17 @@ class KernelStore:
         self.url = str(url)
         self.spec = spec
         try:
-            self.group = open_group(self.url, mode=mode)
+            with store_io(self.url, "opening the kernel store"):
+                self.group = open_group(self.url, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise FileNotFoundError(f"{self.url} is not a ray_convrfm kernel store") from err
         recorded = self.group.attrs.get("spec")
         if recorded is None:
             if mode == "r":
                 raise FileNotFoundError(f"{self.url} is not a ray_convrfm kernel store")
-            self.group.attrs["spec"] = asdict(spec)
-            self.group.attrs["kernels"] = KERNEL_LAYOUTS[spec.layout]
+            with store_io(self.url, "recording what the kernel store holds"):
+                self.group.attrs["spec"] = asdict(spec)
+                self.group.attrs["kernels"] = KERNEL_LAYOUTS[spec.layout]
         elif recorded != asdict(spec):
             diff = {k: (recorded.get(k), v) for k, v in asdict(spec).items()
                     if recorded.get(k) != v}
@@ -192,14 +192,20 @@ class KernelStore:
 
     def _array(self, key: str, **create) -> zarr.Array:
         """Open array ``key``, or create it; another writer creating it first is no error."""
-        try:
-            return self.group[key]
-        except KeyError:
-            pass
-        try:
-            return self.group.create_array(key, **create)
-        except ContainsArrayError:
-            return self.group[key]
+        with self._io(key, "opening the array"):
+            try:
+                return self.group[key]
+            except KeyError:
+                pass
+            try:
+                return self.group.create_array(key, **create)
+            except ContainsArrayError:
+                return self.group[key]
+
+    def _io(self, name: str, doing: str, *block: int, to: int | None = None):
+        """``store_io`` naming array ``name``, ``doing`` and ``block`` (i, j) or rows i..to."""
+        part = f" {part_name(self.spec.layout, *block, to=to)}" if block else ""
+        return store_io(f"{self.url}/{name}", f"{doing}{part} of the kernel store")
 
     def _digests(self, name: str, shape: tuple[int, int]) -> zarr.Array:
         self.kernel(name, shape)
@@ -212,7 +218,8 @@ class KernelStore:
         digests = self._digests(name, shape)
         lo, hi = (0, digests.shape[0]) if block_rows is None else block_rows
         try:
-            return digests[lo:hi]
+            with self._io(f"{name}.digest", "reading the digests of", lo, to=hi):
+                return digests[lo:hi]
         except OSError:
             raise
         except Exception:
@@ -220,7 +227,8 @@ class KernelStore:
             for i in range(lo, hi):
                 for j in range(digests.shape[1]):
                     try:
-                        out[i - lo, j] = digests[i, j]
+                        with self._io(f"{name}.digest", "reading the digest of", i, j):
+                            out[i - lo, j] = digests[i, j]
                     except OSError:
                         raise
                     except Exception as err:
@@ -260,7 +268,8 @@ class KernelStore:
         """Clear the digests of ``blocks``: they count as missing until written again."""
         digests = self._digests(name, shape)
         for i, j in blocks:
-            digests[i, j] = 0
+            with self._io(f"{name}.digest", "clearing the digest of", i, j):
+                digests[i, j] = 0
 
     def write_block(self, name: str, shape: tuple[int, int], i: int, j: int, values) -> None:
         """Write block (i, j), then its digest: a block with a digest is always complete."""
@@ -273,8 +282,11 @@ class KernelStore:
             raise ValueError(f"block ({i}, {j}) of {name} must have shape {expected}; "
                              f"found {values.shape}")
         values = np.ascontiguousarray(values, dtype=arr.dtype)  # digest what is stored
-        arr[r0 : r0 + expected[0], c0 : c0 + expected[1]] = values
-        self._digests(name, shape)[i, j] = self.block_digest(name, i, j, values)
+        digests, digest = self._digests(name, shape), self.block_digest(name, i, j, values)
+        with self._io(name, "writing", i, j):
+            arr[r0 : r0 + expected[0], c0 : c0 + expected[1]] = values
+        with self._io(f"{name}.digest", "writing the digest of", i, j):
+            digests[i, j] = digest
 
     def fill(self, name: str, shape: tuple[int, int], blocks: list[tuple[int, int]],
              rows_side, cols_side, kernel_fn) -> int:
@@ -316,7 +328,8 @@ class KernelStore:
         r0, r1 = lo * b[0], min(hi * b[0], shape[0])
         bad: dict[tuple[int, int], str] = {}
         try:
-            K = arr[r0:r1]
+            with self._io(name, "reading", lo, to=hi):
+                K = arr[r0:r1]
         except OSError:  # the store could not be reached: not damage, nothing to recompute
             raise
         except Exception:  # a chunk fails its checksum or cannot be decoded: find which
@@ -324,7 +337,8 @@ class KernelStore:
             for i in range(lo, hi):
                 for j in range(gj):
                     try:
-                        K[_slices(i, j, b, shape, r0)] = arr[_slices(i, j, b, shape)]
+                        with self._io(name, "reading", i, j):
+                            K[_slices(i, j, b, shape, r0)] = arr[_slices(i, j, b, shape)]
                     except OSError:
                         raise
                     except Exception as err:
@@ -352,7 +366,8 @@ class KernelStore:
         if not expected.any():
             raise DamagedBlockError(f"{where} is not marked finished")
         try:
-            values = arr[_slices(i, j, self.chunk(shape), shape)]
+            with self._io(name, "reading", i, j):
+                values = arr[_slices(i, j, self.chunk(shape), shape)]
         except OSError:
             raise
         except Exception as err:
@@ -412,10 +427,12 @@ def open_run_store(url: str, rows_fingerprint: str, params: dict, dtype: str,
     """
     run = {"rows_fingerprint": rows_fingerprint, "params": params, "dtype": dtype,
            "block": block, "format": STORE_FORMAT}
-    root = open_group(str(url), mode="a")
+    with store_io(str(url), "opening the kernel store"):
+        root = open_group(str(url), mode="a")
     recorded = root.attrs.get("run")
     if recorded is None:
-        root.attrs["run"] = run
+        with store_io(str(url), "recording the run of the kernel store"):
+            root.attrs["run"] = run
     elif recorded != json.loads(json.dumps(run)):
         diff = {k: (recorded.get(k), v) for k, v in run.items() if recorded.get(k) != v}
         raise StoreMismatchError(f"{url} is the kernel store of another run; differing "

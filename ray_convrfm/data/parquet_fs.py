@@ -8,6 +8,7 @@ them, or any fsspec URL) behind one pyarrow interface, for the project's layout
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -74,3 +75,26 @@ def overlaps(sizes: Iterable[int], start: int, stop: int) -> Iterator[tuple[int,
         if min(stop, first + n) > max(start, first):
             yield i, max(start, first) - first, min(stop, first + n) - first
         first += n
+
+
+@contextlib.contextmanager
+def reading(fs: pafs.FileSystem, path: str, part: str) -> Iterator[None]:
+    """pyarrow's failures in the block re-raised naming file ``path`` and ``part`` of it (``row
+    group 2``), which pyarrow's own messages do not ("Corrupt snappy compressed data."). An
+    ``OSError`` with an errno, or any on a remote file system, is I/O and stays an ``OSError``
+    (of that errno): ``[Errno 5] reason (reading row group 2): 'PATH'``. Any other (an
+    ``ArrowInvalid``, or the errno-less ``OSError`` pyarrow raises for bytes it cannot
+    decompress or parse) means the file is damaged: a ``ValueError``, ``PATH: row group 2: ...``.
+    """
+    try:
+        yield
+    except pa.ArrowMemoryError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        said = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno:
+            raise OSError(exc.errno, f"{exc.strerror or os.strerror(exc.errno)} (reading "
+                                     f"{part})", path) from exc
+        if isinstance(exc, OSError) and not isinstance(fs, pafs.LocalFileSystem):
+            raise OSError(f"{path}: {part}: {said}") from exc
+        raise ValueError(f"{path}: {part} cannot be read, the file is damaged: {said}") from exc

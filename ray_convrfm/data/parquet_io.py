@@ -48,7 +48,7 @@ from ray_convrfm.data.parquet_fs import is_file as _is_file
 from ray_convrfm.data.parquet_fs import join as _join
 from ray_convrfm.data.parquet_fs import list_parquet as _list_parquet
 from ray_convrfm.data.parquet_fs import natural_key as _natural_key
-from ray_convrfm.data.parquet_fs import overlaps, resolve
+from ray_convrfm.data.parquet_fs import overlaps, reading, resolve
 from ray_convrfm.data.parquet_fs import read_json as _read_json
 from ray_convrfm.data.parquet_fs import write_json as _write_json
 
@@ -422,12 +422,15 @@ def read_slices(m: ParquetManifest, split: str, slices: list[GroupSlice], column
     (one fragment per file, split by row group)."""
     for file, in_file in itertools.groupby(slices, key=lambda s: s.file):
         in_file = list(in_file)
-        fragment = _PARQUET.make_fragment(file, filesystem=m.filesystem,
-                                          row_groups=[s.index for s in in_file])
-        # by id: pyarrow (26) may give the row groups out of order (7, 8 as 8, 7)
-        groups = {g.row_groups[0].id: g for g in fragment.split_by_row_group()}
+        with reading(m.filesystem, file, "its footer"):
+            fragment = _PARQUET.make_fragment(file, filesystem=m.filesystem,
+                                              row_groups=[s.index for s in in_file])
+            # by id: pyarrow (26) may give the row groups out of order (7, 8 as 8, 7)
+            groups = {g.row_groups[0].id: g for g in fragment.split_by_row_group()}
         for s in in_file:
-            table = groups[s.index].to_table(columns=columns).slice(s.start, s.stop - s.start)
+            with reading(m.filesystem, s.file, f"row group {s.index}"):  # a damaged page
+                table = groups[s.index].to_table(columns=columns)
+            table = table.slice(s.start, s.stop - s.start)
             labels = table.column(m.label_column)
             if labels.null_count:
                 raise ValueError(f"{s.file}: row group {s.index} has null labels")
@@ -443,7 +446,8 @@ def read_rows(manifest_or_path: ParquetManifest | str | os.PathLike[str], split:
     ``start:stop`` of ``split`` (of an opened set, or its root), reading only the row groups that
     cover them. ``size`` ``(H, W)`` resizes (bilinear; ``resize="crop"``: scaled to cover it,
     then centre-cropped); without it images must have the recorded size. A bad range, a null or
-    undecodable image or label, or another size raise a ``ValueError`` naming the row."""
+    undecodable image or label, or another size raise a ``ValueError`` naming the row; a damaged
+    page a ``ValueError``, an I/O failure an ``OSError``, naming the file and row group."""
     m = (manifest_or_path if isinstance(manifest_or_path, ParquetManifest)
          else open_parquet_dataset(manifest_or_path))
     size = img.check_size(size)

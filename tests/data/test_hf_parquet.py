@@ -154,3 +154,20 @@ def test_a_folder_names_the_split_unless_the_file_is_a_numbered_shard(tmp_path, 
     m = open_hf_parquet(tmp_path)
     assert sorted(m.groups) == ["test", "train"] and m.rows("train") == 5
     assert m.rows("test") == 2
+
+
+def test_a_corrupted_page_of_a_shard_names_the_file_and_row_group(tmp_path):
+    """Bytes flipped inside a data page of a Hugging Face shard: refused naming the shard and
+    the row group (pyarrow's own "Corrupt snappy compressed data." names neither)."""
+    from damaged_files import corrupt_page
+
+    pixels, labels = digit_pixels(120)
+    rows = [(encoded(p), int(y)) for p, y in zip(pixels, labels, strict=True)]
+    files = write_hf(tmp_path, "train", rows, shards=2, row_group_size=20)
+    corrupt_page(files[1], row_group=1)
+    images = ParquetImages.open_hf(tmp_path, size=(8, 8))
+    with pytest.raises(ValueError) as info:
+        images.read()
+    assert str(info.value) == (f"{files[1].resolve()}: row group 1 cannot be read, the file is "
+                               "damaged: Corrupt snappy compressed data.")
+    np.testing.assert_array_equal(images.read([(0, 60)])[1], labels[:60])

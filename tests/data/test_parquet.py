@@ -567,3 +567,61 @@ def test_rows_from_a_middle_row_group_on_come_in_file_order(tmp_path):
         X, y = read_rows(m, "test", start, stop, dtype="uint8")
         np.testing.assert_array_equal(y, whole.to_numpy()[start:stop])
         np.testing.assert_array_equal(X, np.round(ds.X_test[start:stop] * 255).astype(np.uint8))
+
+
+def test_a_corrupted_page_is_refused_naming_the_file_and_row_group(tmp_path, digits):
+    """Bytes flipped inside a data page: pyarrow's "Corrupt snappy compressed data." names no
+    file; read_rows says which file and row group, as label and image errors do. The footer is
+    intact, so the set opens and the other row groups still read."""
+    from damaged_files import corrupt_page
+
+    root = write_parquet_dataset(digits, tmp_path / "d", rows_per_group=100, rows_per_file=500)
+    shard = root / "train" / "part-1.parquet"
+    corrupt_page(shard, row_group=3)
+    m = open_parquet_dataset(root)
+    with pytest.raises(ValueError) as info:
+        read_rows(m, "train", 0, m.rows("train"))
+    assert str(info.value) == (f"{shard}: row group 3 cannot be read, the file is damaged: "
+                               "Corrupt snappy compressed data.")
+    with pytest.raises(ValueError, match=rf"{shard}: row group 3 cannot be read"):
+        parquet.ParquetImages(m, "train").read([(820, 830)])
+    np.testing.assert_array_equal(read_rows(m, "train", 700, 800)[1], digits.y_train[700:800])
+
+
+class _FailingReads(pafs.FSSpecHandler):
+    """The local file system, but a read starting at ``offset`` of file ``name`` fails with
+    ``error`` (a disk's EIO, or a remote store's error without an errno)."""
+
+    def __init__(self, name: str, offset: int, error: OSError):
+        super().__init__(fsspec.filesystem("file"))
+        self.name, self.offset, self.error = name, offset, error
+
+    def open_input_file(self, path):
+        f, handler = self.fs.open(path, "rb"), self
+
+        class Failing:
+            def read(self, n=-1):
+                if path.endswith(handler.name) and f.tell() == handler.offset:
+                    raise handler.error
+                return f.read(n)
+
+            def __getattr__(self, name):
+                return getattr(f, name)
+
+        return pa.PythonFile(Failing(), mode="r")
+
+
+@pytest.mark.parametrize("error, said", [
+    (OSError(5, "Input/output error"), "[Errno 5] Input/output error (reading row group 2): "
+                                       "'{file}'"),
+    (OSError("connection reset by peer"), "{file}: row group 2: connection reset by peer")])
+def test_an_io_error_reading_a_row_group_stays_an_oserror_naming_it(digits_dir, error, said):
+    """A read of a row group's bytes fails: an OSError still (with its errno), naming the file
+    and the row group."""
+    file = f"{open_parquet_dataset(digits_dir).root}/train/part-1.parquet"
+    offset = pq.ParquetFile(file).metadata.row_group(2).column(0).data_page_offset
+    m = dataclasses.replace(open_parquet_dataset(digits_dir), filesystem=pafs.PyFileSystem(
+        _FailingReads("train/part-1.parquet", offset, error)))
+    with pytest.raises(OSError) as info:
+        read_rows(m, "train", 0, 1000)
+    assert str(info.value) == said.format(file=file) and info.value.errno == error.errno

@@ -517,3 +517,46 @@ def test_the_apis_keywords_are_said_in_flags(tmp_path, small_npz, capsys):
     assert main(convert) == 2
     err = capsys.readouterr().err
     assert err.endswith("; pass --overwrite\n") and "overwrite=True" not in err
+
+
+def test_fit_on_a_store_whose_disk_fills_mid_run_reports_it_in_one_line(tmp_path, small_npz,
+                                                                       capsys, monkeypatch):
+    """The disk under --store fills after the first kernel (zarr's write fails with a bare
+    ENOSPC): status 2, one line naming the kernel's array in the store and the block, and no
+    results in --out."""
+    import errno
+
+    from damaged_files import failing_after_first_kernel
+
+    from ray_convrfm.tools.outputs import RESULTS
+
+    out, store = tmp_path / "run", tmp_path / "kernels.zarr"
+    roots = failing_after_first_kernel(monkeypatch, "K/c/", errno.ENOSPC)
+    assert main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "60", "--n-test", "20",
+                 "--depth", "2", "--iters", "2", "--agop-samples", "10", "--store", str(store),
+                 "--out", str(out), "--quiet"]) == 2
+    assert len(roots) == 2 and roots[1].startswith(f"{store}/K-")
+    assert capsys.readouterr().err == (
+        "ray-convrfm: error: [Errno 28] No space left on device (writing block (0, 0) of the "
+        f"kernel store): '{roots[1]}/K'\n")
+    assert not any((out / name).exists() for name in RESULTS)
+
+
+def test_fit_on_a_parquet_set_with_a_corrupted_page_names_the_file_and_row_group(tmp_path,
+                                                                                 small_npz,
+                                                                                 capsys):
+    """Bytes flipped inside a data page of one shard (pyarrow: "Corrupt snappy compressed
+    data.", naming nothing): status 2, one line naming the file and the row group."""
+    from damaged_files import corrupt_page
+
+    data = tmp_path / "pq"
+    assert main(["convert", f"npz:{small_npz}", str(data), "--rows-per-group", "16",
+                 "--rows-per-file", "64", "--quiet"]) == 0
+    shard = (data / "train" / "part-1.parquet").resolve()
+    corrupt_page(shard, row_group=2)
+    capsys.readouterr()
+    assert main(["fit", "--dataset", f"parquet:{data}", "--iters", "1", "--depth", "2",
+                 "--agop-samples", "10", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"ray-convrfm: error: {shard}: row group 2 cannot be read, the file is damaged: "
+        "Corrupt snappy compressed data.\n")
