@@ -91,3 +91,24 @@ def write_hf(root: Path, split: str, rows: list[tuple[bytes, int]], shards: int 
         pq.write_table(table, path, row_group_size=row_group_size)
         files.append(path)
     return files
+
+
+def count_decodes(monkeypatch) -> dict:
+    """Count the images decoded and the files PIL opens in this process (``decode``, ``open``),
+    for tests that check where images are read."""
+    from ray_convrfm.data import images as img
+
+    calls = {"decode": 0, "open": 0}
+    real_decode, real_open = img.decode_uint8, Image.open
+
+    def decode(*args, **kwargs):
+        calls["decode"] += 1
+        return real_decode(*args, **kwargs)
+
+    def open_(*args, **kwargs):
+        calls["open"] += 1
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(img, "decode_uint8", decode)
+    monkeypatch.setattr(Image, "open", open_)
+    return calls

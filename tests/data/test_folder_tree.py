@@ -7,10 +7,9 @@ import pickle
 
 import numpy as np
 import pytest
-from image_files import digit_pixels, encoded, reference, write_tree
+from image_files import count_decodes, digit_pixels, encoded, reference, write_tree
 from PIL import Image
 
-from ray_convrfm.data import images as img
 from ray_convrfm.data.folder_tree import FolderImages, read_labels_file
 
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -19,20 +18,7 @@ WNIDS = ("n01440764", "n01443537", "n01484850")
 @pytest.fixture
 def counted(monkeypatch):
     """Counts images decoded and files PIL opens in this process."""
-    calls = {"decode": 0, "open": 0}
-    real_decode, real_open = img.decode_uint8, Image.open
-
-    def decode(*args, **kwargs):
-        calls["decode"] += 1
-        return real_decode(*args, **kwargs)
-
-    def open_(*args, **kwargs):
-        calls["open"] += 1
-        return real_open(*args, **kwargs)
-
-    monkeypatch.setattr(img, "decode_uint8", decode)
-    monkeypatch.setattr(Image, "open", open_)
-    return calls
+    return count_decodes(monkeypatch)
 
 
 def _imagenet(root, rng, per_class: int = 4, val: int = 5):

@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from image_files import digit_pixels, encoded, write_hf, write_tree
-from PIL import Image
+from image_files import count_decodes, digit_pixels, encoded, write_hf, write_tree
 
 from ray_convrfm import Options
-from ray_convrfm.data import images as img
 from ray_convrfm.data.folder_tree import FolderImages
 from ray_convrfm.data.ondisk import DiskImages, DiskRows
 from ray_convrfm.data.parquet import ParquetImages, ParquetRows, convert
@@ -32,20 +30,7 @@ def cluster():
 @pytest.fixture
 def driver_decodes(monkeypatch):
     """Images decoded and files opened by PIL in this (the driver's) process."""
-    calls = {"decode": 0, "open": 0}
-    real_decode, real_open = img.decode_uint8, Image.open
-
-    def decode(*args, **kwargs):
-        calls["decode"] += 1
-        return real_decode(*args, **kwargs)
-
-    def open_(*args, **kwargs):
-        calls["open"] += 1
-        return real_open(*args, **kwargs)
-
-    monkeypatch.setattr(img, "decode_uint8", decode)
-    monkeypatch.setattr(Image, "open", open_)
-    return calls
+    return count_decodes(monkeypatch)
 
 
 def _digit_tree(root, n: int = 160):
