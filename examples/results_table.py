@@ -13,8 +13,11 @@ Deep 2 and Deep 3 = the second and third layers, Deep chosen = the stack
 ``DeepConvRFM(layer_patience=1)`` keeps (the rule applied to the layers' validation
 accuracies, as ``tests/models/test_deep.py`` checks it). Without ``--pool`` layer l has kernel
 depth 3 - l (the reference's total depth); with it every layer has depth 3 and the images are
-pooled between layers. The CNN is ``cnfa.networks.SmallCNN`` (4 conv layers of ``--width``)
-trained with Adam on the same training rows, its epoch chosen on the same validation rows.
+pooled between layers. The CNN is ``cnfa.networks.SmallCNN`` (4 conv layers of ``--cnn-width``)
+trained with Adam on the same training rows, its epoch chosen on the same validation rows
+(training stops ``--cnn-patience`` epochs after the best). A data set that carries its own
+validation split (the photographs task) gives it to every column. ``--filters`` draws the
+first layer's M beside the CNN's first-layer filters and their W^T W.
 Each column's choices use only the validation split; test accuracy is on the first
 ``--n-test`` test images (monitored, never used for a choice); seconds are the layers'
 cumulative wall time (the fixed kernel: iteration 0's kernels and solve).
@@ -35,6 +38,7 @@ from ray_convrfm import ConvRFM, DeepConvRFM, Options
 from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_on_validation
 from ray_convrfm.data.datasets import load_dataset, with_noise_frame
 from ray_convrfm.models.inputs import prepare_fit_inputs
+from ray_convrfm.tools.viz import plot_cnn_comparison
 
 COLUMNS = ("fixed kernel", "ConvRFM", "Deep ConvRFM, layers chosen", "Deep ConvRFM, 2 layers",
            "Deep ConvRFM, 3 layers", "CNN")
@@ -51,21 +55,22 @@ def chosen_layers(val_acc: list[float], patience: int = 1) -> int:
 
 
 def cnn_row(X, y, seed: int, val_fraction: float, X_test, y_test, width: int,
-            epochs: int) -> dict:
+            epochs: int, X_val=None, y_val=None, patience: int = 20):
     """The CNN anchor on the estimator's own split (its epoch chosen on validation)."""
-    data = prepare_fit_inputs(X, y, None, None, None, val_fraction, np.random.default_rng(seed))
+    data = prepare_fit_inputs(X, y, X_val, y_val, None, val_fraction,
+                              np.random.default_rng(seed))
     y_test_idx = np.searchsorted(data.classes, y_test)
     torch.manual_seed(seed)
     model = SmallCNN(X.shape[1], len(data.classes), width=width, depth=4)
     t0 = time.perf_counter()
     history = train_on_validation(model, np.asarray(data.X_fit), data.y_fit,
                                   np.asarray(data.X_val), data.y_val, epochs=epochs,
-                                  patience=5, seed=seed)
+                                  patience=patience, seed=seed)
     seconds = time.perf_counter() - t0
     chosen = next(h for h in history if h["chosen"])
     return {"model": COLUMNS[-1], "iter": chosen["epoch"], "ridge": None,
             "val_acc": chosen["val_acc"], "test_acc": accuracy(model, X_test, y_test_idx),
-            "seconds": seconds, "learned": True, "epochs_run": len(history)}
+            "seconds": seconds, "learned": True, "epochs_run": len(history)}, model
 
 
 def results(model: DeepConvRFM) -> list[dict]:
@@ -136,8 +141,15 @@ def main() -> None:
                    help="Deep ConvRFM: pooling between layers (every layer then has depth 3)")
     p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
     p.add_argument("--cnn-width", type=int, default=64)
-    p.add_argument("--cnn-epochs", type=int, default=30)
+    p.add_argument("--cnn-epochs", type=int, default=200)
+    p.add_argument("--cnn-patience", type=int, default=20,
+                   help="the CNN stops this many epochs after its best validation epoch")
+    p.add_argument("--patch-basis", default="auto",
+                   help="ConvRFM.patch_basis: auto, full or a share of the patches' energy")
     p.add_argument("--out", default=None, help="JSON file for this run's records")
+    p.add_argument("--filters", default=None,
+                   help="PNG: ConvRFM's first-layer M beside the CNN's first-layer filters "
+                        "and W^T W")
     p.add_argument("--collect", nargs="+", default=None,
                    help="print the markdown table of earlier runs' JSON files")
     args = p.parse_args()
@@ -154,20 +166,35 @@ def main() -> None:
         task = f"{ds.name} ({args.noise_frame} x {args.noise_frame} noise frame), " \
                f"n = {args.n_train:,}"
     extra = {} if args.metric_floor is None else {"metric_floor": args.metric_floor}
+    basis = args.patch_basis if args.patch_basis in ("auto", "full") \
+        else float(args.patch_basis)
     layer = ConvRFM(depth=3, iters=args.iters, patience=args.patience or None,
-                    padding=args.padding, random_state=args.seed,
+                    padding=args.padding, random_state=args.seed, patch_basis=basis,
                     options=Options.of(verbose=True), **extra)
     model = DeepConvRFM(layer, layers=3, width=args.width, layer_patience=None,
                         pool=args.pool, total_depth=None if args.pool > 1 else 3)
-    model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test))
+    model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test), **ds.validation())
     rows = results(model)
-    rows.append(cnn_row(ds.X_train, ds.y_train, args.seed, layer.val_fraction, ds.X_test,
-                        ds.y_test, args.cnn_width, args.cnn_epochs))
+    cnn, network = cnn_row(ds.X_train, ds.y_train, args.seed, layer.val_fraction, ds.X_test,
+                           ds.y_test, args.cnn_width, args.cnn_epochs, ds.X_val, ds.y_val,
+                           args.cnn_patience)
+    rows.append(cnn)
+    if args.filters:
+        first = model.layers_[0]
+        chosen = (f"ConvRFM's M\n(iteration {first['best_iter']})" if first["learned"]
+                  else "ConvRFM: M = I\n(chosen)")
+        weights = network.features[0].weight.detach().double().numpy()
+        plot_cnn_comparison([(chosen, first["M"].double().numpy())], weights, args.filters,
+                            title=f"{ds.name}: top eigenvectors of ConvRFM's first-layer M "
+                                  f"beside the CNN's first layer (value above each)")
+        print(f"wrote {args.filters}")
     if args.pool > 1:
         task += f", pool {args.pool}"
+    if basis != "auto":
+        task += f", patch basis {basis}"
     run = {"task": task, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
            "width": args.width, "iters": args.iters, "patience": args.patience,
-           "pool": args.pool, "padding": args.padding,
+           "pool": args.pool, "padding": args.padding, "patch_basis": basis,
            "filter_power": model.filter_power, "rows": rows}
     print(markdown([run]))
     if args.out:

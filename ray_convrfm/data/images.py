@@ -52,6 +52,10 @@ class ImageDataset:
         Short identifier used in logs and result files.
     classes : tuple of str
         Class names; ``classes[k]`` names label ``k``.
+    X_val, y_val : np.ndarray or None
+        A validation split the data set carries, for tasks whose training rows are not
+        exchangeable (overlapping crops of the same photographs): fits choose on it instead of
+        carving rows from the training split (:meth:`validation`). None for most data sets.
 
     Notes
     -----
@@ -66,9 +70,13 @@ class ImageDataset:
     y_test: np.ndarray
     name: str
     classes: tuple[str, ...]
+    X_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for split in ("train", "test"):
+        if (self.X_val is None) != (self.y_val is None):
+            raise ValueError("pass both X_val and y_val, or neither")
+        for split in ("train", "test") + (("val",) if self.X_val is not None else ()):
             X = np.asarray(getattr(self, f"X_{split}"), dtype=np.float32)
             y = np.asarray(getattr(self, f"y_{split}"))
             if X.ndim != 4:
@@ -83,11 +91,11 @@ class ImageDataset:
             # Frozen dataclass: normalising the fields needs object.__setattr__.
             object.__setattr__(self, f"X_{split}", X)
             object.__setattr__(self, f"y_{split}", y.astype(np.int64, copy=False))
-        if self.X_test.shape[0] and self.X_test.shape[1:] != self.X_train.shape[1:]:
-            raise ValueError(
-                f"train and test images differ in (C, H, W): {self.X_train.shape[1:]} vs "
-                f"{self.X_test.shape[1:]}"
-            )
+        for split in ("test", "val"):
+            X = getattr(self, f"X_{split}")
+            if X is not None and X.shape[0] and X.shape[1:] != self.X_train.shape[1:]:
+                raise ValueError(f"train and {split} images differ in (C, H, W): "
+                                 f"{self.X_train.shape[1:]} vs {X.shape[1:]}")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
 
     @property
@@ -100,8 +108,14 @@ class ImageDataset:
         """Number of classes (``len(classes)``)."""
         return len(self.classes)
 
+    def validation(self) -> dict[str, np.ndarray]:
+        """``fit`` keyword arguments for the data set's own validation split (``X_val``,
+        ``y_val``), or none when validation is to be carved from the training rows."""
+        return {} if self.X_val is None else {"X_val": self.X_val, "y_val": self.y_val}
+
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> ImageDataset:
-        """Return a data set with the first ``n_train`` / ``n_test`` rows (``None`` keeps all).
+        """Return a data set with the first ``n_train`` / ``n_test`` rows (``None`` keeps all);
+        a validation split it carries is kept whole.
 
         Taking a prefix rather than a random sample keeps runs reproducible and lets the caller
         shuffle beforehand if it wants a random subset.
@@ -124,7 +138,9 @@ class ImageDataset:
     def __repr__(self) -> str:
         return (
             f"ImageDataset(name={self.name!r}, train={self.X_train.shape}, "
-            f"test={self.X_test.shape}, n_classes={self.n_classes})"
+            f"test={self.X_test.shape}"
+            + ("" if self.X_val is None else f", val={self.X_val.shape}")
+            + f", n_classes={self.n_classes})"
         )
 
 
@@ -231,16 +247,20 @@ def digit_in_noise(
 def with_noise_frame(
     ds: ImageDataset, frame: int = 42, noise_std: float = 0.5, random_state: int = 0
 ) -> ImageDataset:
-    """Apply :func:`digit_in_noise` to both splits of ``ds``.
+    """Apply :func:`digit_in_noise` to every split of ``ds``.
 
-    Train uses seed ``random_state`` and test ``random_state + 1`` so the two splits do not
-    share positions or noise. Pixels are no longer in ``[0, 1]``; that is intended.
+    Train uses seed ``random_state``, test ``random_state + 1`` and a validation split the
+    data set carries ``random_state + 2``, so no two splits share positions or noise. Pixels
+    are no longer in ``[0, 1]``; that is intended.
     """
+    val = {} if ds.X_val is None else {
+        "X_val": digit_in_noise(ds.X_val, frame, noise_std, random_state + 2)}
     return dataclasses.replace(
         ds,
         X_train=digit_in_noise(ds.X_train, frame, noise_std, random_state),
         X_test=digit_in_noise(ds.X_test, frame, noise_std, random_state + 1),
         name=f"{ds.name}-noise{int(frame)}",
+        **val,
     )
 
 

@@ -70,21 +70,61 @@ def plot_filters(M, channels: int, patch_size: int, path: str | Path, count: int
     """Save the leading eigenvectors of M drawn as q x q filters (RGB when C = 3), with their
     eigenvalues. ``M`` is one metric, or a list of (label, metric) drawn one row each (e.g. the
     chosen M = I and the last learned M, when validation kept the fixed kernel)."""
-    plt = pyplot()
     rows = [("", M)] if not isinstance(M, list) else M
-    drawn = [(label, *top_filters(m, channels, patch_size, count)) for label, m in rows]
-    k = max(len(f) for _, f, _ in drawn)
-    fig, axes = plt.subplots(len(drawn), k, figsize=(1.6 * k, 2.0 * len(drawn)),
-                             squeeze=False)
-    for row, (label, filters, vals) in zip(axes, drawn, strict=True):
-        for ax, f, v in zip(row, filters, vals, strict=False):
-            _draw_filter(ax, f, f"{v:.2g}")
+    return plot_filter_rows([_eigen_row(label, m, channels, patch_size, count)
+                             for label, m in rows], path, title)
+
+
+def _eigen_row(label: str, M, channels: int, patch_size: int, count: int):
+    filters, vals = top_filters(M, channels, patch_size, count)
+    return label, filters, [f"{v:.2g}" for v in vals]
+
+
+def plot_filter_rows(rows: list[tuple[str, np.ndarray, list[str]]], path: str | Path,
+                     title: str) -> Path:
+    """One row of drawn (C, q, q) filters per (label, filters, captions)."""
+    plt = pyplot()
+    k = max(len(f) for _, f, _ in rows)
+    fig, axes = plt.subplots(len(rows), k, figsize=(1.6 * k, 2.0 * len(rows)), squeeze=False)
+    for row, (label, filters, captions) in zip(axes, rows, strict=True):
+        for ax, f, caption in zip(row, filters, captions, strict=False):
+            _draw_filter(ax, f, caption)
         for ax in row[len(filters):]:
             ax.axis("off")
         if label:
             row[0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_cnn_comparison(metrics: list[tuple[str, np.ndarray]], weights: np.ndarray,
+                        path: str | Path, count: int = 8,
+                        title: str = "ConvRFM's M beside a CNN's first layer") -> Path:
+    """ConvRFM's first-layer M beside a trained CNN's first convolution ``weights``
+    (filters, C, q, q): a row of top eigenvectors per (label, M), then the top eigenvectors
+    of the CNN's W^T W, then its filters of largest norm. Each M row's label gives its Pearson
+    correlation with W^T W (the CNFA's measure; 1 = proportional)."""
+    from ray_convrfm.cnfa.measure import pearson
+
+    W = np.asarray(weights, dtype=np.float64)
+    _, C, q, _ = W.shape
+    flat = W.reshape(len(W), -1)
+    gram = flat.T @ flat
+    import torch
+
+    rows = []
+    for label, M in metrics:
+        if np.shape(M) != gram.shape:
+            raise ValueError(f"metric {label!r} must have shape {gram.shape} to match the "
+                             f"CNN's (filters, {C}, {q}, {q}) weights; found {np.shape(M)}")
+        r = pearson(torch.as_tensor(np.asarray(M, np.float64)), torch.from_numpy(gram))
+        rows.append(_eigen_row(f"{label}\ncorr. with W^T W {r:.2f}", M, C, q, count))
+    rows.append(_eigen_row("CNN: W^T W", gram, C, q, count))
+    norms = np.linalg.norm(flat, axis=1)
+    order = np.argsort(norms)[::-1][:count]
+    rows.append(("CNN: filters\n(largest norm)", W[order], [f"|w| {norms[i]:.2g}"
+                                                           for i in order]))
+    return plot_filter_rows(rows, path, title)
 
 
 def plot_history(history, path: str | Path, title: str = "ConvRFM",

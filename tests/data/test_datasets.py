@@ -611,6 +611,35 @@ def test_with_noise_frame():
     assert not np.array_equal(noisy.X_train, noisy.X_test)
 
 
+def test_with_noise_frame_frames_a_carried_validation_split_with_its_own_seed():
+    ds = small_dataset(n_train=4, n_test=4)
+    same = ImageDataset(ds.X_train, ds.y_train, ds.X_train, ds.y_train, "s", ds.classes,
+                        X_val=ds.X_train, y_val=ds.y_train)
+    noisy = with_noise_frame(same, frame=10, noise_std=0.3, random_state=7)
+    np.testing.assert_array_equal(noisy.X_val, digit_in_noise(ds.X_train, 10, 0.3, 9))
+    np.testing.assert_array_equal(noisy.y_val, ds.y_train)
+    assert with_noise_frame(ds, frame=10).X_val is None
+
+
+def test_a_carried_validation_split_is_checked_kept_and_given_to_fit():
+    ds = small_dataset(n_train=5, n_test=3)
+    assert ds.validation() == {} and "val=" not in repr(ds)
+    both = ImageDataset(ds.X_train, ds.y_train, ds.X_test, ds.y_test, "v", ds.classes,
+                        X_val=ds.X_test.astype(np.float64), y_val=ds.y_test.astype(np.int32))
+    assert both.X_val.dtype == np.float32 and both.y_val.dtype == np.int64
+    assert set(both.validation()) == {"X_val", "y_val"} and "val=(3, 1" in repr(both)
+    assert len(both.subset(2, 1).X_val) == 3
+    with pytest.raises(ValueError, match="both X_val and y_val"):
+        ImageDataset(ds.X_train, ds.y_train, ds.X_test, ds.y_test, "v", ds.classes,
+                     X_val=ds.X_test)
+    with pytest.raises(ValueError, match="y_val must have shape"):
+        ImageDataset(ds.X_train, ds.y_train, ds.X_test, ds.y_test, "v", ds.classes,
+                     X_val=ds.X_test, y_val=ds.y_test[:2])
+    with pytest.raises(ValueError, match="train and val images differ"):
+        ImageDataset(ds.X_train, ds.y_train, ds.X_test, ds.y_test, "v", ds.classes,
+                     X_val=ds.X_test[:, :, :2], y_val=ds.y_test)
+
+
 def test_with_noise_frame_empty_test_split():
     ds = small_dataset(n_test=0)
     noisy = with_noise_frame(ds, frame=6)

@@ -68,3 +68,19 @@ def test_cnfa_plot_is_written(tmp_path, baseline):
                     **init) for i in range(3)]
     path = plot_cnfa(rows, tmp_path / "cnfa.png", title="CNFA")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_cnn_comparison_draws_each_metric_then_the_cnns_gram_and_filters(tmp_path):
+    from PIL import Image
+
+    from ray_convrfm.tools.viz import plot_cnn_comparison
+
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((16, 3, 3, 3))
+    gram = W.reshape(16, -1).T @ W.reshape(16, -1)
+    one = plot_cnn_comparison([("ConvRFM", gram)], W, tmp_path / "c1.png", count=4)
+    two = plot_cnn_comparison([("chosen", np.eye(27)), ("learned", gram)], W,
+                              tmp_path / "c2.png", count=4)
+    assert Image.open(two).size[1] > 1.2 * Image.open(one).size[1]
+    with pytest.raises(ValueError, match=r"\(27, 27\)"):
+        plot_cnn_comparison([("wrong size", np.eye(9))], W, tmp_path / "c3.png")
