@@ -116,8 +116,9 @@ class KernelBackend(Protocol):
         """Kernel parameters (and the kernel store, if any) of the calls that follow."""
         ...
 
-    def patch_span(self) -> torch.Tensor | None:
-        """Orthonormal basis (d, r) of the training patches' span, or None when r = d."""
+    def patch_span(self, energy: float | None = None) -> torch.Tensor | None:
+        """Orthonormal basis (d, r) of the training patches' span, or None when r = d;
+        ``energy``: only the leading directions holding that share (``span_from_gram``)."""
         ...
 
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:

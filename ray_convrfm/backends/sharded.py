@@ -136,11 +136,12 @@ class ShardedBackend(NystromSolvers):
         return combine_digests([d for part in digests for d in part], self.row_shape,
                                np.dtype(dtype).str)
 
-    def patch_span(self) -> torch.Tensor | None:
+    def patch_span(self, energy: float | None = None) -> torch.Tensor | None:
         p = self.spec.params
         gram = self.reduce(self._each("patch_gram", self.chain, p.patch_size, p.padding,
                                       self.spec.dtype, self.spec.memory_budget_mb))
-        return span_from_gram(torch.from_numpy(gram), dtype=self.spec.torch_dtype)
+        return span_from_gram(torch.from_numpy(gram), dtype=self.spec.torch_dtype,
+                              energy=energy)
 
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
         self.layer = LayerState(uuid.uuid4().hex, self.spec, M.detach().cpu().numpy(),

@@ -67,10 +67,20 @@ def patch_gram(X: torch.Tensor, patch_size: int, padding: bool,
 
 
 def span_from_gram(gram: torch.Tensor, rtol: float = 1e-6,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """``patch_span`` from the patches' Gram matrix (summed over shards by distributed fits)."""
+                   dtype: torch.dtype = torch.float32,
+                   energy: float | None = None) -> torch.Tensor | None:
+    """``patch_span`` from the patches' Gram matrix (summed over shards by distributed fits).
+
+    ``energy`` in (0, 1): only the fewest leading directions that hold that share of the
+    patches' energy (sum of squared coordinates) are kept, as a PCA of the patches keeps its
+    leading components: an approximation, not the exact span, for layers whose patches spread
+    over many dimensions with most of their energy in a few (a pooled layer's)."""
     vals, vecs = torch.linalg.eigh(gram.to(torch.float64))
     keep = vals > rtol * vals.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if energy is not None:
+        share = vals.flip(0).clamp_min(0).cumsum(0) / vals.clamp_min(0).sum()
+        leading = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype))) + 1
+        keep &= torch.arange(len(vals), device=vals.device) >= len(vals) - leading
     if bool(keep.all()):
         return None
     return vecs[:, keep].flip(1).to(dtype)

@@ -74,7 +74,10 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
         validation set is passed to ``fit``
     patch_basis : "auto" works in an orthonormal basis of the training patches' span when they
         span fewer than d dimensions (features of a linear conv layer do; raw images do not),
-        which is exact for inputs in that span and far cheaper; "full" always uses all d
+        which is exact for inputs in that span and far cheaper; "full" always uses all d; a
+        share in (0, 1) (as PCA's ``n_components=0.95``) keeps only the leading principal
+        directions of the patches holding that share of their energy: an approximation that
+        makes layers whose patches spread thinly over many dimensions cheaper (docs/math.md 6)
     solver : "exact" (Cholesky of the n x n kernel), "nystrom" (m centers, a seeded uniform
         sample of the training images, solved by Falkon-preconditioned conjugate gradient over
         rows of K_nm that stay with the backend; section 9a) or "nystrom-direct" (the same
@@ -122,7 +125,7 @@ class ConvRFM(KeepsWorkers, ClassifierMixin, BaseEstimator):
                  padding: bool = _D.kernel.padding, iters: int = _D.iters,
                  ridges: tuple[float, ...] = _D.ridges, agop_samples: int = _D.agop_samples,
                  agop_power: float = _D.agop_power, metric_floor: float = _D.metric_floor,
-                 val_fraction: float = 0.1, patch_basis: str = _D.patch_basis,
+                 val_fraction: float = 0.1, patch_basis: str | float = _D.patch_basis,
                  solver: str = _D.solver, centers: int | None = _D.centers,
                  patience: int | None = _D.patience, agop_classes: str | int = _D.agop_classes,
                  random_state: int | None = 0, options: Options | None = None):

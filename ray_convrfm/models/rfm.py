@@ -43,7 +43,7 @@ class RFMParams:
     agop_samples: int = 256
     agop_power: float = 1.0
     metric_floor: float = 0.0
-    patch_basis: str = "auto"
+    patch_basis: str | float = "auto"
     solver: str = "exact"
     centers: int | None = None
     patience: int | None = 2
@@ -71,8 +71,11 @@ class RFMParams:
         if not (isinstance(self.metric_floor, numbers.Real) and 0 <= self.metric_floor < 1):
             raise ValueError(f"metric_floor must be a number in [0, 1); found "
                              f"{self.metric_floor!r}")
-        if self.patch_basis not in ("auto", "full"):
-            raise ValueError(f"patch_basis must be 'auto' or 'full'; found {self.patch_basis!r}")
+        if not (self.patch_basis in ("auto", "full") or (
+                isinstance(self.patch_basis, numbers.Real)
+                and not isinstance(self.patch_basis, bool) and 0 < self.patch_basis < 1)):
+            raise ValueError(f"patch_basis must be 'auto', 'full' or a share of the patches' "
+                             f"energy in (0, 1); found {self.patch_basis!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; found {self.solver!r}")
         if not (self.agop_classes in ("auto", "all") or _positive_int(self.agop_classes)):
@@ -327,10 +330,12 @@ def fit_rfm(backend: KernelBackend, y_fit: np.ndarray, n_classes: int,
     # the class sketch's own stream, drawn last: the sample and centers are as without it
     sketch_rng = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
     d = int(backend.row_shape[0]) * params.kernel.patch_size**2
-    Q = backend.patch_span() if params.patch_basis == "auto" else None
+    energy = None if isinstance(params.patch_basis, str) else float(params.patch_basis)
+    Q = None if params.patch_basis == "full" else backend.patch_span(energy)
     if Q is not None:
-        log.info("training patches span %d of %d dimensions: working in that basis",
-                 Q.shape[1], d)
+        log.info("training patches span %d of %d dimensions%s: working in that basis",
+                 Q.shape[1], d, "" if energy is None else f" (holding {energy:g} of their "
+                                                         f"energy)")
         Q = Q.to(dev, dt)
     if center_idx is None:
         check_exact_fits(n, torch.empty(0, dtype=dt).element_size())

@@ -47,6 +47,16 @@ def _agop_classes(text: str) -> str | int:
             from None
 
 
+def _patch_basis(text: str) -> str | float:
+    if text in ("auto", "full"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, full or a share in (0, 1); got "
+                                         f"{text!r}") from None
+
+
 def _ridges(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -119,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--agop-classes", type=_agop_classes, default=est["agop_classes"],
                    help="auto (exact up to 64 classes, a 64-column sketch beyond), all, or k "
                         "class combinations for the AGOP")
+    f.add_argument("--patch-basis", type=_patch_basis, default=est["patch_basis"],
+                   help="auto (the patches' exact span), full (all C q q dimensions) or a "
+                        "share in (0, 1): the leading directions holding that share of the "
+                        "patches' energy (cheaper later layers; an approximation)")
     f.add_argument("--val-fraction", type=float, default=est["val_fraction"])
     f.add_argument("--device", default=compute.device)
     f.add_argument("--dtype", default=None, choices=("float32", "float64"),
@@ -265,7 +279,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     layer = ConvRFM(depth=depth, patch_size=args.patch_size, padding=args.padding, iters=iters,
                     ridges=args.ridges, agop_samples=args.agop_samples,
                     agop_power=args.agop_power, metric_floor=args.metric_floor,
-                    agop_classes=args.agop_classes,
+                    agop_classes=args.agop_classes, patch_basis=args.patch_basis,
                     val_fraction=args.val_fraction,
                     solver=args.solver, centers=args.centers,
                     patience=args.patience or None,
@@ -294,7 +308,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
           flush=True)
     t0 = time.perf_counter()
     monitor = (ds.X_test, ds.y_test) if len(ds.y_test) else None
-    model.fit(ds.X_train, ds.y_train, monitor=monitor)
+    model.fit(ds.X_train, ds.y_train, monitor=monitor, **ds.validation())
     seconds = time.perf_counter() - t0
 
     layers = model.layers_ if args.layers > 1 else [

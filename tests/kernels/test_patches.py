@@ -12,6 +12,7 @@ from ray_convrfm.kernels.patches import (
     grid_shape,
     patch_span,
     projected_patches,
+    span_from_gram,
 )
 
 
@@ -63,6 +64,39 @@ def test_reduced_basis_gives_the_same_model():
     np.testing.assert_allclose(auto.M_path_[1].numpy(), full.M_path_[1].numpy(), atol=1e-8)
     np.testing.assert_allclose(auto.decision_function(Xt), full.decision_function(Xt),
                                rtol=1e-6, atol=1e-8)
+
+
+def test_an_energy_share_keeps_the_fewest_leading_directions_that_hold_it():
+    rng = np.random.default_rng(3)
+    U, _ = torch.linalg.qr(torch.from_numpy(rng.standard_normal((6, 6))))
+    vals = torch.tensor([50.0, 30.0, 10.0, 6.0, 3.0, 1.0], dtype=torch.float64)  # sum 100
+    gram = U @ torch.diag(vals) @ U.T
+    for energy, r in ((0.45, 1), (0.75, 2), (0.85, 3), (0.89, 3), (0.93, 4), (0.98, 5)):
+        Q = span_from_gram(gram, dtype=torch.float64, energy=energy)
+        assert Q.shape == (6, r), energy
+        # the leading eigenvectors, largest first (up to sign)
+        torch.testing.assert_close((Q.T @ U[:, :r]).abs(), torch.eye(r, dtype=torch.float64))
+    assert span_from_gram(gram, dtype=torch.float64, energy=0.9999) is None  # all d kept
+    assert span_from_gram(gram, dtype=torch.float64) is None  # exact: full rank
+
+
+def test_a_truncated_basis_is_learned_kept_and_predicted_with(tmp_path):
+    ds = load_digits()
+    X = _features(torch.from_numpy(ds.X_train[:150]).double(), width=8).float().numpy()
+    Xt = _features(torch.from_numpy(ds.X_test[:30]).double(), width=8).float().numpy()
+    kw = dict(depth=1, iters=2, agop_samples=20, options=Options.of(dtype="float64"))
+    cut = ConvRFM(patch_basis=0.9, **kw).fit(X, ds.y_train[:150])
+    r = cut.patch_basis_.shape[1]
+    assert 1 <= r < 25  # fewer than the exact span's 25 directions
+    # the model is a ConvRFM on the patches projected onto that basis: same predictions
+    # from a model loaded from disk
+    cut.save(tmp_path / "cut")
+    again = ConvRFM.load(tmp_path / "cut")
+    np.testing.assert_allclose(again.decision_function(Xt), cut.decision_function(Xt),
+                               rtol=1e-10)
+    for bad in (0.0, 1.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="patch_basis must be"):
+            ConvRFM(patch_basis=bad, **kw).fit(X, ds.y_train[:150])
 
 
 @pytest.mark.parametrize("padding", [False, True])

@@ -283,8 +283,11 @@ def test_the_flags_defaults_are_the_python_apis():
                         ("agop_samples", "agop_samples"), ("agop_power", "agop_power"),
                         ("metric_floor", "metric_floor"), ("agop_classes", "agop_classes"),
                         ("val_fraction", "val_fraction"), ("solver", "solver"),
-                        ("patience", "patience"), ("seed", "random_state")]:
+                        ("patience", "patience"), ("seed", "random_state"),
+                        ("patch_basis", "patch_basis")]:
         assert getattr(args, flag) == est[param], flag
+    for text, value in (("full", "full"), ("0.99", 0.99)):
+        assert _parser().parse_args(["fit", "--patch-basis", text]).patch_basis == value
     assert (args.device, args.engine, args.memory_budget_mb) == \
         (compute.device, compute.engine, compute.memory_budget_mb)
     assert (args.workers, args.placement_timeout) == (cluster.workers, cluster.placement_timeout_s)
