@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=1,
                    help="Deep ConvRFM: pooling between layers (every layer then has depth 3)")
     p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
+    p.add_argument("--normalise", action="store_true",
+                   help="Deep ConvRFM: feature maps scaled to unit mean square between layers")
     p.add_argument("--cnn-width", type=int, default=64)
     p.add_argument("--cnn-epochs", type=int, default=200)
     p.add_argument("--cnn-patience", type=int, default=20,
@@ -172,6 +174,7 @@ def main() -> None:
                     padding=args.padding, random_state=args.seed, patch_basis=basis,
                     options=Options.of(verbose=True), **extra)
     model = DeepConvRFM(layer, layers=3, width=args.width, layer_patience=None,
+                        normalise=args.normalise,
                         pool=args.pool, total_depth=None if args.pool > 1 else 3)
     model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test), **ds.validation())
     rows = results(model)
@@ -192,9 +195,12 @@ def main() -> None:
         task += f", pool {args.pool}"
     if basis != "auto":
         task += f", patch basis {basis}"
+    if args.normalise:
+        task += ", normalised"
     run = {"task": task, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
            "width": args.width, "iters": args.iters, "patience": args.patience,
            "pool": args.pool, "padding": args.padding, "patch_basis": basis,
+           "normalise": args.normalise,
            "filter_power": model.filter_power, "rows": rows}
     print(markdown([run]))
     if args.out:

@@ -121,6 +121,11 @@ class KernelBackend(Protocol):
         ``energy``: only the leading directions holding that share (``span_from_gram``)."""
         ...
 
+    def channel_mean_squares(self, bank) -> np.ndarray:
+        """Mean square of every channel of the training images after the current filter
+        banks and one more, ``bank`` (a ``chunks.FilterBank``), over images and positions."""
+        ...
+
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
         """The metric of the calls that follow (r x r in the basis' coordinates)."""
         ...

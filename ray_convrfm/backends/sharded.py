@@ -143,6 +143,13 @@ class ShardedBackend(NystromSolvers):
         return span_from_gram(torch.from_numpy(gram), dtype=self.spec.torch_dtype,
                               energy=energy)
 
+    def channel_mean_squares(self, bank: FilterBank) -> np.ndarray:
+        """Mean square of every channel of the training images after the chain and then
+        ``bank``, over images and positions (Deep ConvRFM's normalisation between layers)."""
+        total = self.reduce(self._each("channel_moments", (*self.chain, bank), self.spec.dtype,
+                                       self.spec.memory_budget_mb))
+        return total[:-1] / max(total[-1], 1.0)
+
     def set_metric(self, M: torch.Tensor, basis: torch.Tensor | None) -> None:
         self.layer = LayerState(uuid.uuid4().hex, self.spec, M.detach().cpu().numpy(),
                                 None if basis is None else basis.detach().cpu().numpy(),

@@ -84,6 +84,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     layer_patience : stop adding layers once this many in a row did not beat the best
         validation accuracy so far, and keep the stack up to the best layer (a shallower one
         on ties), as iterations and ridges are chosen; None fits and keeps all ``layers``
+    normalise : scale every filter so that its feature map (after pooling) has unit mean
+        square over the training images and positions, as a CNN's normalisation layer does
+        at inference; the saved filters carry the scale (docs/math.md section 6)
 
     Attributes
     ----------
@@ -100,7 +103,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     def __init__(self, estimator: ConvRFM | None = None, layers: int = 3, width: int = 64,
                  total_depth: int | None = None, filter_power: float = FILTER_POWER,
                  pool: int | tuple[int, ...] = 1, pool_mode: str = "avg",
-                 layer_patience: int | None = 1):
+                 layer_patience: int | None = 1, normalise: bool = False):
         self.estimator = estimator
         self.layers = layers
         self.width = width
@@ -109,6 +112,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.pool = pool
         self.pool_mode = pool_mode
         self.layer_patience = layer_patience
+        self.normalise = normalise
 
     def _base(self) -> ConvRFM:
         if self.estimator is None:
@@ -126,6 +130,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         if isinstance(power, bool) or not isinstance(power, numbers.Real) \
                 or not 0 < float(power) <= 1:
             raise ValueError(f"filter_power must be a number in (0, 1]; found {power!r}")
+        if not isinstance(self.normalise, bool | np.bool_):
+            raise ValueError(f"normalise must be True or False; found {self.normalise!r}")
         patience = self.layer_patience
         if patience is not None and (not isinstance(patience, numbers.Integral)
                                      or isinstance(patience, bool) or patience < 1):
@@ -185,6 +191,16 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             W = W @ psd_power(M, float(self.filter_power))
         return W.reshape(int(self.width), channels, q, q).to(torch.float32)
 
+    def _normalised(self, backend, filters: torch.Tensor, padding: bool,
+                    pool: int) -> torch.Tensor:
+        """``filters`` scaled so that each one's (pooled) feature map has unit mean square
+        over the training images; average and max pooling commute with a positive scale. A
+        filter whose map is zero everywhere is left as it is."""
+        bank = FilterBank(filters.numpy(), padding, pool, self.pool_mode)
+        mean_square = torch.from_numpy(backend.channel_mean_squares(bank))
+        scale = torch.where(mean_square > 0, mean_square.rsqrt(), torch.ones_like(mean_square))
+        return (filters.double() * scale[:, None, None, None]).to(filters.dtype)
+
     def fit(self, X, y=None, X_val=None, y_val=None, monitor=None) -> DeepConvRFM:
         """Fit every layer in turn; same arguments as ``ConvRFM.fit``. Returns self.
 
@@ -243,6 +259,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                     filters = self._filters(rfm.M_, backend.row_shape[0],
                                             params.kernel.patch_size, layer, info["learned"],
                                             seed)
+                    if self.normalise:
+                        filters = self._normalised(backend, filters, bool(base.padding),
+                                                   pools[layer])
                     info["filters"] = filters
                     backend.featurise(filters, bool(base.padding), pools[layer],
                                       self.pool_mode)

@@ -37,7 +37,8 @@ from ray_convrfm.checks import check_psd
 #: Version 4: ``agop_classes``. Version 5: ``DeepConvRFM.filter_power``; ``X_fit`` may be uint8.
 #: Version 6: ``ConvRFM.metric_floor``. Version 7: ``DeepConvRFM.pool``, ``pool_mode``,
 #: ``layer_patience`` and ``layer_val_acc`` (the stack kept may be shorter than ``layers``).
-FORMAT_VERSION = 7
+#: Version 8: ``DeepConvRFM.normalise``; ``ConvRFM.patch_basis`` may be a share of energy.
+FORMAT_VERSION = 8
 CONFIG = "config.json"
 TENSORS = "model.safetensors"
 DIGEST = "digest"

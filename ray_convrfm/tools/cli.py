@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Deep ConvRFM: P x P pooling after each filter bank (1: none); with "
                         "pooling every layer's kernel has --depth")
     f.add_argument("--pool-mode", default="avg", choices=("avg", "max"))
+    f.add_argument("--normalise", action="store_true",
+                   help="Deep ConvRFM: scale each filter so its feature map has unit mean "
+                        "square over the training images")
     f.add_argument("--layer-patience", type=int, default=1,
                    help="Deep ConvRFM: stop adding layers after this many that do not beat "
                         "the best on validation and keep the best stack (--layers is the "
@@ -291,7 +294,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         pooled = args.pool > 1
         model = DeepConvRFM(layer, layers=args.layers, width=args.width,
                             total_depth=None if pooled else depth, pool=args.pool,
-                            pool_mode=args.pool_mode,
+                            pool_mode=args.pool_mode, normalise=args.normalise,
                             layer_patience=args.layer_patience or None,
                             **({} if args.filter_power is None
                                else {"filter_power": args.filter_power}))

@@ -92,6 +92,15 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
     pooled = pool_images(featurise(local, torch.from_numpy(second), True), 2, "max")
     np.testing.assert_allclose(backend.centers(None).numpy(), pooled.numpy(), rtol=1e-5,
                                atol=1e-6)
+    # the channels' mean squares through one more bank, as Deep ConvRFM normalises them
+    from ray_convrfm.backends.chunks import FilterBank
+
+    third = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    after = pool_images(featurise(pooled.double(), torch.from_numpy(third).double(), False),
+                        2, "avg")
+    got = backend.channel_mean_squares(FilterBank(third, False, 2, "avg"))
+    np.testing.assert_allclose(got, after.square().mean((0, 2, 3)).numpy(), rtol=1e-5)
+    assert backend.row_shape == (3, 4, 4)  # nothing featurised by asking
     parts = [ex.put(np.full(3, float(k))) for k in range(11)]
     if executor.kind == "ray":
         assert len(ex.tree(parts, keep=1, fan_in=2)) == 1

@@ -138,6 +138,31 @@ def test_pooling_between_layers(tmp_path, digits):
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_normalised_filters_give_feature_maps_of_unit_mean_square(tmp_path, digits, pool):
+    """normalise=True: every filter of a bank is scaled so that its (pooled) feature map over
+    the training images has mean square 1; the scaled filters are saved and predicted with."""
+    from ray_convrfm.kernels.patches import featurise, pool_images
+
+    X, y, Xv, yv, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=1)
+    plain, deep = (DeepConvRFM(ConvRFM(**kw), layers=2, width=6, pool=pool, normalise=norm,
+                               layer_patience=None).fit(X, y, X_val=Xv, y_val=yv)
+                   for norm in (False, True))
+    maps = pool_images(featurise(torch.from_numpy(X).double(),
+                                 deep.layers_[0]["filters"].double(), False), pool)
+    np.testing.assert_allclose(maps.square().mean((0, 2, 3)).numpy(), np.ones(6), rtol=1e-4)
+    # the same directions as without normalisation, only scaled
+    ratio = deep.layers_[0]["filters"] / plain.layers_[0]["filters"]
+    np.testing.assert_allclose(ratio / ratio[:, :1, :1, :1], torch.ones_like(ratio), rtol=1e-4)
+    loaded = DeepConvRFM.load(deep.save(tmp_path / "normalised"))
+    assert loaded.normalise is True
+    np.testing.assert_allclose(loaded.decision_function(Xt), deep.decision_function(Xt),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="normalise must be True or False"):
+        DeepConvRFM(normalise="yes").fit(X, y)
+
+
 def test_pool_errors(digits):
     X, y, *_ = digits
     for bad in (0, 1.5, "2", (2, 2)):  # (2, 2): two values for the one bank of two layers

@@ -156,6 +156,20 @@ class ShardCore:
             return np.zeros((shape[0] * patch_size**2,) * 2)
         return total.cpu().numpy()
 
+    def channel_moments(self, chain, dtype: str, budget_mb: float) -> np.ndarray:
+        """(C + 1,): the sum of squares of every channel of the shard's images after
+        ``chain``, over images and positions, then the positions summed over (the driver
+        sums shards' and divides), featurised a chunk at a time."""
+        dt = torch_dtype(dtype)
+        shape = chain_shape(self.raw.shape[1:], chain)
+        step = gram_chunk(shape, 1, False, torch.empty(0, dtype=dt).element_size(), budget_mb)
+        total = np.zeros(shape[0] + 1)
+        for a, b in self._chunks(len(self.raw), step):
+            Z = self._features(chain, slice(a, b), dt).to(torch.float64)
+            total[:-1] += Z.square().sum((0, 2, 3)).cpu().numpy()
+            total[-1] += Z.shape[0] * Z.shape[2] * Z.shape[3]
+        return total
+
     def add(self, *parts: np.ndarray) -> np.ndarray:
         """Sum of partial results: one node of the driver's reduction tree."""
         return sum(parts[1:], parts[0])
