@@ -130,7 +130,10 @@ def _addresses() -> dict[str, str]:
 
 def wait_watched(futures: list, watch: NodeWatch | None, bar=None) -> list:
     """``ray.get(futures)``, checking ``watch`` between short waits, advancing ``bar`` by the
-    futures done; a worker lost for good becomes its ``WorkerLostError``."""
+    futures done; a worker lost for good becomes its ``WorkerLostError``. A task's own
+    ``OSError`` or ``ValueError`` (a store that cannot be written, a damaged block, bad
+    input) is raised as the worker raised it, with its class and errno, as in process (Ray's
+    ``RayTaskError``, with the remote traceback, is its ``__cause__``)."""
     import ray
 
     pending = list(futures)
@@ -143,6 +146,10 @@ def wait_watched(futures: list, watch: NodeWatch | None, bar=None) -> list:
             if watch is not None and pending:
                 watch.check()
         return ray.get(futures)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, (OSError, ValueError)):
+            raise exc.cause from exc
+        raise
     except ray.exceptions.RayActorError as exc:
         lost = watch.translate(exc) if watch is not None else None
         if lost is None:
