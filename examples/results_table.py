@@ -86,6 +86,9 @@ def results(model: DeepConvRFM) -> list[dict]:
         per_layer.append({"iter": info["best_iter"], "ridge": info["ridge"],
                           "val_acc": chosen["val_acc"], "test_acc": chosen["monitor_acc"],
                           "seconds": seconds, "layer_seconds": info["seconds"],
+                          # the layer's own cost: without scoring the monitored test images
+                          "fit_seconds": info["seconds"] - sum(h.get("seconds_monitor", 0.0)
+                                                               for h in info["history"]),
                           "learned": info["learned"], "depth": info["depth"],
                           "iterations_run": len(info["history"]),
                           "top_eigen_share": top_share(info["M"])})

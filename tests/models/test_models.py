@@ -35,7 +35,8 @@ def test_fit_returns_self_and_learned_state(digits, fitted):
     assert torch.allclose(m.M_, m.M_path_[m.best_iter_])
     for h in m.history_:
         assert {"val_acc", "train_mse", "seconds_kernel", "seconds_solve", "seconds_agop",
-                "monitor_acc", "ridge"} <= set(h)
+                "monitor_acc", "seconds_monitor", "ridge"} <= set(h)
+        assert h["seconds_monitor"] >= 0
     assert m.history_[m.best_iter_]["val_acc"] == max(h["val_acc"] for h in m.history_)
     assert m.score(Xt, yt) > 0.85
     assert m.predict(Xt).shape == (60,) and m.decision_function(Xt).shape == (60, 10)
