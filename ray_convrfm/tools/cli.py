@@ -37,24 +37,20 @@ log = logging.getLogger("ray_convrfm.tools.cli")
 
 
 
-def _agop_classes(text: str) -> str | int:
-    if text in ("auto", "all"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, all or an integer; got {text!r}") \
-            from None
+def _word_or_number(words: tuple[str, ...], number: type, expected: str):
+    """An argparse type: one of ``words``, or else a ``number`` (int or float)."""
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    return parse
 
 
-def _patch_basis(text: str) -> str | float:
-    if text in ("auto", "full"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, full or a share in (0, 1); got "
-                                         f"{text!r}") from None
+_agop_classes = _word_or_number(("auto", "all"), int, "auto, all or an integer")
+_patch_basis = _word_or_number(("auto", "full"), float, "auto, full or a share in (0, 1)")
 
 
 def _ridges(text: str) -> tuple[float, ...]:

@@ -65,7 +65,7 @@ def disk_fit_data(args: argparse.Namespace):
         X_test, y_test = open_disk_images(args.dataset, split, limit=args.n_test, **kw).read()
     return SimpleNamespace(name=disk_name(args.dataset, train), X_train=train, y_train=None,
                            X_test=X_test, y_test=y_test,
-                           validation=dict)  # carved from the set's own units at fit
+                           validation=lambda: {})  # carved from the set's own units at fit
 
 
 def disk_name(spec: str, images) -> str:

@@ -104,14 +104,14 @@ def plot_cnn_comparison(metrics: list[tuple[str, np.ndarray]], weights: np.ndarr
     (filters, C, q, q): a row of top eigenvectors per (label, M), then the top eigenvectors
     of the CNN's W^T W, then its filters of largest norm. Each M row's label gives its Pearson
     correlation with W^T W (the CNFA's measure; 1 = proportional)."""
+    import torch
+
     from ray_convrfm.cnfa.measure import pearson
 
     W = np.asarray(weights, dtype=np.float64)
     _, C, q, _ = W.shape
     flat = W.reshape(len(W), -1)
     gram = flat.T @ flat
-    import torch
-
     rows = []
     for label, M in metrics:
         if np.shape(M) != gram.shape:
