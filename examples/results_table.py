@@ -37,6 +37,7 @@ import torch
 from ray_convrfm import ConvRFM, DeepConvRFM, Options
 from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_on_validation
 from ray_convrfm.data.datasets import load_dataset, with_noise_frame
+from ray_convrfm.kernels.patches import ACTIVATIONS, POOL_MODES
 from ray_convrfm.models.inputs import prepare_fit_inputs
 from ray_convrfm.tools.viz import plot_cnn_comparison
 
@@ -142,6 +143,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool", type=int, default=1,
                    help="Deep ConvRFM: pooling between layers (every layer then has depth 3)")
+    p.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
+    p.add_argument("--activation", default="none", choices=ACTIVATIONS,
+                   help="Deep ConvRFM: what each filter's map goes through before pooling")
     p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
     p.add_argument("--normalise", action="store_true",
                    help="Deep ConvRFM: feature maps scaled to unit mean square between layers")
@@ -177,8 +181,9 @@ def main() -> None:
                     padding=args.padding, random_state=args.seed, patch_basis=basis,
                     options=Options.of(verbose=True), **extra)
     model = DeepConvRFM(layer, layers=3, width=args.width, layer_patience=None,
-                        normalise=args.normalise,
-                        pool=args.pool, total_depth=None if args.pool > 1 else 3)
+                        normalise=args.normalise, activation=args.activation,
+                        pool=args.pool, pool_mode=args.pool_mode,
+                        total_depth=None if args.pool > 1 else 3)
     model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test), **ds.validation())
     rows = results(model)
     cnn, network = cnn_row(ds.X_train, ds.y_train, args.seed, layer.val_fraction, ds.X_test,
@@ -195,7 +200,9 @@ def main() -> None:
                                   f"beside the CNN's first layer (value above each)")
         print(f"wrote {args.filters}")
     if args.pool > 1:
-        task += f", pool {args.pool}"
+        task += f", pool {args.pool}" + (f" ({args.pool_mode})" if args.pool_mode != "avg" else "")
+    if args.activation != "none":
+        task += f", {args.activation} between layers"
     if basis != "auto":
         task += f", patch basis {basis}"
     if args.normalise:
@@ -203,7 +210,8 @@ def main() -> None:
     run = {"task": task, "n_train": len(ds.y_train), "n_test": len(ds.y_test),
            "width": args.width, "iters": args.iters, "patience": args.patience,
            "pool": args.pool, "padding": args.padding, "patch_basis": basis,
-           "normalise": args.normalise,
+           "normalise": args.normalise, "activation": args.activation,
+           "pool_mode": args.pool_mode,
            "filter_power": model.filter_power, "rows": rows}
     print(markdown([run]))
     if args.out:

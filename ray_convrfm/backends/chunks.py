@@ -17,7 +17,7 @@ import torch
 
 from ray_convrfm.backends.protocol import KernelSpec
 from ray_convrfm.kernels.kernel import side_bytes_per_image
-from ray_convrfm.kernels.patches import featurise, grid_shape, pool_images
+from ray_convrfm.kernels.patches import activate, featurise, grid_shape, pool_images
 from ray_convrfm.options import PREPARED_SHARE
 
 
@@ -92,13 +92,14 @@ def torch_dtype(name: str) -> torch.dtype:
 @dataclass(frozen=True, eq=False)
 class FilterBank:
     """One link of Deep ConvRFM's feature map: a bias-free convolution with ``filters``
-    (k, C, q, q), ``padding`` as the kernel's, then ``pool`` x ``pool`` pooling (``mode``
-    "avg" or "max"; 1: none)."""
+    (k, C, q, q), ``padding`` as the kernel's, ``activation`` ("none" or "relu"), then
+    ``pool`` x ``pool`` pooling (``mode`` "avg" or "max"; 1: none)."""
 
     filters: np.ndarray
     padding: bool
     pool: int = 1
     mode: str = "avg"
+    activation: str = "none"
 
     def shape(self, H: int, W: int) -> tuple[int, int]:
         """(H, W) of an image after this link."""
@@ -118,8 +119,8 @@ def filter_bank(link) -> FilterBank:
 def apply_chain(Z: torch.Tensor, chain: list) -> torch.Tensor:
     """Images after the filter banks ``chain`` (``FilterBank``s or (filters, padding) pairs)."""
     for link in map(filter_bank, chain):
-        Z = pool_images(featurise(Z, torch.as_tensor(link.filters), link.padding), link.pool,
-                        link.mode)
+        Z = featurise(Z, torch.as_tensor(link.filters), link.padding)
+        Z = pool_images(activate(Z, link.activation), link.pool, link.mode)
     return Z
 
 

@@ -179,10 +179,9 @@ class KernelBackend(Protocol):
         """The predictor's centers (training images after any featurisation), in the driver."""
         ...
 
-    def featurise(self, filters: torch.Tensor, padding: bool, pool: int = 1,
-                  mode: str = "avg") -> None:
-        """Replace the training (and held-out) images by their convolution with ``filters``,
-        pooled ``pool`` x ``pool`` (``mode`` "avg" or "max") (Deep ConvRFM)."""
+    def featurise(self, bank) -> None:
+        """Replace the training (and held-out) images by their image through ``bank`` (a
+        ``chunks.FilterBank``: convolution, activation, pooling) (Deep ConvRFM)."""
         ...
 
     def scores(self, Z: torch.Tensor | np.ndarray, coef: torch.Tensor,

@@ -156,14 +156,12 @@ class ShardedBackend(NystromSolvers):
                                 self.chain)
         self.layer_ref = self.ex.put(self.layer)
 
-    def featurise(self, filters: torch.Tensor, padding: bool, pool: int = 1,
-                  mode: str = "avg") -> None:
-        """Deep ConvRFM's next inputs: the images convolved with ``filters``, then pooled
-        (``pool`` x ``pool``, ``mode``). Nothing is computed now: every task gets the chain of
-        filter banks and featurises the chunk of stored pixels it works on, so no featurised
-        shard ever exists."""
-        self.chain = (*self.chain, FilterBank(filters.detach().cpu().numpy(), bool(padding),
-                                              int(pool), mode))
+    def featurise(self, bank: FilterBank) -> None:
+        """Deep ConvRFM's next inputs: the images through ``bank`` (convolved, activated,
+        pooled). Nothing is computed now: every task gets the chain of filter banks and
+        featurises the chunk of stored pixels it works on, so no featurised shard ever
+        exists."""
+        self.chain = (*self.chain, bank)
         self._row_shape = chain_shape(self._row_shape, self.chain[-1:])
         self.layer = self.layer_ref = None
 

@@ -87,6 +87,16 @@ def span_from_gram(gram: torch.Tensor, rtol: float = 1e-6,
 
 
 POOL_MODES = ("avg", "max")
+#: What Deep ConvRFM may apply to each filter's map before pooling ("none": the reference's
+#: linear bank; "relu": a CNN's rectifier, so the chain of banks is no longer linear).
+ACTIVATIONS = ("none", "relu")
+
+
+def activate(X: torch.Tensor, activation: str) -> torch.Tensor:
+    """``X`` through ``activation`` (one of ``ACTIVATIONS``)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; found {activation!r}")
+    return X if activation == "none" else F.relu(X)
 
 
 def pool_images(X: torch.Tensor, pool: int, mode: str = "avg") -> torch.Tensor:

@@ -3,9 +3,11 @@
 Layer l fits a ConvRFM of depth ``total_depth - l`` on its inputs and chooses M on validation;
 the next layer's inputs are the bias-free q x q convolution of every image with ``width``
 filters W = G M^p (G: seeded i.i.d. N(0, 1); p = ``filter_power``, 1/2 in the reference); no
-non-linearity, the next kernel brings it. With ``pool``, the convolved images are pooled as a
-CNN pools between layers (average or max over non-overlapping windows), so each later layer
-sees a coarser image with fewer positions, and every layer keeps the estimator's depth.
+non-linearity, the next kernel brings it (``activation="relu"`` rectifies each map as a CNN
+does, so the chain of banks is no longer linear). With ``pool``, the convolved images are
+pooled as a CNN pools between layers (average or max over non-overlapping windows), so each
+later layer sees a coarser image with fewer positions, and every layer keeps the estimator's
+depth.
 A layer whose learned M did not beat M = I on validation keeps the random bank W = G. The final
 predictor is the kernel regressor of the last layer.
 
@@ -30,7 +32,7 @@ from ray_convrfm.backends import open_backend
 from ray_convrfm.backends.chunks import FilterBank
 from ray_convrfm.checks import as_images
 from ray_convrfm.kernels.agop import psd_power
-from ray_convrfm.kernels.patches import POOL_MODES, grid_shape
+from ray_convrfm.kernels.patches import ACTIVATIONS, POOL_MODES, grid_shape
 from ray_convrfm.models.batch import BatchPredictions, predict_to_parquet
 from ray_convrfm.models.convrfm import ConvRFM, kernel_spec, register_holdouts
 from ray_convrfm.models.inputs import prepare_fit_inputs, training_images
@@ -81,6 +83,9 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         layer; 1 none) or one integer per filter bank (``layers - 1`` of them). With pooling,
         and no ``total_depth``, every layer's kernel has the estimator's depth
     pool_mode : "avg" (average pooling) or "max"
+    activation : "none" (the reference's linear bank) or "relu" (each filter's map rectified
+        before pooling, as in a CNN; with average pooling the chain of banks is otherwise
+        linear, so a deep stack is one kernel on a linear multi-scale patch map)
     layer_patience : stop adding layers once this many in a row did not beat the best
         validation accuracy so far, and keep the stack up to the best layer (a shallower one
         on ties), as iterations and ridges are chosen; None fits and keeps all ``layers``
@@ -103,7 +108,8 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
     def __init__(self, estimator: ConvRFM | None = None, layers: int = 3, width: int = 64,
                  total_depth: int | None = None, filter_power: float = FILTER_POWER,
                  pool: int | tuple[int, ...] = 1, pool_mode: str = "avg",
-                 layer_patience: int | None = 1, normalise: bool = False):
+                 layer_patience: int | None = 1, normalise: bool = False,
+                 activation: str = "none"):
         self.estimator = estimator
         self.layers = layers
         self.width = width
@@ -113,6 +119,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.pool_mode = pool_mode
         self.layer_patience = layer_patience
         self.normalise = normalise
+        self.activation = activation
 
     def _base(self) -> ConvRFM:
         if self.estimator is None:
@@ -161,7 +168,15 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                              f"filter bank); found {self.pool!r}")
         if self.pool_mode not in POOL_MODES:
             raise ValueError(f"pool_mode must be one of {POOL_MODES}; found {self.pool_mode!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}; found "
+                             f"{self.activation!r}")
         return pools
+
+    def _bank(self, filters: torch.Tensor, padding: bool, pool: int) -> FilterBank:
+        """One link of the feature map: ``filters``, then this stack's activation and pooling."""
+        return FilterBank(filters.numpy(), bool(padding), int(pool), self.pool_mode,
+                          self.activation)
 
     def _layer_shapes(self, base: ConvRFM, depths: list[int],
                       image_shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -196,7 +211,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         """``filters`` scaled so that each one's (pooled) feature map has unit mean square
         over the training images; average and max pooling commute with a positive scale. A
         filter whose map is zero everywhere is left as it is."""
-        bank = FilterBank(filters.numpy(), padding, pool, self.pool_mode)
+        bank = self._bank(filters, padding, pool)
         mean_square = torch.from_numpy(backend.channel_mean_squares(bank))
         scale = torch.where(mean_square > 0, mean_square.rsqrt(), torch.ones_like(mean_square))
         return (filters.double() * scale[:, None, None, None]).to(filters.dtype)
@@ -263,8 +278,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                         filters = self._normalised(backend, filters, bool(base.padding),
                                                    pools[layer])
                     info["filters"] = filters
-                    backend.featurise(filters, bool(base.padding), pools[layer],
-                                      self.pool_mode)
+                    backend.featurise(self._bank(filters, bool(base.padding), pools[layer]))
                 info["seconds"] = time.perf_counter() - t0
                 if stalled:
                     log.info("layer %d did not beat layer %d on validation in %d layer(s): "
@@ -299,7 +313,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         """The filter banks (and pooling) between the input and the last layer."""
         padding = bool(self.final_.padding)
         banks = self.layers_[:-1]
-        return [FilterBank(info["filters"].numpy(), padding, pool, self.pool_mode)
+        return [self._bank(info["filters"], padding, pool)
                 for info, pool in zip(banks, self._pools()[: len(banks)], strict=True)]
 
     def decision_function(self, X) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_convrfm.atomic import transaction, write_file, write_text
+from ray_convrfm.kernels.patches import ACTIVATIONS, POOL_MODES
 from ray_convrfm.options import ENGINES, SOLVERS
 from ray_convrfm.tools.cli_bench import add_bench_parser, cmd_bench
 from ray_convrfm.tools.cli_data import (
@@ -109,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--pool", type=int, default=1,
                    help="Deep ConvRFM: P x P pooling after each filter bank (1: none); with "
                         "pooling every layer's kernel has --depth")
-    f.add_argument("--pool-mode", default="avg", choices=("avg", "max"))
+    f.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
+    f.add_argument("--activation", default="none", choices=ACTIVATIONS,
+                   help="Deep ConvRFM: what each filter's map goes through before pooling")
     f.add_argument("--normalise", action="store_true",
                    help="Deep ConvRFM: scale each filter so its feature map has unit mean "
                         "square over the training images")
@@ -291,13 +294,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = DeepConvRFM(layer, layers=args.layers, width=args.width,
                             total_depth=None if pooled else depth, pool=args.pool,
                             pool_mode=args.pool_mode, normalise=args.normalise,
-                            layer_patience=args.layer_patience or None,
+                            activation=args.activation, layer_patience=args.layer_patience or None,
                             **({} if args.filter_power is None
                                else {"filter_power": args.filter_power}))
         depths = [depth] * args.layers if pooled else [depth - i for i in range(args.layers)]
         what = (f"Deep ConvRFM, {args.layers} layers of width {args.width}, kernel depths "
                 f"{', '.join(map(str, depths))}"
-                + (f", {args.pool_mode} pooling {args.pool} x {args.pool}" if pooled else ""))
+                + (f", {args.pool_mode} pooling {args.pool} x {args.pool}" if pooled else "")
+                + (f", {args.activation} between layers" if args.activation != "none" else ""))
     else:
         model = layer
         what = f"ConvRFM, depth {depth}"

@@ -62,6 +62,7 @@ def test_kernel_scores_and_agop_equal_the_core(executor):
 def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
     """Deep ConvRFM's feature map runs on the workers, a chunk at a time (nothing featurised
     is kept); their images, fingerprints and sums match the local ones."""
+    from ray_convrfm.backends.chunks import FilterBank
     from ray_convrfm.backends.store import rows_fingerprint
     from ray_convrfm.kernels.patches import featurise, patch_gram
 
@@ -75,7 +76,7 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
         assert ex.bounds == [(0, 16), (16, 37)]  # block-aligned for the store
     backend.configure(KernelSpec(PARAMS), None)
     assert backend.fingerprint("float32") == rows_fingerprint(X, 8)
-    backend.featurise(torch.from_numpy(filters), padding=False)
+    backend.featurise(FilterBank(filters, False))
     assert backend.row_shape == (4, 8, 8)
     np.testing.assert_allclose(backend.centers(None).numpy(), local.numpy(), rtol=1e-6)
     np.testing.assert_allclose(backend.centers(np.array([3, 20, 36])).numpy(),
@@ -87,14 +88,13 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
     from ray_convrfm.kernels.patches import pool_images
 
     second = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
-    backend.featurise(torch.from_numpy(second), padding=True, pool=2, mode="max")
+    backend.featurise(FilterBank(second, True, 2, "max", "relu"))
     assert backend.row_shape == (3, 4, 4)
-    pooled = pool_images(featurise(local, torch.from_numpy(second), True), 2, "max")
+    pooled = pool_images(featurise(local, torch.from_numpy(second), True).clamp_min(0), 2,
+                         "max")
     np.testing.assert_allclose(backend.centers(None).numpy(), pooled.numpy(), rtol=1e-5,
                                atol=1e-6)
     # the channels' mean squares through one more bank, as Deep ConvRFM normalises them
-    from ray_convrfm.backends.chunks import FilterBank
-
     third = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     after = pool_images(featurise(pooled.double(), torch.from_numpy(third).double(), False),
                         2, "avg")

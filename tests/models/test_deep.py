@@ -115,25 +115,29 @@ def test_parameter_errors(digits):
         DeepConvRFM(layers=2, total_depth=6).fit(X, y)
 
 
-def test_pooling_between_layers(tmp_path, digits):
-    """pool=2: the second layer sees the first bank's output pooled to half its size, keeps
-    the estimator's depth, and predicts as a ConvRFM on images featurised by hand; the pooling
-    survives save/load."""
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_pooling_between_layers(tmp_path, digits, activation):
+    """pool=2: the second layer sees the first bank's output (rectified with "relu") pooled
+    to half its size, keeps the estimator's depth, and predicts as a ConvRFM on images
+    featurised by hand; the pooling and the activation survive save/load."""
     from ray_convrfm.kernels.patches import featurise, pool_images
 
     X, y, Xv, yv, Xt, _ = digits
     kw = dict(depth=2, iters=2, agop_samples=20, random_state=1)
     deep = DeepConvRFM(ConvRFM(**kw), layers=2, width=6, pool=2, pool_mode="avg",
-                       layer_patience=None).fit(
+                       layer_patience=None, activation=activation).fit(
         X, y, X_val=Xv, y_val=yv)
     assert [info["depth"] for info in deep.layers_] == [2, 2]
     assert deep.final_.image_shape_ == (6, 5, 5)  # 12 -> 10 (3 x 3, no padding) -> 5
     filters = deep.layers_[0]["filters"]
-    by_hand = pool_images(featurise(torch.from_numpy(Xt), filters, False), 2, "avg").numpy()
+    maps = featurise(torch.from_numpy(Xt), filters, False)
+    maps = maps.clamp_min(0) if activation == "relu" else maps
+    assert activation == "none" or bool((maps == 0).any())  # the rectifier did something
+    by_hand = pool_images(maps, 2, "avg").numpy()
     np.testing.assert_allclose(deep.decision_function(Xt),
                                deep.final_.decision_function(by_hand), rtol=1e-5, atol=1e-6)
     loaded = DeepConvRFM.load(deep.save(tmp_path / "pooled"))
-    assert loaded.pool == 2 and loaded.pool_mode == "avg"
+    assert loaded.pool == 2 and loaded.pool_mode == "avg" and loaded.activation == activation
     np.testing.assert_allclose(loaded.decision_function(Xt), deep.decision_function(Xt),
                                rtol=1e-6)
 
@@ -170,6 +174,8 @@ def test_pool_errors(digits):
             DeepConvRFM(layers=2, pool=bad).fit(X, y)
     with pytest.raises(ValueError, match="pool_mode"):
         DeepConvRFM(layers=2, pool=2, pool_mode="median").fit(X, y)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        DeepConvRFM(layers=2, activation="tanh").fit(X, y)
     with pytest.raises(ValueError, match="layer 2 sees images of 1 x 1"):
         DeepConvRFM(ConvRFM(depth=1), layers=3, pool=2).fit(X, y)  # 12 -> 5 -> 1
 

@@ -64,7 +64,7 @@ def refused(path: Path, file: str, match: str, cls=ConvRFM) -> ModelFileError:
 # ------------------------------------------------------------------------------ round trip
 def test_saved_model_records_format_3_and_a_digest_and_loads(digits, fitted, model_dir):
     cfg = json.loads((model_dir / "config.json").read_text())
-    assert cfg["format_version"] == FORMAT_VERSION == 8
+    assert cfg["format_version"] == FORMAT_VERSION == 9
     assert cfg["digest"].startswith("sha256:") and len(cfg["digest"]) == 7 + 64
     assert not {"options", "workers", "address"} & set(cfg["params"])
     # reformatting the JSON is no edit: the digest is over its content
