@@ -45,6 +45,11 @@ COLUMNS = ("fixed kernel", "ConvRFM", "Deep ConvRFM, layers chosen", "Deep ConvR
            "Deep ConvRFM, 3 layers", "CNN")
 
 
+def basis_value(text: str) -> str | float:
+    """A patch basis from the command line: "auto", "full" or a share of energy."""
+    return text if text in ("auto", "full") else float(text)
+
+
 def chosen_layers(val_acc: list[float], patience: int = 1) -> int:
     """The layers DeepConvRFM(layer_patience=patience) keeps, from each layer's val accuracy."""
     best = 0
@@ -146,6 +151,9 @@ def main() -> None:
     p.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
     p.add_argument("--activation", default="none", choices=ACTIVATIONS,
                    help="Deep ConvRFM: what each filter's map goes through before pooling")
+    p.add_argument("--feature-basis", type=basis_value, default=None,
+                   help="DeepConvRFM.feature_basis: the later layers' patch basis (auto, full "
+                        "or a share; default: --patch-basis)")
     p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
     p.add_argument("--normalise", action="store_true",
                    help="Deep ConvRFM: feature maps scaled to unit mean square between layers")
@@ -175,13 +183,13 @@ def main() -> None:
         task = f"{ds.name} ({args.noise_frame} x {args.noise_frame} noise frame), " \
                f"n = {args.n_train:,}"
     extra = {} if args.metric_floor is None else {"metric_floor": args.metric_floor}
-    basis = args.patch_basis if args.patch_basis in ("auto", "full") \
-        else float(args.patch_basis)
+    basis = basis_value(args.patch_basis)
     layer = ConvRFM(depth=3, iters=args.iters, patience=args.patience or None,
                     padding=args.padding, random_state=args.seed, patch_basis=basis,
                     options=Options.of(verbose=True), **extra)
     model = DeepConvRFM(layer, layers=3, width=args.width, layer_patience=None,
                         normalise=args.normalise, activation=args.activation,
+                        feature_basis=args.feature_basis,
                         pool=args.pool, pool_mode=args.pool_mode,
                         total_depth=None if args.pool > 1 else 3)
     model.fit(ds.X_train, ds.y_train, monitor=(ds.X_test, ds.y_test), **ds.validation())
@@ -203,6 +211,8 @@ def main() -> None:
         task += f", pool {args.pool}" + (f" ({args.pool_mode})" if args.pool_mode != "avg" else "")
     if args.activation != "none":
         task += f", {args.activation} between layers"
+    if args.feature_basis is not None:
+        task += f", feature basis {args.feature_basis}"
     if basis != "auto":
         task += f", patch basis {basis}"
     if args.normalise:
@@ -211,7 +221,7 @@ def main() -> None:
            "width": args.width, "iters": args.iters, "patience": args.patience,
            "pool": args.pool, "padding": args.padding, "patch_basis": basis,
            "normalise": args.normalise, "activation": args.activation,
-           "pool_mode": args.pool_mode,
+           "pool_mode": args.pool_mode, "feature_basis": args.feature_basis,
            "filter_power": model.filter_power, "rows": rows}
     print(markdown([run]))
     if args.out:

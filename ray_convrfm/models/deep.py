@@ -83,6 +83,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         layer; 1 none) or one integer per filter bank (``layers - 1`` of them). With pooling,
         and no ``total_depth``, every layer's kernel has the estimator's depth
     pool_mode : "avg" (average pooling) or "max"
+    feature_basis : the ``patch_basis`` of every layer after the first, whose inputs are
+        feature maps (None: the estimator's, as the first layer's). Max pooling or a rectifier
+        leaves those patches spanning nearly all their d dimensions, so the exact span saves
+        nothing; a share (0.99) keeps their leading principal directions and the layer cheap
+        while the first layer keeps its exact basis (docs/math.md section 6)
     activation : "none" (the reference's linear bank) or "relu" (each filter's map rectified
         before pooling, as in a CNN; with average pooling the chain of banks is otherwise
         linear, so a deep stack is one kernel on a linear multi-scale patch map)
@@ -109,7 +114,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                  total_depth: int | None = None, filter_power: float = FILTER_POWER,
                  pool: int | tuple[int, ...] = 1, pool_mode: str = "avg",
                  layer_patience: int | None = 1, normalise: bool = False,
-                 activation: str = "none"):
+                 activation: str = "none", feature_basis: str | float | None = None):
         self.estimator = estimator
         self.layers = layers
         self.width = width
@@ -120,6 +125,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         self.layer_patience = layer_patience
         self.normalise = normalise
         self.activation = activation
+        self.feature_basis = feature_basis
 
     def _base(self) -> ConvRFM:
         if self.estimator is None:
@@ -144,6 +150,11 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
                                      or isinstance(patience, bool) or patience < 1):
             raise ValueError(f"layer_patience must be a positive integer or None; found "
                              f"{patience!r}")
+        if self.feature_basis is not None:
+            try:
+                clone(base).set_params(patch_basis=self.feature_basis).rfm_params()
+            except ValueError as err:
+                raise ValueError(f"feature_basis: {err} (None: the estimator's)") from None
         if not isinstance(base.random_state, numbers.Integral):
             raise ValueError(f"estimator.random_state must be an integer (it seeds the filter "
                              f"banks); found {base.random_state!r}")
@@ -172,6 +183,13 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
             raise ValueError(f"activation must be one of {ACTIVATIONS}; found "
                              f"{self.activation!r}")
         return pools
+
+    def _layer_estimator(self, base: ConvRFM, layer: int, depth: int) -> ConvRFM:
+        """Layer ``layer``'s ConvRFM: the estimator with its depth, seed and patch basis."""
+        rfm = clone(base).set_params(depth=depth, random_state=int(base.random_state) + layer)
+        if layer > 0 and self.feature_basis is not None:
+            rfm.set_params(patch_basis=self.feature_basis)
+        return rfm
 
     def _bank(self, filters: torch.Tensor, padding: bool, pool: int) -> FilterBank:
         """One link of the feature map: ``filters``, then this stack's activation and pooling."""
@@ -245,7 +263,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         try:
             for layer, depth in enumerate(depths):
                 t0 = time.perf_counter()
-                rfm = clone(base).set_params(depth=depth, random_state=seed + layer)
+                rfm = self._layer_estimator(base, layer, depth)
                 params = rfm.rfm_params()
                 backend.configure(dataclasses.replace(spec, params=params.kernel),
                                   f"{url.rstrip('/')}/layer{layer}" if url else None)
@@ -443,8 +461,7 @@ class DeepConvRFM(ClassifierMixin, BaseEstimator):
         if saved_digest(file.path / _FINAL) != config["final_digest"]:
             raise ModelFileError(f"{file.path / _FINAL} is not the final model saved with "
                                  f"{file.config_file} (its digest differs from final_digest)")
-        expected = dict(hyper_parameters(base), depth=depths[-1],
-                        random_state=int(base.random_state) + len(depths) - 1)
+        expected = hyper_parameters(model._layer_estimator(base, len(depths) - 1, depths[-1]))
         problems = [f"params {k}" for k, v in expected.items()
                     if jsonable(v) != jsonable(hyper_parameters(final)[k])]
         if tuple(final.image_shape_) != (channels, height, width):

@@ -38,7 +38,7 @@ from ray_convrfm.checks import check_psd
 #: Version 6: ``ConvRFM.metric_floor``. Version 7: ``DeepConvRFM.pool``, ``pool_mode``,
 #: ``layer_patience`` and ``layer_val_acc`` (the stack kept may be shorter than ``layers``).
 #: Version 8: ``DeepConvRFM.normalise``; ``ConvRFM.patch_basis`` may be a share of energy.
-#: Version 9: ``DeepConvRFM.activation``.
+#: Version 9: ``DeepConvRFM.activation`` and ``feature_basis``.
 FORMAT_VERSION = 9
 CONFIG = "config.json"
 TENSORS = "model.safetensors"

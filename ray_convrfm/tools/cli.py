@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
     f.add_argument("--activation", default="none", choices=ACTIVATIONS,
                    help="Deep ConvRFM: what each filter's map goes through before pooling")
+    f.add_argument("--feature-basis", type=_patch_basis, default=None,
+                   help="Deep ConvRFM: --patch-basis of the layers after the first (default: "
+                        "the same); a share such as 0.99 keeps max-pooled layers cheap")
     f.add_argument("--normalise", action="store_true",
                    help="Deep ConvRFM: scale each filter so its feature map has unit mean "
                         "square over the training images")
@@ -294,7 +297,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = DeepConvRFM(layer, layers=args.layers, width=args.width,
                             total_depth=None if pooled else depth, pool=args.pool,
                             pool_mode=args.pool_mode, normalise=args.normalise,
-                            activation=args.activation, layer_patience=args.layer_patience or None,
+                            activation=args.activation, feature_basis=args.feature_basis,
+                            layer_patience=args.layer_patience or None,
                             **({} if args.filter_power is None
                                else {"filter_power": args.filter_power}))
         depths = [depth] * args.layers if pooled else [depth - i for i in range(args.layers)]

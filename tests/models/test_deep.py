@@ -142,6 +142,32 @@ def test_pooling_between_layers(tmp_path, digits, activation):
                                rtol=1e-6)
 
 
+def test_feature_basis_is_the_later_layers_patch_basis(tmp_path, digits):
+    """feature_basis: the first layer keeps the estimator's exact basis, the later layers work
+    in the leading directions holding that share of their max-pooled feature patches' energy
+    (fewer than their exact span), and the setting survives save/load."""
+    X, y, Xv, yv, Xt, _ = digits
+    kw = dict(depth=2, iters=2, agop_samples=20, random_state=1)
+
+    def fit(basis):
+        return DeepConvRFM(ConvRFM(**kw), layers=2, width=6, pool=2, pool_mode="max",
+                           layer_patience=None, feature_basis=basis).fit(X, y, X_val=Xv,
+                                                                         y_val=yv)
+
+    exact, shared = fit(None), fit(0.9)
+    for model in (exact, shared):  # 1 x 3 x 3 pixel patches: all 9 directions
+        assert model.layers_[0]["M"].shape == (9, 9)
+    r_exact, r_shared = (m.final_.patch_basis_ for m in (exact, shared))
+    width = 6 * 9
+    assert r_shared is not None and r_shared.shape[0] == width
+    assert r_shared.shape[1] < (width if r_exact is None else r_exact.shape[1])
+    assert shared.final_.patch_basis == 0.9 and exact.final_.patch_basis == "auto"
+    loaded = DeepConvRFM.load(shared.save(tmp_path / "feature-basis"))
+    assert loaded.feature_basis == 0.9
+    np.testing.assert_allclose(loaded.decision_function(Xt), shared.decision_function(Xt),
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("pool", [1, 2])
 def test_normalised_filters_give_feature_maps_of_unit_mean_square(tmp_path, digits, pool):
     """normalise=True: every filter of a bank is scaled so that its (pooled) feature map over
@@ -176,6 +202,9 @@ def test_pool_errors(digits):
         DeepConvRFM(layers=2, pool=2, pool_mode="median").fit(X, y)
     with pytest.raises(ValueError, match="activation must be one of"):
         DeepConvRFM(layers=2, activation="tanh").fit(X, y)
+    for bad in (0, 1, "most", True):
+        with pytest.raises(ValueError, match="feature_basis: patch_basis must be"):
+            DeepConvRFM(layers=2, feature_basis=bad).fit(X, y)
     with pytest.raises(ValueError, match="layer 2 sees images of 1 x 1"):
         DeepConvRFM(ConvRFM(depth=1), layers=3, pool=2).fit(X, y)  # 12 -> 5 -> 1
 

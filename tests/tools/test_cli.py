@@ -73,13 +73,18 @@ def test_fit_deep_writes_one_row_per_layer_and_iteration(tmp_path, small_npz, ca
     # pooled: both layers keep --depth, the second sees 12 -> 10 -> 5 pixels
     rc = main(["fit", "--dataset", f"npz:{small_npz}", "--n-train", "80", "--n-test", "20",
                "--noise-frame", "12", "--layers", "2", "--layer-patience", "0", "--width", "4",
-               "--depth", "2", "--pool", "2", "--pool-mode", "max", "--iters", "1",
-               "--agop-samples", "10", "--out", str(tmp_path / "pooled"), "--quiet"])
+               "--depth", "2", "--pool", "2", "--pool-mode", "max", "--activation", "relu",
+               "--feature-basis", "0.9", "--iters", "1", "--agop-samples", "10",
+               "--out", str(tmp_path / "pooled"), "--quiet"])
     assert rc == 0
     said = capsys.readouterr().out
-    assert "kernel depths 2, 2, max pooling 2 x 2" in said and "layer 1 (kernel depth 2)" in said
+    assert "kernel depths 2, 2, max pooling 2 x 2, relu between layers" in said
+    assert "layer 1 (kernel depth 2)" in said
+    config = json.loads((tmp_path / "pooled" / "model" / "config.json").read_text())
+    assert config["params"]["activation"] == "relu"
+    assert config["params"]["feature_basis"] == 0.9
     final = json.loads((tmp_path / "pooled" / "model" / "final" / "config.json").read_text())
-    assert final["image_shape"] == [4, 5, 5]
+    assert final["image_shape"] == [4, 5, 5] and final["params"]["patch_basis"] == 0.9
 
 
 def test_bench_reports_throughput(capsys):
