@@ -39,15 +39,11 @@ from ray_convrfm.cnfa.networks import SmallCNN, accuracy, train_on_validation
 from ray_convrfm.data.datasets import load_dataset, with_noise_frame
 from ray_convrfm.kernels.patches import ACTIVATIONS, POOL_MODES
 from ray_convrfm.models.inputs import prepare_fit_inputs
+from ray_convrfm.tools.cli import patch_basis_arg
 from ray_convrfm.tools.viz import plot_cnn_comparison
 
 COLUMNS = ("fixed kernel", "ConvRFM", "Deep ConvRFM, layers chosen", "Deep ConvRFM, 2 layers",
            "Deep ConvRFM, 3 layers", "CNN")
-
-
-def basis_value(text: str) -> str | float:
-    """A patch basis from the command line: "auto", "full" or a share of energy."""
-    return text if text in ("auto", "full") else float(text)
 
 
 def chosen_layers(val_acc: list[float], patience: int = 1) -> int:
@@ -151,7 +147,7 @@ def main() -> None:
     p.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
     p.add_argument("--activation", default="none", choices=ACTIVATIONS,
                    help="Deep ConvRFM: what each filter's map goes through before pooling")
-    p.add_argument("--feature-basis", type=basis_value, default=None,
+    p.add_argument("--feature-basis", type=patch_basis_arg, default=None,
                    help="DeepConvRFM.feature_basis: the later layers' patch basis (auto, full "
                         "or a share; default: --patch-basis)")
     p.add_argument("--padding", action="store_true", help="padded kernels and filter banks")
@@ -161,7 +157,7 @@ def main() -> None:
     p.add_argument("--cnn-epochs", type=int, default=200)
     p.add_argument("--cnn-patience", type=int, default=20,
                    help="the CNN stops this many epochs after its best validation epoch")
-    p.add_argument("--patch-basis", default="auto",
+    p.add_argument("--patch-basis", type=patch_basis_arg, default="auto",
                    help="ConvRFM.patch_basis: auto, full or a share of the patches' energy")
     p.add_argument("--out", default=None, help="JSON file for this run's records")
     p.add_argument("--filters", default=None,
@@ -183,7 +179,7 @@ def main() -> None:
         task = f"{ds.name} ({args.noise_frame} x {args.noise_frame} noise frame), " \
                f"n = {args.n_train:,}"
     extra = {} if args.metric_floor is None else {"metric_floor": args.metric_floor}
-    basis = basis_value(args.patch_basis)
+    basis = args.patch_basis
     layer = ConvRFM(depth=3, iters=args.iters, patience=args.patience or None,
                     padding=args.padding, random_state=args.seed, patch_basis=basis,
                     options=Options.of(verbose=True), **extra)

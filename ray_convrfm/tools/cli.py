@@ -51,7 +51,8 @@ def _word_or_number(words: tuple[str, ...], number: type, expected: str):
 
 
 _agop_classes = _word_or_number(("auto", "all"), int, "auto, all or an integer")
-_patch_basis = _word_or_number(("auto", "full"), float, "auto, full or a share in (0, 1)")
+#: ``--patch-basis`` and ``--feature-basis`` values (examples/results_table.py takes them too).
+patch_basis_arg = _word_or_number(("auto", "full"), float, "auto, full or a share in (0, 1)")
 
 
 def _ridges(text: str) -> tuple[float, ...]:
@@ -113,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--pool-mode", default="avg", choices=POOL_MODES)
     f.add_argument("--activation", default="none", choices=ACTIVATIONS,
                    help="Deep ConvRFM: what each filter's map goes through before pooling")
-    f.add_argument("--feature-basis", type=_patch_basis, default=None,
+    f.add_argument("--feature-basis", type=patch_basis_arg, default=None,
                    help="Deep ConvRFM: --patch-basis of the layers after the first (default: "
                         "the same); a share such as 0.99 keeps max-pooled layers cheap")
     f.add_argument("--normalise", action="store_true",
@@ -134,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--agop-classes", type=_agop_classes, default=est["agop_classes"],
                    help="auto (exact up to 64 classes, a 64-column sketch beyond), all, or k "
                         "class combinations for the AGOP")
-    f.add_argument("--patch-basis", type=_patch_basis, default=est["patch_basis"],
+    f.add_argument("--patch-basis", type=patch_basis_arg, default=est["patch_basis"],
                    help="auto (the patches' exact span), full (all C q q dimensions) or a "
                         "share in (0, 1): the leading directions holding that share of the "
                         "patches' energy (cheaper later layers; an approximation)")
