@@ -38,7 +38,7 @@ def projected_patches(X: torch.Tensor, basis: torch.Tensor, patch_size: int,
     q = patch_size
     weight = basis.T.reshape(basis.shape[1], C, q, q).to(X.dtype)
     out = F.conv2d(X, weight, padding=q // 2 if padding else 0)
-    return out.flatten(2).transpose(1, 2).contiguous()
+    return out.flatten(2).transpose(1, 2)  # a view of (n, r, P): see ``side_from_patches``
 
 
 def patch_span(X: torch.Tensor, patch_size: int, padding: bool, rtol: float = 1e-6,

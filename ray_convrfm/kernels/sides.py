@@ -19,7 +19,8 @@ class KernelSide:
 
     Attributes
     ----------
-    left : (n, P1, r) patches multiplied by M (used when the batch is the left argument).
+    left : (n, P1, r) patches multiplied by M (used when the batch is the left argument);
+        ``kernel.side_from_patches`` stores left and right as (n, r, P1) and these are views.
     right : (n, P1, r) raw patches (used when the batch is the right argument); r = d = C*q*q,
         or fewer coordinates in an orthonormal basis of the patches' span (``prepare_side``).
     sq, rsq : (n, P_total) sqrt and safe 1/sqrt of the diagonal covariances s_l(x, x) of every
@@ -48,8 +49,12 @@ class KernelSide:
     def take(self, index) -> KernelSide:
         """Images at the given indices (e.g. the AGOP sample)."""
         t = torch.as_tensor(index, device=self.left.device)
-        return KernelSide(self.left[t], self.right[t], self.sq[t], self.rsq[t], self.grids,
-                          self.channels, self.patch_size)
+
+        def pick(a: torch.Tensor) -> torch.Tensor:  # keeps the (n, r, P1) storage order
+            return a.transpose(1, 2)[t].transpose(1, 2)
+
+        return KernelSide(pick(self.left), pick(self.right), self.sq[t], self.rsq[t],
+                          self.grids, self.channels, self.patch_size)
 
 
 def snap_width(dtype: torch.dtype) -> float:

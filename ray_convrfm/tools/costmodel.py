@@ -161,11 +161,10 @@ class Workload:
 
     def side_bytes(self, images: int) -> float:
         """Memory of prepared kernel sides while they are made (``kernel.side_bytes_per_image``:
-        raw and M-transformed patch coordinates, the d-dimensional patches a basis projects,
-        the per-layer diagonals)."""
+        raw and M-transformed patch coordinates, one more copy in flight, the per-layer
+        diagonals)."""
         P = self.positions()
-        unfolded = self.d if self.r < self.d else 0
-        return images * (P[0] * (2 * self.r + unfolded) + 2 * sum(P)) * self.dtype_bytes
+        return images * (3 * P[0] * self.r + 2 * sum(P)) * self.dtype_bytes
 
     def prepared_images(self, images: int) -> int:
         """Of ``images``, how many are prepared at once (``chunks.prepared_chunk``: a chunk's

@@ -190,7 +190,11 @@ def test_side_bytes_per_image_counts_what_prepare_side_makes(rng):
     params = KernelParams(depth=3, patch_size=3, padding=False)
     side = prepare_side(X, torch.eye(27, dtype=torch.float64), params)
     made = sum(t.numel() * t.element_size() for t in (side.left, side.right, side.sq, side.rsq))
-    assert side_bytes_per_image(side.grids, 27, 27, 8) * 4 == made
-    # a basis of r < d coordinates: the d-dimensional patches exist while it projects them
-    assert side_bytes_per_image(side.grids, 10, 27, 8) > side_bytes_per_image(side.grids, 10,
-                                                                              10, 8)
+    in_flight = side.right.numel() * side.right.element_size()  # one more copy while made
+    assert side_bytes_per_image(side.grids, 27, 8) * 4 == made + in_flight
+    # a basis of r < d coordinates: only its r coordinates exist (projected by a convolution)
+    Q = torch.linalg.qr(torch.from_numpy(rng.standard_normal((27, 10))))[0]
+    side = prepare_side(X, torch.eye(10, dtype=torch.float64), params, Q)
+    made = sum(t.numel() * t.element_size() for t in (side.left, side.right, side.sq, side.rsq))
+    in_flight = side.right.numel() * side.right.element_size()
+    assert side_bytes_per_image(side.grids, 10, 8) * 4 == made + in_flight

@@ -86,3 +86,41 @@ def test_cached_machine_code_gives_the_bits_of_a_fresh_compile(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert any((tmp_path / "numba-cache").rglob("*.nbi"))  # the second run had a cache
     assert runs[0].stdout.split()[-1] == runs[1].stdout.split()[-1]
+
+
+def test_row_tiles_do_not_change_the_bits():
+    """The forward's row tiles only reorder whole pairs: every tile gives the same bits."""
+    from ray_convrfm.kernels.sides import snap_width
+
+    rng = np.random.default_rng(3)
+    params = KernelParams(3, 3, True)
+    X = torch.from_numpy(rng.random((23, 2, 9, 9), dtype=np.float32))
+    xs = prepare_side(X, torch.from_numpy(random_psd(rng, 18).astype(np.float32)), params)
+    args = (xs.left.transpose(1, 2).numpy(), xs.right.transpose(1, 2).numpy(), xs.sq.numpy(),
+            xs.rsq.numpy(), xs.sq.numpy(), xs.rsq.numpy(),
+            np.array([h for h, _ in xs.grids]), np.array([w for _, w in xs.grids]), 3,
+            np.float32(0.5), np.float32(snap_width(torch.float32)))
+    for symmetric in (False, True):
+        outs = []
+        for tile in (1, 2, 5, 16, 40):
+            out = np.empty((23, 23), dtype=np.float32)
+            numba_engine.forward(*args, symmetric, tile, out)
+            outs.append(out)
+        for out in outs[1:]:
+            np.testing.assert_array_equal(out, outs[0])
+    np.testing.assert_allclose(outs[0], kernel_block(xs, xs, "torch").numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("basis", [False, True])
+def test_sides_store_positions_last_so_blocks_need_no_copy(basis):
+    """Prepared patches are (n, r, P1) in memory, through rows() and take() too: the fused
+    engines read them as they are, with no transposed copy of a block's columns."""
+    rng = np.random.default_rng(4)
+    X = torch.from_numpy(rng.random((6, 2, 7, 7)))
+    Q = torch.linalg.qr(torch.from_numpy(rng.standard_normal((18, 5))))[0] if basis else None
+    r = 5 if basis else 18
+    side = prepare_side(X, torch.eye(r, dtype=X.dtype), KernelParams(2, 3, False), Q)
+    for s in (side, side.rows(1, 4), side.take([4, 0, 2])):
+        for t in (s.left, s.right):
+            assert t.shape[2] == r and t.transpose(1, 2).is_contiguous()
+    np.testing.assert_array_equal(side.take([4, 0]).right.numpy(), side.right.numpy()[[4, 0]])

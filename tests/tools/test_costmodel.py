@@ -137,8 +137,7 @@ def test_prepared_chunks_and_sides_are_the_workers():
         params = KernelParams(depth=depth, patch_size=3)
         spec = KernelSpec(params, dtype="float32")
         Q = None if basis is None else np.zeros((27, basis))
-        assert work.side_bytes(1) == side_bytes_per_image(params.grids(size, size), work.r,
-                                                          work.d, 4)
+        assert work.side_bytes(1) == side_bytes_per_image(params.grids(size, size), work.r, 4)
         assert work.prepared_images(10**6) == chunks.prepared_chunk((3, size, size), spec, Q)
         assert work.gram_images() == chunks.gram_chunk((3, size, size), 3, False, 4,
                                                        spec.memory_budget_mb)
