@@ -68,6 +68,9 @@ class CenterBlocks:
     key: str
     parts: tuple
     sizes: tuple[int, ...]
+    #: the centers are every training image, in the order of the kernel's columns (the exact
+    #: solver's): a worker holding the layer's prepared columns slices them instead
+    every_row: bool = False
 
     @property
     def m(self) -> int:
@@ -76,6 +79,12 @@ class CenterBlocks:
     def bounds(self) -> list[tuple[int, int]]:
         edges = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def columns_key(layer_key: str) -> str:
+    """The key of the kernel columns that are every training image, for the layer
+    ``layer_key``: workers keep those columns' prepared side under it."""
+    return f"parts:{layer_key}:all"
 
 
 def side_bytes(side) -> int:
@@ -153,5 +162,5 @@ def prepared_chunk(shape: tuple[int, ...], spec: KernelSpec, basis,
     d = C * spec.params.patch_size**2
     r = d if basis is None else int(np.shape(basis)[1])
     itemsize = torch.empty(0, dtype=spec.torch_dtype).element_size()
-    per = side_bytes_per_image(spec.params.grids(H, W), r, d, itemsize)
+    per = side_bytes_per_image(spec.params.grids(H, W), r, itemsize)
     return max(1, int(spec.memory_budget_mb * 2**20 * share // per))

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ray_convrfm.backends.chunks import CenterBlocks, FilterBank, chain_shape, filter_bank
+from ray_convrfm.backends.chunks import (
+    CenterBlocks,
+    FilterBank,
+    chain_shape,
+    columns_key,
+    filter_bank,
+)
 from ray_convrfm.backends.nystrom import NystromSolvers
 from ray_convrfm.backends.protocol import KernelSpec, LayerState
 from ray_convrfm.backends.store import KernelStore, RunStore, combine_digests
@@ -174,7 +180,7 @@ class ShardedBackend(NystromSolvers):
     # ------------------------------------------------------------------ kernels
     def parts(self) -> Columns:
         """Every training image as kernel columns: futures of the shards' stored pixels."""
-        return Columns(f"parts:{self.layer.key}:all",
+        return Columns(columns_key(self.layer.key),
                        tuple(self._each("pixels", None)), self.n)
 
     def _row_tasks(self):
@@ -243,7 +249,7 @@ class ShardedBackend(NystromSolvers):
                 parts.append(self.ex.submit(k, "pixels", rows[a : a + self.block]))
                 sizes.append(len(rows[a : a + self.block]))
         return CenterBlocks(f"centers:{_selection(idx)}:{self.block}", tuple(parts),
-                            tuple(sizes))
+                            tuple(sizes), every_row=idx is None)
 
     def centers(self, center_idx: np.ndarray | None) -> torch.Tensor:
         """The predictor's centers as the current layer sees them, in this process (8-bit

@@ -109,16 +109,16 @@ def test_workers_featurise_their_shards_and_reduce_by_a_tree(executor):
 
 def test_uint8_shards_give_the_float32_nystrom_sums(executor):
     """8-bit pixels rest on the workers as uint8 and are converted a prepared chunk at a time
-    (a 1 MB budget prepares two 3 x 16 x 16 images at once): the Nystrom sums equal those of
+    (a 1 MB budget prepares two 3 x 14 x 14 images at once): the Nystrom sums equal those of
     float32 shards of the same pixels bit for bit."""
     from ray_convrfm.backends.chunks import prepared_chunk
 
     rng = np.random.default_rng(0)
-    U = rng.integers(0, 256, (48, 3, 16, 16), dtype=np.uint8)
+    U = rng.integers(0, 256, (48, 3, 14, 14), dtype=np.uint8)
     y = (np.arange(48) < 24).astype(int) + 2 * (np.arange(48) % 2)
     F = U.astype(np.float32) / np.float32(255)
     spec = KernelSpec(KernelParams(2, 3, False), memory_budget_mb=1)
-    assert prepared_chunk((3, 16, 16), spec, None) == 2
+    assert prepared_chunk((3, 14, 14), spec, None) == 2
     out = []
     for X in (U, F):
         ex = executor(X, workers=2, block=8)
@@ -151,3 +151,40 @@ def test_unsorted_rows_are_refused(executor):
     backend = _configured(executor(X, workers=1), X, np.eye(9, dtype=np.float32))
     with pytest.raises(ValueError, match="sorted"):
         backend.centers(np.array([3, 1]))
+
+
+def test_every_training_center_is_a_slice_of_the_prepared_columns():
+    """After the exact solver's training kernel, a worker scores held-out images and takes the
+    AGOP against every training image with the columns it prepared for that kernel (no center
+    featurised and prepared again), and gets what freshly prepared centers give."""
+    from ray_convrfm.backends.chunks import FilterBank
+    from ray_convrfm.backends.executor import InProcessExecutor
+
+    rng = np.random.default_rng(5)
+    X = rng.random((18, 1, 10, 10), dtype=np.float32)
+    ex = InProcessExecutor(X)
+    backend = sharded(ex, X, block=4)
+    backend.configure(KernelSpec(PARAMS), None)
+    bank = FilterBank(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), True, 2, "max")
+    backend.featurise(bank)  # a Deep layer: centers pass through a filter bank
+    backend.set_metric(torch.from_numpy(random_psd(rng, 36).astype(np.float32)), None)
+    coef = torch.from_numpy(rng.standard_normal((18, 3)).astype(np.float32))
+    sample = np.array([2, 9, 15])
+
+    def scored():
+        worker = ex.worker
+        centers = backend.center_blocks()
+        sides = list(worker._center_sides(backend.layer, centers))
+        return ([s for *_, s in sides], backend.agop(coef, sample, None).numpy(),
+                worker._against_centers(worker._rows_side(backend.layer, slice(0, 5)),
+                                        backend.layer, centers).numpy())
+
+    fresh_sides, fresh_G, fresh_K = scored()  # no columns held yet: centers prepared
+    backend.train_kernel()
+    held = next(iter(ex.worker._sides.values()))
+    sides, G, K = scored()
+    base = held.left.untyped_storage().data_ptr()
+    assert all(s.left.untyped_storage().data_ptr() == base for s in sides)
+    assert all(s.left.untyped_storage().data_ptr() != base for s in fresh_sides)
+    assert [len(s) for s in sides] == [len(s) for s in fresh_sides] == [4, 4, 4, 4, 2]
+    assert rel_err(G, fresh_G) < 1e-5 and rel_err(K, fresh_K) < 1e-6
