@@ -209,6 +209,15 @@ class ShardCore:
                 self._layer_input(X, layer.chain, layer.spec.torch_dtype), layer)
         return self._sides[key]
 
+    def _row_block(self, layer: LayerState, r0: int, r1: int, cols_key: str, zs):
+        """The prepared side of shard rows r0..r1 for a kernel against columns ``zs``: a
+        slice of them when the columns are every training image (they hold these rows,
+        prepared already: a featurised row costs half its kernel entries against 1,600
+        columns to make again), else prepared now."""
+        if cols_key == columns_key(layer.key):
+            return zs.rows(self.start + r0, self.start + r1)
+        return self._rows_side(layer, slice(r0, r1))
+
     def _kernel(self, xs, zs, layer: LayerState, symmetric: bool = False) -> torch.Tensor:
         return kernel_matrix(xs, zs, layer.spec.engine_on(self.device),
                              layer.spec.memory_budget_mb, symmetric=symmetric)
@@ -218,16 +227,17 @@ class ShardCore:
                     *cols) -> np.ndarray:
         """K(shard rows r0..r1, cols); ``cols`` are the parts of the columns, in order, each
         resolved from the object store (never sent by the driver per task)."""
-        xs = self._rows_side(layer, slice(r0, r1))
-        return self._kernel(xs, self._cols_side(layer, cols_key, cols), layer).cpu().numpy()
+        zs = self._cols_side(layer, cols_key, cols)
+        return self._kernel(self._row_block(layer, r0, r1, cols_key, zs), zs,
+                            layer).cpu().numpy()
 
     def train_rows(self, layer: LayerState, r0: int, r1: int, cols_key: str,
                    *cols) -> np.ndarray:
         """K(shard rows r0..r1, training columns from global row start + r0 on): the upper
         triangle of the symmetric training kernel, the diagonal block computed once per pair
         (the driver mirrors the rest), so K(train, train) costs half of its entries."""
-        xs = self._rows_side(layer, slice(r0, r1))
         zs = self._cols_side(layer, cols_key, cols)
+        xs = self._row_block(layer, r0, r1, cols_key, zs)
         g0, g1 = self.start + r0, self.start + r1
         out = torch.empty(r1 - r0, len(zs) - g0, dtype=layer.spec.torch_dtype)
         out[:, : g1 - g0] = self._kernel(xs, xs, layer, symmetric=True).cpu()
@@ -244,7 +254,8 @@ class ShardCore:
         zs = self._cols_side(layer, cols_key, cols)
         return KernelStore(url, store_spec).fill(
             name, shape, blocks,
-            lambda r0, r1: self._rows_side(layer, slice(r0 - self.start, r1 - self.start)),
+            lambda r0, r1: self._row_block(layer, r0 - self.start, r1 - self.start, cols_key,
+                                           zs),
             zs, lambda xs, zs: self._kernel(xs, zs, layer))
 
     # ------------------------------------------------------------------ centers in blocks
