@@ -205,7 +205,8 @@ def _torch_backward(xs, zs, saved, offsets, q, inv_c):
 
 
 def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
-                coef: torch.Tensor | None = None, out: torch.Tensor | None = None):
+                coef: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                tile: int | None = None):
     from ray_convrfm.kernels import numba_engine
     from ray_convrfm.kernels.numba_engine import get_engine
 
@@ -224,14 +225,15 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
     r, P1 = left.shape[1:]
     K = np.empty((n, m), dtype=ft)
     if not adjoint:  # a tile of rows holds their patches
-        forward(*args, symmetric, pair_tile(r * P1 * left.itemsize, n, 2 if symmetric else 1),
-                K)
+        if tile is None:
+            tile = pair_tile(r * P1 * left.itemsize, n, 2 if symmetric else 1)
+        forward(*args, symmetric, tile, K)
         return torch.from_numpy(K)
     dcross = torch.empty(m, P1, n, dtype=xs.left.dtype) if out is None else out
     coef = coef.to(xs.left.dtype).contiguous()
     vself = torch.empty(m, P1, coef.shape[1], dtype=xs.left.dtype)
-    # a tile of columns holds their patches and their buffered derivative rows
-    tile = pair_tile((r + numba_engine.WRITE_BLOCK) * P1 * left.itemsize, m)
+    if tile is None:  # a tile of columns holds their patches and buffered derivative rows
+        tile = pair_tile((r + numba_engine.WRITE_BLOCK) * P1 * left.itemsize, m)
     adjoint_fn(*args, tile, K, dcross.numpy(), coef.numpy(), vself.numpy())
     return torch.from_numpy(K), dcross, vself
 
@@ -251,10 +253,12 @@ def pair_tile(image_bytes: int, count: int, parts: int = 1) -> int:
 
 
 def kernel_block(xs: KernelSide, zs: KernelSide, engine: str = "torch",
-                 symmetric: bool = False) -> torch.Tensor:
-    """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same."""
+                 symmetric: bool = False, tile: int | None = None) -> torch.Tensor:
+    """K(x_i, z_j) for one block of image pairs; ``symmetric`` when xs and zs are the same.
+    ``tile``: rows a numba thread takes together (None: ``pair_tile``'s choice); the result
+    is the same bit for bit whatever it is."""
     if engine == "numba":
-        return _numba_call(xs, zs, adjoint=False, symmetric=symmetric)
+        return _numba_call(xs, zs, adjoint=False, symmetric=symmetric, tile=tile)
     if engine == "triton":  # imported here: triton is an optional extra
         from ray_convrfm.kernels.triton_engine import kernel_block_triton
 

@@ -90,25 +90,26 @@ def test_cached_machine_code_gives_the_bits_of_a_fresh_compile(tmp_path):
 
 def test_row_tiles_do_not_change_the_bits():
     """The forward's row tiles only reorder whole pairs: every tile gives the same bits."""
-    from ray_convrfm.kernels.sides import snap_width
-
     rng = np.random.default_rng(3)
-    params = KernelParams(3, 3, True)
     X = torch.from_numpy(rng.random((23, 2, 9, 9), dtype=np.float32))
-    xs = prepare_side(X, torch.from_numpy(random_psd(rng, 18).astype(np.float32)), params)
-    args = (xs.left.transpose(1, 2).numpy(), xs.right.transpose(1, 2).numpy(), xs.sq.numpy(),
-            xs.rsq.numpy(), xs.sq.numpy(), xs.rsq.numpy(),
-            np.array([h for h, _ in xs.grids]), np.array([w for _, w in xs.grids]), 3,
-            np.float32(0.5), np.float32(snap_width(torch.float32)))
+    M = torch.from_numpy(random_psd(rng, 18).astype(np.float32))
+    xs = prepare_side(X, M, KernelParams(3, 3, True))
     for symmetric in (False, True):
-        outs = []
-        for tile in (1, 2, 5, 16, 40):
-            out = np.empty((23, 23), dtype=np.float32)
-            numba_engine.forward(*args, symmetric, tile, out)
-            outs.append(out)
+        outs = [kernel_block(xs, xs, "numba", symmetric, tile).numpy()
+                for tile in (None, 1, 2, 5, 16, 40)]
         for out in outs[1:]:
             np.testing.assert_array_equal(out, outs[0])
     np.testing.assert_allclose(outs[0], kernel_block(xs, xs, "torch").numpy(), rtol=1e-5)
+    # the adjoint's column tiles, likewise
+    from ray_convrfm.kernels.kernel import _numba_call
+
+    coef = torch.from_numpy(rng.standard_normal((23, 3)).astype(np.float32))
+    zs = xs.rows(0, 11)
+    adjoints = [_numba_call(xs, zs, adjoint=True, coef=coef, tile=tile)
+                for tile in (None, 1, 3, 11, 30)]
+    for got in adjoints[1:]:
+        for a, b in zip(got, adjoints[0], strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 @pytest.mark.parametrize("basis", [False, True])
