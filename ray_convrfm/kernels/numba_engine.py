@@ -2,7 +2,9 @@
 
 The torch engine (``kernel.py``) makes ~20 passes over (pairs x positions) arrays per layer and is
 memory-bound on a CPU. Here each pair's positions stay in L1 cache through every layer, the pairs
-are spread over threads, and arccos is a branch-free polynomial so the position loop vectorises.
+are spread over threads in tiles (a thread takes a few images of one side together, so each
+image of the other side is read from memory once per tile, not once per pair), and arccos is a
+branch-free polynomial so the position loop vectorises.
 Both engines are checked against the float64 reference in the tests.
 
 Inputs per image side (see ``kernel.prepare_side``): ``left`` holds M-transformed patches
