@@ -208,10 +208,9 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
                 coef: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 tile: int | None = None):
     from ray_convrfm.kernels import numba_engine
-    from ray_convrfm.kernels.numba_engine import get_engine
 
     ft = np.float32 if xs.left.dtype == torch.float32 else np.float64
-    forward, adjoint_fn = get_engine(ft)
+    forward, adjoint_fn = numba_engine.get_engine(ft)
     heights = np.array([h for h, _ in xs.grids], dtype=np.int64)
     widths = np.array([w for _, w in xs.grids], dtype=np.int64)
     q = xs.patch_size
