@@ -207,10 +207,10 @@ def _torch_backward(xs, zs, saved, offsets, q, inv_c):
 def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool = False,
                 coef: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 tile: int | None = None):
-    from ray_convrfm.kernels import numba_engine
+    from ray_convrfm.kernels.numba_engine import WRITE_BLOCK, get_engine
 
     ft = np.float32 if xs.left.dtype == torch.float32 else np.float64
-    forward, adjoint_fn = numba_engine.get_engine(ft)
+    forward, adjoint_fn = get_engine(ft)
     heights = np.array([h for h, _ in xs.grids], dtype=np.int64)
     widths = np.array([w for _, w in xs.grids], dtype=np.int64)
     q = xs.patch_size
@@ -232,7 +232,7 @@ def _numba_call(xs: KernelSide, zs: KernelSide, adjoint: bool, symmetric: bool =
     coef = coef.to(xs.left.dtype).contiguous()
     vself = torch.empty(m, P1, coef.shape[1], dtype=xs.left.dtype)
     if tile is None:  # a tile of columns holds their patches and buffered derivative rows
-        tile = pair_tile((r + numba_engine.WRITE_BLOCK) * P1 * left.itemsize, m)
+        tile = pair_tile((r + WRITE_BLOCK) * P1 * left.itemsize, m)
     adjoint_fn(*args, tile, K, dcross.numpy(), coef.numpy(), vself.numpy())
     return torch.from_numpy(K), dcross, vself
 
