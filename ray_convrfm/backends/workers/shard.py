@@ -200,7 +200,7 @@ class ShardCore:
         """The prepared side of kernel columns (their parts, in order), kept for the next task
         with the same columns and layer. Only one is kept: at scale a prepared side of the
         columns is the largest thing a worker holds."""
-        key = ("cols", cols_key, layer.key)
+        key = self._cols_key(cols_key, layer)
         if key not in self._sides:
             self._sides.clear()
             parts = [resolve(c) for c in cols]
@@ -208,6 +208,11 @@ class ShardCore:
             self._sides[key] = self._prepare(
                 self._layer_input(X, layer.chain, layer.spec.torch_dtype), layer)
         return self._sides[key]
+
+    @staticmethod
+    def _cols_key(cols_key: str, layer: LayerState) -> tuple:
+        """Where ``_cols_side`` keeps the prepared columns ``cols_key`` of ``layer``."""
+        return ("cols", cols_key, layer.key)
 
     def _row_block(self, layer: LayerState, r0: int, r1: int, cols_key: str, zs):
         """The prepared side of shard rows r0..r1 for a kernel against columns ``zs``: a
@@ -263,14 +268,13 @@ class ShardCore:
         """(c0, c1, prepared side) of every block of centers in turn, each fetched when it is
         needed. Prepared blocks are kept for the next pass while they fit a sixteenth of the
         memory budget (``CENTER_CACHE_SHARE``); the others are fetched (from this node's
-        object store after the first time) and prepared again. Preparing a center costs about
-        d / b of its kernel entries against a slab of b rows, so the cache saves little and a
-        worker's memory stays set by its rows and its budget, not by m. When the centers
-        are every training image and this worker holds the layer's prepared columns (the
-        exact solver's training kernel made them), blocks are slices of those: preparing a
-        featurised center (its filter bank, pooling and basis projection) cost 2.6 x its
-        kernel entries against a block of 250 held-out rows (a pooled 64-channel layer)."""
-        held = self._sides.get(("cols", columns_key(layer.key), layer.key))
+        object store after the first time) and prepared again, so a worker's memory stays set
+        by its rows and its budget, not by m. When the centers are every training image and
+        this worker holds the layer's prepared columns (the exact solver's training kernel
+        made them), blocks are slices of those: preparing a featurised center (its filter
+        bank, pooling and basis projection) cost 2.6 x its kernel entries against a block of
+        250 held-out rows (a pooled 64-channel layer)."""
+        held = self._sides.get(self._cols_key(columns_key(layer.key), layer))
         if centers.every_row and held is not None and len(held) == centers.m:
             for c0, c1 in centers.bounds():
                 yield c0, c1, held.rows(c0, c1)
